@@ -1,0 +1,1 @@
+"""Cockpit: an event hub for operations teams."""

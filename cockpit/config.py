@@ -1,0 +1,214 @@
+"""The cockpit's configuration: TOML (stdlib ``tomllib``) read into typed, validated settings.
+
+Every key has a default, so an empty file (or none at all) gives a working cockpit.
+A bad file raises :class:`ConfigError` whose message is one line naming the file,
+the key and what was expected.
+"""
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Optional, Union
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``str()`` is a one-line explanation."""
+
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class Section(BaseModel):
+    # strict: a TOML string "5000" for a port is a mistake worth reporting, not coercing.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class CockpitSection(Section):
+    data_dir: str = "./cockpit-data"
+    public_url: Optional[str] = None  # default: derived from [api]
+
+
+class RedisSection(Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    stream_maxlen: Annotated[int, Field(gt=0)] = 100000
+    max_deliveries: Annotated[int, Field(gt=0)] = 5  # then the entry moves to ckpt.dead
+    claim_idle: Annotated[float, Field(gt=0)] = 60.0  # seconds before a pending entry is reclaimed
+    timeout: Annotated[float, Field(gt=0)] = 5.0  # seconds to wait for a reply before giving up
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("a redis://, rediss:// or unix:// URL")
+        if parts.scheme != "unix" and not parts.hostname:
+            raise ValueError("a URL with a host, such as redis://127.0.0.1:6379/0")
+        path = parts.path.strip("/")
+        if parts.scheme != "unix" and path and not path.isdigit():
+            raise ValueError("a database number after the host, such as redis://host:6379/0")
+        return value
+
+    def connection(self) -> dict[str, Any]:
+        """The parts of ``url`` that a client connects with."""
+        parts = urlsplit(self.url)
+        if parts.scheme == "unix":
+            return {"path": parts.path, "host": None, "port": None, "db": 0, "tls": False,
+                    "password": unquote(parts.password) if parts.password else None,
+                    "username": unquote(parts.username) if parts.username else None}
+        path = parts.path.strip("/")
+        return {
+            "host": parts.hostname,
+            "port": parts.port or 6379,
+            "db": int(path) if path else 0,
+            "password": unquote(parts.password) if parts.password else None,
+            "username": unquote(parts.username) if parts.username else None,
+            "tls": parts.scheme == "rediss",
+            "path": None,
+        }
+
+    def redacted_url(self) -> str:
+        parts = urlsplit(self.url)
+        if parts.password:
+            netloc = parts.netloc.rsplit("@", 1)[1]
+            return f"{parts.scheme}://***@{netloc}{parts.path}"
+        return self.url
+
+
+class ListenSection(Section):
+    host: str = "127.0.0.1"
+    port: Port = 0
+    listen: Optional[str] = None  # a Twisted endpoint string; wins over host/port
+
+    def endpoint(self) -> str:
+        if self.listen:
+            return self.listen
+        host = self.host.replace(":", "\\:")  # IPv6 addresses need their colons escaped
+        return f"tcp:{self.port}:interface={host}"
+
+
+class ApiSection(ListenSection):
+    port: Port = 8080
+    tokens: list[str] = []
+    github_secret: Optional[str] = None
+    max_body: Annotated[int, Field(gt=0)] = 1048576
+
+
+class RelaySection(Section):
+    host: str = "127.0.0.1"
+    port: Port = 25
+    username: Optional[str] = None
+    password: Optional[str] = None
+    starttls: bool = False
+    tls: bool = False  # implicit TLS, as on port 465
+    sender: str = "cockpit@localhost"
+    timeout: Annotated[float, Field(gt=0)] = 30.0
+    retries: Annotated[int, Field(ge=0)] = 5
+
+
+class MailSection(ListenSection):
+    port: Port = 2525
+    hostname: str = Field(default_factory=socket.getfqdn)  # the greeting's host name
+    domains: list[str] = []
+    max_size: Annotated[int, Field(gt=0)] = 26214400
+    tls_cert: Optional[str] = None  # PEM with certificate and key; enables STARTTLS
+    tls_key: Optional[str] = None  # when the key is in a file of its own
+    relay: Optional[RelaySection] = None
+
+
+class BotSection(Section):
+    token: Optional[str] = None
+    api_url: str = "https://api.telegram.org"
+    allowed_users: list[Union[int, str]] = []
+    notify_chats: list[Union[int, str]] = []
+
+
+class AysSection(Section):
+    repos: Optional[str] = None  # default: <data_dir>/repos
+    workers: Annotated[int, Field(gt=0, le=256)] = 4
+    action_timeout: Annotated[float, Field(gt=0)] = 300.0
+
+
+class Config(Section):
+    cockpit: CockpitSection = CockpitSection()
+    redis: Optional[RedisSection] = None  # absent: the embedded in-process bus
+    api: ApiSection = ApiSection()
+    mail: MailSection = MailSection()
+    bot: BotSection = BotSection()
+    ays: AysSection = AysSection()
+    source: str = Field(default="(embedded defaults)", exclude=True)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.cockpit.data_dir)
+
+    @property
+    def repos_dir(self) -> Path:
+        return Path(self.ays.repos) if self.ays.repos else self.data_dir / "repos"
+
+    @property
+    def public_url(self) -> str:
+        if self.cockpit.public_url:
+            return self.cockpit.public_url.rstrip("/")
+        host = self.api.host if self.api.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        return f"http://{host}:{self.api.port}"
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a table",
+    "model_type": "a table",
+    "model_attributes_type": "a table",
+    "greater_than": "a number greater than {gt}",
+    "greater_than_equal": "a number of at least {ge}",
+    "less_than_equal": "a number of at most {le}",
+}
+
+
+def _describe(error: dict[str, Any], source: str) -> str:
+    # a union member's name ("int", "str") or a validator's is no part of the key path
+    loc = [str(part) for part in error["loc"] if not str(part).startswith(("int", "str", "function-"))]
+    where = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else f"{loc[0]}" if loc else "(top)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{source}: {where}: unknown key"
+    if kind in _EXPECTED:
+        expected = _EXPECTED[kind].format(**error.get("ctx", {}))
+    elif kind == "value_error":
+        expected = str(error.get("ctx", {}).get("error", error["msg"]))
+    else:
+        expected = error["msg"][0].lower() + error["msg"][1:]
+    got = error.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f", got {got!r}"
+    return f"{source}: {where}: expected {expected}{shown}"
+
+
+def from_dict(data: dict[str, Any], source: str = "(config)") -> Config:
+    try:
+        return Config.model_validate({**data, "source": source})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], source)) from None
+
+
+def load(path: Optional[str]) -> Config:
+    """Read the config file at ``path`` (``None``: the embedded defaults)."""
+    if path is None:
+        return Config()
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "source" in data:
+        raise ConfigError(f"{path}: source: unknown key")
+    return from_dict(data, source=path)

@@ -1,0 +1,249 @@
+"""The event models: one definition for validation, (de)serialisation and JSON Schema.
+
+Every event is a JSON object with ``type``, ``guid``, ``epoch`` and ``source``; the
+type-specific fields keep the names of the original cockpit's examples.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+try:  # the C loader is several times faster on big payloads
+    _YamlLoader: Any = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - libyaml missing
+    _YamlLoader = yaml.SafeLoader
+
+EVENT_TYPES = ("email", "telegram", "alarm", "eco", "generic")
+
+
+class EventError(ValueError):
+    """Input that is not a valid event; ``str()`` says what and where, in one sentence."""
+
+
+def _new_guid() -> str:
+    return str(uuid.uuid4())
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _as_list(value: Any) -> Any:
+    # "to: ops@example.com" is as clear as a one-element list
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+
+
+class Event(BaseModel):
+    """Fields common to every event."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    type: str
+    guid: str = Field(default_factory=_new_guid, min_length=1, max_length=200,
+                      description="Unique id: a uuid4 made at creation unless the sender gives one.")
+    epoch: int = Field(default_factory=_now, ge=0,
+                       description="Seconds since 1970, made at creation time.")
+    source: str = Field(default="api", max_length=100,
+                        description="What made the event: smtp, telegram, rest, github, ays, ...")
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True).encode()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class EcoEvent(Event):
+    """An application error condition (Jumpscale "eco")."""
+
+    type: Literal["eco"] = "eco"
+    gid: int = 0
+    nid: int = 0
+    pid: int = 0
+    app_name: str = ""
+    eco_type: str = ""
+    state: str = "NEW"
+    error_msg: str = ""
+    error_pub: str = ""
+    category: str = ""
+    func_name: str = ""
+    func_filename: str = ""
+    line_nbr: int = 0
+    code: str = ""
+    backtrace: str = ""
+    extra: str = ""
+    last_time: Optional[int] = None
+    close_time: Optional[int] = None
+    occurence: int = Field(default=1, ge=0)
+    tags: Union[str, list[str]] = ""
+
+    def fingerprint(self) -> str:
+        """Groups repeats of one error condition: same app, kind, place and message."""
+        key = "\x00".join(str(part) for part in (
+            self.app_name, self.eco_type, self.category, self.func_filename,
+            self.func_name, self.line_nbr, self.error_msg))
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+class AlarmEvent(Event):
+    """A monitoring alarm about one service."""
+
+    type: Literal["alarm"] = "alarm"
+    service: str = Field(pattern=r"^[^!\s]+![^!\s]+$",
+                         description="The service the alarm is about, as role!instance.")
+    method: str = ""
+    msg: str = ""
+
+
+class TelegramEvent(Event):
+    """A chat command coming in (io: input) or a message going out (io: output)."""
+
+    type: Literal["telegram"] = "telegram"
+    io: Literal["input", "output"]
+    action: str = Field(min_length=1, description="repo.create, bp.execute, message, ...")
+    args: dict[str, Any] = {}
+
+
+class EmailEvent(Event):
+    """A mail received by the cockpit's SMTP server."""
+
+    type: Literal["email"] = "email"
+    from_: str = Field(default="", alias="from")
+    to: StrList = []
+    cc: StrList = []
+    subject: str = ""
+    body: str = ""
+    bodytype: Literal["md", "text", "html"] = "text"
+    attachments: dict[str, str] = Field(default={}, description="filename -> URL in the store")
+    message_id: str = ""
+
+
+class GenericEvent(Event):
+    """Anything else, such as a GitHub webhook."""
+
+    type: Literal["generic"] = "generic"
+    tags: StrList = []
+    args: dict[str, Any] = {}
+
+
+AnyEvent = Annotated[
+    Union[EmailEvent, TelegramEvent, AlarmEvent, EcoEvent, GenericEvent],
+    Field(discriminator="type"),
+]
+
+MODELS: dict[str, type[Event]] = {
+    "email": EmailEvent,
+    "telegram": TelegramEvent,
+    "alarm": AlarmEvent,
+    "eco": EcoEvent,
+    "generic": GenericEvent,
+}
+
+_any_event: TypeAdapter[Event] = TypeAdapter(AnyEvent)  # type: ignore[arg-type]
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += ("." if path else "") + str(part)
+    return path or "(event)"
+
+
+def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
+    """One sentence naming each wrong field by its path, e.g. ``args.chat_id: ...``."""
+    parts = []
+    for error in exc.errors()[:limit]:
+        loc = error["loc"]
+        if loc and loc[0] in MODELS:  # the discriminated union's branch name
+            loc = loc[1:]
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "missing":
+            message = "field required"
+        parts.append(f"{_field_path(tuple(loc))}: {message}")
+    more = len(exc.errors()) - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "invalid event: " + "; ".join(parts)
+
+
+def from_data(data: Any, event_type: Optional[str] = None) -> Event:
+    """Validate already-decoded data. ``event_type`` (from a URL, say) fills in or must match ``type``."""
+    if not isinstance(data, dict):
+        raise EventError("invalid event: expected an object (a mapping of fields), "
+                         f"got {type(data).__name__}")
+    if event_type is not None:
+        if event_type not in MODELS:
+            raise EventError(f"unknown event type {event_type!r}: expected one of {', '.join(EVENT_TYPES)}")
+        given = data.get("type", event_type)
+        if given != event_type:
+            raise EventError(f"type: the body says {given!r} but this is the {event_type!r} endpoint")
+        data = {**data, "type": event_type}
+    elif "type" not in data:
+        raise EventError("type: field required (one of " + ", ".join(EVENT_TYPES) + ")")
+    elif data["type"] not in MODELS:
+        raise EventError(f"type: unknown event type {data['type']!r}: expected one of {', '.join(EVENT_TYPES)}")
+    try:
+        return MODELS[data["type"]].model_validate(data)
+    except ValidationError as exc:
+        raise EventError(describe_validation_error(exc)) from None
+
+
+def from_json(raw: Union[bytes, str], event_type: Optional[str] = None) -> Event:
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise EventError("invalid JSON: the body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise EventError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    return from_data(data, event_type)
+
+
+def from_yaml(raw: Union[bytes, str], event_type: Optional[str] = None) -> Event:
+    try:
+        data = yaml.load(raw, Loader=_YamlLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise EventError(f"invalid YAML{where}: {exc.problem or exc.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise EventError(f"invalid YAML: {exc}") from None
+    return from_data(data, event_type)
+
+
+def from_stored(raw: Union[bytes, str]) -> Event:
+    """Decode an event this cockpit serialised itself (from the bus): the fast path."""
+    return _any_event.validate_json(raw)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema of each event model, by model name, with ``$defs`` hoisted for OpenAPI."""
+    schemas: dict[str, dict[str, Any]] = {}
+    for model in MODELS.values():
+        schema = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+        for name, sub in schema.pop("$defs", {}).items():
+            schemas[name] = sub
+        schemas[model.__name__] = schema
+    return schemas

@@ -1,0 +1,89 @@
+"""``twistd cockpit``: options and the service tree."""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, Optional
+
+from twisted.application.service import MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from cockpit import config as config_module
+from cockpit.bus import make_bus
+from cockpit.config import Config, ConfigError
+from cockpit.listener import Listener, check_endpoint
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = ("Runs the cockpit: REST API and dashboard, SMTP server, Telegram bot and the AYS robot, "
+                "in one process. With no --config it runs on embedded defaults "
+                "(API on 127.0.0.1:8080, SMTP on 127.0.0.1:2525, in-process bus). "
+                "For JSON-lines logs, run twistd with --logger cockpit.logs.json_observer.")
+    optParameters = [["config", "c", None, "TOML config file (see config.example.toml)."]]
+
+    def postOptions(self) -> None:
+        try:
+            cfg = config_module.load(self["config"])
+            for section, spec in (("api", cfg.api.endpoint()), ("mail", cfg.mail.endpoint())):
+                try:
+                    check_endpoint(spec)
+                except ValueError as exc:
+                    raise ConfigError(f"{cfg.source}: [{section}] listen: {exc}") from None
+        except ConfigError as exc:
+            # one line and a non-zero exit; twistd would print its whole usage for a UsageError
+            sys.stderr.write(f"cockpit: {exc}\n")
+            raise SystemExit(2)
+        self.cockpit_config = cfg
+
+
+class CleanExit(Service):
+    """SIGTERM is how systemd asks for a stop: shut down and exit 0, not 128+15."""
+
+    def __init__(self, reactor: Any):
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        # after the reactor has put in its own handlers, which would re-raise the signal at exit
+        self.reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        signal.signal(signal.SIGTERM, self._terminate)
+
+    def _terminate(self, *_: Any) -> None:
+        log.info("received SIGTERM, shutting down")
+        self.reactor.callFromThread(self.reactor.stop)
+
+
+def makeService(options: Any, reactor: Any = None) -> MultiService:
+    cfg: Config = getattr(options, "cockpit_config", None) or config_module.load(options["config"])
+    if reactor is None:
+        from twisted.internet import reactor
+    top = build(cfg, reactor)
+    CleanExit(reactor).setServiceParent(top)
+    return top
+
+
+def build(cfg: Config, reactor: Any = None) -> MultiService:
+    """Wire the service tree for ``cfg``; nothing else happens here."""
+    if reactor is None:
+        from twisted.internet import reactor
+    top = MultiService()
+    bus = make_bus(cfg.redis)
+    bus.setName("bus")
+    bus.setServiceParent(top)  # first in, so it is stopped last
+
+    from cockpit.web import Api
+
+    api = Api(cfg, bus)
+    if not cfg.api.tokens:
+        log.warn("[api] tokens is empty: the REST API is open to anyone who can reach it")
+    web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")
+    web.setName("web")
+    web.setServiceParent(top)
+    top.api = api  # type: ignore[attr-defined]
+    return top

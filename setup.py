@@ -1,0 +1,30 @@
+from setuptools import setup
+
+setup(
+    name="cockpit",
+    version="0.1.0",
+    description="Event hub for operations teams: mail, chat, alarms, error reports "
+    "and webhooks become typed events on Redis that drive automation.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=["cockpit", "twisted.plugins"],
+    package_data={"twisted.plugins": ["cockpit_plugin.py"]},
+    install_requires=[
+        "twisted[tls]>=24.3",
+        "txredisapi>=1.6,<1.7",
+        "klein>=23.5",
+        "treq>=23.11",
+        "pyyaml>=6",
+        "markdownify>=0.11",
+        "service-identity>=21.1",
+        "pydantic>=2.6,<3",
+        "swagger-ui-bundle>=1.1",
+    ],
+    extras_require={
+        "test": [
+            "openapi-spec-validator>=0.7",
+            "schemathesis>=3.30",
+        ],
+    },
+)

@@ -1,0 +1,348 @@
+"""One behaviour suite for both buses, plus what only Redis can show."""
+from __future__ import annotations
+
+import json
+
+import txredisapi
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from cockpit.bus import (AYS_GROUP, cursor, DEAD_LETTER_STREAM, BusUnavailable, MemoryBus, RedisBus,
+                         stream_key)
+from cockpit.config import RedisSection
+from cockpit.events import AlarmEvent, EmailEvent, GenericEvent
+from tests.redis_server import RedisServer, shared_server
+
+
+def alarm(n: int = 0) -> AlarmEvent:
+    return AlarmEvent(service=f"node!n{n}", method="monitor", msg=f"disk {n}")
+
+
+class Recorder:
+    """A consumer handler that records events and can be told to fail or hold."""
+
+    def __init__(self, fail: bool = False, hold: bool = False):
+        self.fail = fail
+        self.hold = hold
+        self.seen: list[tuple[str, int]] = []
+        self.held: list[Deferred] = []
+        self._waiting: list[tuple[int, Deferred]] = []
+
+    def __call__(self, event, delivery):
+        self.seen.append((event.guid, delivery.deliveries))
+        for want, d in list(self._waiting):
+            if len(self.seen) >= want:
+                self._waiting.remove((want, d))
+                # after this handler has returned and its outcome is booked
+                reactor.callLater(0, d.callback, self.seen)
+        if self.hold:
+            d = Deferred()
+            self.held.append(d)
+            return d
+        if self.fail:
+            raise RuntimeError("handler refuses this event")
+        return None
+
+    def wait(self, count: int) -> Deferred:
+        if len(self.seen) >= count:
+            return defer.succeed(self.seen)
+        d = Deferred()
+        self._waiting.append((count, d))
+        return d
+
+
+class BusBehaviour:
+    """What every bus must do; subclasses say how to make one."""
+
+    def make_bus(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.bus = self.make_bus()
+        self.bus.startService()
+        self.addCleanup(self.bus.stopService)
+        return self.ready()
+
+    def ready(self):
+        return defer.succeed(None)
+
+    def start_consumer(self, handler, **options):
+        # claim whatever is pending when a test calls reclaim()
+        self.bus.claim_idle = 0
+        options.setdefault("drain_timeout", 0)
+        consumer = self.bus.consumer(AYS_GROUP, handler, **options)
+        consumer.startService()
+        self.addCleanup(consumer.stopService)
+        return consumer
+
+    @inlineCallbacks
+    def test_published_event_is_in_the_log_newest_first(self):
+        first, second, mail = alarm(1), alarm(2), EmailEvent(subject="hi")
+        id1 = yield self.bus.publish(first)
+        id2 = yield self.bus.publish(second)
+        id3 = yield self.bus.publish(mail)
+        recent = yield self.bus.recent()
+        self.assertEqual({mail.guid, second.guid, first.guid}, {ev.guid for _, ev in recent})
+        self.assertLess(recent.index((id2, second)), recent.index((id1, first)))
+        only_alarms = yield self.bus.recent("alarm")
+        self.assertEqual([(id2, second.guid), (id1, first.guid)],
+                         [(entry_id, ev.guid) for entry_id, ev in only_alarms])
+        only_mail = yield self.bus.recent("email")
+        self.assertEqual([(id3, mail.guid)], [(entry_id, ev.guid) for entry_id, ev in only_mail])
+        # paging: everything below a position, whichever stream it is in
+        older = yield self.bus.recent(before=cursor(id2, "alarm"))
+        self.assertIn(first.guid, [ev.guid for _, ev in older])
+        self.assertNotIn(second.guid, [ev.guid for _, ev in older])
+        limited = yield self.bus.recent(limit=1)
+        self.assertEqual(1, len(limited))
+
+    @inlineCallbacks
+    def test_live_subscriber_gets_events_of_its_types(self):
+        got = []
+        arrived = Deferred()
+
+        def on_event(event):
+            got.append(event)
+            if event.type == "email":
+                arrived.callback(None)
+
+        self.bus.subscribe(on_event, types=["email"])
+        yield self.live_ready()
+        yield self.bus.publish(alarm())
+        mail = EmailEvent(subject="watch me")
+        yield self.bus.publish(mail)
+        yield arrived
+        self.assertEqual([mail.guid], [e.guid for e in got])
+        self.assertEqual("watch me", got[0].subject)
+
+    def live_ready(self):
+        return defer.succeed(None)
+
+    @inlineCallbacks
+    def test_consumer_gets_each_event_and_acks_after_handler(self):
+        events = [alarm(i) for i in range(5)]
+        for event in events:
+            yield self.bus.publish(event)
+        recorder = Recorder(hold=True)
+        self.start_consumer(recorder)
+        yield recorder.wait(5)
+        self.assertEqual(sorted(e.guid for e in events), sorted(g for g, _ in recorder.seen))
+        pending = yield self.bus.pending(AYS_GROUP)
+        self.assertEqual(5, pending)
+        for d in recorder.held:
+            d.callback(None)
+        yield self.settle()
+        pending = yield self.bus.pending(AYS_GROUP)
+        self.assertEqual(0, pending)
+
+    def settle(self):
+        # acks are written through the bus; a round trip through it has them done
+        return self.bus.recent(limit=1)
+
+    @inlineCallbacks
+    def test_failed_handler_is_redelivered_on_reclaim(self):
+        yield self.bus.publish(alarm())
+        recorder = Recorder(fail=True)
+        consumer = self.start_consumer(recorder)
+        yield recorder.wait(1)
+        recorder.fail = False
+        taken = yield consumer.reclaim()
+        self.assertEqual(1, taken)
+        yield recorder.wait(2)
+        self.assertEqual([1, 2], [n for _, n in recorder.seen])
+        yield self.settle()
+        self.assertEqual(0, (yield self.bus.pending(AYS_GROUP)))
+        self.assertEqual(1, len(self.flushLoggedErrors(RuntimeError)))
+
+    @inlineCallbacks
+    def test_poison_entry_moves_to_dead_letters_after_max_deliveries(self):
+        poison = alarm(666)
+        yield self.bus.publish(poison)
+        recorder = Recorder(fail=True)
+        consumer = self.start_consumer(recorder)
+        yield recorder.wait(1)
+        for _ in range(self.bus.max_deliveries):
+            yield consumer.reclaim()
+        yield self.settle()
+        self.assertEqual(self.bus.max_deliveries, len(recorder.seen))
+        dead = yield self.bus.dead_letters()
+        self.assertEqual(1, len(dead))
+        fields = dead[0][1]
+        self.assertEqual(stream_key("alarm"), fields["stream"])
+        self.assertEqual(str(self.bus.max_deliveries + 1), fields["deliveries"])
+        self.assertEqual(poison.guid, json.loads(fields["event"])["guid"])
+        self.assertIn("handler refuses this event", fields["error"])
+        self.assertEqual(0, (yield self.bus.pending(AYS_GROUP)))
+        self.flushLoggedErrors(RuntimeError)
+
+    @inlineCallbacks
+    def test_entries_of_a_killed_consumer_are_reclaimed_by_another(self):
+        events = [alarm(i) for i in range(10)]
+        for event in events:
+            yield self.bus.publish(event)
+        doomed = Recorder(hold=True)
+        first = self.start_consumer(doomed, name="doomed", concurrency=4)
+        yield doomed.wait(4)
+        yield first.stopService()  # dies mid-batch: four entries delivered, none acked
+        self.assertEqual(4, (yield self.bus.pending(AYS_GROUP)))
+        survivor = Recorder()
+        second = self.start_consumer(survivor, name="survivor")
+        yield survivor.wait(6)
+        yield second.reclaim()
+        yield survivor.wait(10)
+        self.assertEqual(sorted(e.guid for e in events), sorted(g for g, _ in survivor.seen))
+        yield self.settle()
+        self.assertEqual(0, (yield self.bus.pending(AYS_GROUP)))
+
+    @inlineCallbacks
+    def test_two_consumers_of_one_group_share_the_work(self):
+        seen: list[tuple[int, str]] = []
+        all_seen = Deferred()
+
+        def handler_of(index):
+            def handle(event, delivery):
+                seen.append((index, event.guid))
+                if len(seen) == 20:
+                    all_seen.callback(None)
+            return handle
+
+        for index in range(2):
+            self.start_consumer(handler_of(index), name=f"c{index}", concurrency=2)
+        events = [alarm(i) for i in range(20)]
+        for event in events:
+            yield self.bus.publish(event)
+        yield all_seen
+        self.assertEqual(sorted(e.guid for e in events), sorted(g for _, g in seen))
+
+    @inlineCallbacks
+    def test_a_new_group_sees_events_published_before_it(self):
+        early = GenericEvent(tags=["early"])
+        yield self.bus.publish(early)
+        recorder = Recorder()
+        self.start_consumer(recorder)
+        yield recorder.wait(1)
+        self.assertEqual(early.guid, recorder.seen[0][0])
+
+
+class MemoryBusTests(BusBehaviour, TestCase):
+    timeout = 10
+
+    def make_bus(self):
+        self.clock = Clock()
+        return MemoryBus(max_deliveries=3, claim_idle=30, clock=self.clock)
+
+    def test_reclaim_runs_on_its_own_clock(self):
+        self.bus.publish(alarm())
+        recorder = Recorder(fail=True)
+        self.start_consumer(recorder)
+        self.bus.claim_idle = 30
+        self.assertEqual(1, len(recorder.seen))
+        self.clock.advance(29)  # idle, but not long enough
+        self.assertEqual(1, len(recorder.seen))
+        self.clock.advance(11)
+        self.assertEqual([1, 2], [n for _, n in recorder.seen])
+        self.flushLoggedErrors(RuntimeError)
+
+
+class RedisBusTests(BusBehaviour, TestCase):
+    timeout = 20
+
+    def make_bus(self):
+        self.redis = shared_server()
+        self.redis.flush()
+        return RedisBus(RedisSection(url=self.redis.url, max_deliveries=3, claim_idle=30))
+
+    def ready(self):
+        return self.bus.when_connected()
+
+    def start_consumer(self, handler, **options):
+        consumer = super().start_consumer(handler, **options)
+        consumer.block_ms = 100
+        return consumer
+
+    def live_ready(self):
+        return self.bus.when_live()
+
+    @inlineCallbacks
+    def test_published_event_is_on_the_channel_and_in_the_stream(self):
+        received = Deferred()
+
+        class Watcher(txredisapi.SubscriberProtocol):
+            def messageReceived(self, pattern, channel, message):
+                received.callback((channel, message))
+
+        factory = txredisapi.SubscriberFactory(isLazy=True)
+        factory.protocol = Watcher
+        factory.convertNumbers = False
+        factory.startConnecting(TCP4ClientEndpoint(reactor, "127.0.0.1", self.redis.port))
+        self.addCleanup(factory.disconnect)
+        watcher = yield factory.deferred
+        yield watcher.subscribe("ckpt.alarm")
+        event = alarm(7)
+        entry_id = yield self.bus.publish(event)
+        channel, message = yield received
+        self.assertEqual("ckpt.alarm", channel)
+        self.assertEqual(event.guid, json.loads(message)["guid"])
+        xrange = self.redis.command("XRANGE", "ckpt.alarm", "-", "+")
+        self.assertIn(entry_id, xrange)
+        self.assertIn(event.guid, xrange)
+
+
+class RedisFaultTests(TestCase):
+    """Stopping and restarting a server of this test's own."""
+
+    timeout = 20
+
+    def setUp(self):
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.cleanup)
+        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus.startService()
+        self.addCleanup(self.bus.stopService)
+        return self.bus.when_connected()
+
+    @inlineCallbacks
+    def test_publish_fails_fast_while_redis_is_down_and_works_after(self):
+        live = []
+        self.bus.subscribe(live.append)
+        yield self.bus.when_live()
+        self.redis.stop()
+        yield self.bus.when_disconnected()
+        started = reactor.seconds()
+        failure = yield self.assertFailure(self.bus.publish(alarm()), BusUnavailable)
+        self.assertLess(reactor.seconds() - started, 0.5)
+        self.assertIn("not reachable", str(failure))
+        self.assertFalse(self.bus.health()["ok"])
+        self.redis.start()
+        yield self.bus.when_connected()
+        yield self.bus.when_live()
+        arrived = Deferred()
+        # fired a turn later, so that every subscriber has had the event first
+        self.bus.subscribe(lambda e: arrived.called or reactor.callLater(0, arrived.callback, e))
+        event = alarm(2)
+        yield self.bus.publish(event)
+        got = yield arrived
+        self.assertEqual(event.guid, got.guid)
+        self.assertEqual([event.guid], [e.guid for e in live])  # resubscribed after the reconnect
+        self.assertTrue(self.bus.health()["ok"])
+
+    @inlineCallbacks
+    def test_consumer_carries_on_after_a_redis_restart(self):
+        recorder = Recorder()
+        consumer = self.bus.consumer(AYS_GROUP, recorder, drain_timeout=0)
+        consumer.block_ms = 100
+        consumer.startService()
+        self.addCleanup(consumer.stopService)
+        yield self.bus.publish(alarm(1))
+        yield recorder.wait(1)
+        self.redis.stop()
+        yield self.bus.when_disconnected()
+        self.redis.start()
+        yield self.bus.when_connected()
+        event = alarm(2)
+        yield self.bus.publish(event)
+        yield recorder.wait(2)
+        self.assertEqual(event.guid, recorder.seen[1][0])

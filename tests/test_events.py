@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from cockpit import events
+from cockpit.events import AlarmEvent, EcoEvent, EmailEvent, EventError, TelegramEvent
+
+SEEDS = Path(__file__).parent / "seeds"
+
+
+def seed(name: str) -> bytes:
+    return (SEEDS / name).read_bytes()
+
+
+class SeedExampleTests(TestCase):
+    """The original documents' examples, with their lost indentation restored."""
+
+    def test_eco(self):
+        eco = events.from_yaml(seed("eco.yaml"))
+        self.assertIsInstance(eco, EcoEvent)
+        self.assertEqual("762d6f24-8b50-4e46-8cb6-fa6d0f56f1fd", eco.guid)
+        self.assertEqual((1, 10, 239, 23, 2), (eco.gid, eco.nid, eco.pid, eco.line_nbr, eco.occurence))
+        self.assertEqual("from JumpScale import j\nprint('hello world')\n", eco.code)
+        self.assertEqual("list of tags here", eco.tags)
+
+    def test_alarm(self):
+        alarm = events.from_yaml(seed("alarm.yaml"))
+        self.assertEqual(("myservice!instance", "monitor", 1462275396), (alarm.service, alarm.method, alarm.epoch))
+
+    def test_telegram_examples(self):
+        create = events.from_yaml(seed("telegram_repo_create.yaml"))
+        self.assertEqual(("input", "repo.create", {"name": "env du-conv2"}), (create.io, create.action, create.args))
+        bp = events.from_yaml(seed("telegram_bp_create.yaml"))
+        self.assertEqual("here the content of the blueprint\n", bp.args["content"])
+        execute = events.from_yaml(seed("telegram_service_execute.yaml"))
+        self.assertEqual({"name": "node!cpu1", "action": "monitor"}, execute.args)
+
+    def test_email(self):
+        mail = events.from_yaml(seed("email.yaml"))
+        self.assertEqual("kristof@incubaid.com", mail.from_)
+        self.assertEqual("md", mail.bodytype)
+        self.assertIn("aname.doc", mail.attachments)
+        self.assertEqual("kristof@incubaid.com", json.loads(mail.to_json())["from"])
+
+
+class ModelTests(TestCase):
+    def test_guid_and_epoch_are_made_at_creation(self):
+        before = int(time.time())
+        a, b = AlarmEvent(service="a!b"), AlarmEvent(service="a!b")
+        self.assertNotEqual(a.guid, b.guid)
+        self.assertGreaterEqual(a.epoch, before)
+
+    def test_sender_guid_is_kept(self):
+        self.assertEqual("mine", events.from_data({"type": "generic", "guid": "mine"}).guid)
+
+    def test_json_round_trip(self):
+        mail = EmailEvent(from_="a@b.c", to="ops@example.com", subject="hi")
+        self.assertEqual(["ops@example.com"], mail.to)
+        again = events.from_json(mail.to_json())
+        self.assertEqual(mail, again)
+        self.assertEqual(mail, events.from_stored(mail.to_json()))
+
+    def test_validation_error_names_the_field_path(self):
+        error = self.assertRaises(EventError, events.from_data,
+                                  {"type": "telegram", "io": "sideways", "action": "x", "args": {}})
+        self.assertIn("io: ", str(error))
+        error = self.assertRaises(EventError, events.from_data, {"type": "email", "to": [1, "a@b"]})
+        self.assertIn("to[0]", str(error))
+        error = self.assertRaises(EventError, events.from_data, {"type": "alarm", "service": "nobang"})
+        self.assertIn("service: ", str(error))
+        error = self.assertRaises(EventError, events.from_data, {"type": "alarm", "service": "a!b", "colour": 1})
+        self.assertIn("colour: unknown field", str(error))
+
+    def test_type_must_match_the_endpoint(self):
+        self.assertEqual("alarm", events.from_data({"service": "a!b"}, "alarm").type)
+        error = self.assertRaises(EventError, events.from_data, {"type": "eco"}, "alarm")
+        self.assertIn("'eco'", str(error))
+        error = self.assertRaises(EventError, events.from_data, {}, "weather")
+        self.assertIn("unknown event type 'weather'", str(error))
+
+    def test_broken_yaml_says_where(self):
+        # the seed as printed: block scalars lost their indentation
+        broken = b"type: eco\ncode: |\nfrom JumpScale import j\nprint('x')\nbacktrace: |\nhere\n"
+        error = self.assertRaises(EventError, events.from_yaml, broken)
+        self.assertRegex(str(error), r"invalid YAML at line \d+, column \d+")
+
+    def test_broken_json_says_where(self):
+        error = self.assertRaises(EventError, events.from_json, b'{"type": "alarm",')
+        self.assertRegex(str(error), r"invalid JSON at line 1, column \d+")
+        error = self.assertRaises(EventError, events.from_json, b"[1, 2]")
+        self.assertIn("expected an object", str(error))
+
+    def test_json_schemas_cover_every_type(self):
+        schemas = events.json_schemas()
+        for name in ("EmailEvent", "TelegramEvent", "AlarmEvent", "EcoEvent", "GenericEvent"):
+            self.assertIn(name, schemas)
+        self.assertIn("from", schemas["EmailEvent"]["properties"])
+        self.assertIn("service", schemas["AlarmEvent"]["required"])
+
+    def test_eco_fingerprint_groups_repeats(self):
+        a = EcoEvent(app_name="app", func_name="f", line_nbr=3, error_msg="boom", occurence=1)
+        b = EcoEvent(app_name="app", func_name="f", line_nbr=3, error_msg="boom", occurence=7)
+        c = EcoEvent(app_name="app", func_name="f", line_nbr=4, error_msg="boom")
+        self.assertEqual(a.fingerprint(), b.fingerprint())
+        self.assertNotEqual(a.fingerprint(), c.fingerprint())
