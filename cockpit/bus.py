@@ -362,6 +362,10 @@ def _fields(flat: Optional[list]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2]))
 
 
+_MULTI = b"*1\r\n$5\r\nMULTI\r\n"
+_EXEC = b"*1\r\n$4\r\nEXEC\r\n"
+
+
 class _LiveProtocol(txredisapi.SubscriberProtocol):
     def connectionMade(self):
         d = super().connectionMade()
@@ -400,6 +404,7 @@ class RedisBus(Bus):
         self._live: Optional[txredisapi.SubscriberFactory] = None
         self._batch: list[tuple[str, bytes, Deferred]] = []
         self._flush_call = None
+        self._encoded: dict[str, tuple[bytes, bytes]] = {}
         self._live_subscribed = False
         self._live_waiters: list[Deferred] = []
 
@@ -510,24 +515,45 @@ class RedisBus(Bus):
         batch, self._batch = self._batch, []
         try:
             proto = self.connection()
-            execute = proto.execute_command
-            queued = [execute("MULTI")]
-            for key, raw, _ in batch:
-                queued.append(execute("XADD", key, "MAXLEN", "~", self._maxlen, "*", "event", raw))
-                queued.append(execute("PUBLISH", key, raw))
-            result = execute("EXEC")
-        except (BusUnavailable, txredisapi.ConnectionError) as exc:
+        except BusUnavailable as exc:
             for _, _, d in batch:
-                d.errback(BusUnavailable(str(exc)))
+                d.errback(exc)
             return
-        for q in queued:
-            q.addErrback(lambda f: None)  # EXEC reports what matters
-        result.addCallbacks(self._committed, self._not_committed,
-                            callbackArgs=(batch,), errbackArgs=(batch,))
+        # The whole batch is one write: MULTI, XADD+PUBLISH per event, EXEC. Encoded here,
+        # not command by command, because per-command Deferreds and timers cost more than
+        # Redis spends on the commands themselves.
+        parts = [_MULTI]
+        for key, raw, _ in batch:
+            xadd, publish = self._prefixes(key)
+            size = b"$%d\r\n" % len(raw)
+            parts += (xadd, size, raw, b"\r\n", publish, size, raw, b"\r\n")
+        parts.append(_EXEC)
+        queue = proto.replyQueue
+        for _ in range(2 * len(batch) + 1):
+            queue.get()  # +OK and +QUEUED: EXEC reports all that matters
+        result = queue.get()
+        proto.transport.write(b"".join(parts))
+        timer = self.reactor.callLater(self.settings.timeout, proto.transport.abortConnection)
+        result.addCallback(self._committed, batch, timer)
 
-    def _committed(self, replies: Any, batch: list) -> None:
+    def _prefixes(self, key: str) -> tuple[bytes, bytes]:
+        prefixes = self._encoded.get(key)
+        if prefixes is None:
+            k = key.encode()
+            maxlen = self._maxlen.encode()
+            xadd = b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%s\r\n" \
+                   b"$1\r\n*\r\n$5\r\nevent\r\n" % (len(k), k, len(maxlen), maxlen)
+            publish = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(k), k)
+            prefixes = self._encoded[key] = (xadd, publish)
+        return prefixes
+
+    def _committed(self, replies: Any, batch: list, timer: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if isinstance(replies, txredisapi.ConnectionError):
+            return self._not_committed(Failure(replies), batch)
         if not isinstance(replies, list):
-            # EXECABORT: nothing was stored
+            # EXECABORT (or no transaction at all): nothing was stored
             return self._not_committed(Failure(txredisapi.ResponseError(str(replies))), batch)
         for i, (_, _, d) in enumerate(batch):
             entry_id = replies[2 * i]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import txredisapi
 from twisted.internet import defer, reactor, task
@@ -291,6 +292,17 @@ class RedisBusTests(BusBehaviour, TestCase):
         self.assertIn(event.guid, xrange)
 
 
+    @inlineCallbacks
+    def test_an_event_redis_refuses_fails_alone_in_its_batch(self):
+        self.redis.command("SET", "ckpt.generic", "not a stream")
+        refused = self.bus.publish(GenericEvent(tags=["x"]))
+        accepted = self.bus.publish(alarm(1))  # same reactor turn: same MULTI/EXEC
+        failure = yield self.assertFailure(refused, BusUnavailable)
+        self.assertIn("WRONGTYPE", str(failure))
+        entry_id = yield accepted
+        self.assertIn(entry_id, self.redis.command("XRANGE", "ckpt.alarm", "-", "+"))
+
+
 class RedisFaultTests(TestCase):
     """Stopping and restarting a server of this test's own."""
 
@@ -328,6 +340,18 @@ class RedisFaultTests(TestCase):
         self.assertEqual(event.guid, got.guid)
         self.assertEqual([event.guid], [e.guid for e in live])  # resubscribed after the reconnect
         self.assertTrue(self.bus.health()["ok"])
+
+    @inlineCallbacks
+    def test_publish_to_a_hung_redis_fails_after_the_timeout(self):
+        self.redis.process.send_signal(signal.SIGSTOP)
+        try:
+            started = reactor.seconds()
+            yield self.assertFailure(self.bus.publish(alarm()), BusUnavailable)
+            self.assertLess(reactor.seconds() - started, 2.0 + 1.0)  # [redis] timeout = 2.0
+        finally:
+            self.redis.process.send_signal(signal.SIGCONT)
+        yield self.bus.when_connected()
+        yield self.bus.publish(alarm(2))
 
     @inlineCallbacks
     def test_consumer_carries_on_after_a_redis_restart(self):
