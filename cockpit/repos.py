@@ -1,0 +1,490 @@
+"""The AYS repository model, on disk exactly as DESIGN §7 lays it out::
+
+    <repos>/<repo>/.ays                               repo metadata (JSON): created, blueprint outcomes
+    <repos>/<repo>/blueprints/<name>.yaml             "template__instance: {args}" blocks, in file order
+    <repos>/<repo>/servicetemplates/<tpl>/schema.hrd  arguments with types and defaults
+    <repos>/<repo>/servicetemplates/<tpl>/service.hrd events.<type> = actions; recurring.<action> = 5m
+    <repos>/<repo>/servicetemplates/<tpl>/actions.py  def <action>(service, event): ...
+    <repos>/<repo>/services/<role>!<instance>/service.json   its args and its state per action
+
+:class:`RepoStore` does blocking file work: call it from a thread (the robot does,
+through ``deferToThread``). Every write goes to a temporary file that is then renamed
+over the old one, so a crash never leaves half a file. Names are checked against
+patterns and every path is checked to stay under the repos root.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from cockpit import hrd
+from cockpit.hrd import Argument, HrdError, ServiceSpec
+
+TEMPLATE_FILES = ("schema.hrd", "service.hrd", "actions.py")
+MAX_FILE = 1024 * 1024  # bytes, for each template file and blueprint
+
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}(?<![ .])$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_BLUEPRINT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\.ya?ml$")
+
+
+class AysError(Exception):
+    """Something the caller asked for cannot be done; ``str()`` says why in a sentence."""
+
+
+class NotFound(AysError):
+    pass
+
+
+class Conflict(AysError):
+    pass
+
+
+class Invalid(AysError):
+    pass
+
+
+def check_repo_name(name: str) -> str:
+    if not isinstance(name, str) or not _REPO.match(name):
+        raise Invalid(f"{name!r} is not a repository name: 1 to 64 letters, digits, spaces, "
+                      "'_', '.' or '-', starting with a letter or digit")
+    return name
+
+
+def check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise Invalid(f"{name!r} is not a {what} name: 1 to 64 letters, digits, '_', '.' or '-', "
+                      "starting with a letter or digit")
+    return name
+
+
+def check_template_name(name: str) -> str:
+    check_name(name, "template")
+    if "__" in name:
+        raise Invalid(f"{name!r} is not a template name: '__' separates template and instance in blueprints")
+    return name
+
+
+def blueprint_name(name: str) -> str:
+    """``main`` and ``main.yaml`` are the same blueprint; ``main.yml`` keeps its suffix."""
+    if isinstance(name, str) and not name.endswith((".yaml", ".yml")):
+        name = name + ".yaml"
+    if not isinstance(name, str) or not _BLUEPRINT.match(name):
+        raise Invalid(f"{name!r} is not a blueprint name: letters, digits, '_', '.' or '-', ending in .yaml")
+    return name
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``role!instance`` -> (role, instance), both checked."""
+    role, bang, instance = key.partition("!") if isinstance(key, str) else ("", "", "")
+    if not bang:
+        raise Invalid(f"{key!r} is not a service: expected role!instance")
+    return check_name(role, "role"), check_name(instance, "instance")
+
+
+# ---------------------------------------------------------------------------
+# Plain data
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Template:
+    """A service template as loaded: its arguments, subscriptions, periods and action names."""
+
+    repo: str
+    name: str
+    path: Path
+    arguments: dict[str, Argument] = field(default_factory=dict)
+    spec: ServiceSpec = field(default_factory=ServiceSpec)
+    actions: tuple[str, ...] = ()
+
+    @property
+    def actions_path(self) -> Path:
+        return self.path / "actions.py"
+
+    def to_dict(self, files: Optional[dict[str, str]] = None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "name": self.name,
+            "repo": self.repo,
+            "actions": list(self.actions),
+            "events": {kind: list(actions) for kind, actions in self.spec.events.items()},
+            "recurring": dict(self.spec.recurring),
+            "schema": {name: {"type": a.type, "default": a.default, "required": a.required,
+                              "description": a.description} for name, a in self.arguments.items()},
+        }
+        if files is not None:
+            data["files"] = files
+        return data
+
+
+@dataclass
+class ServiceRecord:
+    """One service instance: what ``services/<role>!<instance>/service.json`` holds."""
+
+    repo: str
+    role: str
+    instance: str
+    template: str
+    args: dict[str, Any] = field(default_factory=dict)
+    states: dict[str, str] = field(default_factory=dict)
+    created: float = 0.0
+    updated: float = 0.0
+    blueprint: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.role}!{self.instance}"
+
+    def stored(self) -> dict[str, Any]:
+        return {"key": self.key, "role": self.role, "instance": self.instance, "template": self.template,
+                "args": self.args, "states": self.states, "created": self.created, "updated": self.updated,
+                "blueprint": self.blueprint}
+
+    def to_dict(self, template: Optional[Template]) -> dict[str, Any]:
+        data = self.stored()
+        data["repo"] = self.repo
+        data["events"] = {kind: list(acts) for kind, acts in template.spec.events.items()} if template else {}
+        data["recurring"] = dict(template.spec.recurring) if template else {}
+        return data
+
+
+@dataclass
+class BlueprintEntry:
+    template: str
+    instance: str
+    args: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        return f"{self.template}!{self.instance}"
+
+
+@dataclass
+class RepoSnapshot:
+    """Everything the robot keeps in memory about one repository."""
+
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    templates: dict[str, Template]
+    services: dict[str, ServiceRecord]
+    broken: dict[str, str]  # template name -> why it cannot be loaded
+
+
+# ---------------------------------------------------------------------------
+# Parsing (pure)
+# ---------------------------------------------------------------------------
+
+def parse_blueprint(content: str) -> list[BlueprintEntry]:
+    """The ``template__instance: {args}`` blocks of a blueprint, in file order; Invalid says what is wrong."""
+    try:
+        data = yaml.safe_load(content)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise Invalid(f"the blueprint is not valid YAML{where}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise Invalid(f"the blueprint is not valid YAML: {exc}") from None
+    if data is None:
+        raise Invalid("the blueprint is empty: expected 'template__instance:' blocks")
+    if not isinstance(data, dict):
+        raise Invalid("the blueprint must be a mapping of 'template__instance:' blocks")
+    entries = []
+    for key, args in data.items():
+        template, sep, instance = str(key).partition("__")
+        if not sep or not template or not instance:
+            raise Invalid(f"blueprint block {key!r}: expected template__instance")
+        try:
+            check_template_name(template)
+            check_name(instance, "instance")
+        except Invalid as exc:
+            raise Invalid(f"blueprint block {key!r}: {exc}") from None
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise Invalid(f"blueprint block {key!r}: its arguments must be a mapping, not {type(args).__name__}")
+        entries.append(BlueprintEntry(template, instance, {str(k): v for k, v in args.items()}))
+    return entries
+
+
+def action_names(source: str, filename: str = "actions.py") -> tuple[str, ...]:
+    """The public top-level functions of an ``actions.py``; Invalid on a syntax error."""
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError as exc:
+        raise Invalid(f"actions.py line {exc.lineno}: {exc.msg}") from None
+    return tuple(node.name for node in tree.body
+                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"))
+
+
+def load_template(repo: str, name: str, path: Path, files: dict[str, str]) -> Template:
+    """Build a Template from its files' text; Invalid names the file and the problem."""
+    try:
+        arguments = hrd.schema(files.get("schema.hrd", ""))
+    except HrdError as exc:
+        raise Invalid(f"schema.hrd: {exc}") from None
+    try:
+        spec = hrd.service_spec(files.get("service.hrd", ""))
+    except HrdError as exc:
+        raise Invalid(f"service.hrd: {exc}") from None
+    actions = action_names(files.get("actions.py", ""))
+    missing = sorted({a for acts in spec.events.values() for a in acts} | set(spec.recurring))
+    missing = [a for a in missing if a not in actions]
+    if missing:
+        raise Invalid(f"service.hrd names action {missing[0]!r}, which actions.py does not define")
+    return Template(repo, name, path, arguments, spec, actions)
+
+
+# ---------------------------------------------------------------------------
+# Disk
+# ---------------------------------------------------------------------------
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, indent=1, ensure_ascii=False, default=str).encode()
+
+
+class RepoStore:
+    """Blocking access to the repositories under ``root``: run its methods in a thread."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    # -- paths -------------------------------------------------------------
+    def _inside(self, path: Path) -> Path:
+        root = self.root.resolve()
+        resolved = path.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise Invalid("that name leads outside the repositories directory")
+        return path
+
+    def repo_path(self, repo: str) -> Path:
+        return self._inside(self.root / check_repo_name(repo))
+
+    def _existing_repo(self, repo: str) -> Path:
+        path = self.repo_path(repo)
+        if not (path / ".ays").is_file():
+            raise NotFound(f"no repository {repo!r}")
+        return path
+
+    def template_path(self, repo: str, name: str) -> Path:
+        return self._inside(self.repo_path(repo) / "servicetemplates" / check_template_name(name))
+
+    def blueprint_path(self, repo: str, name: str) -> Path:
+        return self._inside(self.repo_path(repo) / "blueprints" / blueprint_name(name))
+
+    def service_path(self, repo: str, key: str) -> Path:
+        role, instance = split_key(key)
+        return self._inside(self.repo_path(repo) / "services" / f"{role}!{instance}")
+
+    # -- repositories -------------------------------------------------------
+    def list_repos(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(entry.name for entry in self.root.iterdir()
+                      if (entry / ".ays").is_file() and _REPO.match(entry.name))
+
+    def create_repo(self, repo: str) -> dict[str, Any]:
+        path = self.repo_path(repo)
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            if (path / ".ays").is_file():
+                raise Conflict(f"repository {repo!r} already exists") from None
+        for sub in ("blueprints", "servicetemplates", "services"):
+            (path / sub).mkdir(exist_ok=True)
+        meta = {"name": repo, "created": time.time(), "blueprints": {}}
+        write_atomic(path / ".ays", _json(meta))
+        return meta
+
+    def delete_repo(self, repo: str) -> None:
+        path = self._existing_repo(repo)
+        # renamed first, so a half-finished removal never looks like a repository
+        doomed = path.with_name(f".deleted-{path.name}-{os.getpid()}-{time.time_ns()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def read_meta(self, repo: str) -> dict[str, Any]:
+        path = self._existing_repo(repo)
+        try:
+            meta = json.loads((path / ".ays").read_text() or "{}")
+        except ValueError:
+            meta = {}  # an old or hand-made .ays marker: start the metadata afresh
+        meta.setdefault("name", repo)
+        meta.setdefault("created", (path / ".ays").stat().st_mtime)
+        meta.setdefault("blueprints", {})
+        return meta
+
+    def write_meta(self, repo: str, meta: dict[str, Any]) -> None:
+        write_atomic(self._existing_repo(repo) / ".ays", _json(meta))
+
+    def load_repo(self, repo: str) -> RepoSnapshot:
+        path = self._existing_repo(repo)
+        meta = self.read_meta(repo)
+        templates: dict[str, Template] = {}
+        broken: dict[str, str] = {}
+        tdir = path / "servicetemplates"
+        for entry in sorted(tdir.iterdir()) if tdir.is_dir() else []:
+            if not entry.is_dir() or not _NAME.match(entry.name) or "__" in entry.name:
+                continue
+            try:
+                templates[entry.name] = load_template(repo, entry.name, entry, self._template_files(entry))
+            except Invalid as exc:
+                broken[entry.name] = str(exc)
+        services: dict[str, ServiceRecord] = {}
+        sdir = path / "services"
+        for entry in sorted(sdir.iterdir()) if sdir.is_dir() else []:
+            try:
+                data = json.loads((entry / "service.json").read_text())
+                record = ServiceRecord(repo, data["role"], data["instance"], data["template"],
+                                       data.get("args", {}), data.get("states", {}),
+                                       data.get("created", 0.0), data.get("updated", 0.0),
+                                       data.get("blueprint"))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a service directory (or a torn one from before atomic writes)
+            services[record.key] = record
+        return RepoSnapshot(repo, path, meta, templates, services, broken)
+
+    # -- templates ----------------------------------------------------------
+    @staticmethod
+    def _template_files(path: Path) -> dict[str, str]:
+        files = {}
+        for name in TEMPLATE_FILES:
+            try:
+                files[name] = (path / name).read_text()
+            except FileNotFoundError:
+                pass
+        return files
+
+    def read_template_files(self, repo: str, name: str) -> dict[str, str]:
+        self._existing_repo(repo)
+        path = self.template_path(repo, name)
+        if not path.is_dir():
+            raise NotFound(f"no template {name!r} in repository {repo!r}")
+        return self._template_files(path)
+
+    def put_template(self, repo: str, name: str, files: dict[str, Any]) -> tuple[Template, bool]:
+        """Replace the template's files with ``files``; fires (template, created)."""
+        self._existing_repo(repo)
+        path = self.template_path(repo, name)
+        if not isinstance(files, dict) or not files:
+            raise Invalid("files: expected an object of file name -> text, with some of "
+                          + ", ".join(TEMPLATE_FILES))
+        for file_name, text in files.items():
+            if file_name not in TEMPLATE_FILES:
+                raise Invalid(f"files: unknown file {file_name!r}: a template has {', '.join(TEMPLATE_FILES)}")
+            if not isinstance(text, str):
+                raise Invalid(f"files.{file_name}: expected the file's text as a string")
+            if len(text.encode()) > MAX_FILE:
+                raise Invalid(f"files.{file_name}: larger than {MAX_FILE} bytes")
+        template = load_template(repo, name, path, files)  # refuses a broken template before writing
+        created = not path.is_dir()
+        path.mkdir(parents=True, exist_ok=True)
+        for file_name in TEMPLATE_FILES:
+            if file_name in files:
+                write_atomic(path / file_name, files[file_name].encode())
+            else:
+                try:
+                    (path / file_name).unlink()
+                except FileNotFoundError:
+                    pass
+        return template, created
+
+    # -- blueprints ---------------------------------------------------------
+    def list_blueprints(self, repo: str) -> list[str]:
+        path = self._existing_repo(repo) / "blueprints"
+        return sorted(entry.name for entry in path.iterdir()
+                      if entry.is_file() and _BLUEPRINT.match(entry.name)) if path.is_dir() else []
+
+    def read_blueprint(self, repo: str, name: str) -> str:
+        self._existing_repo(repo)
+        try:
+            return self.blueprint_path(repo, name).read_text()
+        except FileNotFoundError:
+            raise NotFound(f"no blueprint {blueprint_name(name)!r} in repository {repo!r}") from None
+
+    def write_blueprint(self, repo: str, name: str, content: Any, create: bool) -> str:
+        """Store a blueprint (create: it must be new; else: it must exist); fires its name."""
+        self._existing_repo(repo)
+        path = self.blueprint_path(repo, name)
+        if not isinstance(content, str):
+            raise Invalid("content: expected the blueprint's YAML text as a string")
+        if len(content.encode()) > MAX_FILE:
+            raise Invalid(f"content: larger than {MAX_FILE} bytes")
+        parse_blueprint(content)
+        if create and path.exists():
+            raise Conflict(f"blueprint {path.name!r} already exists in repository {repo!r}; PUT it to change it")
+        if not create and not path.exists():
+            raise NotFound(f"no blueprint {path.name!r} in repository {repo!r}")
+        write_atomic(path, content.encode())
+        return path.name
+
+    def delete_blueprint(self, repo: str, name: str) -> None:
+        self._existing_repo(repo)
+        try:
+            self.blueprint_path(repo, name).unlink()
+        except FileNotFoundError:
+            raise NotFound(f"no blueprint {blueprint_name(name)!r} in repository {repo!r}") from None
+
+    # -- services -----------------------------------------------------------
+    def write_service(self, record: ServiceRecord) -> None:
+        path = self.service_path(record.repo, record.key)
+        if not (self.repo_path(record.repo) / ".ays").is_file():
+            return  # the repository was deleted meanwhile: nothing to keep
+        write_atomic(path / "service.json", _json(record.stored()))
+
+    def delete_service(self, repo: str, key: str) -> None:
+        path = self.service_path(repo, key)
+        if not path.is_dir():
+            raise NotFound(f"no service {key!r} in repository {repo!r}")
+        doomed = path.with_name(f".deleted-{path.name}-{time.time_ns()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def blueprint_services(repo: str, blueprint: str, entries: list[BlueprintEntry], templates: dict[str, Template],
+                       existing: dict[str, ServiceRecord], now: float) -> list[ServiceRecord]:
+    """The services a blueprint makes (new) or changes (existing ones keep their states); Invalid says why not."""
+    records = []
+    for entry in entries:
+        template = templates.get(entry.template)
+        if template is None:
+            raise Invalid(f"blueprint block {entry.template}__{entry.instance}: "
+                          f"no template {entry.template!r} in repository {repo!r}")
+        try:
+            args = hrd.apply_schema(template.arguments, entry.args)
+        except ValueError as exc:
+            raise Invalid(f"blueprint block {entry.template}__{entry.instance}: {exc}") from None
+        old = existing.get(entry.key)
+        if old is not None:
+            records.append(ServiceRecord(repo, old.role, old.instance, entry.template, args, dict(old.states),
+                                         old.created, now, blueprint))
+        else:
+            records.append(ServiceRecord(repo, entry.template, entry.instance, entry.template, args,
+                                         {action: "new" for action in template.actions}, now, now, blueprint))
+    return records
