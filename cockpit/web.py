@@ -1,23 +1,48 @@
-"""The one Klein site: REST API under /api, the store under /store, the dashboard at /."""
+"""The one Klein site: REST API under /api, the store under /store, the dashboard at /.
+
+Routes are declared with :mod:`cockpit.openapi` (see its docstring for how); the same
+declarations serve the requests and make ``/api/openapi.json``. Another module adds its
+routes with ``Api.include(instance)``.
+"""
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional, Union
+from urllib.parse import parse_qs
 
 from klein import Klein
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
-from twisted.web.server import Request, Site
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
-from cockpit.bus import Bus
+from cockpit import events
+from cockpit.bus import Bus, BusUnavailable, cursor
 from cockpit.config import Config
+from cockpit.events import EVENT_TYPES, AnyEvent, EventError, GenericEvent
+from cockpit.examples import SEED_YAML
+from cockpit.openapi import (JSON, ApiError, Body, Param, Reply, Response, Route, RouteTable, document,
+                             downgrade_to_30)
 
 log = Logger()
+
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
+EVENT_MEDIA_TYPES = (JSON, *YAML_TYPES)
+EventType = Literal["email", "telegram", "alarm", "eco", "generic"]
 
 
 def json_body(request: Request, payload: Any, status: int = 200) -> bytes:
     """Klein answers an empty 200 for a dict: always hand it bytes with a Content-Type."""
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
+    if isinstance(payload, BaseModel):
+        return payload.model_dump_json(by_alias=True).encode()
     return json.dumps(payload, ensure_ascii=False).encode()
 
 
@@ -25,38 +50,448 @@ def json_error(request: Request, status: int, message: str) -> bytes:
     return json_body(request, {"error": message}, status)
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower-cased ("" when absent)."""
+    raw = request.getHeader(b"content-type") or b""
+    return raw.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+def _describe_query_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:3]:
+        name = ".".join(str(p) for p in error["loc"]) or "(query)"
+        message = "unknown parameter" if error["type"] == "extra_forbidden" else error["msg"]
+        parts.append(f"query parameter {name}: {message}")
+    return "; ".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Bodies: refused while they arrive, not after they are buffered
+# ---------------------------------------------------------------------------
+
+class BoundedRequest(Request):
+    """Refuses a body over the site's ``max_body`` with 413 as soon as that is known.
+
+    twisted.web buffers a whole body before any resource sees it, so the check sits here:
+    on the announced Content-Length, and on the bytes received for a chunked body.
+    """
+
+    linger = 2.0  # seconds to drain a refused upload so the client reads the 413 instead of a reset
+
+    _refused = False
+    _received = 0
+    _linger_call: Any = None
+
+    def _limit(self) -> Optional[int]:
+        return getattr(getattr(self.channel, "site", None), "max_body", None)
+
+    def gotLength(self, length: Optional[int]) -> None:
+        limit = self._limit()
+        if limit is not None and length is not None and length > limit:
+            self._refuse(limit)
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return  # drained and dropped
+        self._received += len(data)
+        limit = self._limit()
+        if limit is not None and self._received > limit:
+            self.content = None
+            self._refuse(limit)
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self._refused:
+            return
+        super().requestReceived(command, path, version)
+
+    def _refuse(self, limit: int) -> None:
+        self._refused = True
+        # no "100 Continue" after this: the client need not send what will be dropped
+        self.requestHeaders.removeHeader(b"expect")
+        body = json.dumps({"error": f"the body is larger than {limit} bytes ([api] max_body)"}).encode()
+        transport = self.channel.transport
+        transport.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        log.info("refused a request body over {limit} bytes from {peer}", limit=limit,
+                 peer=str(transport.getPeer()))
+        # closing at once with unread input makes the kernel send a reset that can overtake the
+        # reply; half-close, drop what still comes, and cut it off after a moment
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
+            clock = getattr(self.channel.site, "reactor", None)
+            if clock is None:
+                from twisted.internet import reactor as clock
+            self._linger_call = clock.callLater(self.linger, transport.abortConnection)
+        else:
+            transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        if self._refused:
+            return
+        super().connectionLost(reason)
+
+
+class ApiSite(Site):
+    requestFactory = BoundedRequest
+
+    def __init__(self, resource: Any, max_body: int, **kwargs: Any):
+        super().__init__(resource, **kwargs)
+        self.max_body = max_body
+        self.displayTracebacks = False
+
+
+# ---------------------------------------------------------------------------
+# Live events
+# ---------------------------------------------------------------------------
+
+@implementer(IPushProducer)
+class LiveStream:
+    """One Server-Sent Events client: bus events out, keep-alive comments, gone on disconnect."""
+
+    max_backlog = 1000  # events held for a client that does not read; past that it is cut off
+
+    def __init__(self, request: Request, bus: Bus, types: Optional[list[str]],
+                 clock: IReactorTime, keepalive: float):
+        self.request = request
+        self.paused = False
+        self.backlog: list[bytes] = []
+        self.finished = False
+        request.registerProducer(self, True)
+        self.subscription = bus.subscribe(self.publish, types)
+        self.keepalive = task.LoopingCall(self.write, b": keep-alive\n\n")
+        self.keepalive.clock = clock
+        self.keepalive.start(keepalive, now=False)
+        request.notifyFinish().addBoth(self.stop)
+
+    def publish(self, event: Any) -> None:
+        self.write(b"event: %s\nid: %s\ndata: %s\n\n" % (
+            event.type.encode(), event.guid.encode(), event.to_json()))
+
+    def write(self, chunk: bytes) -> None:
+        if self.finished:
+            return
+        if self.paused:
+            self.backlog.append(chunk)
+            if len(self.backlog) > self.max_backlog:
+                log.warn("an SSE client reads too slowly; disconnecting it")
+                self.request.channel.transport.abortConnection()
+            return
+        self.request.write(chunk)
+
+    def stop(self, _: Any = None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.subscription.cancel()
+        if self.keepalive.running:
+            self.keepalive.stop()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        backlog, self.backlog = self.backlog, []
+        for chunk in backlog:
+            self.write(chunk)
+
+    def stopProducing(self) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------
+# Models of requests and replies (the document is made from them)
+# ---------------------------------------------------------------------------
+
+class Accepted(BaseModel):
+    guid: str = Field(description="The guid of the event as published.")
+
+
+class RecentQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Optional[EventType] = Field(None, description="Only events of this type.")
+    limit: int = Field(50, ge=1, le=1000, description="At most this many events.")
+    before: Optional[str] = Field(
+        None, pattern=r"^[0-9]+(-[0-9]+)?(/(email|telegram|alarm|eco|generic))?$",
+        description="Paging: the `next` of the previous page; events older than this position.")
+
+
+class EventList(BaseModel):
+    events: list[AnyEvent]  # type: ignore[valid-type]
+    next: Optional[str] = Field(None, description="Pass as `before` for the next page; null at the end.")
+
+
+class LiveQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Optional[EventType] = Field(None, description="Only events of this type.")
+
+
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    bus: dict[str, Any]
+    services: dict[str, dict[str, Any]]
+
+
+class WebhookAccepted(BaseModel):
+    guid: Optional[str] = Field(None, description="The generic event published (none for a ping).")
+    event: str
+
+
+def _event_examples(event_type: str) -> dict[str, Any]:
+    import yaml
+
+    if event_type == "generic":
+        return {"generic": {"type": "generic", "tags": ["deploy"], "args": {"app": "shop", "version": "1.4.2"}}}
+    return {name: yaml.safe_load(text) for name, text in SEED_YAML[event_type].items()}
+
+
+def _parse_event(event_type: str) -> Callable[[bytes, str, dict[str, str]], Any]:
+    def parse(raw: bytes, kind: str, _: dict[str, str]) -> Any:
+        event = (events.from_json if kind == JSON else events.from_yaml)(raw, event_type)
+        return event
+
+    return parse
+
+
+def _raw_body(raw: bytes, kind: str, _: dict[str, str]) -> tuple[bytes, str]:
+    return raw, kind
+
+
+# ---------------------------------------------------------------------------
+# The application
+# ---------------------------------------------------------------------------
+
 class Api:
-    """The web application; given its dependencies, so a test can build one around fakes."""
+    """The web application; given its dependencies, so a test can build one around fakes.
 
-    app = Klein()
+    ``services`` maps a name to a callable reporting that part's state (for /api/health);
+    ``store`` offers ``resource()`` (mounted at /store/); ``mailer`` offers ``send(mail)``
+    and ``deliveries(limit)``; ``groups`` offers ``ecos(limit, before)`` and ``alarms(...)``.
+    """
 
-    def __init__(self, config: Config, bus: Bus,
-                 services: Optional[dict[str, Callable[[], dict[str, Any]]]] = None):
+    routes = RouteTable(tag="events")
+    keepalive_interval = 15.0  # seconds between SSE keep-alive comments
+
+    def __init__(self, config: Config, bus: Bus, store: Any = None, mailer: Any = None,
+                 services: Optional[dict[str, Callable[[], dict[str, Any]]]] = None,
+                 groups: Any = None, clock: Optional[IReactorTime] = None):
         self.config = config
         self.bus = bus
-        # name -> a callable reporting that part's state, for /api/health
+        self.store = store
+        self.mailer = mailer
+        self.groups = groups
         self.services = services if services is not None else {}
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        self.clock = clock
+        self._tokens = [t.encode() for t in config.api.tokens]
+        self._document: Optional[dict[str, Any]] = None
+        self.declared: list[Route] = []
+        self.app = Klein()
+        self.app.handle_errors(Exception)(self._error)
+        self.include(self)
 
-    @app.route("/api/health", methods=["GET"])
-    def health(self, request: Request) -> bytes:
-        bus = self.bus.health()
-        parts = {name: report() for name, report in self.services.items()}
-        ok = bus["ok"] and all(part.get("ok", True) for part in parts.values())
-        return json_body(request, {"status": "ok" if ok else "degraded", "bus": bus, "services": parts},
-                         200 if ok else 503)
+    # -- the mechanism ---------------------------------------------------------------
+    def include(self, provider: Any, routes: Optional[RouteTable] = None) -> None:
+        """Serve and document the routes ``provider``'s class declared (or ``routes``)."""
+        table = routes if routes is not None else type(provider).routes
+        for route in table.routes:
+            self._mount(route, route.function.__get__(provider, type(provider)))
+        self._document = None
 
-    @app.handle_errors
-    def unexpected(self, request: Request, failure: Any) -> bytes:
-        from werkzeug.exceptions import HTTPException
+    def _mount(self, route: Route, bound: Callable[..., Any]) -> None:
+        def serve(request: Request, **values: str) -> Any:
+            return self._serve(route, bound, request, values)
 
+        serve.__name__ = f"{route.operation_id}_{route.method}_{len(self.declared)}"
+        self.app.route(route.klein_path, methods=[route.method], endpoint=serve.__name__)(serve)
+        self.declared.append(route)
+
+    def _serve(self, route: Route, bound: Callable[..., Any], request: Request, values: dict[str, str]) -> Any:
+        if route.auth and self._tokens:
+            self._authenticate(request)
+        for name, param in route.headers.items():
+            if param.required and request.getHeader(name) is None:
+                raise ApiError(400, f"header {name}: required")
+        kwargs: dict[str, Any] = {}
+        if route.query is not None:
+            kwargs["query"] = self._query(route.query, request)
+        if route.body is not None:
+            kwargs["body"] = self._body(route, request, values)
+        result = bound(request, **values, **kwargs)
+        if route.raw:
+            return result
+        if isinstance(result, Deferred) or hasattr(result, "__await__"):
+            return defer.ensureDeferred(result).addCallback(self._render, route, request)
+        return self._render(result, route, request)
+
+    def _render(self, result: Any, route: Route, request: Request) -> bytes:
+        if isinstance(result, bytes):
+            return result
+        if isinstance(result, Reply):
+            for name, value in result.headers.items():
+                request.setHeader(name, value)
+            return json_body(request, result.payload, result.status)
+        return json_body(request, result, route.success_status)
+
+    def _authenticate(self, request: Request) -> None:
+        scheme, _, token = (request.getHeader(b"authorization") or b"").partition(b" ")
+        token = token.strip()
+        ok = False
+        for known in self._tokens:  # every token compared, in constant time each
+            ok |= hmac.compare_digest(token, known)
+        if scheme.lower() != b"bearer" or not token or not ok:
+            raise ApiError(401, "this call needs Authorization: Bearer <token> with one of [api] tokens"
+                           if not token else "the Bearer token is not one of [api] tokens",
+                           {"WWW-Authenticate": 'Bearer realm="cockpit"'})
+
+    @staticmethod
+    def _query(model: type[BaseModel], request: Request) -> BaseModel:
+        raw = request.uri.partition(b"?")[2].decode("latin-1")
+        values = {name: found[0] for name, found in parse_qs(raw, keep_blank_values=True).items()}
+        try:
+            return model.model_validate(values)
+        except ValidationError as exc:
+            raise ApiError(400, _describe_query_error(exc)) from None
+
+    def _body(self, route: Route, request: Request, values: dict[str, str]) -> Any:
+        body = route.body
+        assert body is not None
+        limit = self.config.api.max_body
+        request.content.seek(0)
+        raw = request.content.read(limit + 1)
+        if len(raw) > limit:  # a site without BoundedRequest (a test's) still gets the limit
+            raise ApiError(413, f"the body is larger than {limit} bytes ([api] max_body)")
+        kind = media_type(request)
+        if kind not in body.media_types:
+            raise ApiError(415, f"Content-Type {kind or '(none)'!r} is not accepted here: "
+                           f"send one of {', '.join(body.media_types)}")
+        if not raw.strip() and body.required:
+            raise ApiError(400, "the body is empty")
+        if body.parse is not None:
+            return body.parse(raw, kind, values)
+        try:
+            return body.model.model_validate_json(raw)
+        except ValidationError as exc:
+            raise ApiError(400, events.describe_validation_error(exc).replace("invalid event", "invalid body",
+                                                                              1)) from None
+
+    def _error(self, request: Request, failure: Failure) -> bytes:
+        from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+
+        if failure.check(ApiError):
+            exc = failure.value
+            for name, value in exc.headers.items():
+                request.setHeader(name, value)
+            return json_error(request, exc.status, exc.message)
+        if failure.check(EventError):
+            return json_error(request, 400, str(failure.value))
+        if failure.check(BusUnavailable):
+            log.warn("refused {method} {path}: {error}", method=request.method.decode(),
+                     path=request.path.decode(errors="replace"), error=failure.getErrorMessage())
+            request.setHeader(b"Retry-After", b"5")
+            return json_error(request, 503, f"the bus cannot take it now: {failure.getErrorMessage()}")
+        path = request.path.decode(errors="replace")
+        if failure.check(MethodNotAllowed):
+            allowed = sorted(failure.value.valid_methods or [])
+            request.setHeader(b"Allow", ", ".join(allowed).encode())
+            return json_error(request, 405, f"{request.method.decode()} is not allowed on {path}: "
+                              f"use {', '.join(allowed)}")
+        if failure.check(NotFound):
+            return json_error(request, 404, f"no such route: {request.method.decode()} {path}")
         if failure.check(HTTPException):
             exc = failure.value
             return json_error(request, exc.code or 500, exc.description or exc.name)
-        log.failure("unhandled error on {method} {path}", failure,
-                    method=request.method.decode(), path=request.path.decode(errors="replace"))
+        log.failure("unhandled error on {method} {path}", failure, method=request.method.decode(), path=path)
         return json_error(request, 500, "internal error; the cockpit's log has the details")
 
     def site(self) -> Site:
-        site = Site(self.app.resource())
-        site.displayTracebacks = False
-        return site
+        return ApiSite(self.app.resource(), self.config.api.max_body)
+
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI 3.1 document of every route mounted so far."""
+        if self._document is None:
+            from importlib.metadata import PackageNotFoundError, version as package_version
+
+            try:
+                version = package_version("cockpit")
+            except PackageNotFoundError:
+                version = "0"
+            self._document = document(
+                self.declared, "Cockpit", version,
+                "Event hub for operations teams. Every error is {\"error\": \"...\"}. "
+                "Lists are newest first and page with limit and before.")
+        return self._document
+
+    # -- health and docs ---------------------------------------------------------------
+    @routes.get("/api/health", summary="Liveness, and the state of the bus and of each part",
+                tags=("cockpit",), auth=False,
+                responses={200: Response("Everything works", Health),
+                           503: Response("Something does not work (see bus and services)", Health)})
+    def health(self, request: Request) -> Reply:
+        bus = self.bus.health()
+        parts = {name: report() for name, report in self.services.items()}
+        ok = bus["ok"] and all(part.get("ok", True) for part in parts.values())
+        return Reply(200 if ok else 503, {"status": "ok" if ok else "degraded", "bus": bus, "services": parts})
+
+    @routes.get("/api/openapi.json", summary="This document (OpenAPI 3.1)", tags=("cockpit",), auth=False,
+                responses={200: Response("The OpenAPI document", {"type": "object"})})
+    def openapi_json(self, request: Request) -> dict[str, Any]:
+        return self.openapi()
+
+    # -- events ----------------------------------------------------------------------------
+    for _type in EVENT_TYPES:
+        def _publish_route(self: "Api", request: Request, body: Any) -> Deferred:
+            return self.publish(body, "rest")
+
+        routes.post(
+            f"/api/events/{_type}", summary=f"Publish a{'n' if _type[0] in 'ae' else ''} {_type} event",
+            description=(f"The body is a {_type} event in JSON or YAML (by Content-Type); `type` may be "
+                         "left out, `guid` and `epoch` are made when absent, `source` is `rest` unless "
+                         "given. The event goes to the channel and stream `ckpt." + _type + "`."),
+            body=Body(events.MODELS[_type], EVENT_MEDIA_TYPES, _event_examples(_type), _parse_event(_type)),
+            responses={202: Response("Published", Accepted)},
+            operation_id=f"publish_{_type}")(_publish_route)
+    del _type, _publish_route
+
+    def publish(self, event: events.Event, default_source: str) -> Deferred:
+        """Publish ``event`` (its source ``default_source`` unless the sender gave one); fires {"guid"}."""
+        if "source" not in event.model_fields_set:
+            event.source = default_source
+        return self.bus.publish(event).addCallback(lambda _: {"guid": event.guid})
+
+    @routes.post("/api/events/{type}", summary="Unknown event types", auth=False, hidden=True,
+                 params={"type": Param()})
+    def unknown_type(self, request: Request, type: str) -> None:
+        raise ApiError(404, f"unknown event type {type!r}: expected one of {', '.join(EVENT_TYPES)}")
+
+    @routes.get("/api/events", summary="Recent events from the durable log, newest first", query=RecentQuery,
+                responses={200: Response("The events", EventList), 503: Response("The bus cannot be read")})
+    async def recent(self, request: Request, query: RecentQuery) -> dict[str, Any]:
+        try:
+            entries = await self.bus.recent(query.type, query.limit, query.before)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        last = entries[-1] if len(entries) == query.limit else None
+        return {"events": [event.to_dict() for _, event in entries],
+                "next": cursor(last[0], last[1].type) if last else None}
+
+    @routes.get("/api/events/live", summary="Server-Sent Events: every event as it is published",
+                description="Each event is sent as `event: <type>`, `id: <guid>`, `data: <event JSON>`. "
+                            "A comment line keeps the connection alive every 15 seconds.",
+                query=LiveQuery, raw=True,
+                responses={200: Response("An endless event stream", {"type": "string"}, "text/event-stream")})
+    def live(self, request: Request, query: LiveQuery) -> Any:
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        request.setHeader(b"X-Accel-Buffering", b"no")  # for a proxy in front
+        request.write(b": live events of the cockpit\n\n")  # the headers leave now
+        LiveStream(request, self.bus, [query.type] if query.type else None, self.clock,
+                   self.keepalive_interval)
+        return NOT_DONE_YET
