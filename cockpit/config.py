@@ -107,6 +107,7 @@ class RelaySection(Section):
     sender: str = "cockpit@localhost"
     timeout: Annotated[float, Field(gt=0)] = 30.0
     retries: Annotated[int, Field(ge=0)] = 5
+    ca_cert: Optional[str] = None  # PEM of the CA that signs the relay's certificate; default: the system's
 
 
 class MailSection(ListenSection):
@@ -116,6 +117,7 @@ class MailSection(ListenSection):
     max_size: Annotated[int, Field(gt=0)] = 26214400
     tls_cert: Optional[str] = None  # PEM with certificate and key; enables STARTTLS
     tls_key: Optional[str] = None  # when the key is in a file of its own
+    users: dict[str, str] = {}  # name -> password for AUTH PLAIN/LOGIN, offered only after STARTTLS
     relay: Optional[RelaySection] = None
 
 
