@@ -1,0 +1,1033 @@
+"""Mail: the ESMTP server that turns incoming mail into email events, and the sender of outgoing mail.
+
+Receiving (DESIGN §2 [mail], §3 email, §4): recipients outside ``[mail] domains`` get
+550 5.1.1; ``SIZE <max_size>`` is advertised and enforced while the data streams in
+(552 without buffering past the limit); STARTTLS when a certificate is configured and
+AUTH PLAIN/LOGIN only after it. A message is parsed with the stdlib ``email`` package
+(``policy.default``) off the reactor thread, its attachments go to the store space
+``attachments``, and its event is published before 250 is sent; when the bus cannot
+take it the answer is 451 4.3.0, so the sending server retries.
+
+Sending: :class:`MailSender` delivers :class:`OutgoingMail` through ``[mail.relay]``
+with STARTTLS or implicit TLS and AUTH, retrying with backoff.
+"""
+from __future__ import annotations
+
+import base64
+import codecs
+import functools
+import hmac
+import itertools
+import mimetypes
+import re
+import time
+import unicodedata
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from email import policy as email_policy
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email.policy import EmailPolicy
+from email.utils import format_datetime, getaddresses, make_msgid
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Iterator, Literal, Optional, Union
+
+from markdownify import markdownify
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from twisted.application.service import Service
+from twisted.cred import error as cred_error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, protocol, threads
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail._cred import LOGINCredentials, PLAINCredentials
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from cockpit.bus import Bus, BusUnavailable
+from cockpit.config import MailSection, RelaySection
+from cockpit.events import EmailEvent
+from cockpit.store import Store, StoredFile
+
+log = Logger()
+
+ATTACHMENTS_SPACE = "attachments"
+RAWDATA = "RAWDATA"  # our DATA state: the message streams in as bytes, not line by line
+MAX_RECIPIENTS = 100
+MAX_COMMAND_LINE = 4096  # RFC 5321 allows 512; AUTH responses are longer
+MAX_DEPTH = 32  # deeper MIME nesting is kept whole as message.eml
+MAX_ATTACHMENTS = 500  # more parts than this are kept whole as message.eml
+MD_SCAN = 100_000  # characters of a plain body examined for Markdown
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: bytes -> EmailEvent. Runs in a thread; pure apart from the store writes.
+# ---------------------------------------------------------------------------------------------
+
+# Content-Type and friends are read several times per part while parsing, and parsing them
+# with the header registry is most of policy.default's cost; their values repeat across mail
+# ("text/plain; charset=utf-8"), and a parsed header is immutable, so they are memoised.
+_STRUCTURAL = frozenset({"content-type", "content-transfer-encoding", "content-disposition", "mime-version"})
+
+
+@functools.lru_cache(maxsize=4096)
+def _structural_header(name: str, value: str) -> Any:
+    return email_policy.default.header_factory(name, "".join(value.splitlines()))
+
+
+class _MailPolicy(EmailPolicy):
+    """policy.default, with memoised structural headers."""
+
+    def header_fetch_parse(self, name: str, value: Any) -> Any:
+        if isinstance(value, str) and len(value) < 1000 and name.lower() in _STRUCTURAL \
+                and not hasattr(value, "name"):
+            return _structural_header(name, value)
+        return super().header_fetch_parse(name, value)
+
+
+MAIL_POLICY = _MailPolicy()
+
+
+class MessageRefused(Exception):
+    """A message the cockpit cannot take for good: answered with ``code`` (5xx) and ``text``."""
+
+    def __init__(self, code: int, text: str):
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+@dataclass
+class Envelope:
+    """What the SMTP dialogue said about a message, as opposed to its headers."""
+
+    sender: str
+    recipients: list[str]
+    helo: str = ""
+    peer: str = ""
+    tls: bool = False
+    user: Optional[str] = None
+
+
+def clean_text(value: str, keep_newlines: bool = False) -> str:
+    """Valid Unicode with no control characters: 8-bit bytes smuggled in as surrogates come back as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        value = value.encode("utf-8", "replace").decode("utf-8")  # lone surrogates that were not bytes
+    if keep_newlines:
+        value = value.replace("\r\n", "\n").replace("\r", "\n")
+        return "".join(c for c in value if c in "\n\t" or not _is_control(c))
+    if value.isprintable():
+        return value
+    return "".join(" " if c in "\r\n\t" else c for c in value if c in "\r\n\t" or not _is_control(c))
+
+
+def _is_control(c: str) -> bool:
+    return unicodedata.category(c) in ("Cc", "Cs")
+
+
+def _raw_headers(msg: Message, name: str) -> list[str]:
+    lowered = name.lower()
+    return [str(v) for k, v in msg.raw_items() if k.lower() == lowered]
+
+
+def _header(msg: Message, name: str) -> str:
+    """A header's decoded text; the raw text when the header cannot be parsed."""
+    try:
+        value = msg.get(name)
+        return clean_text(str(value)) if value is not None else ""
+    except Exception:  # the header registry has raised on hostile input before
+        raw = _raw_headers(msg, name)
+        return clean_text(raw[0]) if raw else ""
+
+
+def _addresses(msg: Message, name: str) -> list[str]:
+    found = []
+    try:
+        pairs = getaddresses(_raw_headers(msg, name))
+    except Exception:
+        return []
+    for _, address in pairs:
+        address = clean_text(address).strip()
+        if address and address not in found:
+            found.append(address[:320])
+    return found
+
+
+_MD_STRONG = [
+    re.compile(r"^ {0,3}#{1,6}[ \t]+\S", re.M),  # ATX heading
+    re.compile(r"^ {0,3}(```|~~~)", re.M),  # code fence
+    re.compile(r"\[[^\]\n]+\]\((?:https?://|mailto:|/|#)[^)\s]*\)"),  # inline link
+    re.compile(r"(?<![\w*])\*\*(?=\S)[^\n*]+(?<=\S)\*\*(?![\w*])"),  # **strong**
+    re.compile(r"(?<![\w_])__(?=\S)[^\n_]+(?<=\S)__(?![\w_])"),  # __strong__
+    re.compile(r"(?<![\w*])\*(?=[^\s*])[^\n*]+(?<=[^\s*])\*(?![\w*])"),  # *emphasis*
+]
+_MD_LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,3}[.)])[ \t]+\S", re.M)
+
+
+def looks_like_markdown(text: str) -> bool:
+    """Headings, fences, links, emphasis, or a list of two items or more mark a text as Markdown."""
+    sample = text[:MD_SCAN]
+    if any(pattern.search(sample) for pattern in _MD_STRONG):
+        return True
+    items = _MD_LIST_ITEM.findall(sample)
+    return len(items) >= 2
+
+
+def decode_text(part: Message) -> str:
+    """A text part's content; an unknown or broken charset degrades to replacement characters."""
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:
+        data = None
+    if not isinstance(data, bytes):
+        data = str(part.get_payload() or "").encode("utf-8", "surrogateescape")
+    try:
+        charset = part.get_content_charset()
+    except Exception:
+        charset = None
+    codec = "utf-8"
+    if charset:
+        try:
+            codec = codecs.lookup(charset).name
+        except (LookupError, ValueError):
+            codec = "utf-8"
+    if codec == "ascii":
+        codec = "utf-8"  # 8-bit text declared as us-ascii is UTF-8 more often than not
+    try:
+        text = data.decode(codec, "replace")
+    except (LookupError, ValueError, TypeError):  # codecs such as rot13 or hex are no text encodings
+        text = data.decode("utf-8", "replace")
+    return clean_text(text, keep_newlines=True)
+
+
+def safe_filename(name: Optional[str], content_type: str) -> str:
+    """A decoded attachment name reduced to a plain file name: no path, no control characters."""
+    name = clean_text(name or "")
+    name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C")  # also bidi overrides
+    name = re.sub(r'[<>:"|?*\x00]', "_", name).strip().strip(".").strip()
+    if len(name) > 150:
+        stem, dot, ext = name.rpartition(".")
+        name = (stem[:140] + "." + ext[:9]) if dot and 0 < len(ext) <= 9 else name[:150]
+    if not name:
+        if content_type == "message/rfc822":
+            extension = ".eml"
+        else:
+            extension = mimetypes.guess_extension(content_type) or ".bin"
+        stem = "message" if content_type.startswith("message/") else \
+            "image" if content_type.startswith("image/") else "attachment"
+        name = stem + extension
+    return name
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem:
+        stem, ext = name, ""
+    for n in itertools.count(2):
+        candidate = f"{stem} ({n}).{ext}" if ext else f"{stem} ({n})"
+        if candidate not in taken:
+            return candidate
+    raise AssertionError("unreachable")
+
+
+class _TooComplex(Exception):
+    pass
+
+
+def _leaves(msg: Message) -> Iterator[tuple[Message, list[Message]]]:
+    """Every part that is not a container, with its multipart ancestors; message/* parts are leaves."""
+    stack: list[tuple[Message, list[Message]]] = [(msg, [])]
+    count = 0
+    while stack:
+        part, ancestors = stack.pop()
+        count += 1
+        if count > MAX_ATTACHMENTS * 2 or len(ancestors) > MAX_DEPTH:
+            raise _TooComplex()
+        payload = part.get_payload()
+        if part.get_content_maintype() == "multipart" and isinstance(payload, list):
+            children = [p for p in payload if isinstance(p, Message)]
+            stack.extend((child, ancestors + [part]) for child in reversed(children))
+        else:
+            yield part, ancestors
+
+
+def _content_type(part: Message) -> str:
+    try:
+        return part.get_content_type()
+    except Exception:
+        return "application/octet-stream"
+
+
+def _filename(part: Message) -> Optional[str]:
+    try:
+        name = part.get_filename()  # RFC 2231 and encoded words, decoded by policy.default
+        if name is None:
+            name = part.get_param("name")
+            if isinstance(name, tuple):  # an RFC 2231 triple
+                name = email_policy.default.header_factory("x", str(name[2])) if name[2] else None
+        return str(name) if name else None
+    except Exception:
+        return None
+
+
+def _disposition(part: Message) -> Optional[str]:
+    try:
+        return part.get_content_disposition()
+    except Exception:
+        return None
+
+
+def _part_bytes(part: Message) -> bytes:
+    """An attachment's content: the decoded payload, or the whole of an attached message."""
+    payload = part.get_payload()
+    if isinstance(payload, list):  # message/rfc822 and its kind hold parsed messages
+        blobs = []
+        for inner in payload:
+            try:
+                blobs.append(inner.as_bytes(policy=MAIL_POLICY))
+            except Exception:
+                try:
+                    blobs.append(inner.as_bytes(policy=email_policy.compat32))
+                except Exception:
+                    blobs.append(str(inner).encode("utf-8", "surrogateescape"))
+        return b"\r\n".join(blobs)
+    try:
+        data = part.get_payload(decode=True)
+    except Exception:
+        data = None
+    if isinstance(data, bytes):
+        return data
+    return str(payload or "").encode("utf-8", "surrogateescape")
+
+
+def _body(text: str, subtype: str) -> tuple[str, str]:
+    if subtype == "html":
+        try:
+            return markdownify(text, heading_style="ATX", bullets="-").strip() + "\n", "md"
+        except Exception:
+            return text, "html"
+    return text, "md" if looks_like_markdown(text) else "text"
+
+
+def parse_mail(raw: bytes, envelope: Envelope, store: Store) -> EmailEvent:
+    """The email event of ``raw``, its attachments written to ``store`` (blocks: call it in a thread)."""
+    try:
+        msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw)
+        return _event(msg, raw, envelope, store)
+    except (RecursionError, _TooComplex):
+        log.info("a message from {sender} is too deeply nested to split; kept whole as message.eml",
+                 sender=envelope.sender)
+    return _whole_message_event(raw, envelope, store)
+
+
+def _common_fields(msg: Optional[Message], raw: bytes, envelope: Envelope) -> dict[str, Any]:
+    if msg is None:
+        msg = BytesParser(policy=email_policy.compat32).parsebytes(raw, headersonly=True)
+    return {
+        "source": "smtp",
+        "from": (_addresses(msg, "from") or [envelope.sender])[0],
+        "to": _addresses(msg, "to") or list(envelope.recipients),
+        "cc": _addresses(msg, "cc"),
+        "subject": _header(msg, "subject")[:998],
+        "message_id": clean_text(" ".join(_raw_headers(msg, "message-id")[:1])).strip()[:998],
+    }
+
+
+def _event(msg: Message, raw: bytes, envelope: Envelope, store: Store) -> EmailEvent:
+    fields = _common_fields(msg, raw, envelope)
+    leaves = list(_leaves(msg))
+    body_part: Optional[Message] = None
+    body_ancestors: list[Message] = []
+    for wanted in ("plain", "html"):
+        for part, ancestors in leaves:
+            if _content_type(part) == f"text/{wanted}" and _disposition(part) != "attachment" \
+                    and not _filename(part):
+                body_part, body_ancestors = part, ancestors
+                break
+        if body_part is not None:
+            break
+    if body_part is None and len(leaves) == 1 and _content_type(msg).startswith(("text/", "multipart/")) \
+            and not _filename(msg) and _disposition(msg) != "attachment":
+        body_part = msg  # a single part of text/* other than plain, or a multipart without parts
+    # the other forms of the body (its multipart/alternative siblings) are no attachments
+    alternatives: set[int] = set()
+    for ancestor in reversed(body_ancestors):
+        if _content_type(ancestor) == "multipart/alternative":
+            alternatives = {id(p) for p, a in leaves if ancestor in a}
+            break
+    body, bodytype = "", "text"
+    if body_part is not None:
+        body, bodytype = _body(decode_text(body_part), body_part.get_content_subtype()
+                               if _content_type(body_part).startswith("text/") else "plain")
+    attachments: dict[str, str] = {}
+    for part, _ in leaves:
+        if part is body_part or id(part) in alternatives:
+            continue
+        content_type = _content_type(part)
+        data = _part_bytes(part)
+        if not data and not _filename(part) and content_type.startswith(("text/", "multipart/")):
+            continue  # an empty text part carries nothing worth a file
+        if len(attachments) >= MAX_ATTACHMENTS:
+            raise _TooComplex()
+        name = _unique(safe_filename(_filename(part), content_type), set(attachments))
+        stored = store.put_now(ATTACHMENTS_SPACE, data, name, content_type)
+        attachments[name] = stored.url
+    return EmailEvent.model_validate({**fields, "body": body, "bodytype": bodytype,
+                                      "attachments": attachments})
+
+
+def _whole_message_event(raw: bytes, envelope: Envelope, store: Store) -> EmailEvent:
+    """A message whose structure cannot be taken apart: the whole of it becomes one attachment."""
+    try:
+        fields = _common_fields(None, raw, envelope)
+    except Exception:
+        fields = {"source": "smtp", "from": envelope.sender, "to": list(envelope.recipients)}
+    stored = store.put_now(ATTACHMENTS_SPACE, raw, "message.eml", "message/rfc822")
+    return EmailEvent.model_validate({**fields, "body": "", "bodytype": "text",
+                                      "attachments": {"message.eml": stored.url}})
+
+
+def _unstuffed(chunks: list[bytes]) -> bytes:
+    raw = b"".join(chunks)
+    if raw.startswith(b".."):
+        raw = raw[1:]
+    return raw.replace(b"\r\n..", b"\r\n.") if b"\r\n.." in raw else raw
+
+
+def parse_job(items: list[tuple[list[bytes], Envelope]], store: Store) -> list[Union[EmailEvent, Failure]]:
+    """One thread hop for several messages: each gets its event or the failure that stopped it."""
+    results: list[Union[EmailEvent, Failure]] = []
+    for chunks, envelope in items:
+        try:
+            results.append(parse_mail(_unstuffed(chunks), envelope, store))
+        except Exception:
+            results.append(Failure())
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Receiving: SMTP dialogue -> parse in a thread -> publish -> reply.
+# ---------------------------------------------------------------------------------------------
+
+class MailIngest:
+    """Turns received messages into published events; answers each with an SMTP reply."""
+
+    def __init__(self, bus: Bus, store: Store, reactor: Any, batch_bytes: int = 1 << 20):
+        self.bus = bus
+        self.store = store
+        self.reactor = reactor
+        self.batch_bytes = batch_bytes
+        self._batch: list[tuple[list[bytes], Envelope, Deferred]] = []
+        self._batch_size = 0
+        self._flush_call: Any = None
+        self.received = 0
+
+    def deliver(self, chunks: list[bytes], size: int, envelope: Envelope) -> Deferred:
+        """Fires with ``(code, text)``: 250 once the event is on the bus, 451 or 5xx otherwise."""
+        d: Deferred = Deferred()
+        self._batch.append((chunks, envelope, d))
+        self._batch_size += size
+        if self._batch_size >= self.batch_bytes:
+            self._flush()
+        elif self._flush_call is None:
+            # messages that end in the same reactor turn share one thread hop
+            self._flush_call = self.reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        batch, self._batch, self._batch_size = self._batch, [], 0
+        if not batch:
+            return
+        job = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), parse_job,
+                                        [(chunks, envelope) for chunks, envelope, _ in batch], self.store)
+        job.addCallbacks(self._parsed, self._job_failed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    def _job_failed(self, failure: Failure, batch: list) -> None:
+        self._parsed([failure] * len(batch), batch)
+
+    def _parsed(self, results: list, batch: list) -> None:
+        for result, (_, envelope, d) in zip(results, batch):
+            if isinstance(result, Failure):
+                d.callback(self._refusal(result, envelope))
+                continue
+            published = self.bus.publish(result)
+            published.addCallbacks(self._published, self._not_published,
+                                   callbackArgs=(result, envelope), errbackArgs=(envelope,))
+            published.chainDeferred(d)
+
+    def _published(self, entry_id: Any, event: EmailEvent, envelope: Envelope) -> tuple[int, bytes]:
+        self.received += 1
+        log.info("mail from {sender} to {recipients} published as {guid} with {count} attachments",
+                 sender=envelope.sender, recipients=envelope.recipients, guid=event.guid,
+                 count=len(event.attachments))
+        return 250, f"2.0.0 Accepted as {event.guid}".encode()
+
+    def _not_published(self, failure: Failure, envelope: Envelope) -> tuple[int, bytes]:
+        if failure.check(BusUnavailable):
+            log.warn("mail from {sender} refused for now, the bus is unavailable: {error}",
+                     sender=envelope.sender, error=failure.getErrorMessage())
+            return 451, b"4.3.0 The event bus is unavailable; please try again later"
+        log.failure("mail from {sender} could not be published", failure, sender=envelope.sender)
+        return 451, b"4.3.0 Local error while publishing; please try again later"
+
+    def _refusal(self, failure: Failure, envelope: Envelope) -> tuple[int, bytes]:
+        if failure.check(MessageRefused):
+            return failure.value.code, failure.value.text.encode()
+        if failure.check(OSError):
+            log.failure("mail from {sender}: the store could not write an attachment", failure,
+                        sender=envelope.sender)
+            return 451, b"4.3.0 Attachments cannot be stored right now; please try again later"
+        log.failure("mail from {sender} could not be parsed", failure, sender=envelope.sender)
+        return 554, b"5.6.0 The message could not be parsed"
+
+
+@implementer(smtp.IMessageDelivery)
+class _Submitter:
+    """The avatar of an authenticated client; delivery itself is the protocol's business."""
+
+    def __init__(self, username: str):
+        self.username = username
+
+    def receivedHeader(self, helo, origin, recipients):  # pragma: no cover - not used by our DATA
+        return None
+
+    def validateFrom(self, helo, origin):  # pragma: no cover - the protocol validates
+        return origin
+
+    def validateTo(self, user):  # pragma: no cover - the protocol validates
+        return lambda: None
+
+
+@implementer(IRealm)
+class _SubmitterRealm:
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any):
+        name = avatar_id.decode("utf-8", "replace") if isinstance(avatar_id, bytes) else str(avatar_id)
+        return smtp.IMessageDelivery, _Submitter(name), lambda: None
+
+
+@implementer(ICredentialsChecker)
+class _UserChecker:
+    """``[mail] users`` (name -> password), compared in constant time."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, users: dict[str, str]):
+        self.users = {name.encode(): password.encode() for name, password in users.items()}
+
+    def requestAvatarId(self, credentials: Any) -> Deferred:
+        username = credentials.username or b""
+        password = credentials.password or b""
+        expected = self.users.get(username)
+        if expected is not None and hmac.compare_digest(expected, password):
+            return defer.succeed(username)
+        return defer.fail(cred_error.UnauthorizedLogin())
+
+
+class IncomingSMTP(smtp.ESMTP):
+    """Twisted's ESMTP with SIZE, 8BITMIME, AUTH only under TLS, domain checks and streamed DATA."""
+
+    timeout = 300
+
+    def __init__(self, factory: "IncomingMailFactory"):
+        challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials} if factory.portal else {}
+        super().__init__(challengers, factory.tls)
+        self.mail_factory = factory
+        self.portal = factory.portal
+        self.host = factory.mail.hostname.encode("idna") if factory.mail.hostname.isascii() \
+            else factory.mail.hostname.encode("utf-8")
+        self.user: Optional[str] = None
+        self._pending = b""  # received bytes not yet handled (commands, or data before 354 was sent)
+        self._busy = False  # a message is being parsed and published: later input waits
+        self._tls_just_started = False
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._tail = b""
+        self._too_big = False
+        self._envelope: Optional[Envelope] = None
+
+    # -- the advertised extensions ------------------------------------------------
+    def greeting(self) -> bytes:
+        return self.host + b" ESMTP cockpit"
+
+    def extensions(self) -> dict[bytes, Optional[list[bytes]]]:
+        ext: dict[bytes, Optional[list[bytes]]] = {
+            b"SIZE": [str(self.mail_factory.mail.max_size).encode()],
+            b"8BITMIME": None,
+            b"ENHANCEDSTATUSCODES": None,
+        }
+        if self.canStartTLS and not self.startedTLS:
+            ext[b"STARTTLS"] = None
+        if self.startedTLS and self.challengers and not self.authenticated:
+            ext[b"AUTH"] = list(self.challengers)  # never over plain text
+        return ext
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        super().ext_STARTTLS(rest)
+        if self.startedTLS:
+            # RFC 3207: forget the plain-text dialogue, and any plain text pipelined behind STARTTLS
+            self._tls_just_started = True
+            self._helo = (None, self._helo[1] if self._helo else b"")
+            self._from = None
+            self._to = []
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        if not self.challengers:
+            self.sendCode(502, b"5.5.1 AUTH is not enabled on this server")
+        elif not self.startedTLS:
+            self.sendCode(538, b"5.7.11 Encryption required: issue STARTTLS first")
+        else:
+            super().ext_AUTH(rest)
+
+    def state_AUTH(self, response: Optional[bytes]) -> None:
+        try:
+            super().state_AUTH(response)
+        except Exception:  # a malformed PLAIN response raises from deep inside cred
+            self.challenger = None
+            self.mode = smtp.COMMAND
+            self.sendCode(501, b"5.5.2 Malformed authentication response")
+
+    def _cbAuthenticated(self, loginInfo: Any) -> Any:
+        result = super()._cbAuthenticated(loginInfo)
+        self.user = loginInfo[1].username
+        log.info("SMTP client {peer} authenticated as {user}", peer=self._peer(), user=self.user)
+        return result
+
+    def _peer(self) -> str:
+        try:
+            return str(self.transport.getPeer().host)
+        except Exception:
+            return "?"
+
+    # -- envelope ---------------------------------------------------------------
+    def do_MAIL(self, rest: bytes) -> None:
+        match = self.mail_re.match(rest)
+        options = (match.group("opts") or b"") if match else b""
+        for option in options.split():
+            key, _, value = option.partition(b"=")
+            if key.upper() == b"SIZE" and value.isdigit() and int(value) > self.mail_factory.mail.max_size:
+                self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size (%d bytes)"
+                              % self.mail_factory.mail.max_size)
+                return
+        super().do_MAIL(rest)
+
+    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
+        return origin
+
+    def validateTo(self, user: smtp.User) -> Any:
+        if len(self._to) >= MAX_RECIPIENTS:
+            raise smtp.SMTPServerError(452, "4.5.3 Too many recipients")
+        domains = self.mail_factory.domains
+        domain = user.dest.domain.decode("utf-8", "replace").lower().rstrip(".")
+        if domains and domain not in domains:
+            raise smtp.SMTPBadRcpt(str(user.dest), 550,
+                                   f"5.1.1 <{user.dest}>: recipient not accepted here, "
+                                   f"this server takes mail for {', '.join(sorted(domains))}")
+        return lambda: None
+
+    # -- input ------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        if self.mode == RAWDATA:
+            self._data_received(data)
+            return
+        self._pending += data
+        self._handle_pending()
+
+    def _handle_pending(self) -> None:
+        while not self._busy and not self.transport.disconnecting:
+            if self.mode == RAWDATA:
+                data, self._pending = self._pending, b""
+                if data:
+                    self._data_received(data)
+                return
+            end = self._pending.find(b"\r\n")
+            if end < 0:
+                break
+            line, self._pending = self._pending[:end], self._pending[end + 2:]
+            if len(line) > MAX_COMMAND_LINE:
+                self.lineLengthExceeded(line)
+                return
+            self.lineReceived(line)
+            if self._tls_just_started:
+                self._tls_just_started = False
+                self._pending = b""
+                return
+        if len(self._pending) > MAX_COMMAND_LINE and self.mode != RAWDATA:
+            self.lineLengthExceeded(self._pending)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # without a line end there is no knowing where the next command starts
+        self._pending = b""
+        self.sendCode(500, b"5.5.2 Line too long")
+        self.transport.loseConnection()
+
+    def do_DATA(self, rest: bytes) -> None:
+        if self._from is None or not self._to:
+            self.sendCode(503, b"5.5.1 Must have valid receiver and originator")
+            return
+        self._envelope = Envelope(
+            sender=str(self._from), recipients=[str(user.dest) for user, _ in self._to],
+            helo=(self._helo[0] or b"").decode("utf-8", "replace") if self._helo else "",
+            peer=self._peer(), tls=self.startedTLS, user=self.user)
+        self._from = None
+        self._to = []
+        self.mode = RAWDATA
+        self._chunks = []
+        self._size = 0
+        self._tail = b"\r\n"  # the CRLF that ended DATA: a first line of "." ends an empty message
+        self._too_big = False
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _data_received(self, data: bytes) -> None:
+        """Collect the message as chunks; past max_size, only look for its end."""
+        window = self._tail + data
+        end = window.find(b"\r\n.\r\n")
+        if end < 0:
+            self._keep(data)
+            self._tail = window[-4:]
+            return
+        cut = end + 2 - len(self._tail)  # where the message ends within ``data`` (CRLF included)
+        if cut >= 0:
+            self._keep(data[:cut])
+        elif not self._too_big:
+            # the end marker began in the previous chunk: take back what was kept of it
+            drop = -cut
+            while drop and self._chunks:
+                last = self._chunks.pop()
+                if len(last) > drop:
+                    self._chunks.append(last[:-drop])
+                    drop = 0
+                else:
+                    drop -= len(last)
+        rest = window[end + 5:]
+        self.mode = smtp.COMMAND
+        self._pending = rest + self._pending
+        self._message_complete()
+
+    def _keep(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._too_big:
+            return
+        if self._size > self.mail_factory.mail.max_size:
+            self._too_big = True
+            self._chunks = []  # memory stays bounded: nothing more is kept of this message
+            return
+        if data:
+            self._chunks.append(data)
+
+    def _message_complete(self) -> None:
+        envelope, self._envelope = self._envelope, None
+        chunks, self._chunks = self._chunks, []
+        if self._too_big or envelope is None:
+            self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size (%d bytes)"
+                          % self.mail_factory.mail.max_size)
+            self._handle_pending()
+            return
+        self._busy = True
+        self.transport.pauseProducing()
+        d = self.mail_factory.ingest.deliver(chunks, self._size, envelope)
+        d.addErrback(self._delivery_crashed)
+        d.addCallback(self._answer)
+
+    def _delivery_crashed(self, failure: Failure) -> tuple[int, bytes]:
+        log.failure("mail delivery failed unexpectedly", failure)
+        return 451, b"4.3.0 Local error in processing; please try again later"
+
+    def _answer(self, reply: tuple[int, bytes]) -> None:
+        self._busy = False
+        if self.transport is None or self.transport.disconnected:
+            return
+        self.sendCode(*reply)
+        self.transport.resumeProducing()
+        self._handle_pending()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.mode = smtp.COMMAND  # nothing of a half-received message is kept
+        self._chunks = []
+        super().connectionLost(reason)
+
+
+class IncomingMailFactory(protocol.ServerFactory):
+    """The SMTP listener's factory, built from ``[mail]``, the bus and the store."""
+
+    protocol = IncomingSMTP  # type: ignore[assignment]
+    noisy = False
+
+    def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.mail = mail
+        self.domains = frozenset(d.lower().rstrip(".") for d in mail.domains)
+        self.ingest = MailIngest(bus, store, reactor)
+        self.tls = server_tls(mail) if mail.tls_cert else None
+        self.portal = Portal(_SubmitterRealm(), [_UserChecker(mail.users)]) if mail.users and self.tls else None
+
+    def buildProtocol(self, addr: Any) -> IncomingSMTP:
+        p = IncomingSMTP(self)
+        p.factory = self
+        return p
+
+
+def server_tls(mail: MailSection) -> Any:
+    """The STARTTLS context of ``[mail] tls_cert`` (and ``tls_key``); exits with one line if unusable."""
+    from twisted.internet import ssl
+
+    try:
+        pem = Path(mail.tls_cert).read_bytes()  # type: ignore[arg-type]
+        if mail.tls_key:
+            pem += b"\n" + Path(mail.tls_key).read_bytes()
+        return ssl.PrivateCertificate.loadPEM(pem).options()
+    except Exception as exc:  # OSError, or OpenSSL's opinion of the PEM
+        raise SystemExit(f"cockpit: [mail] tls_cert: cannot use {mail.tls_cert} "
+                         f"(with tls_key {mail.tls_key}) for STARTTLS: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sending.
+# ---------------------------------------------------------------------------------------------
+
+_ADDRESS_RE = re.compile(r"^[^\s@<>()\[\],;:\"\\]+@[^\s@<>()\[\],;:\"\\]+$")
+
+
+def _check_address(value: str) -> str:
+    value = value.strip()
+    if not _ADDRESS_RE.match(value) or len(value) > 320:
+        raise ValueError(f"expected a plain address such as ops@example.com, got {value!r}")
+    return value
+
+
+class OutgoingMail(BaseModel):
+    """A mail for the relay: the body of ``POST /api/mail`` and of ``service.send_mail``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: list[str] = Field(min_length=1, max_length=MAX_RECIPIENTS, description="recipient addresses")
+    cc: list[str] = Field(default=[], max_length=MAX_RECIPIENTS)
+    subject: str = Field(max_length=998)
+    body: str = Field(max_length=10 * 1024 * 1024)
+    bodytype: Literal["text", "md", "html"] = "text"
+
+    @field_validator("to", "cc")
+    @classmethod
+    def _addresses(cls, value: list[str]) -> list[str]:
+        return [_check_address(address) for address in value]
+
+    @field_validator("subject")
+    @classmethod
+    def _one_line(cls, value: str) -> str:
+        # a subject is one header line: folding it is the library's job, not the caller's
+        return " ".join(value.split())
+
+
+def build_message(mail: OutgoingMail, sender: str, message_id: str) -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = sender
+    msg["To"] = ", ".join(mail.to)
+    if mail.cc:
+        msg["Cc"] = ", ".join(mail.cc)
+    msg["Subject"] = mail.subject
+    msg["Date"] = format_datetime(_utcnow())
+    msg["Message-ID"] = message_id
+    msg["Auto-Submitted"] = "auto-generated"
+    if mail.bodytype == "html":
+        msg.set_content(markdownify(mail.body, heading_style="ATX"))
+        msg.add_alternative(mail.body, subtype="html")
+    else:
+        msg.set_content(mail.body)
+    return msg
+
+
+def _utcnow() -> Any:
+    import datetime
+
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+class MailQueueFull(Exception):
+    """The outgoing queue is at its bound; the caller should answer 503 and try later."""
+
+
+class MailSender(Service):
+    """Delivers :class:`OutgoingMail` through ``[mail.relay]``, retrying with backoff."""
+
+    def __init__(self, relay: RelaySection, reactor: Any = None, hostname: Optional[str] = None,
+                 first_delay: float = 5.0, max_delay: float = 600.0, history: int = 500,
+                 max_queued: int = 10000, concurrency: int = 4):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.relay = relay
+        self.reactor = reactor
+        self.hostname = hostname or "localhost"
+        self.first_delay = first_delay
+        self.max_delay = max_delay
+        self.history = history
+        self.max_queued = max_queued
+        self.concurrency = concurrency
+        self._records: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
+        self._messages: dict[str, tuple[list[str], bytes]] = {}
+        self._ready: list[str] = []
+        self._timers: dict[str, Any] = {}
+        self._inflight: dict[str, Deferred] = {}
+        self._tls = self._client_tls() if (relay.starttls or relay.tls) else None
+
+    def _client_tls(self) -> Any:
+        from twisted.internet import ssl
+
+        trust = None
+        if self.relay.ca_cert:
+            try:
+                trust = ssl.Certificate.loadPEM(Path(self.relay.ca_cert).read_bytes())
+            except Exception as exc:
+                raise SystemExit(f"cockpit: [mail.relay] ca_cert: cannot use {self.relay.ca_cert}: {exc}") from None
+        return ssl.optionsForClientTLS(self.relay.host, trustRoot=trust)
+
+    # -- API ---------------------------------------------------------------------
+    def send(self, mail: OutgoingMail) -> Deferred:
+        """Queue ``mail``; fires with its delivery record once it is accepted (not once delivered)."""
+        queued = sum(1 for r in self._records.values() if r["state"] == "queued")
+        if queued >= self.max_queued:
+            return defer.fail(MailQueueFull(f"{queued} mails are waiting for the relay; try again later"))
+        mail_id = uuid.uuid4().hex
+        domain = self.relay.sender.rpartition("@")[2] or self.hostname
+        message = build_message(mail, self.relay.sender, make_msgid(mail_id[:16], domain=domain))
+        raw = message.as_bytes(policy=email_policy.SMTP)
+        record = {"id": mail_id, "to": list(mail.to), "cc": list(mail.cc), "subject": mail.subject,
+                  "state": "queued", "attempts": 0, "error": None, "queued": time.time(), "sent": None}
+        self._records[mail_id] = record
+        self._messages[mail_id] = (list(mail.to) + list(mail.cc), raw)
+        self._trim()
+        log.info("mail {id} to {to} queued for {relay}", id=mail_id, to=record["to"], relay=self.relay.host)
+        self._ready.append(mail_id)
+        self._pump()
+        return defer.succeed(dict(record))
+
+    def deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Delivery records, newest first."""
+        return [dict(r) for r in itertools.islice(reversed(self._records.values()), max(limit, 0))]
+
+    def get(self, mail_id: str) -> Optional[dict[str, Any]]:
+        record = self._records.get(mail_id)
+        return dict(record) if record is not None else None
+
+    def health(self) -> dict[str, Any]:
+        queued = sum(1 for r in self._records.values() if r["state"] == "queued")
+        return {"ok": True, "relay": f"{self.relay.host}:{self.relay.port}", "queued": queued}
+
+    # -- lifetime ----------------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        self._pump()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        left = [r["id"] for r in self._records.values() if r["state"] == "queued"]
+        if left:
+            log.warn("stopping with {count} mails not delivered: {ids}", count=len(left), ids=left)
+        inflight = list(self._inflight.values())
+        for d in inflight:
+            d.cancel()
+        return defer.DeferredList(inflight, consumeErrors=True) if inflight else None
+
+    # -- delivery ----------------------------------------------------------------
+    def _trim(self) -> None:
+        while len(self._records) > self.history:
+            oldest = next(iter(self._records))
+            if self._records[oldest]["state"] == "queued":
+                break  # never forget a mail that is still to be sent
+            del self._records[oldest]
+            self._messages.pop(oldest, None)
+
+    def _pump(self) -> None:
+        while self.running and self._ready and len(self._inflight) < self.concurrency:
+            mail_id = self._ready.pop(0)
+            if mail_id in self._messages:
+                self._attempt(mail_id)
+
+    def _attempt(self, mail_id: str) -> None:
+        record = self._records[mail_id]
+        record["attempts"] += 1
+        recipients, raw = self._messages[mail_id]
+        d = self._deliver(recipients, raw)
+        self._inflight[mail_id] = d
+        d.addCallbacks(self._sent, self._failed, callbackArgs=(mail_id,), errbackArgs=(mail_id,))
+        d.addBoth(self._done, mail_id)
+
+    def _deliver(self, recipients: list[str], raw: bytes) -> Deferred:
+        relay = self.relay
+        result: Deferred = Deferred(lambda _: factory.currentProtocol.transport.abortConnection()
+                                    if factory.currentProtocol else connector.disconnect())
+        factory = smtp.ESMTPSenderFactory(
+            relay.username.encode() if relay.username else None,
+            relay.password.encode() if relay.password else None,
+            relay.sender, [r.encode() for r in recipients], BytesIO(raw), result,
+            retries=0, timeout=relay.timeout, contextFactory=self._tls,
+            heloFallback=not (relay.starttls or relay.username),
+            requireAuthentication=bool(relay.username),
+            requireTransportSecurity=relay.starttls or relay.tls,
+            hostname=relay.host)
+        factory.domain = self.hostname.encode("idna")
+        factory.noisy = False
+        if relay.tls:
+            connector = self.reactor.connectSSL(relay.host, relay.port, factory, self._tls,
+                                                timeout=relay.timeout)
+        else:
+            connector = self.reactor.connectTCP(relay.host, relay.port, factory, timeout=relay.timeout)
+        return result
+
+    def _sent(self, result: Any, mail_id: str) -> None:
+        record = self._records.get(mail_id)
+        if record is None:
+            return
+        record.update(state="sent", sent=time.time(), error=None)
+        self._messages.pop(mail_id, None)
+        log.info("mail {id} to {to} delivered to {relay} after {attempts} attempts",
+                 id=mail_id, to=record["to"], relay=self.relay.host, attempts=record["attempts"])
+
+    def _failed(self, failure: Failure, mail_id: str) -> None:
+        record = self._records.get(mail_id)
+        if record is None or not self.running:
+            return
+        error = failure.getErrorMessage()
+        code = getattr(failure.value, "code", None)
+        if isinstance(error, bytes):
+            error = error.decode("utf-8", "replace")
+        record["error"] = str(error)[:1000]
+        permanent = isinstance(code, int) and 500 <= code < 600
+        if permanent or record["attempts"] > self.relay.retries:
+            record["state"] = "failed"
+            self._messages.pop(mail_id, None)
+            log.error("mail {id} to {to} failed after {attempts} attempts: {error}",
+                      id=mail_id, to=record["to"], attempts=record["attempts"], error=record["error"])
+            return
+        delay = min(self.first_delay * 2 ** (record["attempts"] - 1), self.max_delay)
+        log.warn("mail {id}: relay {relay} failed ({error}); attempt {next} in {delay:.0f}s",
+                 id=mail_id, relay=self.relay.host, error=record["error"], next=record["attempts"] + 1,
+                 delay=delay)
+        self._timers[mail_id] = self.reactor.callLater(delay, self._retry, mail_id)
+
+    def _retry(self, mail_id: str) -> None:
+        self._timers.pop(mail_id, None)
+        self._ready.append(mail_id)
+        self._pump()
+
+    def _done(self, _: Any, mail_id: str) -> None:
+        self._inflight.pop(mail_id, None)
+        self._pump()
