@@ -77,9 +77,22 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     bus.setName("bus")
     bus.setServiceParent(top)  # first in, so it is stopped last
 
+    from cockpit.smtp import IncomingMailFactory, MailSender
+    from cockpit.store import Store
     from cockpit.web import Api
 
-    api = Api(cfg, bus)
+    store = Store(cfg.data_dir / "store", cfg.public_url, reactor)
+    mailer = None
+    if cfg.mail.relay is not None:
+        mailer = MailSender(cfg.mail.relay, reactor, hostname=cfg.mail.hostname)
+        mailer.setName("mailer")
+        mailer.setServiceParent(top)
+    smtp_listener = Listener("SMTP", cfg.mail.endpoint(), IncomingMailFactory(cfg.mail, bus, store, reactor),
+                             reactor, scheme="smtp")
+    smtp_listener.setName("smtp")
+    smtp_listener.setServiceParent(top)
+
+    api = Api(cfg, bus, store=store, mailer=mailer)
     if not cfg.api.tokens:
         log.warn("[api] tokens is empty: the REST API is open to anyone who can reach it")
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")
