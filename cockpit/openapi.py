@@ -42,7 +42,8 @@ Calling convention: ``handler(self, request, *path_params, query=..., body=...)`
 gives its own ``parse``). A handler returns a dict, list, pydantic model or
 :class:`Reply`, or a Deferred/coroutine of one; it raises :class:`ApiError` for a 4xx.
 Every route needs a Bearer token when ``[api] tokens`` is set, unless declared
-``auth=False``. ``raw=True`` hands the return value to Klein untouched (streams, files).
+``auth=False``. ``raw=True`` hands the return value to Klein untouched (streams, files); ``branch=True``
+routes everything under the path's fixed part to the handler (which returns a resource).
 Errors every route can give (400, 401, 413, 415, 503) are added to the document from
 what the route declares; list the route's own (404, 409, ...) in ``responses``.
 """
@@ -132,6 +133,7 @@ class Route:
     raw: bool = False
     hidden: bool = False  # served, but not in the document (static assets, catch-alls)
     operation_id: str = ""
+    branch: bool = False  # a resource serves everything below the path's fixed part (e.g. /store/)
 
     @property
     def path_names(self) -> list[str]:
@@ -139,6 +141,8 @@ class Route:
 
     @property
     def klein_path(self) -> str:
+        if self.branch:
+            return self.path.partition("{")[0]
         return PATH_PARAM.sub(lambda m: f"<{m.group(2) + ':' if m.group(2) else ''}{m.group(1)}>", self.path)
 
     @property
@@ -157,7 +161,7 @@ class RouteTable:
               tags: Optional[tuple[str, ...]] = None, params: Optional[dict[str, Param]] = None,
               query: Optional[type[BaseModel]] = None, body: Union[Body, type[BaseModel], None] = None,
               headers: Optional[dict[str, Param]] = None, responses: Optional[dict[int, Response]] = None,
-              auth: bool = True, raw: bool = False, hidden: bool = False, operation_id: Optional[str] = None) -> Callable:
+              auth: bool = True, raw: bool = False, hidden: bool = False, branch: bool = False, operation_id: Optional[str] = None) -> Callable:
         """Declare the decorated method as ``method path``; see the module docstring."""
         if body is not None and not isinstance(body, Body):
             body = Body(body)
@@ -166,8 +170,7 @@ class RouteTable:
             route = Route(method.upper(), path, function, summary, description,
                           tags if tags is not None else ((self.tag,) if self.tag else ()),
                           dict(params or {}), query, body, dict(headers or {}), dict(responses or {}),
-                          auth, raw, hidden,
-                          operation_id or function.__name__)
+                          auth, raw, hidden, operation_id or function.__name__, branch)
             for name in route.path_names:
                 route.params.setdefault(name, Param())
             unknown = set(route.params) - set(route.path_names)
@@ -385,3 +388,67 @@ def downgrade_to_30(doc: dict[str, Any]) -> dict[str, Any]:
                 for media in holder.get("content", {}).values():
                     media["schema"] = _schema_30(media["schema"])
     return out
+
+
+# ---------------------------------------------------------------------------
+# Swagger UI, from the swagger-ui-bundle package: nothing is fetched from elsewhere
+# ---------------------------------------------------------------------------
+
+# 'self' only: the page cannot reach any other host, even by a link in the document
+DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self'; connect-src 'self'; font-src 'self' data:; frame-ancestors 'self'; "
+            "form-action 'self'; base-uri 'none'")
+
+_DOCS_PAGE = b"""<!DOCTYPE html>
+<html lang="en">
+  <head>
+    <meta charset="UTF-8">
+    <title>Cockpit API</title>
+    <link rel="stylesheet" type="text/css" href="/api/docs/swagger-ui.css">
+    <link rel="icon" type="image/png" href="/api/docs/favicon-32x32.png" sizes="32x32">
+  </head>
+  <body>
+    <div id="swagger-ui"></div>
+    <script src="/api/docs/swagger-ui-bundle.js" charset="UTF-8"></script>
+    <script src="/api/docs/swagger-initializer.js" charset="UTF-8"></script>
+  </body>
+</html>
+"""
+
+# validatorUrl null: no badge, so no request to the public validator
+_DOCS_INIT = b"""window.onload = function () {
+  window.ui = SwaggerUIBundle({
+    url: "/api/docs/openapi-3.0.json",
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    validatorUrl: null,
+    docExpansion: "list",
+    presets: [SwaggerUIBundle.presets.apis],
+    layout: "BaseLayout"
+  });
+};
+"""
+
+_DOCS_FILES = {
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+    "favicon-16x16.png": "image/png",
+}
+
+
+def docs_asset(name: str, doc: Callable[[], dict[str, Any]]) -> Optional[tuple[str, bytes]]:
+    """``(content type, bytes)`` of one file of the docs page, or None; ``doc()`` gives the document."""
+    import json
+
+    if name in ("", "index.html"):
+        return "text/html; charset=utf-8", _DOCS_PAGE
+    if name == "swagger-initializer.js":
+        return "text/javascript; charset=utf-8", _DOCS_INIT
+    if name == "openapi-3.0.json":
+        return JSON, json.dumps(downgrade_to_30(doc())).encode()
+    if name in _DOCS_FILES:
+        from swagger_ui_bundle import swagger_ui_path
+
+        return _DOCS_FILES[name], (swagger_ui_path / name).read_bytes()
+    return None

@@ -92,7 +92,15 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     smtp_listener.setName("smtp")
     smtp_listener.setServiceParent(top)
 
-    api = Api(cfg, bus, store=store, mailer=mailer)
+    from cockpit.groups import EventGroups
+
+    groups = EventGroups(bus)
+    groups.setName("groups")
+    groups.setServiceParent(top)
+    services = {"groups": groups.health}
+    if mailer is not None:
+        services["mailer"] = mailer.health
+    api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
     if not cfg.api.tokens:
         log.warn("[api] tokens is empty: the REST API is open to anyone who can reach it")
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")

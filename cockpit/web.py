@@ -27,8 +27,10 @@ from cockpit.bus import Bus, BusUnavailable, cursor
 from cockpit.config import Config
 from cockpit.events import EVENT_TYPES, AnyEvent, EventError, GenericEvent
 from cockpit.examples import SEED_YAML
-from cockpit.openapi import (JSON, ApiError, Body, Param, Reply, Response, Route, RouteTable, document,
-                             downgrade_to_30)
+from cockpit.groups import AlarmGroupList, EcoGroupList
+from cockpit.smtp import OutgoingMail
+from cockpit.openapi import (DOCS_CSP, JSON, ApiError, Body, Param, Reply, Response, Route, RouteTable,
+                             docs_asset, document)
 
 log = Logger()
 
@@ -238,6 +240,35 @@ class Health(BaseModel):
     services: dict[str, dict[str, Any]]
 
 
+class LimitQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    limit: int = Field(50, ge=1, le=1000, description="At most this many.")
+
+
+class ListQuery(LimitQuery):
+    before: Optional[str] = Field(None, max_length=200,
+                                  description="Paging: the `next` of the previous page.")
+
+
+class Delivery(BaseModel):
+    """What the relay has done with one mail."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    to: list[str]
+    cc: list[str] = []
+    subject: str
+    state: str = Field(description="queued, sent or failed")
+    attempts: int
+    error: Optional[str] = None
+    queued: float
+    sent: Optional[float] = None
+
+
+class DeliveryList(BaseModel):
+    mails: list[Delivery]
+
+
 class WebhookAccepted(BaseModel):
     guid: Optional[str] = Field(None, description="The generic event published (none for a ping).")
     event: str
@@ -310,7 +341,8 @@ class Api:
             return self._serve(route, bound, request, values)
 
         serve.__name__ = f"{route.operation_id}_{route.method}_{len(self.declared)}"
-        self.app.route(route.klein_path, methods=[route.method], endpoint=serve.__name__)(serve)
+        self.app.route(route.klein_path, methods=[route.method], endpoint=serve.__name__,
+                       branch=route.branch)(serve)
         self.declared.append(route)
 
     def _serve(self, route: Route, bound: Callable[..., Any], request: Request, values: dict[str, str]) -> Any:
@@ -495,3 +527,150 @@ class Api:
         LiveStream(request, self.bus, [query.type] if query.type else None, self.clock,
                    self.keepalive_interval)
         return NOT_DONE_YET
+
+    # -- webhooks -----------------------------------------------------------------------
+    @routes.post("/api/webhooks/github", summary="GitHub webhook: becomes a generic event",
+                 description="Publishes `{type: generic, source: github, tags: [github, <event>], "
+                             "args: {event, delivery, payload}}`. When `[api] github_secret` is set, "
+                             "`X-Hub-Signature-256` must be the HMAC-SHA256 of the body. A ping is "
+                             "answered 200 and not published.",
+                 tags=("webhooks",), auth=False,
+                 headers={"X-GitHub-Event": Param("The GitHub event name (push, issues, ping, ...)"),
+                          "X-GitHub-Delivery": Param("GitHub's id of this delivery"),
+                          "X-Hub-Signature-256": Param("sha256=<hex HMAC of the body>", required=False)},
+                 body=Body({"type": "object"}, (JSON, "application/x-www-form-urlencoded"),
+                           {"push": {"ref": "refs/heads/main", "repository": {"full_name": "acme/shop"}}},
+                           _raw_body),
+                 responses={200: Response("A ping, answered", WebhookAccepted),
+                            202: Response("Published as a generic event", WebhookAccepted),
+                            401: Response("The signature is missing or wrong"),
+                            503: Response("The bus cannot take it now; GitHub will redeliver")})
+    def github(self, request: Request, body: tuple[bytes, str]) -> Any:
+        raw, kind = body
+        secret = self.config.api.github_secret
+        if secret:
+            given = (request.getHeader(b"x-hub-signature-256") or b"").strip()
+            expected = b"sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest().encode()
+            if not hmac.compare_digest(given, expected):
+                raise ApiError(401, "X-Hub-Signature-256 is missing or does not match the body"
+                               if given else "X-Hub-Signature-256 is missing: [api] github_secret is set")
+        event_name = request.getHeader(b"x-github-event").decode("latin-1").strip()
+        delivery = request.getHeader(b"x-github-delivery").decode("latin-1").strip()
+        if not event_name:
+            raise ApiError(400, "header X-GitHub-Event: empty")
+        try:
+            if kind == JSON:
+                payload = json.loads(raw)
+            else:  # GitHub's "application/x-www-form-urlencoded" content type: payload=<json>
+                payload = json.loads(parse_qs(raw.decode())["payload"][0])
+        except (ValueError, KeyError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the body is not a GitHub payload: {exc}") from None
+        if event_name == "ping":
+            return Reply(200, {"guid": None, "event": "ping"})
+        try:
+            event = GenericEvent(source="github", tags=["github", event_name],
+                                 args={"event": event_name, "delivery": delivery, "payload": payload})
+        except ValidationError as exc:
+            raise ApiError(400, events.describe_validation_error(exc)) from None
+        return self.bus.publish(event).addCallback(
+            lambda _: Reply(202, {"guid": event.guid, "event": event_name}))
+
+    # -- docs and store ------------------------------------------------------------------
+    @routes.get("/api/docs", summary="Swagger UI for this document, served from this process",
+                tags=("cockpit",), auth=False, raw=True,
+                responses={200: Response("The Swagger UI page", {"type": "string"}, "text/html")})
+    def docs(self, request: Request) -> bytes:
+        return self._docs_file(request, "index.html")
+
+    @routes.get("/api/docs/{name}", summary="Swagger UI's files", auth=False, raw=True, hidden=True)
+    def docs_file(self, request: Request, name: str) -> bytes:
+        return self._docs_file(request, name)
+
+    def _docs_file(self, request: Request, name: str) -> bytes:
+        found = docs_asset(name, self.openapi)
+        if found is None:
+            raise ApiError(404, f"no such file: /api/docs/{name}")
+        content_type, data = found
+        request.setHeader(b"Content-Type", content_type.encode())
+        request.setHeader(b"Content-Security-Policy", DOCS_CSP.encode())
+        request.setHeader(b"Cache-Control", b"no-cache")
+        return data
+
+    @routes.get("/store/{space}/{aa}/{bb}/{hash}", summary="A stored file (a mail attachment, say)",
+                description="Served by its full path only, with its content type and a safe "
+                            "Content-Disposition; there is no listing.",
+                tags=("store",), auth=False, raw=True, branch=True,
+                params={"space": Param("The store space, e.g. attachments"),
+                        "aa": Param("The hash's first two hex digits"),
+                        "bb": Param("The hash's next two hex digits"),
+                        "hash": Param("The sha256 hex of the content")},
+                responses={200: Response("The file", {"type": "string", "format": "binary"},
+                                         "application/octet-stream"),
+                           404: Response("No such file")})
+    def stored(self, request: Request) -> Any:
+        if self.store is None:
+            raise ApiError(404, "this cockpit has no file store")
+        return self.store.resource()
+
+    @routes.get("/", summary="The dashboard", tags=("cockpit",), auth=False, raw=True,
+                responses={200: Response("The dashboard page", {"type": "string"}, "text/html")})
+    def dashboard(self, request: Request) -> bytes:
+        from cockpit.dashboard import PAGE
+
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return PAGE
+
+    # -- mail out ------------------------------------------------------------------------
+    @routes.post("/api/mail", summary="Send a mail through [mail.relay]", tags=("mail",),
+                 description="Queues the mail for the relay and answers with its delivery record; "
+                             "the relay is retried with backoff. 503 when no relay is configured.",
+                 body=OutgoingMail,
+                 responses={202: Response("Queued; the delivery record", Delivery),
+                            503: Response("No [mail.relay] is configured, or the queue is full")})
+    def send_mail(self, request: Request, body: OutgoingMail) -> Deferred:
+        if self.mailer is None:
+            raise ApiError(503, "no [mail.relay] is configured; the cockpit cannot send mail")
+        return self.mailer.send(body).addCallbacks(lambda record: Reply(202, record), self._mail_refused)
+
+    @staticmethod
+    def _mail_refused(failure: Failure) -> None:
+        from cockpit.smtp import MailQueueFull
+
+        failure.trap(MailQueueFull)
+        raise ApiError(503, str(failure.value), {"Retry-After": "60"})
+
+    @routes.get("/api/mail", summary="Recent deliveries, newest first", tags=("mail",), query=LimitQuery,
+                responses={200: Response("The delivery records", DeliveryList),
+                           503: Response("No [mail.relay] is configured")})
+    def mail_deliveries(self, request: Request, query: LimitQuery) -> dict[str, Any]:
+        if self.mailer is None:
+            raise ApiError(503, "no [mail.relay] is configured; the cockpit cannot send mail")
+        return {"mails": self.mailer.deliveries(query.limit)}
+
+    # -- grouped conditions ----------------------------------------------------------------
+    @routes.get("/api/ecos", summary="Error conditions grouped by fingerprint, most recent first",
+                tags=("groups",), query=ListQuery,
+                responses={200: Response("The eco groups", EcoGroupList),
+                           503: Response("The groups cannot be read now")})
+    async def ecos(self, request: Request, query: ListQuery) -> dict[str, Any]:
+        try:
+            groups, after = await self._groups().ecos(query.limit, query.before)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"ecos": groups, "next": after}
+
+    @routes.get("/api/alarms", summary="Alarms grouped by service and method, most recent first",
+                tags=("groups",), query=ListQuery,
+                responses={200: Response("The alarm groups", AlarmGroupList),
+                           503: Response("The groups cannot be read now")})
+    async def alarms(self, request: Request, query: ListQuery) -> dict[str, Any]:
+        try:
+            groups, after = await self._groups().alarms(query.limit, query.before)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        return {"alarms": groups, "next": after}
+
+    def _groups(self) -> Any:
+        if self.groups is None:
+            raise ApiError(503, "this cockpit does not keep event groups")
+        return self.groups
