@@ -166,7 +166,6 @@ _MD_STRONG = [
     re.compile(r"^ {0,3}(```|~~~)", re.M),  # code fence
     re.compile(r"\[[^\]\n]+\]\((?:https?://|mailto:|/|#)[^)\s]*\)"),  # inline link
     re.compile(r"(?<![\w*])\*\*(?=\S)[^\n*]+(?<=\S)\*\*(?![\w*])"),  # **strong**
-    re.compile(r"(?<![\w_])__(?=\S)[^\n_]+(?<=\S)__(?![\w_])"),  # __strong__
     re.compile(r"(?<![\w*])\*(?=[^\s*])[^\n*]+(?<=[^\s*])\*(?![\w*])"),  # *emphasis*
 ]
 _MD_LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,3}[.)])[ \t]+\S", re.M)
@@ -558,6 +557,7 @@ class IncomingSMTP(smtp.ESMTP):
         self._tail = b""
         self._too_big = False
         self._envelope: Optional[Envelope] = None
+        self.closed: list[Deferred] = []
 
     # -- the advertised extensions ------------------------------------------------
     def greeting(self) -> bytes:
@@ -759,6 +759,18 @@ class IncomingSMTP(smtp.ESMTP):
         self.mode = smtp.COMMAND  # nothing of a half-received message is kept
         self._chunks = []
         super().connectionLost(reason)
+        self.mail_factory.connections.discard(self)
+        closed, self.closed = self.closed, []
+        for d in closed:
+            d.callback(None)
+
+    def when_closed(self) -> Deferred:
+        """Fires once this connection is gone."""
+        if self.transport is None or getattr(self.transport, "disconnected", False):
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self.closed.append(d)
+        return d
 
 
 class IncomingMailFactory(protocol.ServerFactory):
@@ -774,12 +786,18 @@ class IncomingMailFactory(protocol.ServerFactory):
         self.domains = frozenset(d.lower().rstrip(".") for d in mail.domains)
         self.ingest = MailIngest(bus, store, reactor)
         self.tls = server_tls(mail) if mail.tls_cert else None
+        self.connections: set[IncomingSMTP] = set()
         self.portal = Portal(_SubmitterRealm(), [_UserChecker(mail.users)]) if mail.users and self.tls else None
 
     def buildProtocol(self, addr: Any) -> IncomingSMTP:
         p = IncomingSMTP(self)
         p.factory = self
+        self.connections.add(p)
         return p
+
+    def when_idle(self) -> Deferred:
+        """Fires once every open connection has closed (for an orderly stop)."""
+        return defer.gatherResults([p.when_closed() for p in list(self.connections)])
 
 
 def server_tls(mail: MailSection) -> Any:

@@ -1,0 +1,441 @@
+"""The SMTP server, driven by real SMTP clients (smtplib in a thread) against a real Redis."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import smtplib
+import socket
+import ssl
+import tracemalloc
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import treq
+from twisted.internet import reactor, threads
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from cockpit.bus import MemoryBus, RedisBus
+from cockpit.config import MailSection, RedisSection
+from cockpit.smtp import (Envelope, IncomingMailFactory, looks_like_markdown, parse_mail,
+                          safe_filename)
+from cockpit.store import Store
+from tests.redis_server import RedisServer, shared_server
+
+DOMAIN = "cockpit.example.com"
+
+
+def self_signed_cert(directory: Path, host: str = "localhost") -> Path:
+    """A PEM with a fresh self-signed certificate for ``host`` and its key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tls.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return path
+
+
+def unverified_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class SMTPServerCase(TestCase):
+    """A cockpit SMTP server on a free port, publishing to the suite's Redis."""
+
+    mail_options: dict[str, Any] = {}
+
+    def setUp(self):
+        self.redis = self.redis_server()
+        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus.startService()
+        self.addCleanup(self.bus.stopService)
+        self.store = Store(Path(self.mktemp()), "http://cockpit.test")
+        self.mail = MailSection(**{"domains": [DOMAIN], "hostname": "mx.cockpit.test", **self.mail_options})
+        self.factory = IncomingMailFactory(self.mail, self.bus, self.store, reactor)
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(self.factory.when_idle)
+        self.addCleanup(self.port.stopListening)
+        self.address = ("127.0.0.1", self.port.getHost().port)
+        return self.bus.when_connected()
+
+    def redis_server(self) -> RedisServer:
+        server = shared_server()
+        server.flush()
+        return server
+
+    def client(self, work: Callable[[smtplib.SMTP], Any]):
+        """Run ``work(smtp)`` in a thread with a connected smtplib client, then QUIT."""
+        def run():
+            with smtplib.SMTP(*self.address, timeout=20) as client:
+                return work(client)
+        return threads.deferToThread(run)
+
+    def send(self, message: EmailMessage, to: Optional[list[str]] = None):
+        return self.client(lambda c: c.send_message(message, to_addrs=to))
+
+    @inlineCallbacks
+    def events(self):
+        entries = yield self.bus.recent("email", limit=1000)
+        return [event for _, event in reversed(entries)]
+
+
+def html_mail_with_two_attachments() -> tuple[EmailMessage, bytes, bytes]:
+    pdf = b"%PDF-1.4\n" + bytes(range(256)) * 20
+    png = b"\x89PNG\r\n\x1a\n" + hashlib.sha256(b"png").digest() * 50
+    msg = EmailMessage()
+    msg["From"] = "Alice Example <alice@example.org>"
+    msg["To"] = f"ops@{DOMAIN}"
+    msg["Cc"] = "Bob <bob@example.org>, carol@example.org"
+    msg["Subject"] = "=?utf-8?q?Disk_full_=E2=80=94_node_12?="
+    msg["Message-ID"] = "<m1@example.org>"
+    msg.set_content("<h1>Disk full</h1><p>Node <b>12</b> is at 99%.</p><ul><li>sda</li><li>sdb</li></ul>",
+                    subtype="html")
+    msg.add_attachment(pdf, maintype="application", subtype="pdf", filename="report.pdf")
+    msg.add_attachment(png, maintype="image", subtype="png", filename="chart.png")
+    return msg, pdf, png
+
+
+class Receiving(SMTPServerCase):
+    @inlineCallbacks
+    def test_html_mail_becomes_markdown_event_with_attachments_served_by_the_store(self):
+        msg, pdf, png = html_mail_with_two_attachments()
+        refused = yield self.send(msg, to=[f"ops@{DOMAIN}"])
+        self.assertEqual(refused, {})
+        [event] = yield self.events()
+        self.assertEqual(event.source, "smtp")
+        self.assertEqual(event.from_, "alice@example.org")
+        self.assertEqual(event.to, [f"ops@{DOMAIN}"])
+        self.assertEqual(event.cc, ["bob@example.org", "carol@example.org"])
+        self.assertEqual(event.subject, "Disk full \u2014 node 12")
+        self.assertEqual(event.message_id, "<m1@example.org>")
+        self.assertEqual(event.bodytype, "md")
+        self.assertIn("# Disk full", event.body)
+        self.assertIn("Node **12** is at 99%.", event.body)
+        self.assertIn("- sda", event.body)
+        self.assertEqual(sorted(event.attachments), ["chart.png", "report.pdf"])
+        # the URLs are served by the store resource, over real HTTP
+        top = Resource()
+        top.putChild(b"store", self.store.resource())
+        web = reactor.listenTCP(0, Site(top), interface="127.0.0.1")
+        self.addCleanup(web.stopListening)
+        base = f"http://127.0.0.1:{web.getHost().port}"
+        for name, data, content_type in (("report.pdf", pdf, "application/pdf"), ("chart.png", png, "image/png")):
+            url = event.attachments[name]
+            self.assertTrue(url.startswith("http://cockpit.test/store/attachments/"), url)
+            response = yield treq.get(base + url[len("http://cockpit.test"):], persistent=False)
+            self.assertEqual(response.code, 200)
+            self.assertEqual((yield treq.content(response)), data)
+            self.assertEqual(response.headers.getRawHeaders("content-type"), [content_type])
+        for path in ("/store/attachments/", "/store/attachments/" + url.split("/")[-3]):
+            response = yield treq.get(base + path, persistent=False)
+            yield treq.content(response)
+            self.assertEqual(response.code, 404, path)
+
+    @inlineCallbacks
+    def test_plain_text_is_preferred_over_html_and_markdown_is_recognised(self):
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", "md"
+        msg.set_content("## Steps\n\n1. restart\n2. check [the runbook](https://example.org/rb)\n")
+        msg.add_alternative("<p>html version</p>", subtype="html")
+        yield self.send(msg)
+        plain = EmailMessage()
+        plain["From"], plain["To"], plain["Subject"] = "a@example.org", f"ops@{DOMAIN}", "text"
+        plain.set_content("Hello,\nthe backup ran at 03:00 - all fine.\n-- \nops\n")
+        yield self.send(plain)
+        md_event, text_event = yield self.events()
+        self.assertEqual((md_event.bodytype, md_event.attachments), ("md", {}))
+        self.assertTrue(md_event.body.startswith("## Steps"))
+        self.assertEqual(text_event.bodytype, "text")
+        self.assertEqual(text_event.body, "Hello,\nthe backup ran at 03:00 - all fine.\n-- \nops\n")
+
+    @inlineCallbacks
+    def test_recipient_outside_domains_gets_550_5_1_1(self):
+        def work(client):
+            client.ehlo()
+            client.mail("a@example.org")
+            return client.rcpt("root@elsewhere.example.net"), client.rcpt(f"ops@{DOMAIN.upper()}")
+        (code, text), accepted = yield self.client(work)
+        self.assertEqual(code, 550)
+        self.assertTrue(text.startswith(b"5.1.1 "), text)
+        self.assertEqual(accepted[0], 250)
+
+    @inlineCallbacks
+    def test_oversized_message_is_refused_with_552(self):
+        self.factory.mail = self.mail.model_copy(update={"max_size": 50_000})
+
+        def work(client):
+            client.ehlo()
+            advertised = client.esmtp_features.get("size")
+            declared = client.mail("a@example.org", ["SIZE=60000"])
+            client.rset()
+            del client.esmtp_features["size"]  # or smtplib declares the size and is refused at MAIL
+            try:
+                client.sendmail("a@example.org", [f"ops@{DOMAIN}"],
+                                b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 60)
+            except smtplib.SMTPDataError as exc:
+                data_refusal = (exc.smtp_code, exc.smtp_error)
+            else:
+                data_refusal = None
+            # the connection is still good for the next message
+            client.sendmail("a@example.org", [f"ops@{DOMAIN}"], b"Subject: small\r\n\r\nok\r\n")
+            return advertised, declared, data_refusal
+        advertised, declared, data_refusal = yield self.client(work)
+        self.assertEqual(advertised, "50000")
+        self.assertEqual(declared[0], 552)
+        self.assertEqual(data_refusal[0], 552)
+        self.assertTrue(data_refusal[1].startswith(b"5.3.4 "), data_refusal)
+        events = yield self.events()
+        self.assertEqual([e.subject for e in events], ["small"])
+
+    @inlineCallbacks
+    def test_memory_stays_bounded_while_an_oversized_message_streams_in(self):
+        self.factory.mail = self.mail.model_copy(update={"max_size": 64 * 1024})
+        size = 16 * 1024 * 1024
+        line = b"z" * 78 + b"\r\n"
+        chunk = line * 800  # 64 000 bytes
+
+        def stream():
+            # a raw client that never holds the message: only the server could grow
+            with socket.create_connection(self.address, timeout=20) as sock:
+                reader = sock.makefile("rb")
+
+                def reply():
+                    lines = [reader.readline()]
+                    while lines[-1][3:4] == b"-":
+                        lines.append(reader.readline())
+                    return lines[-1]
+                reply()
+                for command in (b"EHLO c", b"MAIL FROM:<a@example.org>", f"RCPT TO:<ops@{DOMAIN}>".encode(),
+                                b"DATA"):
+                    sock.sendall(command + b"\r\n")
+                    reply()
+                sock.sendall(b"Subject: huge\r\n\r\n")
+                for _ in range(size // len(chunk)):
+                    sock.sendall(chunk)
+                sock.sendall(b".\r\n")
+                answer = reply()
+                sock.sendall(b"QUIT\r\n")
+                reply()
+                return answer
+
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        answer = yield threads.deferToThread(stream)
+        _, peak = tracemalloc.get_traced_memory()
+        self.assertTrue(answer.startswith(b"552 5.3.4"), answer)
+        self.assertLess(peak - before, 2 * 1024 * 1024, "the server kept the oversized message")
+
+    @inlineCallbacks
+    def test_auth_and_starttls_are_not_offered_without_a_certificate(self):
+        def work(client):
+            client.ehlo()
+            return dict(client.esmtp_features), client.docmd("AUTH", "PLAIN AGFsaWNlAHMzY3JldA==")
+        features, auth = yield self.client(work)
+        self.assertNotIn("auth", features)
+        self.assertNotIn("starttls", features)
+        self.assertIn("8bitmime", features)
+        self.assertEqual(auth[0], 502)
+
+    @inlineCallbacks
+    def test_attachment_names_are_decoded_sanitised_and_disambiguated(self):
+        raw = (
+            b"From: a@example.org\r\nTo: ops@" + DOMAIN.encode() + b"\r\nSubject: names\r\n"
+            b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+            b"--XX\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+            b"--XX\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Disposition: attachment; filename*=UTF-8''r%C3%A9sum%C3%A9.txt\r\n\r\none\r\n"
+            b"--XX\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Disposition: attachment; filename=\"=?utf-8?b?0L7RgtGH0ZHRgi5kb2M=?=\"\r\n\r\ntwo\r\n"
+            b"--XX\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Disposition: attachment; filename=\"../../../etc/passwd\"\r\n\r\nthree\r\n"
+            b"--XX\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Disposition: attachment; filename=\"..\\\\..\\\\passwd\"\r\n\r\nfour\r\n"
+            b"--XX\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Disposition: attachment; filename=\"evil\x01\x7f\xe2\x80\xaegpj.exe\"\r\n\r\nfive\r\n"
+            b"--XX\r\nContent-Type: image/png\r\nContent-Disposition: inline\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\niVBORw0KGgo=\r\n"
+            b"--XX\r\nContent-Type: message/rfc822\r\n\r\nFrom: x@example.org\r\nSubject: inner\r\n\r\nhi\r\n"
+            b"--XX--\r\n")
+        yield self.client(lambda c: c.sendmail("a@example.org", [f"ops@{DOMAIN}"], raw))
+        [event] = yield self.events()
+        self.assertEqual(event.body, "see attached")  # the CRLF before a boundary belongs to it
+        self.assertEqual(sorted(event.attachments), sorted([
+            "r\u00e9sum\u00e9.txt", "\u043e\u0442\u0447\u0451\u0442.doc", "passwd", "passwd (2)", "evilgpj.exe",
+            "image.png", "message.eml"]))
+        stored = {name: Path(self.store.root, *url.split("/store/")[1].split("/")).read_bytes()
+                  for name, url in event.attachments.items()}
+        self.assertEqual(stored["passwd"], b"three")
+        self.assertEqual(stored["passwd (2)"], b"four")
+        self.assertEqual(stored["image.png"], b"\x89PNG\r\n\x1a\n")
+        self.assertIn(b"Subject: inner", stored["message.eml"])
+
+    @inlineCallbacks
+    def test_a_broken_charset_degrades_to_replacement_characters(self):
+        raw = (b"From: a@example.org\r\nTo: ops@" + DOMAIN.encode() + b"\r\nSubject: caf\xc3\xa9 \xff\r\n"
+               b"Content-Type: text/plain; charset=x-no-such-charset\r\n\r\ncaf\xc3\xa9 \xff\xfe ok\r\n")
+        yield self.client(lambda c: c.sendmail("a@example.org", [f"ops@{DOMAIN}"], raw))
+        [event] = yield self.events()
+        self.assertEqual(event.subject, "caf\u00e9 \ufffd")
+        self.assertEqual(event.body, "caf\u00e9 \ufffd\ufffd ok\n")
+
+    @inlineCallbacks
+    def test_dot_stuffed_lines_and_several_messages_per_connection_arrive_intact(self):
+        def work(client):
+            for n in range(3):
+                client.sendmail("a@example.org", [f"ops@{DOMAIN}"],
+                                f"Subject: n{n}\r\n\r\n.\r\n..two\r\nend {n}\r\n".encode())
+        yield self.client(work)
+        events = yield self.events()
+        self.assertEqual([e.subject for e in events], ["n0", "n1", "n2"])
+        self.assertEqual(events[2].body, ".\n..two\nend 2\n")
+
+    @inlineCallbacks
+    def test_a_command_line_without_end_is_refused_and_the_connection_closed(self):
+        def work():
+            with socket.create_connection(self.address, timeout=20) as sock:
+                sock.recv(1024)
+                sock.sendall(b"EHLO " + b"x" * 100_000)
+                received = b""
+                while True:
+                    data = sock.recv(4096)
+                    if not data:
+                        return received
+                    received += data
+        received = yield threads.deferToThread(work)
+        self.assertIn(b"500 5.5.2 Line too long", received)
+
+    @inlineCallbacks
+    def test_a_message_nested_too_deeply_is_kept_whole(self):
+        depth = 2000
+        parts = [b"From: a@example.org\r\nSubject: deep\r\n"]
+        parts += [b"Content-Type: multipart/mixed; boundary=\"b%d\"\r\n\r\n--b%d\r\n" % (i, i) for i in range(depth)]
+        parts += [b"Content-Type: text/plain\r\n\r\ncore\r\n"] + [b"--b%d--\r\n" % i for i in reversed(range(depth))]
+        raw = b"".join(parts)
+        yield self.client(lambda c: c.sendmail("a@example.org", [f"ops@{DOMAIN}"], raw))
+        [event] = yield self.events()
+        self.assertEqual(event.subject, "deep")
+        self.assertEqual(list(event.attachments), ["message.eml"])
+        url = event.attachments["message.eml"]
+        self.assertEqual(Path(self.store.root, *url.split("/store/")[1].split("/")).read_bytes(), raw)
+
+
+class BusFailure(SMTPServerCase):
+    """Redis goes away: mail is refused with 451 and accepted once it is back."""
+
+    def redis_server(self) -> RedisServer:
+        server = RedisServer().start()
+        self.addCleanup(server.cleanup)
+        return server
+
+    @inlineCallbacks
+    def test_redis_stopped_gets_451_and_the_resent_message_is_published(self):
+        message = b"From: a@example.org\r\nSubject: during the outage\r\n\r\nstill here\r\n"
+
+        def attempt(client):
+            try:
+                client.sendmail("a@example.org", [f"ops@{DOMAIN}"], message)
+            except smtplib.SMTPDataError as exc:
+                return exc.smtp_code, exc.smtp_error
+            return 250, b""
+
+        self.redis.stop()
+        yield self.bus.when_disconnected()
+        code, text = yield self.client(attempt)
+        self.assertEqual(code, 451)
+        self.assertTrue(text.startswith(b"4.3.0 "), text)
+        self.redis.start()
+        yield self.bus.when_connected()
+        code, _ = yield self.client(attempt)
+        self.assertEqual(code, 250)
+        [event] = yield self.events()
+        self.assertEqual((event.subject, event.body), ("during the outage", "still here\n"))
+
+
+class Tls(SMTPServerCase):
+    def setUp(self):
+        cert = self_signed_cert(Path(self.mktemp()))
+        self.mail_options = {"tls_cert": str(cert), "users": {"alice": "s3cret"}}
+        return super().setUp()
+
+    @inlineCallbacks
+    def test_auth_is_offered_only_after_starttls(self):
+        def work(client):
+            client.ehlo()
+            before = dict(client.esmtp_features)
+            early = client.docmd("AUTH", "PLAIN AGFsaWNlAHMzY3JldA==")
+            client.starttls(context=unverified_tls())
+            client.ehlo()
+            after = dict(client.esmtp_features)
+            try:
+                client.login("alice", "wrong")
+            except smtplib.SMTPAuthenticationError as exc:
+                wrong = exc.smtp_code
+            client.login("alice", "s3cret")
+            client.sendmail("a@example.org", [f"ops@{DOMAIN}"], b"Subject: over tls\r\n\r\nhi\r\n")
+            return before, early, after, wrong
+        before, early, after, wrong = yield self.client(work)
+        self.assertIn("starttls", before)
+        self.assertNotIn("auth", before)
+        self.assertEqual(early[0], 538)
+        self.assertNotIn("starttls", after)
+        self.assertEqual(sorted(after["auth"].split()), ["LOGIN", "PLAIN"])
+        self.assertEqual(wrong, 535)
+        [event] = yield self.events()
+        self.assertEqual(event.subject, "over tls")
+
+    @inlineCallbacks
+    def test_auth_login_works_after_starttls(self):
+        def work(client):
+            client.starttls(context=unverified_tls())
+            client.ehlo()
+            client.user, client.password = "alice", "s3cret"
+            return client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+        code, _ = yield self.client(work)
+        self.assertEqual(code, 235)
+
+
+class Parsing(TestCase):
+    """What only the parser decides, without a connection."""
+
+    def test_markdown_is_recognised_by_its_marks(self):
+        for text in ("# Title\n", "```\ncode\n```\n", "see [docs](https://example.org)", "this is **bold**",
+                     "- one\n- two\n", "1. one\n2. two\n", "an *emphasised* word"):
+            self.assertTrue(looks_like_markdown(text), text)
+        for text in ("Hello,\nplain words.\n", "- only one dash item\n", "2 * 3 = 6 and 4 * 5 = 20",
+                     "snake_case_name and __init__", "price: $5 (approx)"):
+            self.assertFalse(looks_like_markdown(text), text)
+
+    def test_filenames_lose_paths_and_control_characters(self):
+        self.assertEqual(safe_filename("../../etc/passwd", "text/plain"), "passwd")
+        self.assertEqual(safe_filename("C:\\Windows\\evil.exe", "application/octet-stream"), "evil.exe")
+        self.assertEqual(safe_filename("..", "application/pdf"), "attachment.pdf")
+        self.assertEqual(safe_filename("\x00\x1b[31mred.txt", "text/plain"), "[31mred.txt")
+        self.assertEqual(safe_filename(None, "message/rfc822"), "message.eml")
+        self.assertEqual(len(safe_filename("a" * 300 + ".pdf", "application/pdf")), 144)
+
+    def test_a_message_without_headers_keeps_its_body_and_takes_the_envelope(self):
+        store = Store(Path(self.mktemp()), "http://cockpit.test")
+        event = parse_mail(b"just a line\r\n", Envelope("a@example.org", [f"ops@{DOMAIN}"]), store)
+        self.assertEqual((event.from_, event.to, event.body), ("a@example.org", [f"ops@{DOMAIN}"], "just a line\n"))
