@@ -124,10 +124,7 @@ class BoundedRequest(Request):
         # reply; half-close, drop what still comes, and cut it off after a moment
         if hasattr(transport, "loseWriteConnection"):
             transport.loseWriteConnection()
-            clock = getattr(self.channel.site, "reactor", None)
-            if clock is None:
-                from twisted.internet import reactor as clock
-            self._linger_call = clock.callLater(self.linger, transport.abortConnection)
+            self._linger_call = self.channel.site.reactor.callLater(self.linger, transport.abortConnection)
         else:
             transport.loseConnection()
 
@@ -143,7 +140,8 @@ class ApiSite(Site):
     requestFactory = BoundedRequest
 
     def __init__(self, resource: Any, max_body: int, **kwargs: Any):
-        super().__init__(resource, **kwargs)
+        # form bodies are parsed by the routes that take them, within max_body
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_body = max_body
         self.displayTracebacks = False
 
@@ -169,6 +167,8 @@ class LiveStream:
         self.keepalive = task.LoopingCall(self.write, b": keep-alive\n\n")
         self.keepalive.clock = clock
         self.keepalive.start(keepalive, now=False)
+        # what the route returns: never fires; Klein cancels it when the client goes away
+        self.done: Deferred = Deferred(lambda _: self.stop())
         request.notifyFinish().addBoth(self.stop)
 
     def publish(self, event: Any) -> None:
@@ -193,6 +193,7 @@ class LiveStream:
         self.subscription.cancel()
         if self.keepalive.running:
             self.keepalive.stop()
+        self.request.unregisterProducer()
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -443,8 +444,9 @@ class Api:
         log.failure("unhandled error on {method} {path}", failure, method=request.method.decode(), path=path)
         return json_error(request, 500, "internal error; the cockpit's log has the details")
 
-    def site(self) -> Site:
-        return ApiSite(self.app.resource(), self.config.api.max_body)
+    def site(self, **kwargs: Any) -> Site:
+        """The site to listen with (``kwargs`` go to twisted's Site, e.g. ``reactor``)."""
+        return ApiSite(self.app.resource(), self.config.api.max_body, **kwargs)
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3.1 document of every route mounted so far."""
@@ -524,9 +526,9 @@ class Api:
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")  # for a proxy in front
         request.write(b": live events of the cockpit\n\n")  # the headers leave now
-        LiveStream(request, self.bus, [query.type] if query.type else None, self.clock,
-                   self.keepalive_interval)
-        return NOT_DONE_YET
+        stream = LiveStream(request, self.bus, [query.type] if query.type else None, self.clock,
+                            self.keepalive_interval)
+        return stream.done
 
     # -- webhooks -----------------------------------------------------------------------
     @routes.post("/api/webhooks/github", summary="GitHub webhook: becomes a generic event",
