@@ -43,6 +43,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, protocol, threads
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail._cred import LOGINCredentials, PLAINCredentials
@@ -559,6 +560,11 @@ class IncomingSMTP(smtp.ESMTP):
         self._envelope: Optional[Envelope] = None
         self.closed: list[Deferred] = []
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if ISSLTransport.providedBy(self.transport):
+            self.startedTLS = True  # a listener on ssl:465 is encrypted from the start
+
     # -- the advertised extensions ------------------------------------------------
     def greeting(self) -> bytes:
         return self.host + b" ESMTP cockpit"
@@ -900,6 +906,7 @@ class MailSender(Service):
         self._ready: list[str] = []
         self._timers: dict[str, Any] = {}
         self._inflight: dict[str, Deferred] = {}
+        self._watchers: dict[str, list[Deferred]] = {}
         self._tls = self._client_tls() if (relay.starttls or relay.tls) else None
 
     def _client_tls(self) -> Any:
@@ -922,7 +929,7 @@ class MailSender(Service):
         mail_id = uuid.uuid4().hex
         domain = self.relay.sender.rpartition("@")[2] or self.hostname
         message = build_message(mail, self.relay.sender, make_msgid(mail_id[:16], domain=domain))
-        raw = message.as_bytes(policy=email_policy.SMTP)
+        raw = message.as_bytes(policy=email_policy.default)  # sendmail turns \n into CRLF itself
         record = {"id": mail_id, "to": list(mail.to), "cc": list(mail.cc), "subject": mail.subject,
                   "state": "queued", "attempts": 0, "error": None, "queued": time.time(), "sent": None}
         self._records[mail_id] = record
@@ -1048,4 +1055,14 @@ class MailSender(Service):
 
     def _done(self, _: Any, mail_id: str) -> None:
         self._inflight.pop(mail_id, None)
+        waiting = self._watchers.pop(mail_id, [])
+        record = self.get(mail_id)
+        for d in waiting:
+            d.callback(record)
         self._pump()
+
+    def next_outcome(self, mail_id: str) -> Deferred:
+        """Fires with the record once the next delivery attempt of ``mail_id`` has ended."""
+        d: Deferred = Deferred()
+        self._watchers.setdefault(mail_id, []).append(d)
+        return d

@@ -1,0 +1,262 @@
+"""MailSender against a local relay sink that needs STARTTLS and AUTH (a twisted.mail ESMTP server)."""
+from __future__ import annotations
+
+from email import message_from_bytes, policy
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from twisted.cred import error as cred_error
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, protocol, reactor, ssl
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.task import Clock
+from twisted.mail import smtp
+from twisted.mail._cred import LOGINCredentials, PLAINCredentials
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from cockpit.config import RelaySection
+from cockpit.smtp import MailSender, OutgoingMail
+from tests.redis_server import free_port
+from tests.test_smtp import self_signed_cert
+
+
+@implementer(smtp.IMessage)
+class _Received:
+    def __init__(self, sink: "RelaySink", recipient: str):
+        self.sink = sink
+        self.recipient = recipient
+        self.lines: list[bytes] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line)
+
+    def eomReceived(self) -> Deferred:
+        self.sink.arrived(self.recipient, b"".join(line + b"\n" for line in self.lines))
+        return defer.succeed(None)
+
+    def connectionLost(self) -> None:
+        pass
+
+
+@implementer(smtp.IMessageDelivery)
+class _Delivery:
+    def __init__(self, sink: "RelaySink", user: str):
+        self.sink = sink
+        self.user = user
+
+    def receivedHeader(self, helo, origin, recipients):
+        return None
+
+    def validateFrom(self, helo, origin):
+        return origin
+
+    def validateTo(self, user):
+        if str(user.dest) in self.sink.refuse:
+            raise smtp.SMTPBadRcpt(user.dest, 550, "5.1.1 no such user here")
+        return lambda: _Received(self.sink, str(user.dest))
+
+
+class _SinkProtocol(smtp.ESMTP):
+    def connectionMade(self):
+        super().connectionMade()
+        self.startedTLS = ISSLTransport.providedBy(self.transport)  # implicit TLS, as on port 465
+
+    def extensions(self):
+        ext = super().extensions()
+        if not self.startedTLS:
+            ext.pop(b"AUTH", None)  # like any decent relay: no passwords in plain text
+        return ext
+
+
+class RelaySink:
+    """A relay that takes mail only from ``cockpit``/``relaypw`` over TLS; records what arrives."""
+
+    def __init__(self, cert: Path, refuse: frozenset[str] = frozenset()):
+        self.refuse = refuse
+        self.messages: list[tuple[str, bytes]] = []
+        self._waiting: list[Deferred] = []
+        self.protocols: list[_SinkProtocol] = []
+        self.context = ssl.PrivateCertificate.loadPEM(cert.read_bytes()).options()
+        sink = self
+
+        @implementer(IRealm)
+        class Realm:
+            def requestAvatar(self, avatar_id, mind, *interfaces):
+                if smtp.IMessageDelivery in interfaces:
+                    return smtp.IMessageDelivery, _Delivery(sink, avatar_id), lambda: None
+                raise cred_error.UnhandledCredentials()
+
+        self.portal = Portal(Realm(), [InMemoryUsernamePasswordDatabaseDontUse(cockpit=b"relaypw")])
+
+    def factory(self) -> protocol.ServerFactory:
+        sink = self
+
+        class Factory(protocol.ServerFactory):
+            def buildProtocol(self, addr):
+                p = _SinkProtocol({b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials}, sink.context)
+                p.portal = sink.portal
+                p.host = b"relay.test"
+                p.factory = self
+                sink.protocols.append(p)
+                return p
+        return Factory()
+
+    def arrived(self, recipient: str, data: bytes) -> None:
+        self.messages.append((recipient, data))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self.messages)
+
+    def wait(self) -> Deferred:
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        return d
+
+
+class ClockedReactor:
+    """The real reactor for connections, a Clock for the retry timers."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+
+    def callLater(self, *args: Any, **kwargs: Any) -> Any:
+        return self.clock.callLater(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+class MailSending(TestCase):
+    def setUp(self):
+        self.cert = self_signed_cert(Path(self.mktemp()), host="localhost")
+        self.sink = RelaySink(self.cert, refuse=frozenset({"ghost@example.org"}))
+        self.clock = Clock()
+
+    def listen(self, port: int = 0, implicit_tls: bool = False) -> int:
+        if implicit_tls:
+            listening = reactor.listenSSL(port, self.sink.factory(), self.sink.context, interface="127.0.0.1")
+        else:
+            listening = reactor.listenTCP(port, self.sink.factory(), interface="127.0.0.1")
+        self.addCleanup(self.disconnect_all)
+        self.addCleanup(listening.stopListening)
+        return listening.getHost().port
+
+    def disconnect_all(self):
+        for p in self.sink.protocols:
+            if p.transport is not None and not p.transport.disconnected:
+                p.transport.abortConnection()
+
+    def sender(self, port: int, **relay: Any) -> MailSender:
+        settings = RelaySection(**{"host": "localhost", "port": port, "username": "cockpit", "password": "relaypw",
+                                   "starttls": True, "sender": "cockpit@cockpit.test", "ca_cert": str(self.cert),
+                                   "timeout": 10.0, "retries": 3, **relay})
+        sender = MailSender(settings, ClockedReactor(self.clock), hostname="cockpit.test", first_delay=5.0)
+        sender.startService()
+        self.addCleanup(sender.stopService)
+        return sender
+
+    @inlineCallbacks
+    def test_mail_is_delivered_through_starttls_and_auth(self):
+        port = self.listen()
+        sender = self.sender(port)
+        arrived = self.sink.wait()
+        record = yield sender.send(OutgoingMail(to=["ops@example.org"], cc=["boss@example.org"],
+                                                subject="Deploy done", body="# Done\n\nall **green**",
+                                                bodytype="md"))
+        self.assertEqual((record["state"], record["to"], record["subject"]), ("queued", ["ops@example.org"],
+                                                                             "Deploy done"))
+        outcome = yield sender.next_outcome(record["id"])
+        yield arrived
+        self.assertEqual((outcome["state"], outcome["attempts"], outcome["error"]), ("sent", 1, None))
+        self.assertEqual(sorted(r for r, _ in self.sink.messages), ["boss@example.org", "ops@example.org"])
+        message = message_from_bytes(self.sink.messages[0][1], policy=policy.default)
+        self.assertEqual(message["Subject"], "Deploy done")
+        self.assertEqual(message["From"], "cockpit@cockpit.test")
+        self.assertEqual(message.get_content(), "# Done\n\nall **green**\n")
+        self.assertEqual(sender.deliveries()[0]["id"], record["id"])
+        self.assertEqual(sender.get(record["id"])["state"], "sent")
+        self.assertTrue(self.sink.protocols[0].startedTLS)
+        self.assertTrue(self.sink.protocols[0].authenticated)
+
+    @inlineCallbacks
+    def test_mail_is_delivered_over_implicit_tls(self):
+        port = self.listen(implicit_tls=True)
+        sender = self.sender(port, starttls=False, tls=True)
+        arrived = self.sink.wait()
+        record = yield sender.send(OutgoingMail(to=["ops@example.org"], subject="465", body="<p>hi <b>there</b></p>",
+                                                bodytype="html"))
+        outcome = yield sender.next_outcome(record["id"])
+        yield arrived
+        self.assertEqual(outcome["state"], "sent")
+        message = message_from_bytes(self.sink.messages[0][1], policy=policy.default)
+        self.assertEqual(message.get_content_type(), "multipart/alternative")
+        self.assertIn("hi **there**", message.get_body(("plain",)).get_content())
+
+    @inlineCallbacks
+    def test_a_relay_that_is_down_is_retried_with_backoff_until_it_takes_the_mail(self):
+        port = free_port()
+        sender = self.sender(port)
+        record = yield sender.send(OutgoingMail(to=["ops@example.org"], subject="retry", body="x"))
+        first = yield sender.next_outcome(record["id"])
+        self.assertEqual((first["state"], first["attempts"]), ("queued", 1))
+        self.assertIn("connect", first["error"].lower())
+        self.clock.advance(4.9)
+        self.assertEqual(sender.get(record["id"])["attempts"], 1)  # not before the backoff is over
+        second_attempt = sender.next_outcome(record["id"])
+        self.clock.advance(0.1)
+        second = yield second_attempt
+        self.assertEqual((second["state"], second["attempts"]), ("queued", 2))
+        self.listen(port)  # the relay comes back
+        arrived = self.sink.wait()
+        third_attempt = sender.next_outcome(record["id"])
+        self.clock.advance(10.0)  # the backoff doubled
+        third = yield third_attempt
+        yield arrived
+        self.assertEqual((third["state"], third["attempts"], third["error"]), ("sent", 3, None))
+
+    @inlineCallbacks
+    def test_a_mail_fails_after_its_retries_are_used_up(self):
+        sender = self.sender(free_port(), retries=1)
+        record = yield sender.send(OutgoingMail(to=["ops@example.org"], subject="gone", body="x"))
+        yield sender.next_outcome(record["id"])
+        last = sender.next_outcome(record["id"])
+        self.clock.advance(5.0)
+        outcome = yield last
+        self.assertEqual((outcome["state"], outcome["attempts"]), ("failed", 2))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_a_permanent_refusal_fails_at_once(self):
+        sender = self.sender(self.listen())
+        record = yield sender.send(OutgoingMail(to=["ghost@example.org"], subject="nobody", body="x"))
+        outcome = yield sender.next_outcome(record["id"])
+        self.assertEqual((outcome["state"], outcome["attempts"]), ("failed", 1))
+        self.assertIn("550", outcome["error"])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    @inlineCallbacks
+    def test_a_relay_with_an_untrusted_certificate_is_not_used(self):
+        other = self_signed_cert(Path(self.mktemp()), host="localhost")
+        sender = self.sender(self.listen(), ca_cert=str(other), retries=0)
+        record = yield sender.send(OutgoingMail(to=["ops@example.org"], subject="mitm", body="secret"))
+        outcome = yield sender.next_outcome(record["id"])
+        self.assertEqual(outcome["state"], "failed")
+        self.assertEqual(self.sink.messages, [])
+
+
+class OutgoingMailModel(TestCase):
+    def test_recipients_must_be_plain_addresses(self):
+        for to in ([], ["not an address"], ["a@b.c\r\nBcc: x@y.z"], ["<a@b.c>"]):
+            self.assertRaises(ValidationError, OutgoingMail, to=to, subject="s", body="b")
+
+    def test_a_subject_is_folded_to_one_line(self):
+        mail = OutgoingMail(to=["a@b.c"], subject="two\r\nBcc: x@y.z", body="b")
+        self.assertEqual(mail.subject, "two Bcc: x@y.z")
+
+    def test_bodytype_is_text_md_or_html(self):
+        self.assertEqual(OutgoingMail(to=["a@b.c"], subject="s", body="b").bodytype, "text")
+        self.assertRaises(ValidationError, OutgoingMail, to=["a@b.c"], subject="s", body="b", bodytype="rtf")
