@@ -88,7 +88,8 @@ class Run:
 
     def row(self) -> tuple[Any, ...]:
         result = None if self.result is None else json.dumps(self.result, default=str)
-        return (self.id, self.repo, self.service, self.action, self.trigger.get("kind", "rest"),
+        # "" for the robot's own runs: SQLite's unique index would let NULLs repeat
+        return (self.id, self.repo, self.service or "", self.action, self.trigger.get("kind", "rest"),
                 self.trigger.get("event_type"), self.event_guid, self.state, self.started, self.ended,
                 self.log, result)
 
@@ -96,7 +97,7 @@ class Run:
     def from_row(cls, row: tuple[Any, ...]) -> "Run":
         values = dict(zip(_COLUMNS, row))
         result = values["result"]
-        return cls(values["repo"], values["service"], values["action"],
+        return cls(values["repo"], values["service"] or None, values["action"],
                    {"kind": values["trigger_kind"], "event_type": values["event_type"],
                     "event_guid": values["event_guid"]},
                    values["id"], values["state"], values["started"], values["ended"], values["log"],
