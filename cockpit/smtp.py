@@ -188,7 +188,7 @@ def decode_text(part: Message) -> str:
     except Exception:
         data = None
     if not isinstance(data, bytes):
-        data = str(part.get_payload() or "").encode("utf-8", "surrogateescape")
+        data = _undecoded(part)
     try:
         charset = part.get_content_charset()
     except Exception:
@@ -254,9 +254,9 @@ def _leaves(msg: Message) -> Iterator[tuple[Message, list[Message]]]:
         count += 1
         if count > MAX_ATTACHMENTS * 2 or len(ancestors) > MAX_DEPTH:
             raise _TooComplex()
-        payload = part.get_payload()
-        if part.get_content_maintype() == "multipart" and isinstance(payload, list):
-            children = [p for p in payload if isinstance(p, Message)]
+        # get_payload() of a multipart hands back its list untouched; of a leaf it would decode
+        if part.is_multipart() and _content_type(part).startswith("multipart/"):
+            children = [p for p in part.get_payload() if isinstance(p, Message)]
             stack.extend((child, ancestors + [part]) for child in reversed(children))
         else:
             yield part, ancestors
@@ -290,10 +290,9 @@ def _disposition(part: Message) -> Optional[str]:
 
 def _part_bytes(part: Message) -> bytes:
     """An attachment's content: the decoded payload, or the whole of an attached message."""
-    payload = part.get_payload()
-    if isinstance(payload, list):  # message/rfc822 and its kind hold parsed messages
+    if part.is_multipart():  # message/rfc822 and its kind hold parsed messages
         blobs = []
-        for inner in payload:
+        for inner in part.get_payload():
             try:
                 blobs.append(inner.as_bytes(policy=MAIL_POLICY))
             except Exception:
@@ -308,6 +307,13 @@ def _part_bytes(part: Message) -> bytes:
         data = None
     if isinstance(data, bytes):
         return data
+    return _undecoded(part)
+
+
+def _undecoded(part: Message) -> bytes:
+    payload = part._payload  # the text as received: get_payload() would decode it with its charset
+    if isinstance(payload, bytes):
+        return payload
     return str(payload or "").encode("utf-8", "surrogateescape")
 
 
@@ -326,8 +332,14 @@ def parse_mail(raw: bytes, envelope: Envelope, store: Store) -> EmailEvent:
         msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw)
         return _event(msg, raw, envelope, store)
     except (RecursionError, _TooComplex):
-        log.info("a message from {sender} is too deeply nested to split; kept whole as message.eml",
-                 sender=envelope.sender)
+        log.info("a message from {sender} is too deeply nested or has too many parts to split; "
+                 "kept whole as message.eml", sender=envelope.sender)
+    except OSError:
+        raise  # the store failed: 451, the sender tries again
+    except Exception:
+        # a message that trips the parser is still delivered, whole
+        log.failure("a message from {sender} could not be taken apart; kept whole as message.eml",
+                    sender=envelope.sender)
     return _whole_message_event(raw, envelope, store)
 
 
@@ -357,9 +369,9 @@ def _event(msg: Message, raw: bytes, envelope: Envelope, store: Store) -> EmailE
                 break
         if body_part is not None:
             break
-    if body_part is None and len(leaves) == 1 and _content_type(msg).startswith(("text/", "multipart/")) \
+    if body_part is None and not msg.is_multipart() and _content_type(msg).startswith(("text/", "multipart/")) \
             and not _filename(msg) and _disposition(msg) != "attachment":
-        body_part = msg  # a single part of text/* other than plain, or a multipart without parts
+        body_part = msg  # a single part of text/* other than plain, or a multipart that lost its parts
     # the other forms of the body (its multipart/alternative siblings) are no attachments
     alternatives: set[int] = set()
     for ancestor in reversed(body_ancestors):

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import treq
 from twisted.internet import reactor, threads
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -24,6 +24,7 @@ from cockpit.config import MailSection, RedisSection
 from cockpit.smtp import (Envelope, IncomingMailFactory, looks_like_markdown, parse_mail,
                           safe_filename)
 from cockpit.store import Store
+from tests.mail_corpus import corpus
 from tests.redis_server import RedisServer, shared_server
 
 DOMAIN = "cockpit.example.com"
@@ -339,6 +340,45 @@ class Receiving(SMTPServerCase):
         self.assertEqual(list(event.attachments), ["message.eml"])
         url = event.attachments["message.eml"]
         self.assertEqual(Path(self.store.root, *url.split("/store/")[1].split("/")).read_bytes(), raw)
+
+
+class HostileCorpus(SMTPServerCase):
+    connections = 4
+
+    @inlineCallbacks
+    def test_every_corpus_message_gets_250_with_an_event_or_a_clear_5xx(self):
+        messages = corpus()
+        self.assertGreaterEqual(len(messages), 300)
+
+        def work(share):
+            answers = []
+            with smtplib.SMTP(*self.address, timeout=60) as client:
+                client.ehlo()
+                for name, raw in share:
+                    client.mail("sender@example.org")
+                    client.rcpt(f"ops@{DOMAIN}")
+                    code, text = client.data(raw)
+                    answers.append((name, code, text))
+            return answers
+        shares = [messages[n::self.connections] for n in range(self.connections)]
+        results = yield gatherResults([threads.deferToThread(work, share) for share in shares])
+        answers = [answer for share in results for answer in share]
+        self.assertEqual(len(answers), len(messages))
+        accepted = {}
+        for name, code, text in answers:
+            self.assertTrue(code == 250 or (500 <= code < 600 and text[:2] == b"5."), (name, code, text))
+            if code == 250:
+                accepted[text.decode().rsplit(" ", 1)[1]] = name
+        events = yield self.events()
+        self.assertEqual(sorted(e.guid for e in events), sorted(accepted))
+        for event in events:
+            for filename in event.attachments:
+                self.assertFalse(set(filename) & set("/\\\0\r\n"), (accepted[event.guid], filename))
+                self.assertNotIn(filename, ("", ".", ".."))
+        # nothing was written beside the store, and the server still takes mail
+        self.assertEqual([p.name for p in self.store.root.parent.iterdir()], [self.store.root.name])
+        code, _ = yield self.client(lambda c: c.sendmail("a@example.org", [f"ops@{DOMAIN}"], b"Subject: after\r\n\r\nok\r\n") or (250, b""))
+        self.assertEqual(code, 250)
 
 
 class BusFailure(SMTPServerCase):
