@@ -246,8 +246,8 @@ class LimitQuery(BaseModel):
     limit: int = Field(50, ge=1, le=1000, description="At most this many.")
 
 
-class ListQuery(LimitQuery):
-    before: Optional[str] = Field(None, max_length=200,
+class GroupQuery(LimitQuery):
+    before: Optional[str] = Field(None, pattern=r"^[0-9]+:[0-9a-f]{1,64}$",
                                   description="Paging: the `next` of the previous page.")
 
 
@@ -401,6 +401,8 @@ class Api:
         raw = request.content.read(limit + 1)
         if len(raw) > limit:  # a site without BoundedRequest (a test's) still gets the limit
             raise ApiError(413, f"the body is larger than {limit} bytes ([api] max_body)")
+        if not raw.strip() and not body.required:
+            return None  # an optional body left out needs no Content-Type
         kind = media_type(request)
         if kind not in body.media_types:
             raise ApiError(415, f"Content-Type {kind or '(none)'!r} is not accepted here: "
@@ -651,10 +653,10 @@ class Api:
 
     # -- grouped conditions ----------------------------------------------------------------
     @routes.get("/api/ecos", summary="Error conditions grouped by fingerprint, most recent first",
-                tags=("groups",), query=ListQuery,
+                tags=("groups",), query=GroupQuery,
                 responses={200: Response("The eco groups", EcoGroupList),
                            503: Response("The groups cannot be read now")})
-    async def ecos(self, request: Request, query: ListQuery) -> dict[str, Any]:
+    async def ecos(self, request: Request, query: GroupQuery) -> dict[str, Any]:
         try:
             groups, after = await self._groups().ecos(query.limit, query.before)
         except ValueError as exc:
@@ -662,10 +664,10 @@ class Api:
         return {"ecos": groups, "next": after}
 
     @routes.get("/api/alarms", summary="Alarms grouped by service and method, most recent first",
-                tags=("groups",), query=ListQuery,
+                tags=("groups",), query=GroupQuery,
                 responses={200: Response("The alarm groups", AlarmGroupList),
                            503: Response("The groups cannot be read now")})
-    async def alarms(self, request: Request, query: ListQuery) -> dict[str, Any]:
+    async def alarms(self, request: Request, query: GroupQuery) -> dict[str, Any]:
         try:
             groups, after = await self._groups().alarms(query.limit, query.before)
         except ValueError as exc:

@@ -1,0 +1,182 @@
+"""The OpenAPI document, the Swagger UI page, and a bounded schemathesis pass against a live API."""
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+from openapi_spec_validator import OpenAPIV30SpecValidator, OpenAPIV31SpecValidator
+from treq.testing import StubTreq
+from twisted.internet import reactor, utils
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
+
+from cockpit import config
+from cockpit.bus import MemoryBus
+from cockpit.events import from_yaml
+from cockpit.examples import SEED_YAML
+from cockpit.groups import EventGroups
+from cockpit.openapi import downgrade_to_30
+from cockpit.smtp import MailSender
+from cockpit.store import Store
+from cockpit.web import Api
+
+SEEDS = Path(__file__).parent / "seeds"
+
+
+def make_api(**settings) -> Api:
+    return Api(config.from_dict(settings), MemoryBus(clock=Clock()))
+
+
+class DocumentTests(TestCase):
+    def setUp(self):
+        self.api = make_api()
+        self.doc = self.api.openapi()
+
+    def test_document_is_valid_openapi_3_1(self):
+        self.assertEqual("3.1.0", self.doc["openapi"])
+        OpenAPIV31SpecValidator(self.doc).validate()
+
+    def test_rendering_for_swagger_ui_is_valid_openapi_3_0(self):
+        OpenAPIV30SpecValidator(downgrade_to_30(self.doc)).validate()
+
+    def test_every_served_route_is_documented_with_its_statuses(self):
+        documented = {(method.upper(), path) for path, ops in self.doc["paths"].items() for method in ops}
+        served = {(r.method, r.path) for r in self.api.declared if not r.hidden}
+        self.assertEqual(served, documented)
+        for path, ops in self.doc["paths"].items():
+            for method, op in ops.items():
+                self.assertTrue(op["responses"], (method, path))
+                for status, response in op["responses"].items():
+                    if int(status) >= 400 and path != "/api/health":  # health says why in its own shape
+                        self.assertEqual({"$ref": "#/components/schemas/ErrorReply"},
+                                         response["content"]["application/json"]["schema"], (path, status))
+
+    def test_section_5_routes_of_this_module_are_there(self):
+        for method, path in [("get", "/api/health"), ("get", "/api/events"), ("get", "/api/events/live"),
+                             ("post", "/api/webhooks/github"), ("post", "/api/mail"), ("get", "/api/ecos"),
+                             ("get", "/api/alarms"), ("get", "/api/openapi.json"), ("get", "/api/docs"),
+                             ("get", "/store/{space}/{aa}/{bb}/{hash}"), ("get", "/")]:
+            self.assertIn(method, self.doc["paths"].get(path, {}), path)
+        for event_type in ("email", "telegram", "alarm", "eco", "generic"):
+            op = self.doc["paths"][f"/api/events/{event_type}"]["post"]
+            self.assertEqual({"200", "202"} & set(op["responses"]), {"202"})
+            for status in ("400", "401", "413", "415"):
+                self.assertIn(status, op["responses"])
+            content = op["requestBody"]["content"]
+            self.assertEqual({"application/json", "application/yaml", "application/x-yaml", "text/yaml"},
+                             set(content))
+
+    def test_event_bodies_use_the_event_models(self):
+        schemas = self.doc["components"]["schemas"]
+        op = self.doc["paths"]["/api/events/email"]["post"]
+        self.assertEqual({"$ref": "#/components/schemas/EmailEvent"},
+                         op["requestBody"]["content"]["application/json"]["schema"])
+        self.assertIn("from", schemas["EmailEvent"]["properties"])
+
+    def test_seed_examples_are_the_body_examples(self):
+        for event_type, examples in SEED_YAML.items():
+            op = self.doc["paths"][f"/api/events/{event_type}"]["post"]
+            documented = op["requestBody"]["content"]["application/json"]["examples"]
+            for name, text in examples.items():
+                self.assertEqual(yaml.safe_load(text), documented[name]["value"])
+
+    def test_runtime_examples_are_the_restored_seeds(self):
+        files = {path.stem: path.read_text() for path in SEEDS.glob("*.yaml")}
+        shipped = {name: text for examples in SEED_YAML.values() for name, text in examples.items()}
+        self.assertEqual(set(files), set(shipped))
+        for name, text in files.items():
+            event_type = name.split("_")[0]
+            self.assertEqual(from_yaml(text, event_type).model_dump(exclude={"guid", "epoch"}),
+                             from_yaml(shipped[name], event_type).model_dump(exclude={"guid", "epoch"}))
+
+    def test_authenticated_routes_say_so(self):
+        self.assertEqual([], self.doc["paths"]["/api/health"]["get"]["security"])
+        self.assertEqual([], self.doc["paths"]["/api/webhooks/github"]["post"]["security"])
+        self.assertEqual([{"bearer": []}], self.doc["paths"]["/api/events"]["get"]["security"])
+        self.assertEqual("bearer", self.doc["components"]["securitySchemes"]["bearer"]["scheme"])
+
+
+class DocsPageTests(TestCase):
+    def setUp(self):
+        self.client = StubTreq(make_api(api={"tokens": ["t"]}).app.resource())
+
+    @inlineCallbacks
+    def test_docs_page_loads_only_local_assets_under_a_self_only_policy(self):
+        response = yield self.client.get("http://cockpit/api/docs")
+        page = yield response.text()
+        self.assertEqual(200, response.code)
+        policy = response.headers.getRawHeaders(b"Content-Security-Policy")[0].decode()
+        self.assertIn("default-src 'self'", policy)
+        self.assertIn("connect-src 'self'", policy)
+        assets = re.findall(r'(?:src|href)="([^"]+)"', page)
+        self.assertTrue(assets)
+        for asset in assets:
+            self.assertTrue(asset.startswith("/api/docs/"), asset)
+            found = yield self.client.get(f"http://cockpit{asset}")
+            self.assertEqual(200, found.code, asset)
+            yield found.content()
+
+    @inlineCallbacks
+    def test_initializer_points_at_this_document_with_no_validator(self):
+        response = yield self.client.get("http://cockpit/api/docs/swagger-initializer.js")
+        script = yield response.text()
+        self.assertIn('url: "/api/docs/openapi-3.0.json"', script)
+        self.assertIn("validatorUrl: null", script)
+        self.assertNotIn("http", script)
+        document = yield self.client.get("http://cockpit/api/docs/openapi-3.0.json")
+        self.assertEqual("3.0.3", (yield document.json())["openapi"])
+
+    @inlineCallbacks
+    def test_other_files_are_404(self):
+        for name in ("index.j2", "..%2f__init__.py", "oauth2-redirect.html"):
+            response = yield self.client.get(f"http://cockpit/api/docs/{name}")
+            self.assertEqual(404, response.code, name)
+            yield response.json()
+
+
+class SchemathesisTests(TestCase):
+    """schemathesis (its CLI, in a process of its own) against this API on a loopback port."""
+
+    timeout = 120
+
+    # No 5xx, and every answer as documented: status, content type, headers and body schema.
+    # Not checked: whether a body the schema calls invalid is refused. The event models are
+    # lenient on purpose (a lone string for a list, "5" for an integer), and that is their contract.
+    checks = ("not_a_server_error,status_code_conformance,content_type_conformance,"
+              "response_schema_conformance,response_headers_conformance")
+
+    def setUp(self):
+        data = tempfile.mkdtemp()
+        cfg = config.from_dict({"api": {"tokens": ["tok"]},
+                                "mail": {"relay": {"host": "127.0.0.1", "port": 9, "retries": 0}}})
+        self.bus = MemoryBus(clock=reactor)
+        self.bus.startService()
+        self.addCleanup(self.bus.stopService)
+        groups = EventGroups(self.bus, drain_timeout=0)
+        groups.startService()
+        self.addCleanup(groups.stopService)
+        # the relay port is closed: mails are accepted (202) and wait for it
+        mailer = MailSender(cfg.mail.relay, reactor, first_delay=3600)
+        self.api = Api(cfg, self.bus, store=Store(Path(data), "http://127.0.0.1"), mailer=mailer,
+                       groups=groups, services={"groups": groups.health})
+        self.port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    @inlineCallbacks
+    def test_schemathesis_finds_no_server_error_and_no_schema_violation(self):
+        base = f"http://127.0.0.1:{self.port.getHost().port}"
+        st = str(Path(sys.executable).parent / "st")
+        out, err, code = yield utils.getProcessOutputAndValue(
+            st, ["run", f"{base}/api/openapi.json", "--header", "Authorization: Bearer tok",
+                 "--checks", self.checks, "--max-examples", "15", "--request-timeout", "5",
+                 "--exclude-path", "/api/events/live",  # an endless stream; tests of its own cover it
+                 "--phases", "examples,coverage,fuzzing", "--no-color"],
+            env={"PATH": "/usr/bin:/bin", "HOME": tempfile.mkdtemp(), "SCHEMATHESIS_HOOKS": ""},
+            reactor=reactor)
+        report = (out + err).decode(errors="replace")
+        self.assertEqual(0, code, report[-6000:])
+        self.assertIn("passed", report)
