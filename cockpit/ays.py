@@ -141,7 +141,8 @@ class Robot(Service):
 
     def health(self) -> dict[str, Any]:
         pool = self.pool.health()
-        return {"ok": self.running and self.ready.called and pool["ok"], "repos": len(self.repos),
+        # workers still starting are fine; no worker process at all (a crash loop) is not
+        return {"ok": self.running and pool["workers"] > 0, "loaded": self.ready.called, "repos": len(self.repos),
                 "active_runs": len(self.active), "workers": pool}
 
     # ------------------------------------------------------------------
@@ -552,11 +553,23 @@ class Robot(Service):
                 yield self._record(run)
                 failed = f"the install of {run.service} could not start"
                 continue
-            done = yield d
+            try:
+                done = yield d
+            except Exception as exc:  # the pool stopped, or the history could not be written
+                failed = f"the install of {run.service} did not complete: {exc}"
+                log.warn("blueprint {name} in {repo}: {failed}", name=name, repo=repo, failed=failed)
+                break
             if done.state != "ok":
                 failed = f"the install of {run.service} ended in {done.state}"
+        for run in runs:
+            if run.state == "new":  # never started: the cockpit is stopping
+                self.active.pop(run.id, None)
         status = {"state": "error" if failed else "ok", "error": failed, "executed": time.time()}
-        yield self._set_status(repo, name, status)
+        try:
+            yield self._set_status(repo, name, status)
+        except Exception as exc:
+            log.warn("blueprint {name} in {repo}: cannot record its status: {error}", name=name, repo=repo,
+                     error=exc)
         return runs
 
     # -- services ------------------------------------------------------------

@@ -97,14 +97,27 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     groups = EventGroups(bus)
     groups.setName("groups")
     groups.setServiceParent(top)
-    services = {"groups": groups.health}
+    from cockpit.ays import Robot
+    from cockpit.ays_api import AysApi
+    from cockpit.runs import RunHistory
+    from cockpit.workers import WorkerPool
+
+    history = RunHistory(cfg.data_dir / "runs.sqlite", cfg.ays.keep_days, cfg.ays.keep_runs)
+    pool = WorkerPool(cfg.ays.workers, cfg.ays.action_timeout, reactor)
+    robot = Robot(cfg.repos_dir, bus, history, pool, clock=reactor, mailer=mailer)
+    robot.setName("ays")
+    robot.setServiceParent(top)
+
+    services = {"groups": groups.health, "ays": robot.health}
     if mailer is not None:
         services["mailer"] = mailer.health
     api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
+    api.include(AysApi(robot))
     if not cfg.api.tokens:
         log.warn("[api] tokens is empty: the REST API is open to anyone who can reach it")
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")
     web.setName("web")
     web.setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]
+    top.robot = robot  # type: ignore[attr-defined]
     return top
