@@ -170,29 +170,37 @@ class MemoryGroupStore(GroupStore):
         return defer.succeed(([_present(kind, g) for g in chosen], after))
 
 
-# KEYS: group hash, sorted set, seen marker. ARGV: id, time, count, state ("" for none), data, ttl.
+# Events counted in one reactor turn share one EVAL. ARGV: ttl, then 8 values per event:
+# group hash, sorted set, seen marker, id, time, count, state ("" for none), data.
+# (Keys travel in ARGV: a batch names keys the caller cannot list up front; one Redis, no cluster.)
 _RECORD = """
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[6]) then return 0 end
-local t = tonumber(ARGV[2])
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'id', ARGV[1], 'first_time', t, 'last_time', t, 'count', ARGV[3],
-             'data', ARGV[5])
-  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'state', ARGV[4]) end
-  redis.call('ZADD', KEYS[2], t, ARGV[1])
-  return 1
+local out = {}
+for i = 2, #ARGV, 8 do
+  local group, zset, seen = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local id, t, count, state, data = ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  if not redis.call('SET', seen, '1', 'NX', 'EX', ARGV[1]) then
+    table.insert(out, 0)
+  elseif redis.call('EXISTS', group) == 0 then
+    redis.call('HSET', group, 'id', id, 'first_time', t, 'last_time', t, 'count', count, 'data', data)
+    if state ~= '' then redis.call('HSET', group, 'state', state) end
+    redis.call('ZADD', zset, t, id)
+    table.insert(out, 1)
+  else
+    redis.call('HINCRBY', group, 'count', count)
+    if t < tonumber(redis.call('HGET', group, 'first_time')) then
+      redis.call('HSET', group, 'first_time', t)
+    end
+    if t >= tonumber(redis.call('HGET', group, 'last_time')) then
+      redis.call('HSET', group, 'last_time', t, 'data', data)
+      redis.call('ZADD', zset, t, id)
+    end
+    if state ~= '' then
+      redis.call('HSET', group, 'state', state == 'CLOSED' and 'CLOSED' or 'ALERT')
+    end
+    table.insert(out, 1)
+  end
 end
-redis.call('HINCRBY', KEYS[1], 'count', ARGV[3])
-if t < tonumber(redis.call('HGET', KEYS[1], 'first_time')) then
-  redis.call('HSET', KEYS[1], 'first_time', t)
-end
-if t >= tonumber(redis.call('HGET', KEYS[1], 'last_time')) then
-  redis.call('HSET', KEYS[1], 'last_time', t, 'data', ARGV[5])
-  redis.call('ZADD', KEYS[2], t, ARGV[1])
-end
-if ARGV[4] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', ARGV[4] == 'CLOSED' and 'CLOSED' or 'ALERT')
-end
-return 1
+return out
 """
 
 # KEYS: sorted set. ARGV: hash key prefix, limit, cursor time ("" from the top), cursor id.
@@ -226,14 +234,34 @@ class RedisGroupStore(GroupStore):
 
     def __init__(self, bus: RedisBus):
         self.bus = bus
+        self._batch: list[tuple[list[str], Deferred]] = []
+        self._flush_call: Any = None
 
     def record(self, event: Event) -> Deferred:
         kind, group_id, when, count, state, data = _update(event)
-        return self.bus.execute(
-            "EVAL", _RECORD, "3", f"{self.prefix}{kind}.{group_id}", f"ckpt.groups.{kind}",
-            f"{self.prefix}seen.{event.guid}",
-            group_id, str(when), str(count), state or "", json.dumps(data), str(SEEN_TTL)
-        ).addCallback(lambda counted: bool(int(counted)))
+        d: Deferred = Deferred()
+        self._batch.append(([f"{self.prefix}{kind}.{group_id}", f"ckpt.groups.{kind}",
+                             f"{self.prefix}seen.{event.guid}", group_id, str(when), str(count),
+                             state or "", json.dumps(data)], d))
+        if self._flush_call is None:
+            self._flush_call = self.bus.reactor.callLater(0, self._flush)
+        return d
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        batch, self._batch = self._batch, []
+        args = [value for values, _ in batch for value in values]
+        d = self.bus.execute("EVAL", _RECORD, "0", str(SEEN_TTL), *args)
+
+        def counted(replies: list) -> None:
+            for (_, waiting), reply in zip(batch, replies):
+                waiting.callback(bool(int(reply)))
+
+        def failed(failure: Any) -> None:
+            for _, waiting in batch:
+                waiting.errback(failure)
+
+        d.addCallbacks(counted, failed)
 
     def page(self, kind: str, limit: int, before: Optional[str]) -> Deferred:
         try:

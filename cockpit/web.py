@@ -144,6 +144,17 @@ class ApiSite(Site):
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.max_body = max_body
         self.displayTracebacks = False
+        self.answered = 0  # requests answered below 400, which are counted rather than logged
+
+    def log(self, request: Request) -> None:
+        # an access line per accepted event would cost more than the event; refusals say why
+        code = request.code
+        if code < 400:
+            self.answered += 1
+            return
+        log.info("{method} {path} answered {code} to {peer}", method=request.method.decode(errors="replace"),
+                 path=request.path.decode(errors="replace")[:200], code=code,
+                 peer=getattr(request.getClientAddress(), "host", "?"))
 
 
 # ---------------------------------------------------------------------------
