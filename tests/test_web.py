@@ -193,6 +193,12 @@ class RecentTests(TestCase):
         self.assertIn("query parameter type", payload["error"])
 
     @inlineCallbacks
+    def test_before_beyond_a_stream_id_is_400(self):
+        response, payload = yield self.get("?before=790-76921455128300803792")
+        self.assertEqual(400, response.code)
+        self.assertIn("query parameter before", payload["error"])
+
+    @inlineCallbacks
     def test_malformed_before_is_400(self):
         response, payload = yield self.get("?before=yesterday")
         self.assertEqual(400, response.code)

@@ -124,6 +124,12 @@ class MailTests(TestCase):
         self.assertEqual("no [mail.relay] is configured; the cockpit cannot send mail", payload["error"])
 
     @inlineCallbacks
+    def test_no_relay_lists_no_deliveries(self):
+        response = yield self.make_client(None).get("http://cockpit/api/mail")
+        self.assertEqual(200, response.code)
+        self.assertEqual({"mails": []}, (yield response.json()))
+
+    @inlineCallbacks
     def test_mail_is_handed_to_the_sender_and_202_gives_its_record(self):
         relay = config.from_dict({"mail": {"relay": {"host": "127.0.0.1", "port": 9}}}).mail.relay
         mailer = MailSender(relay, reactor)  # not started: the mail waits in its queue

@@ -15,7 +15,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cockpit import config
-from cockpit.bus import MemoryBus
+from cockpit.bus import MemoryBus, RedisBus
+from cockpit.config import RedisSection
 from cockpit.events import from_yaml
 from cockpit.examples import SEED_YAML
 from cockpit.groups import EventGroups
@@ -23,6 +24,7 @@ from cockpit.openapi import downgrade_to_30
 from cockpit.smtp import MailSender
 from cockpit.store import Store
 from cockpit.web import Api
+from tests.redis_server import shared_server
 
 SEEDS = Path(__file__).parent / "seeds"
 
@@ -153,10 +155,13 @@ class SchemathesisTests(TestCase):
         data = tempfile.mkdtemp()
         cfg = config.from_dict({"api": {"tokens": ["tok"]},
                                 "mail": {"relay": {"host": "127.0.0.1", "port": 9, "retries": 0}}})
-        self.bus = MemoryBus(clock=reactor)
+        redis = shared_server()
+        redis.flush()
+        self.bus = RedisBus(RedisSection(url=redis.url))  # the real thing: Redis answers the queries
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         groups = EventGroups(self.bus, drain_timeout=0)
+        groups.consumer.block_ms = 100  # stops promptly at the end
         groups.startService()
         self.addCleanup(groups.stopService)
         # the relay port is closed: mails are accepted (202) and wait for it
@@ -165,6 +170,7 @@ class SchemathesisTests(TestCase):
                        groups=groups, services={"groups": groups.health})
         self.port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
+        return self.bus.when_connected()
 
     @inlineCallbacks
     def test_schemathesis_finds_no_server_error_and_no_schema_violation(self):
