@@ -180,8 +180,8 @@ def looks_like_markdown(text: str) -> bool:
     sample = text[:MD_SCAN]
     if any(mark in sample and pattern.search(sample) for mark, pattern in _MD_STRONG):
         return True
-    items = _MD_LIST_ITEM.findall(sample)
-    return len(items) >= 2
+    items = _MD_LIST_ITEM.finditer(sample)
+    return next(items, None) is not None and next(items, None) is not None
 
 
 def decode_text(part: Message) -> str:
@@ -192,10 +192,7 @@ def decode_text(part: Message) -> str:
         data = None
     if not isinstance(data, bytes):
         data = _undecoded(part)
-    try:
-        charset = part.get_content_charset()
-    except Exception:
-        charset = None
+    charset = _params(part, "content-type").get("charset")
     codec = "utf-8"
     if charset:
         try:
@@ -272,21 +269,23 @@ def _content_type(part: Message) -> str:
         return "application/octet-stream"
 
 
-def _filename(part: Message) -> Optional[str]:
+def _params(part: Message, header: str) -> Any:
+    """The parameters of a MIME header, as policy.default's header registry decoded them (RFC 2231 too)."""
     try:
-        name = part.get_filename()  # RFC 2231 and encoded words, decoded by policy.default
-        if name is None:
-            name = part.get_param("name")
-            if isinstance(name, tuple):  # an RFC 2231 triple
-                name = email_policy.default.header_factory("x", str(name[2])) if name[2] else None
-        return str(name) if name else None
+        return getattr(part.get(header), "params", None) or {}
     except Exception:
-        return None
+        return {}
+
+
+def _filename(part: Message) -> Optional[str]:
+    name = _params(part, "content-disposition").get("filename") or _params(part, "content-type").get("name")
+    return str(name) if name else None
 
 
 def _disposition(part: Message) -> Optional[str]:
     try:
-        return part.get_content_disposition()
+        value = getattr(part.get("content-disposition"), "content_disposition", None)
+        return str(value).lower() if value else None
     except Exception:
         return None
 
