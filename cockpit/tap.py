@@ -88,7 +88,7 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
         mailer.setName("mailer")
         mailer.setServiceParent(top)
     smtp_listener = Listener("SMTP", cfg.mail.endpoint(), IncomingMailFactory(cfg.mail, bus, store, reactor),
-                             reactor, scheme="smtp")
+                             reactor)
     smtp_listener.setName("smtp")
     smtp_listener.setServiceParent(top)
 
