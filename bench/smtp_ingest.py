@@ -98,7 +98,7 @@ def make_messages(count: int, with_attachments: bool) -> list[bytes]:
     messages = []
     for i in range(count):
         body = "".join(f"Line {n} of the report for node {i % 97}: disk {n * 7 % 100}% used on /var\r\n"
-                       for n in range(24))
+                       for n in range(30))
         head = (f"From: Monitor {i % 13} <monitor{i % 13}@example.org>\r\nTo: ops@{DOMAIN}\r\n"
                 f"Subject: disk usage report {i}\r\nMessage-ID: <bench-{i}@example.org>\r\n"
                 f"Date: Mon, 1 Jan 2024 10:00:00 +0000\r\nMIME-Version: 1.0\r\n")

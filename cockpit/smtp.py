@@ -148,10 +148,18 @@ def _header(msg: Message, name: str) -> str:
         return clean_text(raw[0]) if raw else ""
 
 
+# "addr@host" or "Name <addr@host>": the common forms, read without getaddresses' tokenizer
+_SIMPLE_ADDRESS = re.compile(r'^\s*(?:[\w .\'-]*<([^<>@\s,;:"()\\]+@[^<>@\s,;:"()\\]+)>|([^<>@\s,;:"()\\]+@[^<>@\s,;:"()\\]+))\s*$')
+
+
 def _addresses(values: Optional[list[str]]) -> list[str]:
     found: list[str] = []
     if not values:
         return found
+    if len(values) == 1 and values[0].isascii():
+        simple = _SIMPLE_ADDRESS.match(values[0])
+        if simple:
+            return [clean_text(simple.group(1) or simple.group(2))[:320]]
     try:
         pairs = getaddresses(values)
     except Exception:
@@ -184,6 +192,14 @@ def looks_like_markdown(text: str) -> bool:
     return next(items, None) is not None and next(items, None) is not None
 
 
+@functools.lru_cache(maxsize=256)
+def _codec(charset: str) -> str:
+    try:
+        return codecs.lookup(charset).name
+    except (LookupError, ValueError):
+        return "utf-8"
+
+
 def decode_text(part: Message) -> str:
     """A text part's content; an unknown or broken charset degrades to replacement characters."""
     try:
@@ -193,12 +209,7 @@ def decode_text(part: Message) -> str:
     if not isinstance(data, bytes):
         data = _undecoded(part)
     charset = _params(part, "content-type").get("charset")
-    codec = "utf-8"
-    if charset:
-        try:
-            codec = codecs.lookup(charset).name
-        except (LookupError, ValueError):
-            codec = "utf-8"
+    codec = _codec(str(charset)) if charset else "utf-8"
     if codec == "ascii":
         codec = "utf-8"  # 8-bit text declared as us-ascii is UTF-8 more often than not
     try:
@@ -331,7 +342,11 @@ def _body(text: str, subtype: str) -> tuple[str, str]:
 def parse_mail(raw: bytes, envelope: Envelope, store: Store) -> EmailEvent:
     """The email event of ``raw``, its attachments written to ``store`` (blocks: call it in a thread)."""
     try:
-        msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw)
+        # the headers first: a single-part message is then parsed already, and only a
+        # multipart or message/* one needs the parser to walk its body too
+        msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw, headersonly=True)
+        if _content_type(msg).startswith(("multipart/", "message/")):
+            msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw)
         return _event(msg, raw, envelope, store)
     except (RecursionError, _TooComplex):
         log.info("a message from {sender} is too deeply nested or has too many parts to split; "
