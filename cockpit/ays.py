@@ -121,7 +121,7 @@ class Robot(Service):
                  repos=len(loaded), services=sum(len(r.services) for r in loaded.values()),
                  workers=self.pool.size, path=str(self.store.root))
         self.consumer = self.bus.consumer(AYS_GROUP, self.handle_event, concurrency=self.concurrency,
-                                          drain_timeout=max(self.pool.action_timeout, 10.0))
+                                          drain_timeout=min(self.pool.action_timeout + 1.0, 10.0))
         self.consumer.startService()
         self.timer = TimerService(self.tick, self._tick)
         self.timer.clock = self.clock

@@ -200,6 +200,8 @@ class WorkerPoolTests(TestCase):
     @inlineCallbacks
     def test_many_runs_spread_over_the_workers(self):
         self.start(size=2)
+        while self.pool.health()["ready"] < 2:  # a worker still starting would get no share
+            yield deferLater(0.01)
         outcomes = yield defer.gatherResults([self.run_action("pid") for _ in range(200)])
         self.assertEqual({o.state for o in outcomes}, {"ok"})
         self.assertEqual(len({o.result for o in outcomes}), 2)
