@@ -13,6 +13,7 @@ setup(
     install_requires=[
         "twisted[tls]>=24.3",
         "txredisapi>=1.6,<1.7",
+        "hiredis>=2.0",  # txredisapi parses replies in C with it, several times faster
         "klein>=23.5",
         "treq>=23.11",
         "pyyaml>=6",

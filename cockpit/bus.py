@@ -167,6 +167,9 @@ class Bus(Service):
         raise NotImplementedError
 
 
+_TAKEN: Deferred = defer.succeed(None)
+
+
 def _consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -210,7 +213,8 @@ class Consumer(Service):
         yield self._stop_reading()
         if self.inflight and self.drain_timeout > 0:
             # let running handlers finish and ack; what does not finish stays pending for others
-            pending = defer.DeferredList(list(self.inflight.values()), consumeErrors=True)
+            pending = defer.DeferredList([d for d in self.inflight.values() if d is not _TAKEN],
+                                         consumeErrors=True)
             timeout = self.bus.clock.callLater(self.drain_timeout, pending.cancel)
             try:
                 yield pending
@@ -258,11 +262,22 @@ class Consumer(Service):
             # no retry can make an undecodable entry decodable
             self._dead_letter_logged(stream, entry_id, raw, deliveries, "the entry holds no valid event")
             return
-        self.inflight[key] = defer.succeed(None)  # taken before the handler runs: it may re-enter
-        d = defer.maybeDeferred(self.handler, event, Delivery(stream, entry_id, deliveries))
-        self.inflight[key] = d
-        d.addCallback(lambda _: self._ack(stream, entry_id))
-        d.addCallbacks(self._handled, self._failed, callbackArgs=(key,), errbackArgs=(key,))
+        self.inflight[key] = _TAKEN  # before the handler runs: it may re-enter
+        try:
+            result = self.handler(event, Delivery(stream, entry_id, deliveries))
+        except Exception:
+            self._failed(Failure(), key)
+            return
+        if isinstance(result, Deferred):
+            self.inflight[key] = result
+            result.addCallbacks(self._handler_done, self._failed, callbackArgs=(key,), errbackArgs=(key,))
+        else:  # most handlers finish at once: no Deferred for the handler then
+            self._handler_done(None, key)
+
+    def _handler_done(self, _: Any, key: tuple[str, str]) -> None:
+        acked = self._ack(*key)
+        self.inflight[key] = acked
+        acked.addCallbacks(self._handled, self._failed, callbackArgs=(key,), errbackArgs=(key,))
 
     def _handled(self, _: Any, key: tuple[str, str]) -> None:
         self._last_error.pop(key, None)
@@ -362,6 +377,44 @@ def _fields(flat: Optional[list]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2]))
 
 
+def encode_command(args: Sequence[Any]) -> bytes:
+    """One command in the Redis protocol (RESP)."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode()
+        elif not isinstance(arg, (bytes, bytearray)):
+            arg = str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+if txredisapi.hiredis is not None:
+    class _CommandProtocol(txredisapi.HiredisProtocol):
+        """Replies parsed and decoded by hiredis in C, handed on as they are.
+
+        txredisapi's own transaction bookkeeping and per-element conversion are skipped:
+        this bus never uses txredisapi's multi(), and convertNumbers is off anyway.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self._reader = txredisapi.hiredis.Reader(
+                protocolError=txredisapi.InvalidData, replyError=txredisapi.ResponseError,
+                encoding="utf-8", errors="replace")
+
+        def dataReceived(self, data, unpause=False):
+            if data:
+                self._reader.feed(data)
+            gets, deliver = self._reader.gets, self.replyReceived
+            reply = gets()
+            while reply is not False:
+                deliver(reply)
+                reply = gets()
+else:  # pragma: no cover - hiredis is a dependency; this keeps a broken install working
+    _CommandProtocol = txredisapi.RedisProtocol
+
+
 _MULTI = b"*1\r\n$5\r\nMULTI\r\n"
 _EXEC = b"*1\r\n$4\r\nEXEC\r\n"
 
@@ -405,6 +458,9 @@ class RedisBus(Bus):
         self._batch: list[tuple[str, bytes, Deferred]] = []
         self._flush_call = None
         self._encoded: dict[str, tuple[bytes, bytes]] = {}
+        self._awaiting = 0  # replies owed on the command connection
+        self._progress = 0.0  # when a reply last came (or the first owed one was asked for)
+        self._watchdog: Optional[task.LoopingCall] = None
         self._live_subscribed = False
         self._live_waiters: list[Deferred] = []
 
@@ -429,6 +485,7 @@ class RedisBus(Bus):
             self.settings.redacted_url(), c["db"], 1, isLazy=True,
             password=c["password"], username=c["username"], convertNumbers=False,
             replyTimeout=self.settings.timeout if reply_timeout == -1 else reply_timeout)
+        factory.protocol = _CommandProtocol
         self._tune(factory)
         factory.startConnecting(self._endpoint())
         return factory
@@ -441,7 +498,11 @@ class RedisBus(Bus):
 
     def startService(self) -> None:
         super().startService()
-        self._factory = self.connect()
+        # replies are timed by this one watchdog, not a timer per command
+        self._factory = self.connect(reply_timeout=None)
+        self._watchdog = task.LoopingCall(self._watch)
+        self._watchdog.clock = self.reactor
+        self._watchdog.start(max(self.settings.timeout / 4, 0.05), now=False)
         if self._subscriptions:
             self._live_wanted()
         log.info("bus: Redis at {url}", url=self.settings.redacted_url())
@@ -449,6 +510,8 @@ class RedisBus(Bus):
     @inlineCallbacks
     def stopService(self):
         super().stopService()
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
         factories = [f for f in (self._factory, self._live) if f is not None]
         self._factory = self._live = None
         self._fail_batch(BusUnavailable("the bus is stopping"))
@@ -476,18 +539,58 @@ class RedisBus(Bus):
         raise BusUnavailable(f"Redis at {self.settings.redacted_url()} is not reachable")
 
     def execute(self, *args: Any) -> Deferred:
-        """Run one command now, failing fast with BusUnavailable when Redis is away."""
+        """Run one command now, failing fast with BusUnavailable when Redis is away.
+
+        A Redis error reply fails the Deferred with txredisapi.ResponseError.
+        """
         try:
             proto = self.connection()
-            d = proto.execute_command(*args)
-        except (BusUnavailable, txredisapi.ConnectionError) as exc:
-            return defer.fail(BusUnavailable(str(exc)))
-        return d.addErrback(self._unavailable)
+        except BusUnavailable as exc:
+            return defer.fail(exc)
+        reply = self._expect(proto, 1)
+        proto.transport.write(encode_command(args))
+        return reply.addCallback(self._reply)
 
-    def _unavailable(self, failure: Failure):
-        failure.trap(txredisapi.ConnectionError)
-        raise BusUnavailable(f"Redis at {self.settings.redacted_url()} did not answer: "
-                             f"{failure.getErrorMessage()}")
+    def _expect(self, proto: Any, replies: int) -> Deferred:
+        """Wait for ``replies`` replies on ``proto``; fires with the last one (errors as values)."""
+        queue = proto.replyQueue
+        for _ in range(replies - 1):
+            queue.get()
+        if self._awaiting == 0:
+            self._progress = self.reactor.seconds()
+        self._awaiting += 1
+        return queue.get().addBoth(self._replied)
+
+    def _replied(self, value: Any) -> Any:
+        self._awaiting -= 1
+        self._progress = self.reactor.seconds()
+        return value
+
+    def transaction(self, *commands: Sequence[Any]) -> Deferred:
+        """Run ``commands`` in one MULTI/EXEC; fires with EXEC's list of replies."""
+        try:
+            proto = self.connection()
+        except BusUnavailable as exc:
+            return defer.fail(exc)
+        reply = self._expect(proto, len(commands) + 2)
+        proto.transport.write(b"".join([_MULTI, *map(encode_command, commands), _EXEC]))
+        return reply.addCallback(self._reply)
+
+    def _reply(self, value: Any) -> Any:
+        if isinstance(value, txredisapi.ConnectionError):
+            raise BusUnavailable(f"Redis at {self.settings.redacted_url()} did not answer: {value}")
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def _watch(self) -> None:
+        """Abort a connection that has owed replies for longer than [redis] timeout: Redis hangs."""
+        if self._awaiting and self.reactor.seconds() - self._progress > self.settings.timeout:
+            log.warn("Redis at {url} gave no reply for {timeout}s; reconnecting",
+                     url=self.settings.redacted_url(), timeout=self.settings.timeout)
+            self._progress = self.reactor.seconds()
+            for proto in list(self._factory.pool if self._factory else ()):
+                proto.transport.abortConnection()
 
     # -- publishing ---------------------------------------------------------
     def publish(self, event: Event) -> Deferred:
@@ -528,13 +631,10 @@ class RedisBus(Bus):
             size = b"$%d\r\n" % len(raw)
             parts += (xadd, size, raw, b"\r\n", publish, size, raw, b"\r\n")
         parts.append(_EXEC)
-        queue = proto.replyQueue
-        for _ in range(2 * len(batch) + 1):
-            queue.get()  # +OK and +QUEUED: EXEC reports all that matters
-        result = queue.get()
+        # +OK and +QUEUED replies are passed over: EXEC reports all that matters
+        result = self._expect(proto, 2 * len(batch) + 2)
         proto.transport.write(b"".join(parts))
-        timer = self.reactor.callLater(self.settings.timeout, proto.transport.abortConnection)
-        result.addCallback(self._committed, batch, timer)
+        result.addCallback(self._committed, batch)
 
     def _prefixes(self, key: str) -> tuple[bytes, bytes]:
         prefixes = self._encoded.get(key)
@@ -547,9 +647,7 @@ class RedisBus(Bus):
             prefixes = self._encoded[key] = (xadd, publish)
         return prefixes
 
-    def _committed(self, replies: Any, batch: list, timer: Any) -> None:
-        if timer.active():
-            timer.cancel()
+    def _committed(self, replies: Any, batch: list) -> None:
         if isinstance(replies, txredisapi.ConnectionError):
             return self._not_committed(Failure(replies), batch)
         if not isinstance(replies, list):
@@ -673,6 +771,8 @@ class RedisConsumer(Consumer):
         super().__init__(bus, *args, **kwargs)
         self.bus: RedisBus = bus
         self._reader: Optional[txredisapi.RedisFactory] = None
+        self._acks: dict[str, list[tuple[str, Deferred]]] = {}
+        self._ack_call: Any = None
 
     def startService(self) -> None:
         # a blocking read never times out client-side
@@ -717,11 +817,36 @@ class RedisConsumer(Consumer):
         return entries
 
     def _stop_reading(self) -> Deferred:
+        self._flush_acks()
         reader, self._reader = self._reader, None
         return reader.disconnect() if reader is not None else defer.succeed(None)
 
     def _ack(self, stream, entry_id):
-        return self.bus.execute("XACK", stream, self.group, entry_id)
+        # acks of one reactor turn share one XACK per stream
+        d = Deferred()
+        self._acks.setdefault(stream, []).append((entry_id, d))
+        if self._ack_call is None:
+            self._ack_call = self.bus.reactor.callLater(0, self._flush_acks)
+        return d
+
+    def _flush_acks(self) -> None:
+        if self._ack_call is not None and self._ack_call.active():
+            self._ack_call.cancel()
+        self._ack_call = None
+        acks, self._acks = self._acks, {}
+        for stream, items in acks.items():
+            result = self.bus.execute("XACK", stream, self.group, *[entry_id for entry_id, _ in items])
+            result.addCallbacks(self._acked, self._not_acked, callbackArgs=(items,), errbackArgs=(items,))
+
+    @staticmethod
+    def _acked(count: Any, items: list[tuple[str, Deferred]]) -> None:
+        for _, d in items:
+            d.callback(1)
+
+    @staticmethod
+    def _not_acked(failure: Failure, items: list[tuple[str, Deferred]]) -> None:
+        for _, d in items:
+            d.errback(failure)
 
     def _heartbeat(self, keys):
         by_stream: dict[str, list[str]] = {}
@@ -756,19 +881,10 @@ class RedisConsumer(Consumer):
         return claimed
 
     def _dead_letter(self, stream, entry_id, raw, deliveries, error):
-        proto_fields = self._dead_letter_fields(stream, entry_id, raw, deliveries, error)
-        try:
-            proto = self.bus.connection()
-            execute = proto.execute_command
-            steps = [execute("MULTI"),
-                     execute("XADD", DEAD_LETTER_STREAM, "MAXLEN", "~", self.bus._maxlen, "*", *proto_fields),
-                     execute("XACK", stream, self.group, entry_id)]
-            result = execute("EXEC")
-        except (BusUnavailable, txredisapi.ConnectionError) as exc:
-            return defer.fail(BusUnavailable(str(exc)))
-        for step in steps:
-            step.addErrback(lambda f: None)
-        return result
+        fields = self._dead_letter_fields(stream, entry_id, raw, deliveries, error)
+        return self.bus.transaction(
+            ("XADD", DEAD_LETTER_STREAM, "MAXLEN", "~", self.bus._maxlen, "*", *fields),
+            ("XACK", stream, self.group, entry_id))
 
 
 # ---------------------------------------------------------------------------
