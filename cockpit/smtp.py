@@ -13,7 +13,6 @@ with STARTTLS or implicit TLS and AUTH, retrying with backoff.
 """
 from __future__ import annotations
 
-import base64
 import codecs
 import functools
 import hmac
@@ -24,7 +23,7 @@ import time
 import unicodedata
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email import policy as email_policy
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
@@ -53,7 +52,7 @@ from zope.interface import implementer
 from cockpit.bus import Bus, BusUnavailable
 from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
-from cockpit.store import Store, StoredFile
+from cockpit.store import Store
 
 log = Logger()
 

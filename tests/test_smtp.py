@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import smtplib
 import socket
 import ssl
@@ -19,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from cockpit.bus import MemoryBus, RedisBus
+from cockpit.bus import RedisBus
 from cockpit.config import MailSection, RedisSection
 from cockpit.smtp import (Envelope, IncomingMailFactory, looks_like_markdown, parse_mail,
                           safe_filename)
