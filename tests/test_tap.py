@@ -84,12 +84,13 @@ class ProcessTests(TestCase):
         transport = reactor.spawnProcess(
             proc, TWISTD, [TWISTD, "-n", "--pidfile=", "cockpit", "--config", path],
             env={**os.environ, "PYTHONPATH": str(ROOT)}, path=data)
-        try:
-            port = yield proc.listening
-        except RuntimeError:
-            transport.signalProcess("KILL")
-            yield proc.ended
-            raise
+        def kill_if_running():
+            # an assertion that fails below must not leave a cockpit running
+            if not proc.ended.called:
+                transport.signalProcess("KILL")
+                return proc.ended
+        self.addCleanup(kill_if_running)
+        port = yield proc.listening
         response = yield treq.get(f"http://127.0.0.1:{port}/api/health", persistent=False)
         self.assertEqual(200, response.code)
         yield response.content()
