@@ -11,6 +11,7 @@ import json
 from typing import Any, Optional
 
 from twisted.internet import defer
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -296,8 +297,10 @@ class BotApi:
 
 def _cancelled(exc: BaseException) -> bool:
     """Whether a twisted.web client failure is our own cancellation, wrapped."""
+    if isinstance(exc, ConnectingCancelledError):
+        return True
     reasons = getattr(exc, "reasons", None) or []
-    return any(isinstance(r, Failure) and r.check(CancelledError) for r in reasons)
+    return any(isinstance(r, Failure) and r.check(CancelledError, ConnectingCancelledError) for r in reasons)
 
 
 def _safe(exc: BaseException, token: str) -> str:

@@ -1,0 +1,715 @@
+"""The Telegram bot: chat commands become events, output events become messages, alarms become notices.
+
+- :class:`ChatCommands` turns each update from an allowed user into one ``telegram`` input event
+  (``io: input``, ``source: telegram``, ``args`` with ``chat_id``, ``username`` and ``user_id``)
+  for the AYS robot, and answers what it can itself (``/start``, ``/help``, keyboards).
+- :class:`MessageSender` sends plain text with parse mode HTML: escaped, split under Telegram's
+  4096 characters at line boundaries, waiting out 429s.
+- :class:`NoticeBatcher` turns alarm and eco events into short notices to ``[bot] notify_chats``;
+  repeats within a window become one notice with a count.
+- :class:`TelegramBot` wires them: the long-poller (``cockpit.telegram_poll``), a consumer of
+  output events (group ``telegram``) and one of alarms and ecos (group ``telegram.notify``).
+
+Client: ``cockpit.telegram_api``; polling, state and lease: ``cockpit.telegram_poll``.
+"""
+from __future__ import annotations
+
+import html
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from twisted.application.service import MultiService
+from twisted.internet import defer, task, threads
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from cockpit import repos as ays_repos
+from cockpit.bus import Bus, Delivery, RedisBus
+from cockpit.config import Config
+from cockpit.events import AlarmEvent, EcoEvent, Event, TelegramEvent
+from cockpit.telegram_api import ApiUnreachable, BadToken, BotApi, RetryAfter, TelegramError
+from cockpit.telegram_poll import FileBotState, RedisBotState, RedisLease, UpdatePoller
+
+log = Logger()
+
+MAX_MESSAGE = 4096  # characters of text after entity parsing, as Telegram counts them
+MAX_CALLBACK_DATA = 64  # bytes
+MAX_BUTTONS = 48
+OUTPUT_GROUP = "telegram"
+NOTIFY_GROUP = "telegram.notify"
+# a uuid5 namespace: an update's event guid is derived from (bot, update_id), so an update
+# published again after a crash carries the same guid and the robot does not run it twice
+UPDATE_NAMESPACE = uuid.UUID("5b0c1f8e-3f7a-4c57-9a57-6f1b4d1c7e21")
+
+
+# ---------------------------------------------------------------------------
+# sending
+# ---------------------------------------------------------------------------
+
+def split_text(text: str, limit: int = MAX_MESSAGE) -> list[str]:
+    """``text`` in pieces of at most ``limit`` characters, cut at line ends where possible.
+
+    A line longer than ``limit`` is cut hard. Joining the pieces gives back ``text``.
+    """
+    if len(text) <= limit:
+        return [text]
+    pieces: list[str] = []
+    current = ""
+    for line in text.splitlines(keepends=True):
+        while len(line) > limit:  # one over-long line: cut it hard
+            if current:
+                pieces.append(current)
+                current = ""
+            pieces.append(line[:limit])
+            line = line[limit:]
+        if len(current) + len(line) > limit:
+            pieces.append(current)
+            current = ""
+        current += line
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def inline_keyboard(buttons: Sequence[tuple[str, str]], columns: int = 2) -> Optional[dict[str, Any]]:
+    """An inline keyboard of ``(label, command)`` buttons; commands too long for callback_data are left out."""
+    usable = [(label, command) for label, command in buttons
+              if 1 <= len(command.encode()) <= MAX_CALLBACK_DATA][:MAX_BUTTONS]
+    if len(usable) < len(buttons):
+        log.warn("{count} keyboard buttons left out (callback data over 64 bytes, or too many)",
+                 count=len(buttons) - len(usable))
+    if not usable:
+        return None
+    rows = [[{"text": label[:64], "callback_data": command} for label, command in usable[i:i + columns]]
+            for i in range(0, len(usable), columns)]
+    return {"inline_keyboard": rows}
+
+
+class MessageSender:
+    """Sends plain text to a chat: escaped for parse mode HTML, split, and patient with 429s."""
+
+    def __init__(self, api: BotApi, clock: IReactorTime, max_attempts: int = 5, backoff_cap: float = 30.0):
+        self.api = api
+        self.clock = clock
+        self.max_attempts = max_attempts
+        self.backoff_cap = backoff_cap
+        self.attempts = 0  # sendMessage calls made
+
+    @inlineCallbacks
+    def send(self, chat_id: Any, text: str, keyboard: Optional[dict[str, Any]] = None,
+             skip: int = 0, progress: Optional[Callable[[int], None]] = None):
+        """Send ``text``; fires with the messages sent (the keyboard goes on the last one).
+
+        ``skip`` leaves out pieces already sent by an earlier attempt; ``progress(n)`` is told
+        after each piece. Fails with BadRequest (no retry helps) or ApiUnreachable.
+        """
+        if not text.strip():
+            text = "(empty message)"
+        pieces = split_text(text)
+        sent = []
+        for number, piece in enumerate(pieces):
+            if number < skip:
+                continue
+            markup = keyboard if number == len(pieces) - 1 else None
+            message = yield self._send_piece(chat_id, html.escape(piece, quote=False), markup)
+            sent.append(message)
+            if progress is not None:
+                progress(number + 1)
+        return sent
+
+    @inlineCallbacks
+    def _send_piece(self, chat_id: Any, escaped: str, markup: Optional[dict[str, Any]]):
+        failures = 0
+        while True:
+            try:
+                self.attempts += 1
+                message = yield self.api.send_message(chat_id, escaped, parse_mode="HTML", reply_markup=markup)
+                return message
+            except RetryAfter as exc:
+                failures += 1
+                if failures >= self.max_attempts:
+                    raise
+                log.info("Telegram flood control: waiting {seconds} s before sending to {chat}",
+                         seconds=exc.retry_after, chat=chat_id)
+                yield task.deferLater(self.clock, exc.retry_after, lambda: None)
+            except ApiUnreachable as exc:
+                failures += 1
+                if failures >= self.max_attempts:
+                    raise
+                seconds = min(2.0 ** (failures - 1), self.backoff_cap)
+                log.warn("sendMessage failed ({error}); retrying in {seconds} s", error=exc, seconds=seconds)
+                yield task.deferLater(self.clock, seconds, lambda: None)
+
+
+# ---------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------
+
+HELP = """Commands:
+/repo list: the AYS repositories
+/repo create NAME: make a repository and work in it
+/repo select NAME: work in repository NAME
+/repo delete NAME: delete a repository
+/blueprint list, /blueprint show NAME
+/blueprint create NAME, with the YAML on the lines below (or send a .yaml file)
+/blueprint execute NAME, /blueprint delete NAME
+/service list [ROLE], /service show KEY
+/service execute KEY ACTION: KEY is role!instance; @role means every service of that role
+/help: this list
+Without a name, /repo, /blueprint and /service offer buttons."""
+
+REFUSAL = ("Sorry, I only take commands from this cockpit's operators. If you should be one, ask an "
+           "operator to add your Telegram user id {user_id} to [bot] allowed_users.")
+NO_REPO = "No repository selected: /repo select NAME picks one, /repo create NAME makes one."
+
+
+class CommandError(Exception):
+    """A command that cannot be carried out; ``str()`` is the reply to the user."""
+
+
+@dataclass
+class Chat:
+    """Who said something, where, and the update it came in."""
+
+    chat_id: int
+    user_id: int
+    username: str
+    first_name: str
+    update_id: int
+    bot_id: str
+
+    @property
+    def guid(self) -> str:
+        return str(uuid.uuid5(UPDATE_NAMESPACE, f"{self.bot_id}:{self.update_id}"))
+
+
+def is_allowed(user: dict[str, Any], allowed: Sequence[Union[int, str]]) -> bool:
+    """Whether the Telegram ``user`` is named in ``allowed`` by id or by username (without case or @)."""
+    user_id = user.get("id")
+    username = (user.get("username") or "").lower()
+    for entry in allowed:
+        if isinstance(entry, int) or (isinstance(entry, str) and entry.lstrip("-").isdigit()):
+            if int(entry) == user_id:
+                return True
+        elif username and entry.lstrip("@").lower() == username:
+            return True
+    return False
+
+
+class ChatCommands:
+    """Turns updates into events and replies. ``handle_update`` fires once the event is published."""
+
+    def __init__(self, api: BotApi, sender: MessageSender, bus: Bus, state: Any,
+                 allowed_users: Sequence[Union[int, str]], repos_dir: Path):
+        self.api = api
+        self.sender = sender
+        self.bus = bus
+        self.state = state
+        self.allowed_users = list(allowed_users)
+        self.repos = ays_repos.RepoStore(repos_dir)
+        # a user who said "/blueprint create NAME" and whose YAML comes next: user id -> (repo, name)
+        self.awaiting_blueprint: dict[int, tuple[str, Optional[str]]] = {}
+        self.published = 0
+
+    # -- entry point ---------------------------------------------------------------
+    @inlineCallbacks
+    def handle_update(self, update: dict[str, Any]):
+        if "callback_query" in update:
+            yield self._callback(update["update_id"], update["callback_query"])
+        elif "message" in update:
+            yield self._message(update["update_id"], update["message"])
+
+    def _chat(self, update_id: int, user: dict[str, Any], chat: dict[str, Any]) -> Chat:
+        return Chat(chat_id=chat.get("id", user.get("id")), user_id=user.get("id", 0),
+                    username=user.get("username") or "", first_name=user.get("first_name") or "",
+                    update_id=update_id, bot_id=self.api.bot_id)
+
+    @inlineCallbacks
+    def _allowed(self, user: dict[str, Any], chat: Chat):
+        if is_allowed(user, self.allowed_users):
+            return True
+        log.info("refused a command from Telegram user {user_id} (@{username}): not in [bot] allowed_users",
+                 user_id=chat.user_id, username=chat.username)
+        if (yield self.state.first_refusal(chat.user_id)):
+            yield self.reply(chat, REFUSAL.format(user_id=chat.user_id))
+        return False
+
+    @inlineCallbacks
+    def _message(self, update_id: int, message: dict[str, Any]):
+        user = message.get("from") or {}
+        chat = self._chat(update_id, user, message.get("chat") or {})
+        if user.get("is_bot") or not (yield self._allowed(user, chat)):
+            return
+        text = message.get("text")
+        if "document" in message:
+            yield self._guarded(chat, self._document(chat, message["document"], message.get("caption") or ""))
+        elif isinstance(text, str) and text.startswith("/"):
+            yield self._guarded(chat, self.command(chat, text))
+        elif isinstance(text, str) and chat.user_id in self.awaiting_blueprint:
+            repo, name = self.awaiting_blueprint[chat.user_id]
+            if name is None:
+                yield self.reply(chat, "What is the blueprint's name? Send /blueprint create NAME with the "
+                                       "YAML on the lines below it, or send a .yaml file.")
+                return
+            yield self._guarded(chat, self._create_blueprint(chat, repo, name, text))
+        else:
+            yield self.reply(chat, "I understand commands. /help lists them.")
+
+    @inlineCallbacks
+    def _callback(self, update_id: int, query: dict[str, Any]):
+        user = query.get("from") or {}
+        message = query.get("message") or {}
+        chat = self._chat(update_id, user, message.get("chat") or {"id": user.get("id")})
+        # answered in any case: the user's client shows a spinner until it is
+        yield self._best_effort(self.api.answer_callback_query(str(query.get("id"))), "answerCallbackQuery")
+        if not (yield self._allowed(user, chat)):
+            return
+        if message.get("message_id") is not None:
+            # a keyboard is used once: take it off so an old button cannot be tapped again
+            yield self._best_effort(self.api.remove_keyboard(chat.chat_id, message["message_id"]),
+                                    "editMessageReplyMarkup")
+        data = query.get("data")
+        if isinstance(data, str) and data.startswith("/"):
+            yield self._guarded(chat, self.command(chat, data))
+
+    @staticmethod
+    def _best_effort(d: Deferred, what: str) -> Deferred:
+        # e.g. a query older than Telegram keeps (after a restart): the command still counts
+        return d.addErrback(lambda f: log.warn("{what} failed: {error}", what=what, error=f.getErrorMessage()))
+
+    @inlineCallbacks
+    def _guarded(self, chat: Chat, work: Deferred):
+        try:
+            yield work
+        except CommandError as exc:
+            yield self.reply(chat, str(exc))
+        except ays_repos.AysError as exc:
+            yield self.reply(chat, str(exc))
+
+    # -- replies and events ------------------------------------------------------------
+    @inlineCallbacks
+    def reply(self, chat: Chat, text: str, buttons: Sequence[tuple[str, str]] = ()):
+        """Send ``text`` (with buttons) to the chat; a failure is logged, never raised."""
+        try:
+            yield self.sender.send(chat.chat_id, text, inline_keyboard(buttons) if buttons else None)
+        except TelegramError as exc:
+            log.warn("could not reply to chat {chat}: {error}", chat=chat.chat_id, error=exc)
+
+    @inlineCallbacks
+    def publish(self, chat: Chat, action: str, **args: Any):
+        """Publish the telegram input event for this update (BusUnavailable: the poller retries)."""
+        event = TelegramEvent(io="input", action=action, source="telegram", guid=chat.guid,
+                              args={"chat_id": chat.chat_id, "username": chat.username,
+                                    "user_id": chat.user_id, **args})
+        yield self.bus.publish(event)
+        self.published += 1
+        log.info("telegram {action} from @{username} published as {guid}", action=action,
+                 username=chat.username or chat.user_id, guid=event.guid)
+        return event
+
+    def _in_thread(self, method: Callable[..., Any], *args: Any) -> Deferred:
+        return threads.deferToThread(method, *args)
+
+    @inlineCallbacks
+    def _current_repo(self, chat: Chat):
+        repo = yield self.state.current_repo(chat.user_id)
+        if not repo:
+            raise CommandError(NO_REPO)
+        return repo
+
+    # -- commands -------------------------------------------------------------------
+    @inlineCallbacks
+    def command(self, chat: Chat, text: str):
+        """Carry out one command line (from a message or a button)."""
+        first, _, rest = text.partition("\n")
+        words = first.split()
+        name = words[0][1:].split("@", 1)[0].lower()
+        args = words[1:]
+        if name == "start":
+            yield self.reply(chat, f"Hello {chat.first_name or chat.username}! I am the cockpit's bot: I manage "
+                                   "AYS repositories, blueprints and services, and pass on alarms.\n\n" + HELP)
+        elif name == "help":
+            yield self.reply(chat, HELP)
+        elif name == "repo":
+            yield self._repo(chat, args)
+        elif name in ("blueprint", "bp"):
+            yield self._blueprint(chat, args, rest)
+        elif name == "service":
+            yield self._service(chat, args)
+        else:
+            yield self.reply(chat, f"I do not know /{name}. /help lists what I can do.")
+
+    @inlineCallbacks
+    def _repo(self, chat: Chat, args: list[str]):
+        sub = args[0].lower() if args else ""
+        name = " ".join(args[1:])
+        if sub == "":
+            yield self.reply(chat, "Repositories: what shall I do? (/repo create NAME makes one.)",
+                             [("List", "/repo list"), ("Select", "/repo select"), ("Delete", "/repo delete")])
+        elif sub == "list":
+            yield self.publish(chat, "repo.list")
+        elif sub == "create":
+            if not name:
+                raise CommandError("Which name? /repo create NAME")
+            ays_repos.check_repo_name(name)
+            yield self.publish(chat, "repo.create", name=name)
+            yield self.state.set_current_repo(chat.user_id, name)
+        elif sub in ("select", "delete"):
+            if not name:
+                yield self._choose_repo(chat, sub)
+                return
+            ays_repos.check_repo_name(name)
+            if sub == "delete":
+                yield self.publish(chat, "repo.delete", name=name)
+                if (yield self.state.current_repo(chat.user_id)) == name:
+                    yield self.state.set_current_repo(chat.user_id, None)
+                return
+            known = yield self._in_thread(self.repos.list_repos)
+            if name not in known:
+                raise CommandError(f"There is no repository {name!r}. /repo list shows them.")
+            yield self.state.set_current_repo(chat.user_id, name)
+            yield self.reply(chat, f"Now working in repository {name}.")
+        else:
+            raise CommandError("/repo list, create NAME, select NAME or delete NAME")
+
+    @inlineCallbacks
+    def _choose_repo(self, chat: Chat, sub: str):
+        known = yield self._in_thread(self.repos.list_repos)
+        if not known:
+            raise CommandError("There are no repositories yet: /repo create NAME makes one.")
+        yield self.reply(chat, f"Which repository shall I {sub}?", [(r, f"/repo {sub} {r}") for r in known])
+
+    @inlineCallbacks
+    def _blueprint(self, chat: Chat, args: list[str], rest: str):
+        sub = args[0].lower() if args else ""
+        name = args[1] if len(args) > 1 else ""
+        if sub == "":
+            yield self.reply(chat, "Blueprints: what shall I do? (/blueprint create NAME with the YAML below "
+                                   "it, or a .yaml file, makes one.)",
+                             [("List", "/blueprint list"), ("Show", "/blueprint show"),
+                              ("Execute", "/blueprint execute"), ("Delete", "/blueprint delete")])
+            return
+        if sub not in ("list", "show", "create", "execute", "delete"):
+            raise CommandError("/blueprint list, show NAME, create NAME, execute NAME or delete NAME")
+        repo = yield self._current_repo(chat)
+        if sub == "list":
+            yield self.publish(chat, "bp.list", repo=repo)
+        elif sub == "create":
+            name = ays_repos.blueprint_name(name) if name else None
+            if rest.strip() and name:
+                yield self._create_blueprint(chat, repo, name, rest)
+            else:
+                self.awaiting_blueprint[chat.user_id] = (repo, name)
+                yield self.reply(chat, f"Send the blueprint for repository {repo}: paste its YAML, or send a "
+                                       ".yaml file." if name else
+                                 f"Send the blueprint for repository {repo} as a .yaml file, or send "
+                                 "/blueprint create NAME with the YAML on the lines below it.")
+        elif not name:
+            names = yield self._in_thread(self.repos.list_blueprints, repo)
+            if not names:
+                raise CommandError(f"Repository {repo} has no blueprints yet.")
+            yield self.reply(chat, f"Which blueprint shall I {sub}?", [(n, f"/blueprint {sub} {n}") for n in names])
+        else:
+            yield self.publish(chat, {"show": "bp.show", "execute": "bp.execute", "delete": "bp.delete"}[sub],
+                               repo=repo, name=ays_repos.blueprint_name(name))
+
+    @inlineCallbacks
+    def _create_blueprint(self, chat: Chat, repo: str, name: str, content: str):
+        name = ays_repos.blueprint_name(name)
+        if len(content.encode()) > ays_repos.MAX_FILE:
+            raise CommandError(f"The blueprint is larger than {ays_repos.MAX_FILE} bytes.")
+        ays_repos.parse_blueprint(content)  # a YAML mistake is answered here, with its line
+        self.awaiting_blueprint.pop(chat.user_id, None)
+        yield self.publish(chat, "bp.create", repo=repo, name=name, content=content)
+
+    @inlineCallbacks
+    def _document(self, chat: Chat, document: dict[str, Any], caption: str):
+        words = caption.split()
+        name = document.get("file_name") or ""
+        if len(words) >= 3 and words[0].split("@")[0] in ("/blueprint", "/bp") and words[1] == "create":
+            name = words[2]
+        elif not name.endswith((".yaml", ".yml")):
+            raise CommandError("I take files only as blueprints: send a .yaml file.")
+        awaiting = self.awaiting_blueprint.get(chat.user_id)
+        repo = awaiting[0] if awaiting else (yield self._current_repo(chat))
+        size = document.get("file_size")
+        if isinstance(size, int) and size > ays_repos.MAX_FILE:
+            raise CommandError(f"The blueprint is larger than {ays_repos.MAX_FILE} bytes.")
+        try:
+            raw = yield self.api.download(document["file_id"], ays_repos.MAX_FILE)
+        except BadToken:
+            raise
+        except TelegramError as exc:
+            raise CommandError(f"I could not fetch the file from Telegram ({exc.description}); please send "
+                               "it again.") from None
+        try:
+            content = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CommandError("The file is not UTF-8 text: a blueprint is YAML text.") from None
+        yield self._create_blueprint(chat, repo, name, content)
+
+    @inlineCallbacks
+    def _service(self, chat: Chat, args: list[str]):
+        sub = args[0].lower() if args else ""
+        if sub == "":
+            yield self.reply(chat, "Services: what shall I do?",
+                             [("List", "/service list"), ("Show", "/service show"),
+                              ("Execute", "/service execute")])
+            return
+        if sub not in ("list", "show", "execute"):
+            raise CommandError("/service list [ROLE], show KEY or execute KEY ACTION")
+        repo = yield self._current_repo(chat)
+        if sub == "list":
+            extra = {"role": args[1]} if len(args) > 1 else {}
+            yield self.publish(chat, "service.list", repo=repo, **extra)
+            return
+        key = args[1] if len(args) > 1 else ""
+        if key:
+            self._check_key(key)
+        if sub == "show":
+            if not key:
+                yield self._choose_service(chat, repo, "show", roles=False)
+            else:
+                yield self.publish(chat, "service.show", repo=repo, name=key)
+            return
+        if not key:
+            yield self._choose_service(chat, repo, "execute", roles=True)
+        elif len(args) < 3:
+            yield self._choose_action(chat, repo, key)
+        else:
+            yield self.publish(chat, "service.execute", repo=repo, name=key, action=args[2])
+
+    @staticmethod
+    def _check_key(key: str) -> None:
+        if key.startswith("@"):
+            ays_repos.check_name(key[1:], "role")
+        else:
+            ays_repos.split_key(key)
+
+    @inlineCallbacks
+    def _choose_service(self, chat: Chat, repo: str, sub: str, roles: bool):
+        snapshot = yield self._in_thread(self.repos.load_repo, repo)
+        keys = sorted(snapshot.services)
+        if not keys:
+            raise CommandError(f"Repository {repo} has no services yet: /blueprint execute NAME makes them.")
+        buttons = [(key, f"/service {sub} {key}") for key in keys]
+        if roles:
+            role_names = sorted({snapshot.services[k].role for k in keys})
+            buttons += [(f"@{role} (all)", f"/service {sub} @{role}") for role in role_names]
+        yield self.reply(chat, f"Which service shall I {sub}?", buttons)
+
+    @inlineCallbacks
+    def _choose_action(self, chat: Chat, repo: str, key: str):
+        snapshot = yield self._in_thread(self.repos.load_repo, repo)
+        if key.startswith("@"):
+            records = [s for s in snapshot.services.values() if s.role == key[1:]]
+        else:
+            records = [snapshot.services[key]] if key in snapshot.services else []
+        if not records:
+            raise CommandError(f"There is no service {key} in repository {repo}.")
+        actions = sorted({a for s in records if s.template in snapshot.templates
+                          for a in snapshot.templates[s.template].actions})
+        if not actions:
+            raise CommandError(f"The template of {key} has no actions.")
+        yield self.reply(chat, f"Which action of {key}?", [(a, f"/service execute {key} {a}") for a in actions])
+
+
+# ---------------------------------------------------------------------------
+# notices
+# ---------------------------------------------------------------------------
+
+def notice_key(event: Event) -> Optional[tuple[str, ...]]:
+    """What makes two alarms (service, method, msg) or two ecos (fingerprint) the same."""
+    if isinstance(event, AlarmEvent):
+        return ("alarm", event.service, event.method, event.msg)
+    if isinstance(event, EcoEvent):
+        return ("eco", event.fingerprint())
+    return None
+
+
+def notice_text(event: Event) -> str:
+    if isinstance(event, AlarmEvent):
+        what = f": {event.method}" if event.method else ""
+        return f"Alarm on {event.service}{what}: {event.msg}".rstrip(": ")
+    if isinstance(event, EcoEvent):
+        where = f" ({event.func_filename}:{event.line_nbr})" if event.func_filename else ""
+        return f"Error in {event.app_name or 'an application'}: {event.error_msg or event.eco_type}{where}"
+    return f"{event.type} event {event.guid}"
+
+
+@dataclass
+class _Notice:
+    text: str
+    count: int
+    timer: Any = None
+
+
+class NoticeBatcher:
+    """Sends one notice per distinct alarm or eco, and counts its repeats instead of sending them.
+
+    The first occurrence is sent after ``gather`` seconds (with the count of repeats so far);
+    repeats after that are summed up once per ``window`` seconds while they go on.
+    """
+
+    def __init__(self, send: Callable[[str], Deferred], clock: IReactorTime,
+                 gather: float = 2.0, window: float = 60.0):
+        self.send = send
+        self.clock = clock
+        self.gather = gather
+        self.window = window
+        self.notices: dict[tuple[str, ...], _Notice] = {}
+        self.sent = 0
+
+    def add(self, event: Event) -> None:
+        key = notice_key(event)
+        if key is None:
+            return
+        notice = self.notices.get(key)
+        if notice is not None:
+            notice.count += 1
+            return
+        notice = self.notices[key] = _Notice(notice_text(event), 1)
+        notice.timer = self.clock.callLater(self.gather, self._flush, key, True)
+
+    def _flush(self, key: tuple[str, ...], first: bool) -> None:
+        notice = self.notices[key]
+        if notice.count == 0:
+            del self.notices[key]  # quiet for a whole window: the next one is news again
+            return
+        if first:
+            text = notice.text if notice.count == 1 else f"{notice.text} (×{notice.count})"
+        else:
+            minutes = f"{self.window / 60:g} min" if self.window >= 60 else f"{self.window:g} s"
+            text = f"{notice.text} (×{notice.count} more in the last {minutes})"
+        notice.count = 0
+        notice.timer = self.clock.callLater(self.window, self._flush, key, False)
+        self.sent += 1
+        self.send(text).addErrback(lambda f: log.warn("could not send a notice: {error}",
+                                                      error=f.getErrorMessage()))
+
+    def stop(self) -> None:
+        for notice in self.notices.values():
+            if notice.timer is not None and notice.timer.active():
+                notice.timer.cancel()
+        self.notices.clear()
+
+
+# ---------------------------------------------------------------------------
+# the bot
+# ---------------------------------------------------------------------------
+
+def _http_client(reactor: Any) -> tuple[Any, Any]:
+    import treq
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 4
+    pool.retryAutomatically = False  # a getUpdates must not be sent twice behind our back
+    return treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool
+
+
+class TelegramBot(MultiService):
+    """The bot for ``[bot] token``: poller, output consumer and notices, as one service.
+
+    ``http`` (a treq client) and ``clock`` may be injected; otherwise a pooled client on
+    ``reactor`` is made, and closed when the service stops.
+    """
+
+    def __init__(self, cfg: Config, bus: Bus, reactor: Any = None, http: Any = None,
+                 clock: Optional[IReactorTime] = None, lease_ttl: float = 30.0,
+                 notice_gather: float = 2.0, notice_window: float = 60.0, output_max_age: float = 3600.0):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        if cfg.bot.token is None:
+            raise ValueError("[bot] token is not set")
+        clock = clock or reactor
+        self.clock = clock
+        pool = None
+        if http is None:
+            http, pool = _http_client(reactor)
+        self.api = BotApi(cfg.bot.token, cfg.bot.api_url, http, clock, pool=pool)
+        self.bus = bus
+        self.sender = MessageSender(self.api, clock)
+        lease = None
+        if isinstance(bus, RedisBus):
+            self.state: Any = RedisBotState(bus, self.api.bot_id)
+            lease = RedisLease(bus, self.api.bot_id, clock, ttl=lease_ttl)
+        else:
+            self.state = FileBotState(cfg.data_dir / "telegram", self.api.bot_id)
+        self.commands = ChatCommands(self.api, self.sender, bus, self.state, cfg.bot.allowed_users,
+                                     cfg.repos_dir)
+        self.poller = UpdatePoller(self.api, self.state, self.commands.handle_update, clock, lease=lease)
+        self.poller.setName("telegram-poller")
+        self.poller.setServiceParent(self)
+        self.output_max_age = output_max_age
+        self._progress: dict[str, int] = {}
+        self.output = bus.consumer(OUTPUT_GROUP, self.deliver, types=["telegram"])
+        self.output.setName("telegram-output")
+        self.output.setServiceParent(self)
+        self.notify_chats = list(cfg.bot.notify_chats)
+        self.notices = NoticeBatcher(self._notify, clock, gather=notice_gather, window=notice_window)
+        self.notify_consumer = None
+        if self.notify_chats:
+            self.notify_consumer = bus.consumer(NOTIFY_GROUP, self._notice, types=["alarm", "eco"])
+            self.notify_consumer.setName("telegram-notices")
+            self.notify_consumer.setServiceParent(self)
+        if not cfg.bot.allowed_users:
+            log.warn("[bot] allowed_users is empty: the Telegram bot refuses every command")
+
+    def startService(self) -> None:
+        log.info("Telegram bot {bot} on {url}", bot=self.api.bot_id, url=self.api.api_url)
+        super().startService()
+
+    @inlineCallbacks
+    def stopService(self):
+        yield super().stopService()
+        self.notices.stop()
+        yield self.api.close()
+
+    # -- output -------------------------------------------------------------------
+    @inlineCallbacks
+    def deliver(self, event: Event, delivery: Delivery):
+        """Send an output ``message`` event to its chat; other telegram events are not ours."""
+        if not isinstance(event, TelegramEvent) or event.io != "output" or event.action != "message":
+            return
+        args = event.args
+        chat_id, text = args.get("chat_id"), args.get("msg")
+        if chat_id is None or not isinstance(text, str):
+            log.warn("telegram output {guid} has no args.chat_id or no args.msg text; dropped", guid=event.guid)
+            return
+        age = self.clock.seconds() - event.epoch
+        if age > self.output_max_age:
+            log.warn("telegram output {guid} is {age:.0f} s old; dropped", guid=event.guid, age=age)
+            return
+        key = f"{delivery.stream}/{delivery.id}"
+        try:
+            yield self.sender.send(chat_id, text, self._keyboard(args.get("keyboard")),
+                                   skip=self._progress.get(key, 0),
+                                   progress=lambda n: self._progress.__setitem__(key, n))
+        except (ApiUnreachable, RetryAfter):
+            raise  # left pending: sent again later, from the first piece not yet sent
+        except TelegramError as exc:
+            # a wrong chat, a bot blocked by the user: no retry changes that
+            log.warn("telegram output {guid} to chat {chat} refused: {error}; dropped",
+                     guid=event.guid, chat=chat_id, error=exc)
+        self._progress.pop(key, None)
+
+    @staticmethod
+    def _keyboard(rows: Any) -> Optional[dict[str, Any]]:
+        # optional args.keyboard: [[label, command], ...] buttons that run commands when tapped
+        if not isinstance(rows, list):
+            return None
+        buttons = [(str(b[0]), str(b[1])) for b in rows if isinstance(b, (list, tuple)) and len(b) == 2]
+        return inline_keyboard(buttons) if buttons else None
+
+    # -- notices ----------------------------------------------------------------
+    def _notice(self, event: Event, delivery: Delivery) -> None:
+        self.notices.add(event)
+
+    def _notify(self, text: str) -> Deferred:
+        sends = [self.sender.send(chat, text) for chat in self.notify_chats]
+        return defer.gatherResults(sends, consumeErrors=True).addErrback(lambda f: f.value.subFailure)

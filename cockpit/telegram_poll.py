@@ -1,0 +1,449 @@
+"""The Telegram long-poller, the bot's persistent state and the polling lease.
+
+The poller asks ``getUpdates`` for updates from its offset on, hands each update to a
+handler (which publishes its event), and only then stores ``update_id + 1`` as the new
+offset: an update is published at least once, and after a clean stop or a restart none is
+handled twice. With Redis the state lives under ``ckpt.telegram.*`` and a lease
+(``SET NX PX`` renewed while held) lets exactly one of several cockpit processes poll; with
+the embedded bus it lives in one JSON file in the data directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer, task, threads
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from cockpit.bus import BusUnavailable, RedisBus
+from cockpit.telegram_api import (ApiUnreachable, BadRequest, BadToken, BotApi, Conflict, RetryAfter,
+                                  TelegramError)
+
+log = Logger()
+
+ALLOWED_UPDATES = ("message", "callback_query")
+KEY_PREFIX = "ckpt.telegram."
+
+
+def redis_key(bot_id: str, what: str) -> str:
+    """The Redis key of one piece of a bot's state: ``ckpt.telegram.<what>.<bot id>``."""
+    return f"{KEY_PREFIX}{what}.{bot_id}"
+
+
+# ---------------------------------------------------------------------------
+# state
+# ---------------------------------------------------------------------------
+
+class BotState:
+    """What the bot remembers across restarts: the offset, each user's repo, who was refused."""
+
+    def load(self) -> Deferred:
+        """Fires when the state can be used."""
+        return defer.succeed(None)
+
+    def offset(self) -> Deferred:
+        """Fires with the next update id to ask for, or None at the very start."""
+        raise NotImplementedError
+
+    def save_offset(self, offset: int) -> Deferred:
+        raise NotImplementedError
+
+    def current_repo(self, user_id: int) -> Deferred:
+        """Fires with the repo ``user_id`` works in, or None."""
+        raise NotImplementedError
+
+    def set_current_repo(self, user_id: int, repo: Optional[str]) -> Deferred:
+        raise NotImplementedError
+
+    def first_refusal(self, user_id: int) -> Deferred:
+        """Fires with True the first time it is asked about ``user_id``, False ever after."""
+        raise NotImplementedError
+
+
+class RedisBotState(BotState):
+    """State in Redis: ``ckpt.telegram.offset.<bot>`` (string), ``.repo.<bot>`` (hash by user id),
+    ``.refused.<bot>`` (set of user ids)."""
+
+    def __init__(self, bus: RedisBus, bot_id: str):
+        self.bus = bus
+        self.offset_key = redis_key(bot_id, "offset")
+        self.repo_key = redis_key(bot_id, "repo")
+        self.refused_key = redis_key(bot_id, "refused")
+
+    def offset(self) -> Deferred:
+        return self.bus.execute("GET", self.offset_key).addCallback(lambda v: int(v) if v else None)
+
+    def save_offset(self, offset: int) -> Deferred:
+        return self.bus.execute("SET", self.offset_key, str(offset))
+
+    def current_repo(self, user_id: int) -> Deferred:
+        return self.bus.execute("HGET", self.repo_key, str(user_id)).addCallback(lambda v: v or None)
+
+    def set_current_repo(self, user_id: int, repo: Optional[str]) -> Deferred:
+        if repo is None:
+            return self.bus.execute("HDEL", self.repo_key, str(user_id))
+        return self.bus.execute("HSET", self.repo_key, str(user_id), repo)
+
+    def first_refusal(self, user_id: int) -> Deferred:
+        return self.bus.execute("SADD", self.refused_key, str(user_id)).addCallback(lambda n: int(n) == 1)
+
+
+class FileBotState(BotState):
+    """State in ``<data_dir>/telegram/<bot>.json``, replaced atomically by a thread on every change."""
+
+    def __init__(self, directory: Path, bot_id: str):
+        self.path = Path(directory) / f"{bot_id}.json"
+        self.data: dict[str, Any] = {"offset": None, "repos": {}, "refused": []}
+        self._lock = DeferredLock()
+        self._loaded: Optional[Deferred] = None
+
+    def load(self) -> Deferred:
+        if self._loaded is None:
+            self._loaded = threads.deferToThread(self._read)
+            self._loaded.addCallback(self._got)
+        return self._loaded
+
+    def _read(self) -> Optional[dict[str, Any]]:
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+
+    def _got(self, data: Optional[dict[str, Any]]) -> None:
+        if isinstance(data, dict):
+            self.data.update(data)
+
+    def _write(self, snapshot: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(snapshot)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)  # a crash leaves the old file or the new one, never half of one
+
+    def _save(self) -> Deferred:
+        # serialised: a slow older write must not land after a newer one
+        return self._lock.run(lambda: threads.deferToThread(self._write, json.dumps(self.data)))
+
+    def offset(self) -> Deferred:
+        return self.load().addCallback(lambda _: self.data.get("offset"))
+
+    def save_offset(self, offset: int) -> Deferred:
+        self.data["offset"] = offset
+        return self._save()
+
+    def current_repo(self, user_id: int) -> Deferred:
+        return self.load().addCallback(lambda _: self.data["repos"].get(str(user_id)))
+
+    def set_current_repo(self, user_id: int, repo: Optional[str]) -> Deferred:
+        if repo is None:
+            self.data["repos"].pop(str(user_id), None)
+        else:
+            self.data["repos"][str(user_id)] = repo
+        return self._save()
+
+    def first_refusal(self, user_id: int) -> Deferred:
+        if user_id in self.data["refused"]:
+            return defer.succeed(False)
+        self.data["refused"].append(user_id)
+        return self._save().addCallback(lambda _: True)
+
+
+# ---------------------------------------------------------------------------
+# lease
+# ---------------------------------------------------------------------------
+
+_RENEW = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+          "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end")
+_RELEASE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
+            "return redis.call('DEL', KEYS[1]) else return 0 end")
+
+
+class RedisLease:
+    """A lease on polling one bot token: ``SET key holder NX PX ttl``, renewed by its holder."""
+
+    def __init__(self, bus: RedisBus, bot_id: str, clock: IReactorTime, ttl: float = 30.0):
+        self.bus = bus
+        self.key = redis_key(bot_id, "lease")
+        self.clock = clock
+        self.ttl = ttl
+        self.holder = uuid.uuid4().hex
+        self.valid_until = 0.0
+
+    @property
+    def held(self) -> bool:
+        return self.clock.seconds() < self.valid_until
+
+    def _granted(self, asked_at: float) -> bool:
+        # a margin, so that this process stops before another can take over
+        self.valid_until = asked_at + self.ttl * 2 / 3
+        return True
+
+    @inlineCallbacks
+    def acquire(self):
+        """Fires with whether this process holds the lease now."""
+        asked_at = self.clock.seconds()
+        reply = yield self.bus.execute("SET", self.key, self.holder, "NX", "PX", str(int(self.ttl * 1000)))
+        if reply == "OK":
+            return self._granted(asked_at)
+        return (yield self.renew())
+
+    @inlineCallbacks
+    def renew(self):
+        """Fires with whether this process still holds the lease (and extends it if so)."""
+        asked_at = self.clock.seconds()
+        reply = yield self.bus.execute("EVAL", _RENEW, "1", self.key, self.holder, str(int(self.ttl * 1000)))
+        if int(reply) == 1:
+            return self._granted(asked_at)
+        self.valid_until = 0.0
+        return False
+
+    def release(self) -> Deferred:
+        self.valid_until = 0.0
+        return self.bus.execute("EVAL", _RELEASE, "1", self.key, self.holder)
+
+
+# ---------------------------------------------------------------------------
+# the poller
+# ---------------------------------------------------------------------------
+
+UpdateHandler = Callable[[dict[str, Any]], Any]
+
+
+class UpdatePoller(Service):
+    """Long-polls getUpdates and hands each update to ``handler`` (which may return a Deferred).
+
+    The offset is stored after the handler succeeded. A handler failing with BusUnavailable is
+    retried (the update is not skipped); any other failure is logged and the update skipped.
+    """
+
+    def __init__(self, api: BotApi, state: BotState, handler: UpdateHandler, clock: IReactorTime,
+                 lease: Optional[RedisLease] = None, poll_timeout: int = 30,
+                 backoff_start: float = 1.0, backoff_cap: float = 30.0):
+        self.api = api
+        self.state = state
+        self.handler = handler
+        self.clock = clock
+        self.lease = lease
+        self.poll_timeout = poll_timeout
+        self.backoff_start = backoff_start
+        self.backoff_cap = backoff_cap
+        self.offset: Optional[int] = None
+        self.attempts = 0  # getUpdates calls made
+        self.handled = 0  # updates handled and stored
+        self.status = "stopped"
+        self._failures = 0
+        self._loop: Optional[Deferred] = None
+        self._poll: Optional[Deferred] = None
+        self._sleep: Optional[Deferred] = None
+        self._renewal: Optional[task.LoopingCall] = None
+        self._wait_watchers: list[Deferred] = []
+        self._handled_watchers: list[tuple[int, Deferred]] = []
+
+    # -- lifetime ---------------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        self.status = "starting"
+        self._loop = self._run()
+        self._loop.addErrback(lambda f: log.failure("the Telegram poller stopped", f))
+        if self.lease is not None:
+            self._renewal = task.LoopingCall(self._renew)
+            self._renewal.clock = self.clock
+            self._renewal.start(self.lease.ttl / 3, now=False)
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._renewal is not None and self._renewal.running:
+            self._renewal.stop()
+        self._interrupt()
+        if self._loop is not None:
+            # an update being handled finishes and its offset is stored; nothing new starts
+            yield self._loop
+        if self.lease is not None and self.lease.valid_until:
+            try:
+                yield self.lease.release()
+            except Exception as exc:
+                log.warn("could not release the Telegram polling lease ({error}); it expires by itself",
+                         error=exc)
+        self.status = "stopped"
+
+    def _interrupt(self) -> None:
+        for d in (self._poll, self._sleep):
+            if d is not None and not d.called:
+                d.cancel()
+
+    # -- observing (tests, health) ------------------------------------------------------
+    def next_wait(self) -> Deferred:
+        """Fires with ``(reason, seconds)`` when the poller next waits before polling again."""
+        d = Deferred()
+        self._wait_watchers.append(d)
+        return d
+
+    def when_handled(self, count: int) -> Deferred:
+        """Fires once ``count`` updates have been handled in all."""
+        if self.handled >= count:
+            return defer.succeed(self.handled)
+        d = Deferred()
+        self._handled_watchers.append((count, d))
+        return d
+
+    # -- the loop ------------------------------------------------------------------------
+    def _wait(self, seconds: float, reason: str) -> Deferred:
+        if not self.running:
+            return defer.succeed(None)  # stopping: whatever went wrong, there is no next try
+        self.status = f"waiting {seconds:g} s ({reason})"
+        self._sleep = task.deferLater(self.clock, seconds, lambda: None)
+        self._sleep.addErrback(lambda f: f.trap(CancelledError))
+        # told after the timer is set: a watcher may advance the clock at once
+        watchers, self._wait_watchers = self._wait_watchers, []
+        for d in watchers:
+            d.callback((reason, seconds))
+        return self._sleep
+
+    def _backoff(self) -> float:
+        self._failures += 1
+        return min(self.backoff_start * 2 ** (self._failures - 1), self.backoff_cap)
+
+    @inlineCallbacks
+    def _run(self):
+        while self.running:
+            try:
+                yield self.state.load()
+                self.offset = yield self.state.offset()
+                break
+            except Exception as exc:
+                log.warn("cannot read the Telegram bot's state ({error}); retrying", error=exc)
+                yield self._wait(self._backoff(), "state unreadable")
+        self._failures = 0
+        while self.running:
+            if self.lease is not None and not self.lease.held:
+                if not (yield self._take_lease()):
+                    continue
+            try:
+                self.attempts += 1
+                self.status = "polling"
+                self._poll = self.api.get_updates(self.offset, timeout=self.poll_timeout,
+                                                  allowed_updates=ALLOWED_UPDATES)
+                updates = yield self._poll
+            except CancelledError:
+                continue  # stopping, or the lease was lost: the loop's condition decides
+            except RetryAfter as exc:
+                log.warn("Telegram asks the bot to slow down: waiting {seconds} s", seconds=exc.retry_after)
+                yield self._wait(exc.retry_after, "429 Too Many Requests")
+                continue
+            except Conflict as exc:
+                log.error("Telegram refused getUpdates with 409 Conflict ({description}): another process "
+                          "polls this bot's token (or a webhook is set). Only one may: give every cockpit "
+                          "that shares the token the same [redis], and stop any other bot using it.",
+                          description=exc.description)
+                yield self._wait(self._backoff(), "409 Conflict")
+                continue
+            except BadToken:
+                log.error("Telegram refused the bot token (401 Unauthorized); the bot stops polling. "
+                          "Fix [bot] token and restart the cockpit.")
+                self.status = "stopped: bad token"
+                return
+            except TelegramError as exc:
+                seconds = self._backoff()
+                log.warn("getUpdates failed ({error}); retrying in {seconds} s", error=exc, seconds=seconds)
+                yield self._wait(seconds, "network failure" if isinstance(exc, ApiUnreachable) else "error")
+                continue
+            finally:
+                self._poll = None
+            if self._failures:
+                log.info("the Telegram API answers again")
+            self._failures = 0
+            for update in updates or []:
+                if not self.running:
+                    break
+                yield self._handle(update)
+
+    @inlineCallbacks
+    def _take_lease(self):
+        self.status = "standby"
+        try:
+            held = yield self.lease.acquire()
+        except Exception as exc:
+            log.warn("cannot take the Telegram polling lease ({error}); retrying", error=exc)
+            held = False
+        if held:
+            log.info("this process now polls Telegram for bot {bot}", bot=self.api.bot_id)
+            return True
+        yield self._wait(self.lease.ttl / 3, "another process polls")
+        return False
+
+    def _renew(self) -> Deferred:
+        if not self.lease.valid_until:
+            return defer.succeed(None)  # not held: the loop takes it when it can
+        d = self.lease.renew()
+
+        def renewed(held: bool) -> None:
+            if not held:
+                log.warn("the Telegram polling lease went to another process; this one stops polling")
+                if self._poll is not None:
+                    self._poll.cancel()
+
+        def failed(failure: Any) -> None:
+            log.warn("cannot renew the Telegram polling lease: {error}", error=failure.getErrorMessage())
+            if not self.lease.held and self._poll is not None:
+                self._poll.cancel()
+
+        return d.addCallbacks(renewed, failed)
+
+    @inlineCallbacks
+    def _handle(self, update: dict[str, Any]):
+        update_id = update.get("update_id")
+        if not isinstance(update_id, int):
+            log.warn("ignored an update without an update_id")
+            return
+        failures = 0
+        while True:
+            try:
+                yield defer.maybeDeferred(self.handler, update)
+                break
+            except BusUnavailable as exc:
+                # the event is not stored yet: keep the update, wait for the bus
+                failures += 1
+                if not self.running:
+                    return
+                seconds = min(self.backoff_start * 2 ** (failures - 1), self.backoff_cap)
+                log.warn("cannot publish Telegram update {id} ({error}); retrying in {seconds} s",
+                         id=update_id, error=exc, seconds=seconds)
+                yield self._wait(seconds, "bus unavailable")
+            except Exception:
+                log.failure("handling Telegram update {id} failed; it is skipped", id=update_id)
+                break
+        self.offset = update_id + 1
+        failures = 0
+        while True:
+            try:
+                yield self.state.save_offset(self.offset)
+                break
+            except Exception as exc:
+                failures += 1
+                if not self.running:
+                    log.warn("stopped before the Telegram offset {offset} was stored; update {id} may be "
+                             "handled again", offset=self.offset, id=update_id)
+                    return
+                seconds = min(self.backoff_start * 2 ** (failures - 1), self.backoff_cap)
+                log.warn("cannot store the Telegram offset ({error}); retrying in {seconds} s",
+                         error=exc, seconds=seconds)
+                yield self._wait(seconds, "offset not stored")
+        self.handled += 1
+        for count, d in list(self._handled_watchers):
+            if self.handled >= count:
+                self._handled_watchers.remove((count, d))
+                d.callback(self.handled)
+
+
+__all__ = ["ALLOWED_UPDATES", "BotState", "FileBotState", "RedisBotState", "RedisLease", "UpdatePoller",
+           "redis_key", "BadRequest"]
