@@ -493,6 +493,20 @@ def parse_job(items: list[tuple[list[bytes], Envelope]], store: Store) -> list[U
     return results
 
 
+class _WritesToDisk(OSError):
+    """Parsing reached an attachment, which must be written to disk: not on the reactor thread."""
+
+
+class _NoWritesStore:
+    """Stands in for the store while a small message is parsed on the reactor thread."""
+
+    def put_now(self, *args: Any, **kwargs: Any) -> Any:
+        raise _WritesToDisk()
+
+
+_NO_WRITES = _NoWritesStore()
+
+
 # ---------------------------------------------------------------------------------------------
 # Receiving: SMTP dialogue -> parse in a thread -> publish -> reply.
 # ---------------------------------------------------------------------------------------------
@@ -500,14 +514,16 @@ def parse_job(items: list[tuple[list[bytes], Envelope]], store: Store) -> list[U
 class MailIngest:
     """Turns received messages into published events; answers each with an SMTP reply.
 
-    Parsing runs in the reactor's thread pool, at most ``jobs`` batches at a time: the GIL
+    A message of at most ``inline_bytes`` with no attachment is parsed at once; others are
+    parsed in the reactor's thread pool, at most ``jobs`` batches at a time: the GIL
     lets one thread parse at once, and a second covers a batch that waits on the disk.
     Messages that complete while the jobs run wait and go together in the next batch,
     so one thread hop and one Redis transaction serve many messages under load.
     """
 
     def __init__(self, bus: Bus, store: Store, reactor: Any, jobs: int = 2,
-                 batch_bytes: int = 4 << 20, batch_count: int = 128):
+                 batch_bytes: int = 4 << 20, batch_count: int = 128, inline_bytes: int = 32 << 10):
+        self.inline_bytes = inline_bytes
         self.bus = bus
         self.store = store
         self.reactor = reactor
@@ -523,6 +539,19 @@ class MailIngest:
     def deliver(self, chunks: list[bytes], size: int, envelope: Envelope) -> Deferred:
         """Fires with ``(code, text)``: 250 once the event is on the bus, 451 or 5xx otherwise."""
         d: Deferred = Deferred()
+        if size <= self.inline_bytes:
+            # A small message with nothing to store parses in less time than a thread hop
+            # costs, so it is parsed here; one that has attachments goes to the thread pool.
+            try:
+                event = parse_mail(_unstuffed(chunks), envelope, _NO_WRITES)  # type: ignore[arg-type]
+            except _WritesToDisk:
+                pass
+            except Exception:
+                d.callback(self._refusal(Failure(), envelope))
+                return d
+            else:
+                self._parsed([event], [(chunks, envelope, d)])
+                return d
         self._batch.append((chunks, envelope, d))
         self._batch_size += size
         if self._flush_call is None and self._running < self.jobs:

@@ -117,6 +117,34 @@ def html_mail_with_two_attachments() -> tuple[EmailMessage, bytes, bytes]:
 
 class Receiving(SMTPServerCase):
     @inlineCallbacks
+    def test_only_small_mail_without_attachments_is_parsed_on_the_reactor_thread(self):
+        import threading
+
+        import cockpit.smtp as smtp_module
+
+        threads_seen: list[tuple[int, bool]] = []
+        real_parse = smtp_module.parse_mail
+
+        def recording_parse(raw, envelope, store):
+            event = real_parse(raw, envelope, store)
+            threads_seen.append((len(raw), threading.current_thread() is threading.main_thread()))
+            return event
+
+        self.patch(smtp_module, "parse_mail", recording_parse)
+        small, big, attached = EmailMessage(), EmailMessage(), EmailMessage()
+        for msg, body in ((small, "short\n"), (big, "long line\n" * 20000), (attached, "see file\n")):
+            msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", "t"
+            msg.set_content(body)
+        attached.add_attachment(b"x" * 100, maintype="application", subtype="octet-stream", filename="x.bin")
+        for msg in (small, big, attached):
+            yield self.send(msg)
+        on_reactor = [main for _, main in threads_seen]
+        # the small one at once; the big one and the one with a file (after a first look) in a thread
+        self.assertEqual([True, False], on_reactor[:2])
+        self.assertFalse(on_reactor[-1])
+        self.assertEqual(3, len(list((yield self.events()))))
+
+    @inlineCallbacks
     def test_html_mail_becomes_markdown_event_with_attachments_served_by_the_store(self):
         msg, pdf, png = html_mail_with_two_attachments()
         refused = yield self.send(msg, to=[f"ops@{DOMAIN}"])
