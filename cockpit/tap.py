@@ -108,7 +108,17 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     robot.setName("ays")
     robot.setServiceParent(top)
 
+    bot = None
+    if cfg.bot.token:
+        from cockpit.telegram import TelegramBot
+
+        bot = TelegramBot(cfg, bus, reactor)
+        bot.setName("telegram")
+        bot.setServiceParent(top)
+
     services = {"groups": groups.health, "ays": robot.health}
+    if bot is not None:
+        services["telegram"] = bot.health
     if mailer is not None:
         services["mailer"] = mailer.health
     api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)

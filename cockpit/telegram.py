@@ -97,6 +97,20 @@ class MessageSender:
         self.max_attempts = max_attempts
         self.backoff_cap = backoff_cap
         self.attempts = 0  # sendMessage calls made
+        self._wait_watchers: list[Deferred] = []
+
+    def next_wait(self) -> Deferred:
+        """Fires with the seconds of the next wait before a retry (after the timer is set)."""
+        d = Deferred()
+        self._wait_watchers.append(d)
+        return d
+
+    def _wait(self, seconds: float) -> Deferred:
+        sleep = task.deferLater(self.clock, seconds, lambda: None)
+        watchers, self._wait_watchers = self._wait_watchers, []
+        for d in watchers:
+            d.callback(seconds)
+        return sleep
 
     @inlineCallbacks
     def send(self, chat_id: Any, text: str, keyboard: Optional[dict[str, Any]] = None,
@@ -134,14 +148,14 @@ class MessageSender:
                     raise
                 log.info("Telegram flood control: waiting {seconds} s before sending to {chat}",
                          seconds=exc.retry_after, chat=chat_id)
-                yield task.deferLater(self.clock, exc.retry_after, lambda: None)
+                yield self._wait(exc.retry_after)
             except ApiUnreachable as exc:
                 failures += 1
                 if failures >= self.max_attempts:
                     raise
                 seconds = min(2.0 ** (failures - 1), self.backoff_cap)
                 log.warn("sendMessage failed ({error}); retrying in {seconds} s", error=exc, seconds=seconds)
-                yield task.deferLater(self.clock, seconds, lambda: None)
+                yield self._wait(seconds)
 
 
 # ---------------------------------------------------------------------------
@@ -181,9 +195,10 @@ class Chat:
     update_id: int
     bot_id: str
 
-    @property
-    def guid(self) -> str:
-        return str(uuid.uuid5(UPDATE_NAMESPACE, f"{self.bot_id}:{self.update_id}"))
+    def guid(self, index: int = 0) -> str:
+        """The guid of this update's ``index``-th event: the same whenever the update is handled."""
+        name = f"{self.bot_id}:{self.update_id}" + (f":{index}" if index else "")
+        return str(uuid.uuid5(UPDATE_NAMESPACE, name))
 
 
 def is_allowed(user: dict[str, Any], allowed: Sequence[Union[int, str]]) -> bool:
@@ -299,9 +314,9 @@ class ChatCommands:
             log.warn("could not reply to chat {chat}: {error}", chat=chat.chat_id, error=exc)
 
     @inlineCallbacks
-    def publish(self, chat: Chat, action: str, **args: Any):
-        """Publish the telegram input event for this update (BusUnavailable: the poller retries)."""
-        event = TelegramEvent(io="input", action=action, source="telegram", guid=chat.guid,
+    def publish(self, chat: Chat, action: str, /, _index: int = 0, **args: Any):
+        """Publish a telegram input event for this update (BusUnavailable: the poller retries)."""
+        event = TelegramEvent(io="input", action=action, source="telegram", guid=chat.guid(_index),
                               args={"chat_id": chat.chat_id, "username": chat.username,
                                     "user_id": chat.user_id, **args})
         yield self.bus.publish(event)
@@ -479,6 +494,14 @@ class ChatCommands:
             yield self._choose_service(chat, repo, "execute", roles=True)
         elif len(args) < 3:
             yield self._choose_action(chat, repo, key)
+        elif key.startswith("@"):
+            # every service of the role: one event each, so each gets its own run and answer
+            snapshot = yield self._in_thread(self.repos.load_repo, repo)
+            keys = sorted(k for k, s in snapshot.services.items() if s.role == key[1:])
+            if not keys:
+                raise CommandError(f"Repository {repo} has no service of role {key[1:]}.")
+            for index, one in enumerate(keys):
+                yield self.publish(chat, "service.execute", _index=index, repo=repo, name=one, action=args[2])
         else:
             yield self.publish(chat, "service.execute", repo=repo, name=key, action=args[2])
 
@@ -562,6 +585,7 @@ class NoticeBatcher:
         self.window = window
         self.notices: dict[tuple[str, ...], _Notice] = {}
         self.sent = 0
+        self._sending: set[Deferred] = set()
 
     def add(self, event: Event) -> None:
         key = notice_key(event)
@@ -587,14 +611,20 @@ class NoticeBatcher:
         notice.count = 0
         notice.timer = self.clock.callLater(self.window, self._flush, key, False)
         self.sent += 1
-        self.send(text).addErrback(lambda f: log.warn("could not send a notice: {error}",
-                                                      error=f.getErrorMessage()))
+        d = self.send(text)
+        self._sending.add(d)
+        d.addErrback(lambda f: None if f.check(defer.CancelledError) else
+                     log.warn("could not send a notice: {error}", error=f.getErrorMessage()))
+        d.addBoth(lambda _: self._sending.discard(d))
 
     def stop(self) -> None:
+        """Forget what is gathered and abandon notices being sent."""
         for notice in self.notices.values():
             if notice.timer is not None and notice.timer.active():
                 notice.timer.cancel()
         self.notices.clear()
+        for d in list(self._sending):
+            d.cancel()
 
 
 # ---------------------------------------------------------------------------
@@ -669,6 +699,12 @@ class TelegramBot(MultiService):
         yield super().stopService()
         self.notices.stop()
         yield self.api.close()
+
+    def health(self) -> dict[str, Any]:
+        """What the bot is doing: polling, waiting (and why), on standby, or stopped."""
+        status = self.poller.status
+        return {"ok": not status.startswith("stopped") or not self.running, "status": status,
+                "bot": self.api.bot_id, "handled": self.poller.handled, "offset": self.poller.offset}
 
     # -- output -------------------------------------------------------------------
     @inlineCallbacks

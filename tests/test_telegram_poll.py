@@ -215,7 +215,7 @@ class RestartHarness(PollerHarness):
         events = yield bus.recent("telegram", limit=1000)
         guids = [event.guid for _, event in events]
         self.assertEqual(len(guids), 40)  # none lost, none twice
-        expected = {bot.commands._chat(i, {"id": ALICE.id}, {"id": ALICE.id}).guid
+        expected = {bot.commands._chat(i, {"id": ALICE.id}, {"id": ALICE.id}).guid()
                     for i in first_batch + second_batch}
         self.assertEqual(set(guids), expected)
         return second_batch[-1]
