@@ -436,7 +436,8 @@ class ChatCommands:
         name = ays_repos.blueprint_name(name)
         if len(content.encode()) > ays_repos.MAX_FILE:
             raise CommandError(f"The blueprint is larger than {ays_repos.MAX_FILE} bytes.")
-        ays_repos.parse_blueprint(content)  # a YAML mistake is answered here, with its line
+        # a YAML mistake is answered here, with its line; parsing a big one is no work for the reactor
+        yield self._in_thread(ays_repos.parse_blueprint, content)
         self.awaiting_blueprint.pop(chat.user_id, None)
         yield self.publish(chat, "bp.create", repo=repo, name=name, content=content)
 

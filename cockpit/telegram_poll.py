@@ -22,8 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from cockpit.bus import BusUnavailable, RedisBus
-from cockpit.telegram_api import (ApiUnreachable, BadRequest, BadToken, BotApi, Conflict, RetryAfter,
-                                  TelegramError)
+from cockpit.telegram_api import ApiUnreachable, BadToken, BotApi, Conflict, RetryAfter, TelegramError
 
 log = Logger()
 
@@ -444,6 +443,3 @@ class UpdatePoller(Service):
                 self._handled_watchers.remove((count, d))
                 d.callback(self.handled)
 
-
-__all__ = ["ALLOWED_UPDATES", "BotState", "FileBotState", "RedisBotState", "RedisLease", "UpdatePoller",
-           "redis_key", "BadRequest"]

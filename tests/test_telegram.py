@@ -11,13 +11,15 @@ from twisted.trial.unittest import TestCase
 
 from cockpit import config, tap
 from cockpit.ays import Robot
-from cockpit.bus import MemoryBus
+from cockpit.bus import Delivery, MemoryBus, RedisBus
+from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EcoEvent, TelegramEvent
 from cockpit.repos import RepoStore, ServiceRecord
 from cockpit.runs import RunHistory
 from cockpit.telegram import HELP, NO_REPO, TelegramBot, split_text
 from cockpit.workers import WorkerPool
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer, User
+from tests.redis_server import shared_server
 from tests.test_telegram_api import TOKEN, real_client
 
 ALICE = User(1001, "alice", "Alice")
@@ -358,6 +360,18 @@ class OutputTests(BotCase):
         self.assertEqual(self.fake.sent[0]["reply_markup"]["inline_keyboard"],
                          [[{"text": "Monitor", "callback_data": "/service execute node!n1 monitor"}]])
 
+    @inlineCallbacks
+    def test_an_output_older_than_an_hour_is_dropped(self):
+        # a group created on an old stream starts from its beginning: old replies are not news
+        clock = Clock()
+        clock.advance(10000)
+        bot = TelegramBot(self.cfg, self.bus, http=self.api.http, clock=clock)
+        stale = TelegramEvent(io="output", action="message", epoch=0, args={"chat_id": ALICE.id, "msg": "old"})
+        fresh = TelegramEvent(io="output", action="message", epoch=9000, args={"chat_id": ALICE.id, "msg": "new"})
+        yield bot.deliver(stale, Delivery("ckpt.telegram", "1-0", 1))
+        yield bot.deliver(fresh, Delivery("ckpt.telegram", "2-0", 1))
+        self.assertEqual(self.replies(), ["new"])
+
     def test_split_text_cuts_at_line_ends_and_hard_splits_a_long_line(self):
         text = "a" * 10 + "\n" + "b" * 25 + "\n" + "c\n"
         pieces = split_text(text, limit=12)
@@ -414,6 +428,46 @@ class NoticeTests(BotCase):
         self.assertEqual(sorted(self.replies(OPS_CHAT)),
                          ["Alarm on node!n1: monitor: cpu hot", "Alarm on node!n1: monitor: disk full",
                           "Error in shop: ZeroDivisionError (cart.py:12) (×2)"])
+
+
+class TwoProcessTests(TestCase):
+    """Two cockpit processes (two buses, one Redis) with one token."""
+
+    timeout = 20
+
+    @inlineCallbacks
+    def test_each_reply_is_sent_once_and_one_process_polls(self):
+        redis = shared_server()
+        redis.flush()
+        clock = Clock()
+        fake = FakeTelegram(TOKEN, clock=clock)
+        server = FakeTelegramServer(fake).start()
+        self.addCleanup(server.stop)
+        api = real_client(self, server.url, clock)
+        cfg = config.from_dict({"cockpit": {"data_dir": str(Path(self.mktemp()).absolute())},
+                                "redis": {"url": redis.url},
+                                "bot": {"token": TOKEN, "api_url": server.url, "allowed_users": [ALICE.id]}})
+        bots = []
+        for _ in range(2):
+            bus = RedisBus(RedisSection(url=redis.url))
+            bus.startService()
+            self.addCleanup(bus.stopService)
+            yield bus.when_connected()
+            bot = TelegramBot(cfg, bus, http=api.http, clock=clock)
+            bot.startService()
+            self.addCleanup(bot.stopService)
+            bots.append(bot)
+        for n in range(6):
+            yield bots[n % 2].bus.publish(TelegramEvent(io="output", action="message",
+                                                        args={"chat_id": ALICE.id, "msg": f"reply {n}"}))
+        yield fake.wait_for("sendMessage", 6)
+        fake.message(ALICE, "/repo list")
+        yield defer.DeferredList([b.poller.when_handled(1) for b in bots], fireOnOneCallback=True)
+        while (yield bots[0].bus.pending("telegram", ["telegram"])):  # until every entry is acked
+            yield task.deferLater(reactor, 0, lambda: None)
+        self.assertEqual(sorted(m["visible"] for m in fake.sent), [f"reply {n}" for n in range(6)])
+        self.assertEqual(sorted(b.poller.handled for b in bots), [0, 1])
+        self.assertEqual(fake.conflicts, 0)
 
 
 class WiringTests(TestCase):
