@@ -191,7 +191,7 @@ class RedisLease:
         """Fires with whether this process holds the lease now."""
         asked_at = self.clock.seconds()
         reply = yield self.bus.execute("SET", self.key, self.holder, "NX", "PX", str(int(self.ttl * 1000)))
-        if reply == "OK":
+        if reply is not None and str(reply).upper() == "OK":
             return self._granted(asked_at)
         return (yield self.renew())
 
