@@ -88,6 +88,8 @@ class Robot(Service):
         self.consumer: Any = None
         self.timer: Optional[TimerService] = None
         self.ready: Deferred = Deferred()
+        self._run_waiters: list[tuple[Callable[[Run], bool], Deferred]] = []
+        self._reload_waiters: list[Deferred] = []
 
     # ------------------------------------------------------------------
     # lifetime
@@ -138,6 +140,11 @@ class Robot(Service):
         yield self.pool.stopService()
         yield self._flush_states()
         yield self.history.stopService()
+        # nothing more will start, be recorded or be reloaded
+        for _, d in list(self._run_waiters):
+            d.cancel()
+        for d in list(self._reload_waiters):
+            d.cancel()
 
     def health(self) -> dict[str, Any]:
         pool = self.pool.health()
@@ -300,6 +307,7 @@ class Robot(Service):
         def started() -> None:
             run.state, run.started = "running", time.time()
             service.states[action] = "running"
+            self._offer(run)
 
         d = self.pool.submit(job, on_start=started)
         d.addCallbacks(self._completed, self._not_run, callbackArgs=(run, service), errbackArgs=(run,))
@@ -320,6 +328,7 @@ class Robot(Service):
 
         def recorded(_: Any) -> Run:
             self.active.pop(run.id, None)
+            self._offer(run)
             return run
 
         def failed(failure: Any) -> Any:
@@ -341,6 +350,46 @@ class Robot(Service):
         d.addErrback(lambda f: log.warn("run {id} was not completed: {error}", id=run.id,
                                         error=f.getErrorMessage()))
         return run, d
+
+    # -- waiting for runs ------------------------------------------------------
+    def when_run(self, predicate: Callable[[Run], bool]) -> Deferred:
+        """Fires with the first run from now on that ``predicate`` accepts.
+
+        Each run is offered twice: as it starts (state ``running``) and once it is recorded
+        (``ok``, ``error`` or ``timeout``). Cancelled when the robot stops.
+        """
+        d: Deferred = Deferred(lambda d: self._run_waiters.remove((predicate, d)))
+        self._run_waiters.append((predicate, d))
+        return d
+
+    def when_recorded(self, run_id: str) -> Deferred:
+        """Fires with the Run once it is recorded (at once if it already is); NotFound if there is no such run."""
+        if run_id in self.active:  # it leaves ``active`` when it is recorded, and is offered right then
+            return self.when_run(lambda run: run.id == run_id and run.state in DONE_STATES)
+
+        def found(run: Optional[Run]) -> Run:
+            if run is None:
+                raise NotFound(f"no run {run_id!r}")
+            return run
+
+        return self.history.get(run_id).addCallback(found)
+
+    def _offer(self, run: Run) -> None:
+        if not self._run_waiters:
+            return
+        for entry in list(self._run_waiters):
+            predicate, d = entry
+            if entry not in self._run_waiters:  # a callback before this one cancelled it
+                continue
+            try:
+                wanted = predicate(run)
+            except Exception:
+                self._run_waiters.remove(entry)
+                d.errback()
+                continue
+            if wanted:
+                self._run_waiters.remove(entry)
+                d.callback(run)
 
     def get_run(self, run_id: str) -> Deferred:
         """Fires with the run (running or recorded) as a dict; NotFound otherwise."""
@@ -748,3 +797,12 @@ class Robot(Service):
         self.repos = loaded
         self._changed(bump=False)
         log.info("AYS robot: repositories reloaded after a change made by another cockpit process")
+        waiters, self._reload_waiters = self._reload_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def when_reloaded(self) -> Deferred:
+        """Fires the next time the robot reloads its repositories because another process changed them."""
+        d: Deferred = Deferred(lambda d: self._reload_waiters.remove(d))
+        self._reload_waiters.append(d)
+        return d

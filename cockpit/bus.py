@@ -131,6 +131,14 @@ class Bus(Service):
     def _live_wanted(self) -> None:
         pass
 
+    def when_connected(self) -> Deferred:
+        """Fires once the bus can take events (at once for a bus inside this process)."""
+        return defer.succeed(None)
+
+    def when_live(self) -> Deferred:
+        """Fires once live subscriptions receive what is published from then on."""
+        return defer.succeed(None)
+
     def _deliver_live(self, event: Event) -> None:
         for sub in list(self._subscriptions):
             if event.type in sub.types:
@@ -194,7 +202,8 @@ class Consumer(Service):
         self._room: Optional[Deferred] = None
         self._loop: Optional[Deferred] = None
         self._reclaimer: Optional[task.LoopingCall] = None
-        self.handled = 0
+        self.handled = 0  # entries handled and acknowledged since the start
+        self._handled_waiters: list[tuple[int, Deferred]] = []
 
     # -- lifetime ---------------------------------------------------------
     def startService(self) -> None:
@@ -283,6 +292,23 @@ class Consumer(Service):
         self._last_error.pop(key, None)
         self.handled += 1
         self._release(key)
+        if self._handled_waiters:
+            self._wake_handled()
+
+    def when_handled(self, count: int) -> Deferred:
+        """Fires with ``handled`` once this consumer has handled and acknowledged ``count`` entries in all."""
+        if self.handled >= count:
+            return defer.succeed(self.handled)
+        d: Deferred = Deferred(lambda d: self._handled_waiters.remove((count, d)))
+        self._handled_waiters.append((count, d))
+        return d
+
+    def _wake_handled(self) -> None:
+        due = [(count, d) for count, d in self._handled_waiters if count <= self.handled]
+        for entry in due:
+            self._handled_waiters.remove(entry)
+        for _, d in due:
+            d.callback(self.handled)
 
     def _failed(self, failure: Failure, key: tuple[str, str]) -> None:
         self._last_error[key] = failure.getErrorMessage()[:500]

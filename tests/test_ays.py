@@ -5,8 +5,8 @@ import json
 import textwrap
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import defer, reactor
+from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -15,7 +15,7 @@ from cockpit.bus import AYS_GROUP, Delivery, MemoryBus, RedisBus
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EmailEvent, TelegramEvent
 from cockpit.repos import Invalid, NotFound
-from cockpit.runs import RunHistory
+from cockpit.runs import DONE_STATES, RunHistory
 from cockpit.workers import WorkerPool
 from tests.redis_server import shared_server
 
@@ -48,20 +48,22 @@ ACTIONS = textwrap.dedent('''
 ''')
 
 
-def wait_for(predicate, timeout=10.0, step=0.02):
-    """Poll ``predicate`` (which may return a Deferred) until it is true; worker processes run in real time."""
-    @inlineCallbacks
-    def poll():
-        waited = 0.0
-        while True:
-            value = yield defer.maybeDeferred(predicate)
-            if value:
-                return value
-            if waited > timeout:
-                raise AssertionError("condition not met in time")
-            yield task.deferLater(reactor, step, lambda: None)
-            waited += step
-    return poll()
+def recorded(robot, action, event_guid=None):
+    """Fires with the next run of ``action`` (for the event ``event_guid``, if given) once it is recorded."""
+    return robot.when_run(lambda run: run.action == action and run.state in DONE_STATES
+                          and (event_guid is None or run.event_guid == event_guid))
+
+
+def first_of(*deferreds):
+    """Fires with the first result of ``deferreds``; the others are cancelled."""
+    def settle(result):
+        for d in deferreds:
+            if not d.called:
+                d.cancel()
+        return result[0]
+
+    return defer.DeferredList(list(deferreds), fireOnOneCallback=True, fireOnOneErrback=True,
+                              consumeErrors=True).addCallback(settle)
 
 
 class RobotCase(TestCase):
@@ -171,6 +173,44 @@ class BlueprintTests(RobotCase):
         self.assertEqual(robot.subscribers("EMAIL")[0].service, "node!web1")
 
 
+class WaitingTests(RobotCase):
+    @inlineCallbacks
+    def test_when_run_offers_a_run_as_it_starts_and_once_it_is_recorded(self):
+        yield self.make_repo()
+        states = []
+        started = self.robot.when_run(lambda run: states.append(run.state) or run.state == "running")
+        done = recorded(self.robot, "tick")
+        run, finished = self.robot.run_action("demo", "node!web1", "tick")
+        self.assertIs((yield started), run)
+        self.assertIs((yield done), run)
+        self.assertEqual(states, ["running"])
+        self.assertEqual(run.result, "ticked")
+        self.assertEqual((yield finished), run)
+
+    @inlineCallbacks
+    def test_when_recorded_fires_with_a_recorded_run_and_refuses_an_unknown_one(self):
+        _, [install] = yield self.make_repo()
+        run = yield self.robot.when_recorded(install.id)
+        self.assertEqual((run.id, run.state), (install.id, "ok"))
+        yield self.assertFailure(self.robot.when_recorded("nope"), NotFound)
+
+    @inlineCallbacks
+    def test_a_predicate_that_raises_fails_its_waiter_alone(self):
+        yield self.make_repo()
+        broken = self.robot.when_run(lambda run: 1 / 0)
+        done = recorded(self.robot, "tick")
+        self.robot.run_action("demo", "node!web1", "tick")
+        yield self.assertFailure(broken, ZeroDivisionError)
+        self.assertEqual((yield done).state, "ok")
+
+    @inlineCallbacks
+    def test_waiters_are_cancelled_when_the_robot_stops(self):
+        never, reloaded = self.robot.when_run(lambda run: False), self.robot.when_reloaded()
+        yield self.robot.stopService()
+        self.failureResultOf(never, defer.CancelledError)
+        self.failureResultOf(reloaded, defer.CancelledError)
+
+
 class EventTests(RobotCase):
     def make_bus(self):
         server = shared_server()
@@ -184,14 +224,18 @@ class EventTests(RobotCase):
     def test_email_runs_subscribed_actions_with_the_email_as_payload(self):
         yield self.make_repo()
         event = EmailEvent(subject="disk full on web1", to=["ops@example.com"])
+        done = defer.gatherResults([recorded(self.robot, action, event.guid) for action in ("notify", "escalate")])
+        acknowledged = self.robot.consumer.when_handled(self.robot.consumer.handled + 1)
         yield self.bus.publish(event)
-        yield wait_for(lambda: self.count(event_guid=event.guid).addCallback(lambda n: n == 2))
+        yield done
+        self.assertEqual((yield self.count(event_guid=event.guid)), 2)
         runs = yield self.robot.list_runs(event_guid=event.guid)
         self.assertEqual(sorted((r["action"], r["state"]) for r in runs), [("escalate", "ok"), ("notify", "ok")])
         for run in runs:
             self.assertIn("disk full on web1", run["log"])
             self.assertEqual(run["trigger"], {"kind": "event", "event_type": "email", "event_guid": event.guid})
-        yield wait_for(lambda: self.bus.pending(AYS_GROUP).addCallback(lambda n: n == 0))
+        yield acknowledged
+        self.assertEqual((yield self.bus.pending(AYS_GROUP)), 0)
 
     @inlineCallbacks
     def test_entry_is_acknowledged_only_once_its_runs_are_recorded(self):
@@ -201,11 +245,15 @@ class EventTests(RobotCase):
         # the hold action needs to know its release file: give it through the service args
         self.robot.repos["demo"].services["node!web1"].args["release"] = str(release)
         event = AlarmEvent(service="node!web1", msg="x")
+        running = self.robot.when_run(lambda run: run.action == "hold" and run.state == "running")
+        acknowledged = self.robot.consumer.when_handled(self.robot.consumer.handled + 1)
         yield self.bus.publish(event)
-        yield wait_for(lambda: any(r.state == "running" for r in self.robot.active.values()))
+        yield running
         self.assertEqual((yield self.bus.pending(AYS_GROUP)), 1)
+        self.assertFalse(acknowledged.called)
         release.write_text("go")
-        yield wait_for(lambda: self.bus.pending(AYS_GROUP).addCallback(lambda n: n == 0))
+        yield acknowledged
+        self.assertEqual((yield self.bus.pending(AYS_GROUP)), 0)
         self.assertEqual((yield self.count(event_guid=event.guid)), 1)
 
     @inlineCallbacks
@@ -228,37 +276,39 @@ class EventTests(RobotCase):
     def test_failing_action_is_recorded_and_the_entry_still_acknowledged(self):
         yield self.make_repo()
         event = EmailEvent(subject="raise")
+        done = defer.gatherResults([recorded(self.robot, action, event.guid) for action in ("notify", "escalate")])
+        acknowledged = self.robot.consumer.when_handled(self.robot.consumer.handled + 1)
         yield self.bus.publish(event)
-        yield wait_for(lambda: self.count(event_guid=event.guid).addCallback(lambda n: n == 2))
+        yield done
+        self.assertEqual((yield self.count(event_guid=event.guid)), 2)
         [run] = yield self.robot.list_runs(event_guid=event.guid, action="escalate")
         self.assertEqual(run["state"], "error")
         self.assertIn("RuntimeError: escalation failed", run["log"])
-        yield wait_for(lambda: self.bus.pending(AYS_GROUP).addCallback(lambda n: n == 0))
+        yield acknowledged
+        self.assertEqual((yield self.bus.pending(AYS_GROUP)), 0)
 
     @inlineCallbacks
     def test_emit_from_an_action_publishes_an_event(self):
         yield self.make_repo(service_hrd="events.generic = alarm_out\n")
-        seen = []
-        sub = self.bus.subscribe(seen.append, ["alarm"])
+        seen: Deferred = Deferred()
+        sub = self.bus.subscribe(lambda event: seen.called or seen.callback(event), ["alarm"])
         self.addCleanup(sub.cancel)
         yield self.bus.when_live()
         yield self.robot.run_action("demo", "node!web1", "alarm_out")[1]
-        yield wait_for(lambda: seen)
-        self.assertEqual((seen[0].msg, seen[0].source), ("from an action", "ays"))
+        alarm = yield seen
+        self.assertEqual((alarm.msg, alarm.source), ("from an action", "ays"))
 
     @inlineCallbacks
     def test_chat_commands_do_their_work_and_answer_in_the_chat(self):
-        answers = []
-        sub = self.bus.subscribe(lambda e: answers.append(e) if e.io == "output" else None, ["telegram"])
+        answers = DeferredQueue()
+        sub = self.bus.subscribe(lambda e: answers.put(e) if e.io == "output" else None, ["telegram"])
         self.addCleanup(sub.cancel)
         yield self.bus.when_live()
 
         @inlineCallbacks
         def command(command_name, **args):
-            before = len(answers)
             yield self.bus.publish(TelegramEvent(io="input", action=command_name, args={"chat_id": 42, **args}))
-            yield wait_for(lambda: len(answers) > before)
-            answer = answers[before]
+            answer = yield answers.get()
             self.assertEqual((answer.action, answer.args["chat_id"]), ("message", 42))
             return answer.args["msg"]
 
@@ -278,9 +328,17 @@ class EventTests(RobotCase):
 
     @inlineCallbacks
     def test_change_made_by_another_process_is_picked_up(self):
-        other = yield self.start_robot(repos_dir=self.repos_dir)
-        yield self.make_repo()
-        yield wait_for(lambda: "demo" in other.repos and other.repos["demo"].services)
+        clock = Clock()
+        other = yield self.start_robot(clock=clock, repos_dir=self.repos_dir)
+        # both robots share one Redis connection, so its commands run in the order they are sent: after
+        # this, the other robot's first look at the generation (made as it started) has its answer
+        yield self.bus.execute("PING")
+        yield self.make_repo()  # each change bumps the generation
+        self.assertNotIn("demo", other.repos)
+        reloaded = other.when_reloaded()
+        clock.advance(other.tick)  # its next look sees the bumps
+        yield reloaded
+        self.assertEqual(sorted(other.repos["demo"].services), ["node!web1"])
         self.assertEqual(other.subscribers("email")[0].service, "node!web1")
 
 
@@ -294,14 +352,18 @@ class RecurringTests(RobotCase):
         for second in range(2, 5):
             clock.advance(1)
         self.assertEqual([r for r in robot.active.values() if r.action == "tick"], [])
+        ticked = recorded(robot, "tick")
         clock.advance(1)  # t=5: a new period
-        yield wait_for(lambda: robot.history.count(action="tick").addCallback(lambda n: n == 1))
+        yield ticked
+        self.assertEqual((yield robot.history.count(action="tick")), 1)
         for _ in range(4):
             clock.advance(1)
-        yield wait_for(lambda: not robot.active)
+        self.assertEqual(list(robot.active.values()), [])  # no run started within the period
         self.assertEqual((yield robot.history.count(action="tick")), 1)
+        ticked = recorded(robot, "tick")
         clock.advance(1)  # t=10
-        yield wait_for(lambda: robot.history.count(action="tick").addCallback(lambda n: n == 2))
+        yield ticked
+        self.assertEqual((yield robot.history.count(action="tick")), 2)
         [run, _] = yield robot.list_runs(action="tick")
         self.assertEqual((run["trigger"]["kind"], run["result"]), ("recurring", "ticked"))
 
@@ -322,14 +384,15 @@ class RecurringAcrossProcessesTests(RobotCase):
         self.addCleanup(other_bus.stopService)
         yield other_bus.when_connected()
         robot_b = yield self.start_robot(clock=clock_b, bus=other_bus)
+        ticked = first_of(recorded(robot_a, "tick"), recorded(robot_b, "tick"))
         for clock in (clock_a, clock_b):
             clock.advance(4)
         for clock in (clock_a, clock_b):
             clock.advance(1)
-        yield wait_for(lambda: defer.gatherResults([robot_a.history.count(action="tick"),
-                                                    robot_b.history.count(action="tick")])
-                       .addCallback(lambda counts: sum(counts) >= 1))
-        yield wait_for(lambda: not robot_a.active and not robot_b.active)
+        yield ticked
+        # each robot claimed the period on its own connection: once these answer, both claims have theirs
+        yield defer.gatherResults([self.bus.execute("PING"), other_bus.execute("PING")])
+        self.assertEqual((robot_a.active, robot_b.active), ({}, {}))
         counts = yield defer.gatherResults([robot_a.history.count(action="tick"),
                                             robot_b.history.count(action="tick")])
         self.assertEqual(sum(counts), 1)

@@ -15,10 +15,9 @@ from cockpit import config
 from cockpit.ays import Robot
 from cockpit.ays_api import AysApi
 from cockpit.bus import MemoryBus
-from cockpit.runs import RunHistory
+from cockpit.runs import DONE_STATES, RunHistory
 from cockpit.web import Api
 from cockpit.workers import WorkerPool
-from tests.test_ays import wait_for
 
 SERVICE_HRD = "events.email =\n    notify,\n    escalate,\n"
 SCHEMA_HRD = "port = type:int default:22\n"
@@ -79,9 +78,13 @@ class AysApiTests(TestCase):
         _, executed = yield self.call("POST", "/api/repos/demo/blueprints/main.yaml/execute", expect=202)
         return executed
 
+    @inlineCallbacks
     def run_done(self, run_id):
-        return wait_for(lambda: self.call("GET", f"/api/runs/{run_id}").addCallback(
-            lambda reply: reply[1] if reply[1].get("state") in ("ok", "error", "timeout") else None))
+        """The run as GET /api/runs/{id} gives it, once it is recorded."""
+        yield self.robot.when_recorded(run_id)
+        _, run = yield self.call("GET", f"/api/runs/{run_id}", expect=200)
+        self.assertIn(run["state"], DONE_STATES)
+        return run
 
     @inlineCallbacks
     def test_repo_template_blueprint_execute_gives_a_service_with_install_ok(self):

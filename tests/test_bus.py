@@ -139,6 +139,26 @@ class BusBehaviour:
         pending = yield self.bus.pending(AYS_GROUP)
         self.assertEqual(0, pending)
 
+    @inlineCallbacks
+    def test_when_handled_fires_once_that_many_entries_are_acknowledged(self):
+        recorder = Recorder(hold=True)
+        consumer = self.start_consumer(recorder)
+        self.assertEqual(0, (yield consumer.when_handled(0)))
+        one, two, cancelled = consumer.when_handled(1), consumer.when_handled(2), consumer.when_handled(3)
+        cancelled.cancel()
+        self.failureResultOf(cancelled, defer.CancelledError)
+        for i in range(2):
+            yield self.bus.publish(alarm(i))
+        yield recorder.wait(2)
+        self.assertFalse(one.called)
+        recorder.held[0].callback(None)
+        self.assertEqual(1, (yield one))
+        self.assertFalse(two.called)
+        self.assertEqual(1, (yield self.bus.pending(AYS_GROUP)))
+        recorder.held[1].callback(None)
+        self.assertEqual(2, (yield two))
+        self.assertEqual(0, (yield self.bus.pending(AYS_GROUP)))
+
     def settle(self):
         # acks are written through the bus; a round trip through it has them done
         return self.bus.recent(limit=1)
