@@ -16,6 +16,7 @@ execute_blueprint, run_action, ...) return Deferreds and raise the errors of
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ from cockpit.workers import Outcome, WorkerPool
 
 log = Logger()
 
-CHAT_ACTIONS = ("repo.create", "repo.delete", "bp.create", "bp.execute", "service.execute")
+CHAT_ACTIONS = ("repo.create", "repo.delete", "bp.create", "bp.execute", "service.execute",
+                # what the chat asks to see
+                "repo.list", "bp.list", "bp.show", "bp.delete", "service.list", "service.show")
 RECURRING_KEY = "ckpt.ays.recurring:{repo}:{service}:{action}:{slot}"
 GENERATION_KEY = "ckpt.ays.generation"  # bumped on every change to repositories, so other processes reload
 STATE_FLUSH_DELAY = 0.5  # seconds: service states are written to disk in groups, not on every run
@@ -693,6 +696,44 @@ class Robot(Service):
                 lines = [f"{r.service} install: {r.state}" for r in done]
                 reply = f"Blueprint {model.blueprint_name(str(args.get('name', '')))} executed in {repo}." + (
                     "\n" + "\n".join(lines) if lines else " No service has an install action.")
+            elif action == "repo.list":
+                names = sorted(self.repos)
+                reply = ("Repositories:\n" + "\n".join(f"- {name}" for name in names)) if names else \
+                    "There is no repository yet. /repo create NAME makes one."
+            elif action == "bp.list":
+                run.repo = repo = self._chat_repo(args)
+                blueprints = yield self.list_blueprints(repo)
+                reply = (f"Blueprints in {repo}:\n" + "\n".join(
+                    f"- {bp['name']} ({bp['state']})" for bp in blueprints)) if blueprints else \
+                    f"There is no blueprint in {repo} yet."
+            elif action == "bp.show":
+                run.repo = repo = self._chat_repo(args)
+                blueprint = yield self.get_blueprint(repo, str(args.get("name", "")))
+                error = f"\nLast error: {blueprint['error']}" if blueprint.get("error") else ""
+                reply = f"{blueprint['name']} in {repo} ({blueprint['state']}){error}\n{blueprint['content']}"
+            elif action == "bp.delete":
+                run.repo = repo = self._chat_repo(args)
+                name = model.blueprint_name(str(args.get("name", "")))
+                yield self.delete_blueprint(repo, name)
+                reply = f"Blueprint {name} deleted from {repo}."
+            elif action == "service.list":
+                run.repo = repo = self._chat_repo(args)
+                role = str(args.get("role") or "")
+                services = [s for s in self.list_services(repo) if not role or s["role"] == role]
+                reply = (f"Services in {repo}:\n" + "\n".join(
+                    f"- {s['key']} " + (", ".join(f"{a}: {st}" for a, st in sorted(s["states"].items())
+                                                  if st != "new") or "no runs yet")
+                    for s in services)) if services else f"There is no service in {repo}" + (
+                    f" with the role {role}." if role else " yet.")
+            elif action == "service.show":
+                repo, key = self._find_service(args)
+                run.repo = repo
+                service = self.get_service(repo, key)
+                template = self.repos[repo].templates.get(service["template"])
+                states = ", ".join(f"{a}: {st}" for a, st in sorted(service["states"].items())) or "no runs yet"
+                reply = (f"{key} in {repo} (template {service['template']})\nargs: "
+                         f"{json.dumps(service['args'], sort_keys=True)}\nstates: {states}\n"
+                         f"actions: {', '.join(sorted(template.actions)) if template else 'none'}")
             else:  # service.execute
                 repo, key = self._find_service(args)
                 run.repo = repo
