@@ -540,3 +540,16 @@ class EndToEndTests(TestCase):
         self.assertIn("all is well on node!n1 port 2200", answer)
         runs = yield self.robot.list_runs(service="node!n1", action="monitor")
         self.assertEqual([(r["state"], r["trigger"]["kind"]) for r in runs], [("ok", "telegram")])
+
+    @inlineCallbacks
+    def test_list_and_show_commands_are_answered_by_the_robot(self):
+        self.assertIn("no repository yet", (yield self.reply_to("/repo list")))
+        yield self.reply_to("/repo create demo")
+        self.assertEqual("Repositories:\n- demo", (yield self.reply_to("/repo list")))
+        yield self.robot.put_template("demo", "node", {"schema.hrd": SCHEMA, "actions.py": ACTIONS})
+        yield self.reply_to(document=("cluster.yaml", b"node__n1:\n  port: 2200\n"))
+        self.assertIn("- cluster.yaml (new)", (yield self.reply_to("/blueprint list")))
+        self.assertIn("node__n1:", (yield self.reply_to("/blueprint show cluster")))
+        yield self.reply_to("/blueprint execute cluster")
+        self.assertIn("- node!n1 install: ok", (yield self.reply_to("/service list")))
+        self.assertIn('"port": 2200', (yield self.reply_to("/service show node!n1")))
