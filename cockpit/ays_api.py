@@ -15,7 +15,8 @@ from twisted.internet import defer
 from twisted.web.server import Request
 
 from cockpit.openapi import ApiError, Body, Param, Reply, Response, RouteTable
-from cockpit.repos import AysError, Conflict, Invalid, NotFound, TEMPLATE_FILES
+from cockpit.repos import (BLUEPRINT_INPUT_PATTERN, NAME_PATTERN, REPO_PATTERN, TEMPLATE_FILES, AysError, Conflict,
+                           Invalid, NotFound)
 from cockpit.runs import STATES
 
 RunState = Literal["new", "running", "ok", "error", "timeout"]
@@ -27,8 +28,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _name_schema(pattern: str, example: str) -> dict[str, Any]:
+    """What the document says a name looks like; the robot checks it and says why when it does not."""
+    return {"type": "string", "pattern": pattern, "examples": [example]}
+
+
+# the example names are those of the README's walk-through
+REPO_NAME = _name_schema(REPO_PATTERN, "demo")
+BLUEPRINT_NAME = _name_schema(BLUEPRINT_INPUT_PATTERN, "main.yaml")
+
+
 class NewRepo(_Strict):
-    name: str = Field(description="1 to 64 letters, digits, spaces, '_', '.' or '-'")
+    name: str = Field(description="1 to 64 letters, digits, spaces, '_', '.' or '-'", json_schema_extra=REPO_NAME)
 
 
 class Repo(BaseModel):
@@ -72,7 +83,7 @@ class TemplateList(BaseModel):
 
 
 class NewBlueprint(_Strict):
-    name: str = Field(description="main.yaml (.yaml is added when missing)")
+    name: str = Field(description="main.yaml (.yaml is added when missing)", json_schema_extra=BLUEPRINT_NAME)
     content: str = Field(description="YAML: template__instance: {args} blocks")
 
 
@@ -188,11 +199,12 @@ def _translated(function: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-REPO = {"repo": Param("The repository's name")}
-TEMPLATE = {**REPO, "name": Param("The template's name (its role)")}
-BLUEPRINT = {**REPO, "name": Param("The blueprint's name, e.g. main.yaml")}
+REPO = {"repo": Param("The repository's name", REPO_NAME)}
+TEMPLATE = {**REPO, "name": Param("The template's name (its role)", _name_schema(NAME_PATTERN, "mailbox"))}
+BLUEPRINT = {**REPO, "name": Param("The blueprint's name, e.g. main.yaml", BLUEPRINT_NAME)}
 # not {instance}: Klein hands its own "instance" argument to every route
-SERVICE = {**REPO, "role": Param("The service's role (its template)"), "name": Param("The instance's name")}
+SERVICE = {**REPO, "role": Param("The service's role (its template)", _name_schema(NAME_PATTERN, "mailbox")),
+           "name": Param("The instance's name", _name_schema(NAME_PATTERN, "ops"))}
 NO_REPO = {404: Response("No such repository")}
 BAD = {400: Response("Invalid input; the message says what")}
 
@@ -321,7 +333,9 @@ class AysApi:
         return self.robot.delete_service(repo, f"{role}!{name}").addCallback(lambda _: Reply(204))
 
     @routes.post("/api/repos/{repo}/services/{role}/{name}/actions/{action}",
-                 summary="Run one action of a service", params={**SERVICE, "action": Param("The action's name")},
+                 summary="Run one action of a service",
+                 params={**SERVICE, "action": Param("The action's name: a function in the template's actions.py",
+                                                    {"type": "string", "examples": ["install"]})},
                  body=Body(ActionArgs, required=False),
                  responses={202: Response("The run, started", RunStarted),
                             404: Response("No such repository, service or action")})

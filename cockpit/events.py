@@ -27,6 +27,10 @@ except AttributeError:  # pragma: no cover - libyaml missing
     _YamlLoader = yaml.SafeLoader
 
 EVENT_TYPES = ("email", "telegram", "alarm", "eco", "generic")
+# lists and objects within lists and objects, the event itself being the first level: the bus
+# reads its entries back with pydantic's JSON parser, which stops at 200 levels
+MAX_DEPTH = 64
+_TOO_DEEP = f"invalid event: the event nests lists and objects deeper than {MAX_DEPTH} levels"
 
 
 class EventError(ValueError):
@@ -189,11 +193,25 @@ def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
     return "invalid event: " + "; ".join(parts)
 
 
+def check_depth(value: Any) -> None:
+    """Raise EventError when the event data ``value`` nests lists and objects deeper than MAX_DEPTH levels."""
+    stack = [(value, 1)]  # not recursive: the data may be deeper than Python's stack
+    pop, push = stack.pop, stack.append
+    while stack:
+        item, depth = pop()
+        for child in (item.values() if isinstance(item, dict) else item):
+            if isinstance(child, (dict, list)):
+                if depth == MAX_DEPTH:
+                    raise EventError(_TOO_DEEP)
+                push((child, depth + 1))
+
+
 def from_data(data: Any, event_type: Optional[str] = None) -> Event:
     """Validate already-decoded data. ``event_type`` (from a URL, say) fills in or must match ``type``."""
     if not isinstance(data, dict):
         raise EventError("invalid event: expected an object (a mapping of fields), "
                          f"got {type(data).__name__}")
+    check_depth(data)
     if event_type is not None:
         if event_type not in MODELS:
             raise EventError(f"unknown event type {event_type!r}: expected one of {', '.join(EVENT_TYPES)}")
@@ -218,6 +236,8 @@ def from_json(raw: Union[bytes, str], event_type: Optional[str] = None) -> Event
         raise EventError("invalid JSON: the body is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise EventError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise EventError(_TOO_DEEP) from None
     return from_data(data, event_type)
 
 
@@ -230,6 +250,8 @@ def from_yaml(raw: Union[bytes, str], event_type: Optional[str] = None) -> Event
         raise EventError(f"invalid YAML{where}: {exc.problem or exc.context}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise EventError(f"invalid YAML: {exc}") from None
+    except RecursionError:
+        raise EventError(_TOO_DEEP) from None
     return from_data(data, event_type)
 
 

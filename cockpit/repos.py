@@ -33,9 +33,16 @@ from cockpit.hrd import Argument, HrdError, ServiceSpec
 TEMPLATE_FILES = ("schema.hrd", "service.hrd", "actions.py")
 MAX_FILE = 1024 * 1024  # bytes, for each template file and blueprint
 
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}(?<![ .])$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_BLUEPRINT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\.ya?ml$")
+# Names are matched whole (fullmatch: "$" alone would let a trailing newline through). The
+# patterns are also the JSON Schema of these names in the API document, so they keep to what
+# ECMA-262 regexes have: no lookbehind.
+REPO_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9 _.\-]{0,62}[A-Za-z0-9_\-])?$"  # no space or dot at the end
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+BLUEPRINT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}\.ya?ml$"
+BLUEPRINT_INPUT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}(\.ya?ml)?$"  # what blueprint_name() takes
+_REPO = re.compile(REPO_PATTERN)
+_NAME = re.compile(NAME_PATTERN)
+_BLUEPRINT = re.compile(BLUEPRINT_PATTERN)
 
 
 class AysError(Exception):
@@ -55,14 +62,14 @@ class Invalid(AysError):
 
 
 def check_repo_name(name: str) -> str:
-    if not isinstance(name, str) or not _REPO.match(name):
+    if not isinstance(name, str) or not _REPO.fullmatch(name):
         raise Invalid(f"{name!r} is not a repository name: 1 to 64 letters, digits, spaces, "
                       "'_', '.' or '-', starting with a letter or digit")
     return name
 
 
 def check_name(name: str, what: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise Invalid(f"{name!r} is not a {what} name: 1 to 64 letters, digits, '_', '.' or '-', "
                       "starting with a letter or digit")
     return name
@@ -79,7 +86,7 @@ def blueprint_name(name: str) -> str:
     """``main`` and ``main.yaml`` are the same blueprint; ``main.yml`` keeps its suffix."""
     if isinstance(name, str) and not name.endswith((".yaml", ".yml")):
         name = name + ".yaml"
-    if not isinstance(name, str) or not _BLUEPRINT.match(name):
+    if not isinstance(name, str) or not _BLUEPRINT.fullmatch(name):
         raise Invalid(f"{name!r} is not a blueprint name: letters, digits, '_', '.' or '-', ending in .yaml")
     return name
 
@@ -194,6 +201,8 @@ def parse_blueprint(content: str) -> list[BlueprintEntry]:
         raise Invalid(f"the blueprint is not valid YAML{where}: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise Invalid(f"the blueprint is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise Invalid("the blueprint nests lists and mappings too deeply") from None
     if data is None:
         raise Invalid("the blueprint is empty: expected 'template__instance:' blocks")
     if not isinstance(data, dict):
@@ -221,7 +230,10 @@ def action_names(source: str, filename: str = "actions.py") -> tuple[str, ...]:
     try:
         tree = ast.parse(source, filename)
     except SyntaxError as exc:
-        raise Invalid(f"actions.py line {exc.lineno}: {exc.msg}") from None
+        where = f" line {exc.lineno}" if exc.lineno is not None else ""  # none for a null byte, say
+        raise Invalid(f"actions.py{where}: {exc.msg}") from None
+    except (RecursionError, MemoryError):  # what Python's parser gives up on: a 100000-term expression
+        raise Invalid("actions.py nests its code too deeply for Python to parse") from None
     return tuple(node.name for node in tree.body
                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"))
 
@@ -306,7 +318,7 @@ class RepoStore:
         if not self.root.is_dir():
             return []
         return sorted(entry.name for entry in self.root.iterdir()
-                      if (entry / ".ays").is_file() and _REPO.match(entry.name))
+                      if (entry / ".ays").is_file() and _REPO.fullmatch(entry.name))
 
     def create_repo(self, repo: str) -> dict[str, Any]:
         path = self.repo_path(repo)
@@ -350,7 +362,7 @@ class RepoStore:
         broken: dict[str, str] = {}
         tdir = path / "servicetemplates"
         for entry in sorted(tdir.iterdir()) if tdir.is_dir() else []:
-            if not entry.is_dir() or not _NAME.match(entry.name) or "__" in entry.name:
+            if not entry.is_dir() or not _NAME.fullmatch(entry.name) or "__" in entry.name:
                 continue
             try:
                 templates[entry.name] = load_template(repo, entry.name, entry, self._template_files(entry))
@@ -419,7 +431,7 @@ class RepoStore:
     def list_blueprints(self, repo: str) -> list[str]:
         path = self._existing_repo(repo) / "blueprints"
         return sorted(entry.name for entry in path.iterdir()
-                      if entry.is_file() and _BLUEPRINT.match(entry.name)) if path.is_dir() else []
+                      if entry.is_file() and _BLUEPRINT.fullmatch(entry.name)) if path.is_dir() else []
 
     def read_blueprint(self, repo: str, name: str) -> str:
         self._existing_repo(repo)

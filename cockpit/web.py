@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from typing import Any, Callable, Literal, Optional, Union
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote_to_bytes
 
 from klein import Klein
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,13 +20,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 from cockpit import events
 from cockpit.bus import Bus, BusUnavailable, cursor
 from cockpit.config import Config
-from cockpit.events import EVENT_TYPES, AnyEvent, EventError, GenericEvent
+from cockpit.events import EVENT_TYPES, AnyEvent, EventError
 from cockpit.examples import SEED_YAML
 from cockpit.groups import AlarmGroupList, EcoGroupList
 from cockpit.smtp import OutgoingMail
@@ -45,7 +47,20 @@ def json_body(request: Request, payload: Any, status: int = 200) -> bytes:
     request.setHeader(b"Content-Type", b"application/json")
     if isinstance(payload, BaseModel):
         return payload.model_dump_json(by_alias=True).encode()
-    return json.dumps(payload, ensure_ascii=False).encode()
+    try:
+        return json.dumps(payload, ensure_ascii=False, allow_nan=False).encode()
+    except ValueError:  # NaN or Infinity (an action's result, say) are not JSON: null, as pydantic writes them
+        return json.dumps(_finite(payload), ensure_ascii=False).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def json_error(request: Request, status: int, message: str) -> bytes:
@@ -136,6 +151,15 @@ class BoundedRequest(Request):
         super().connectionLost(reason)
 
 
+class UndecodableUrl(Resource):
+    """Answers a URL whose host or path is not UTF-8 (Klein would answer in plain text)."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        return json_error(request, 400, "the URL's host or path is not UTF-8 once its %-escapes are decoded")
+
+
 class ApiSite(Site):
     requestFactory = BoundedRequest
 
@@ -145,6 +169,14 @@ class ApiSite(Site):
         self.max_body = max_body
         self.displayTracebacks = False
         self.answered = 0  # requests answered below 400, which are counted rather than logged
+
+    def getResourceFor(self, request: Request) -> Any:
+        try:
+            request.getRequestHostname().decode("utf-8")
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return UndecodableUrl()
+        return super().getResourceFor(request)
 
     def log(self, request: Request) -> None:
         # an access line per accepted event would cost more than the event; refusals say why
@@ -426,8 +458,9 @@ class Api:
         try:
             return body.model.model_validate_json(raw)
         except ValidationError as exc:
-            raise ApiError(400, events.describe_validation_error(exc).replace("invalid event", "invalid body",
-                                                                              1)) from None
+            # the sentence is the events' one; a body that is no JSON at all has no field path to name
+            message = events.describe_validation_error(exc).removeprefix("invalid event: ").removeprefix("(event): ")
+            raise ApiError(400, f"invalid body: {message}") from None
 
     def _error(self, request: Request, failure: Failure) -> bytes:
         from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
@@ -581,13 +614,13 @@ class Api:
                 payload = json.loads(parse_qs(raw.decode())["payload"][0])
         except (ValueError, KeyError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"the body is not a GitHub payload: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "the body is not a GitHub payload: it is nested too deeply") from None
         if event_name == "ping":
             return Reply(200, {"guid": None, "event": "ping"})
-        try:
-            event = GenericEvent(source="github", tags=["github", event_name],
-                                 args={"event": event_name, "delivery": delivery, "payload": payload})
-        except ValidationError as exc:
-            raise ApiError(400, events.describe_validation_error(exc)) from None
+        # through from_data, so what the bus could not read back is refused here
+        event = events.from_data({"type": "generic", "source": "github", "tags": ["github", event_name],
+                                  "args": {"event": event_name, "delivery": delivery, "payload": payload}})
         return self.bus.publish(event).addCallback(
             lambda _: Reply(202, {"guid": event.guid, "event": event_name}))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -31,7 +32,18 @@ ACTIONS = textwrap.dedent('''
 
     def escalate(service, event):
         pass
+
+    def measure(service, event):
+        return {"nan": float("nan"), "inf": float("inf"), "fine": 1.5}
 ''')
+
+
+def strict_json(text):
+    """JSON as RFC 8259 has it: NaN and Infinity, which Python's json reads, are refused."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
 
 
 class AysApiTests(TestCase):
@@ -63,7 +75,7 @@ class AysApiTests(TestCase):
             kwargs["headers"] = {"Content-Type": ["application/json"]}
         response = yield treq.request(method, self.base + path, **kwargs)
         text = yield response.text()
-        payload = json.loads(text) if text else None
+        payload = strict_json(text) if text else None
         if expect is not None:
             self.assertEqual(response.code, expect, payload)
         return response.code, payload
@@ -152,6 +164,63 @@ class AysApiTests(TestCase):
         for method, path, body, status, message in cases:
             code, reply = yield self.call(method, path, body)
             self.assertEqual((code, message in reply["error"]), (status, True), (path, reply))
+
+    @inlineCallbacks
+    def test_run_result_that_is_not_json_reads_back_as_json_with_null(self):
+        yield self.setup_demo()
+        _, reply = yield self.call("POST", "/api/repos/demo/services/node/web1/actions/measure", expect=202)
+        done = yield self.run_done(reply["run"])  # strict_json: NaN or Infinity in the reply would fail here
+        self.assertEqual((done["state"], done["result"]), ("ok", {"nan": None, "inf": None, "fine": 1.5}))
+        _, listed = yield self.call("GET", "/api/runs?action=measure", expect=200)
+        self.assertEqual(listed["runs"][0]["result"], {"nan": None, "inf": None, "fine": 1.5})
+
+    @inlineCallbacks
+    def test_input_the_robot_cannot_take_is_400_with_a_sentence(self):
+        yield self.setup_demo()
+        deep = "[" * 5000 + "]" * 5000
+        cases = [
+            ("POST", "/api/repos", {"name": "demo\n"}, "'demo\\n' is not a repository name: 1 to 64 letters, "
+             "digits, spaces, '_', '.' or '-', starting with a letter or digit"),
+            ("POST", "/api/repos/demo/blueprints", {"name": "deep", "content": f"node__x: {{a: {deep}}}\n"},
+             "the blueprint nests lists and mappings too deeply"),
+            ("PUT", "/api/repos/demo/templates/deep", {"files": {"actions.py": "x = " + "+".join(["1"] * 300000)}},
+             "actions.py nests its code too deeply for Python to parse"),
+            ("PUT", "/api/repos/demo/templates/nul", {"files": {"actions.py": "def install(s, e):\x00\n"}},
+             "actions.py: source code string cannot contain null bytes"),
+        ]
+        for method, path, body, message in cases:
+            code, reply = yield self.call(method, path, body)
+            self.assertEqual((code, reply), (400, {"error": message}), path)
+        code, reply = yield self.call("GET", "/api/repos")
+        self.assertEqual([r["name"] for r in reply["repos"]], ["demo"])
+
+    @inlineCallbacks
+    def test_body_that_is_not_json_is_400_saying_so_without_a_field_path(self):
+        yield self.setup_demo()
+        response = yield treq.post(self.base + "/api/repos", b'{"name": ', pool=self.pool,
+                                   headers={"Content-Type": ["application/json"]})
+        reply = yield response.json()
+        self.assertEqual(response.code, 400)
+        self.assertTrue(reply["error"].startswith("invalid body: Invalid JSON: "), reply)
+
+    def test_documented_names_are_the_names_the_robot_takes(self):
+        from cockpit import repos
+        from cockpit.ays_api import BLUEPRINT_NAME, REPO_NAME, SERVICE
+
+        samples = ["demo", "env du-conv2", "a", "a.", "a ", ".a", "-a", "a-", "a_b", "main.yaml", "main.yml",
+                   "main", "x" * 64, "x" * 65, "x" * 100 + ".yaml", "x" * 101 + ".yaml", "a/b", "é", "a\n", ""]
+        checks = [(REPO_NAME, repos.check_repo_name), (BLUEPRINT_NAME, repos.blueprint_name),
+                  (SERVICE["role"].schema, lambda name: repos.check_name(name, "role"))]
+        for schema, check in checks:
+            pattern = re.compile(schema["pattern"])
+            for name in samples:
+                try:
+                    check(name)
+                    taken = True
+                except repos.Invalid:
+                    taken = False
+                # Python's "$" also matches before a final newline; JSON Schema's (ECMA-262) does not
+                self.assertEqual(taken, bool(pattern.search(name)) and not name.endswith("\n"), (schema, name))
 
     @inlineCallbacks
     def test_failing_blueprint_is_kept_with_its_error(self):

@@ -94,6 +94,26 @@ class ModelTests(TestCase):
         error = self.assertRaises(EventError, events.from_json, b"[1, 2]")
         self.assertIn("expected an object", str(error))
 
+    def test_event_nested_deeper_than_the_bus_can_read_back_is_refused(self):
+        def nested(levels):
+            value = 1
+            for _ in range(levels):
+                value = [value]
+            return value
+
+        # the event is one level and args another
+        deepest = events.from_data({"type": "generic", "args": {"a": nested(events.MAX_DEPTH - 2)}})
+        self.assertEqual(deepest.args, events.from_stored(deepest.to_json()).args)
+        error = self.assertRaises(EventError, events.from_data,
+                                  {"type": "generic", "args": {"a": nested(events.MAX_DEPTH - 1)}})
+        self.assertEqual(f"invalid event: the event nests lists and objects deeper than {events.MAX_DEPTH} levels",
+                         str(error))
+        # past what the parsers themselves can take, too
+        self.assertIn("deeper than", str(self.assertRaises(
+            EventError, events.from_json, '{"args": {"a": ' + "[" * 5000 + "]" * 5000 + "}}", "generic")))
+        self.assertIn("deeper than", str(self.assertRaises(
+            EventError, events.from_yaml, "args: {a: " + "[" * 5000 + "]" * 5000 + "}", "generic")))
+
     def test_json_schemas_cover_every_type(self):
         schemas = events.json_schemas()
         for name in ("EmailEvent", "TelegramEvent", "AlarmEvent", "EcoEvent", "GenericEvent"):

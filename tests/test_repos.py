@@ -117,6 +117,22 @@ class BlueprintParseTests(TestCase):
         for content, message in cases:
             self.assertIn(message, str(self.assertRaises(Invalid, repos.parse_blueprint, content)))
 
+    def test_blueprint_nested_too_deeply_is_invalid(self):
+        error = self.assertRaises(Invalid, repos.parse_blueprint, "node__a: {x: " + "[" * 5000 + "]" * 5000 + "}")
+        self.assertEqual("the blueprint nests lists and mappings too deeply", str(error))
+
+    def test_names_with_a_trailing_newline_are_refused(self):
+        self.assertRaises(Invalid, repos.check_repo_name, "demo\n")
+        self.assertRaises(Invalid, repos.check_name, "web1\n", "instance")
+        self.assertRaises(Invalid, repos.blueprint_name, "main.yaml\n")
+        self.assertEqual("main.yaml", repos.blueprint_name("main"))
+
+    def test_actions_python_cannot_parse_are_invalid_with_a_sentence(self):
+        error = self.assertRaises(Invalid, repos.action_names, "def install(service, event):\x00\n    pass\n")
+        self.assertEqual("actions.py: source code string cannot contain null bytes", str(error))
+        error = self.assertRaises(Invalid, repos.action_names, "x = " + "+".join(["1"] * 300000))
+        self.assertEqual("actions.py nests its code too deeply for Python to parse", str(error))
+
     def test_services_get_schema_defaults_and_missing_required_is_an_error(self):
         store = RepoStore(Path(self.mktemp()))
         store.create_repo("demo")

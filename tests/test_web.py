@@ -100,6 +100,15 @@ class PublishTests(TestCase):
         self.assertIn("invalid JSON", payload["error"])
 
     @inlineCallbacks
+    def test_event_nested_too_deeply_is_400_and_not_published(self):
+        for levels in (100, 5000):  # what the bus could not read back, and what Python's parser gives up on
+            body = b'{"args": {"a": ' + b"[" * levels + b"]" * levels + b"}}"
+            response, payload = yield self.post("generic", body)
+            self.assertEqual(400, response.code)
+            self.assertIn("nests lists and objects deeper than", payload["error"])
+        self.assertEqual([], (yield self.bus.recent()))
+
+    @inlineCallbacks
     def test_type_in_body_must_match_the_url(self):
         response, payload = yield self.post("alarm", {"type": "eco"})
         self.assertEqual(400, response.code)

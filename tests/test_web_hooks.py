@@ -65,6 +65,15 @@ class GithubWebhookTests(TestCase):
         self.assertIn("missing", payload["error"])
 
     @inlineCallbacks
+    def test_payload_nested_too_deeply_is_400_and_not_published(self):
+        for levels, message in ((100, "nests lists and objects deeper than"), (5000, "nested too deeply")):
+            body = b'{"a": ' + b"[" * levels + b"]" * levels + b"}"
+            response, payload = yield self.hook(body, signature=sign(body))
+            self.assertEqual(400, response.code)
+            self.assertIn(message, payload["error"])
+        self.assertEqual([], (yield self.bus.recent()))
+
+    @inlineCallbacks
     def test_ping_is_answered_200_and_not_published(self):
         body = b'{"zen": "Keep it logically awesome."}'
         response, payload = yield self.hook(body, event="ping", signature=sign(body))

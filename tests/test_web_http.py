@@ -198,3 +198,26 @@ class BodyLimitTests(TestCase):
         self.assertEqual(202, response.code)
         yield response.json()
 
+
+
+class UrlDecodingTests(TestCase):
+    def setUp(self):
+        self.server = LiveServer(self)
+
+    @inlineCallbacks
+    def answer(self, path: bytes, host: bytes = b"cockpit") -> Deferred:
+        client = yield self.server.connect(b"GET " + path + b" HTTP/1.1\r\nHost: " + host +
+                                           b"\r\nConnection: close\r\n\r\n")
+        received = yield client.closed
+        head, _, body = received.partition(b"\r\n\r\n")
+        return head, body
+
+    @inlineCallbacks
+    def test_path_or_host_that_is_not_utf8_is_a_json_400(self):
+        for path, host in ((b"/api/runs/%ff", b"cockpit"), (b"/api/health", b"\xffcockpit")):
+            head, body = yield self.answer(path, host)
+            self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+            self.assertIn(b"Content-Type: application/json", head)
+            self.assertIn("not UTF-8", json.loads(body)["error"])
+        head, _ = yield self.answer(b"/api/health")  # and the site still answers
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
