@@ -171,9 +171,10 @@ class ApiSite(Site):
         self.answered = 0  # requests answered below 400, which are counted rather than logged
 
     def getResourceFor(self, request: Request) -> Any:
+        path = request.path
         try:
             request.getRequestHostname().decode("utf-8")
-            unquote_to_bytes(request.path).decode("utf-8")
+            (unquote_to_bytes(path) if b"%" in path else path).decode("utf-8")
         except UnicodeDecodeError:
             return UndecodableUrl()
         return super().getResourceFor(request)
