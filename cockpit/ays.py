@@ -358,8 +358,9 @@ class Robot(Service):
     def when_run(self, predicate: Callable[[Run], bool]) -> Deferred:
         """Fires with the first run from now on that ``predicate`` accepts.
 
-        Each run is offered twice: as it starts (state ``running``) and once it is recorded
-        (``ok``, ``error`` or ``timeout``). Cancelled when the robot stops.
+        A run is offered as it starts in a worker (state ``running``) and once it is recorded
+        (``ok``, ``error`` or ``timeout``); what the robot does itself (chat commands) and installs
+        that never start are offered once recorded only. Cancelled when the robot stops.
         """
         d: Deferred = Deferred(lambda d: self._run_waiters.remove((predicate, d)))
         self._run_waiters.append((predicate, d))
