@@ -187,7 +187,8 @@ class Consumer(Service):
 
     def __init__(self, bus: Bus, group: str, handler: Handler, types: Sequence[str],
                  name: Optional[str] = None, concurrency: int = 64,
-                 claim_interval: Optional[float] = None, drain_timeout: float = 10.0):
+                 claim_interval: Optional[float] = None, drain_timeout: float = 10.0,
+                 linger: float = 0.0):
         self.bus = bus
         self.group = group
         self.handler = handler
@@ -197,6 +198,10 @@ class Consumer(Service):
         self.concurrency = concurrency
         self.claim_interval = claim_interval or max(bus.claim_idle / 3, 0.05)
         self.drain_timeout = drain_timeout
+        # after a read that did not fill the room, wait this long before the next one: fewer,
+        # larger reads for consumers to whom a few milliseconds do not matter
+        self.linger = linger
+        self._lingering: Optional[Deferred] = None
         self.inflight: dict[tuple[str, str], Deferred] = {}
         self._last_error: dict[tuple[str, str], str] = {}
         self._room: Optional[Deferred] = None
@@ -219,6 +224,8 @@ class Consumer(Service):
         super().stopService()
         if self._reclaimer and self._reclaimer.running:
             self._reclaimer.stop()
+        if self._lingering is not None:
+            self._lingering.cancel()
         yield self._stop_reading()
         if self.inflight and self.drain_timeout > 0:
             # let running handlers finish and ack; what does not finish stays pending for others
@@ -252,6 +259,14 @@ class Consumer(Service):
                 continue
             for stream, entry_id, raw in entries:
                 self._dispatch(stream, entry_id, raw, 1)
+            if self.linger and len(entries) < self.concurrency and self.running:
+                self._lingering = task.deferLater(self.bus.clock, self.linger, lambda: None)
+                try:
+                    yield self._lingering
+                except defer.CancelledError:
+                    break
+                finally:
+                    self._lingering = None
 
     def _wait_for_room(self) -> Deferred:
         if len(self.inflight) < self.concurrency:

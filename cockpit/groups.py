@@ -17,6 +17,7 @@ import json
 from collections import OrderedDict
 from typing import Any, Literal, Optional
 
+import txredisapi
 from pydantic import BaseModel, ConfigDict, Field
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -205,6 +206,8 @@ return out
 
 # KEYS: sorted set. ARGV: hash key prefix, limit, cursor time ("" from the top), cursor id.
 # Ties on last_time are ordered by id, as the sorted set orders them.
+_RECORD_SHA = hashlib.sha1(_RECORD.encode()).hexdigest()
+
 _PAGE = """
 local limit = tonumber(ARGV[2])
 local ids
@@ -251,7 +254,9 @@ class RedisGroupStore(GroupStore):
         self._flush_call = None
         batch, self._batch = self._batch, []
         args = [value for values, _ in batch for value in values]
-        d = self.bus.execute("EVAL", _RECORD, "0", str(SEEN_TTL), *args)
+        d = self.bus.execute("EVALSHA", _RECORD_SHA, "0", str(SEEN_TTL), *args)
+        # EVALSHA spares sending and hashing the script each time; EVAL (re)loads it when Redis lacks it
+        d.addErrback(self._load_script, args)
 
         def counted(replies: list) -> None:
             for (_, waiting), reply in zip(batch, replies):
@@ -262,6 +267,12 @@ class RedisGroupStore(GroupStore):
                 waiting.errback(failure)
 
         d.addCallbacks(counted, failed)
+
+    def _load_script(self, failure: Any, args: list[str]) -> Deferred:
+        failure.trap(txredisapi.ResponseError)
+        if "NOSCRIPT" not in failure.getErrorMessage():
+            return failure
+        return self.bus.execute("EVAL", _RECORD, "0", str(SEEN_TTL), *args)
 
     def page(self, kind: str, limit: int, before: Optional[str]) -> Deferred:
         try:
@@ -287,6 +298,9 @@ class EventGroups(Service):
     def __init__(self, bus: Bus, store: Optional[GroupStore] = None, **consumer_options: Any):
         self.bus = bus
         self.store = store or (RedisGroupStore(bus) if isinstance(bus, RedisBus) else MemoryGroupStore())
+        if isinstance(bus, RedisBus):
+            # counting may lag a moment: reading and recording in larger batches costs less
+            consumer_options = {"concurrency": 512, "linger": 0.05, **consumer_options}
         self.consumer = bus.consumer(GROUPS_CONSUMER, self._handle, types=("eco", "alarm"), **consumer_options)
 
     def _handle(self, event: Event, delivery: Delivery) -> Deferred:
