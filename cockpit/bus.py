@@ -725,6 +725,8 @@ class RedisBus(Bus):
                 entry_id = f"{bound[0]}-{bound[1]}"
                 # ties on the id are ordered by type: earlier types still include the id itself
                 high = entry_id if _order(entry_id, t) < bound else f"({entry_id}"
+                if high == "(0-0":
+                    continue  # nothing is below the first possible id (and Redis refuses the range)
             commands.append(self.execute("XREVRANGE", stream_key(t), high, "-", "COUNT", str(limit)))
         replies = yield defer.gatherResults(commands, consumeErrors=True).addErrback(
             lambda f: f.value.subFailure)

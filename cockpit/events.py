@@ -107,11 +107,15 @@ class EcoEvent(Event):
         return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+SERVICE_KEY = r"^[^!\s]+![^!\s]+$"
+PATTERN_NAMES = {SERVICE_KEY: "role!instance, such as node!web1"}  # patterns, in words for errors
+
+
 class AlarmEvent(Event):
     """A monitoring alarm about one service."""
 
     type: Literal["alarm"] = "alarm"
-    service: str = Field(pattern=r"^[^!\s]+![^!\s]+$",
+    service: str = Field(pattern=SERVICE_KEY,
                          description="The service the alarm is about, as role!instance.")
     method: str = ""
     msg: str = ""
@@ -186,6 +190,9 @@ def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
             message = "unknown field"
         elif error["type"] == "missing":
             message = "field required"
+        elif error["type"] == "string_pattern_mismatch":
+            pattern = error.get("ctx", {}).get("pattern", "")
+            message = f"expected {PATTERN_NAMES.get(pattern, 'text matching ' + pattern)}, got {error['input']!r}"
         parts.append(f"{_field_path(tuple(loc))}: {message}")
     more = len(exc.errors()) - limit
     if more > 0:

@@ -99,6 +99,8 @@ class BusBehaviour:
         self.assertNotIn(second.guid, [ev.guid for _, ev in older])
         limited = yield self.bus.recent(limit=1)
         self.assertEqual(1, len(limited))
+        self.assertEqual([], (yield self.bus.recent(before="0-0")))
+        self.assertEqual([], (yield self.bus.recent("alarm", before="0-0/email")))
 
     @inlineCallbacks
     def test_live_subscriber_gets_events_of_its_types(self):

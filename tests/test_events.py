@@ -71,7 +71,7 @@ class ModelTests(TestCase):
         error = self.assertRaises(EventError, events.from_data, {"type": "email", "to": [1, "a@b"]})
         self.assertIn("to[0]", str(error))
         error = self.assertRaises(EventError, events.from_data, {"type": "alarm", "service": "nobang"})
-        self.assertIn("service: ", str(error))
+        self.assertIn("service: expected role!instance, such as node!web1, got 'nobang'", str(error))
         error = self.assertRaises(EventError, events.from_data, {"type": "alarm", "service": "a!b", "colour": 1})
         self.assertIn("colour: unknown field", str(error))
 
