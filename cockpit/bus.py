@@ -94,9 +94,21 @@ class Subscription:
         self._bus = bus
         self.callback = callback
         self.types = types
+        self._ended: list[Deferred] = []
 
     def cancel(self) -> None:
         self._bus._subscriptions.discard(self)
+        ended, self._ended = self._ended, []
+        for d in ended:
+            d.callback(None)
+
+    def when_cancelled(self) -> Deferred:
+        """Fires once the subscription has ended (at once if it has)."""
+        if self not in self._bus._subscriptions:
+            return defer.succeed(None)
+        d = Deferred()
+        self._ended.append(d)
+        return d
 
 
 class Bus(Service):

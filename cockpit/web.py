@@ -234,10 +234,10 @@ class LiveStream:
         if self.finished:
             return
         self.finished = True
-        self.subscription.cancel()
         if self.keepalive.running:
             self.keepalive.stop()
         self.request.unregisterProducer()
+        self.subscription.cancel()  # last: whoever waits on it sees the stream wholly stopped
 
     def pauseProducing(self) -> None:
         self.paused = True

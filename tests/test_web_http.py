@@ -69,22 +69,6 @@ class LiveServer:
         return client
 
 
-def until(predicate, timeout: float = 5.0, step: float = 0.01) -> Deferred:
-    """Fires once ``predicate()`` holds; for server-side effects a client cannot observe directly."""
-    from twisted.internet import task
-
-    deadline = reactor.seconds() + timeout
-
-    def check():
-        if predicate():
-            return None
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not reached in time")
-        return task.deferLater(reactor, step, check)
-
-    return defer.maybeDeferred(check)
-
-
 class LiveEventsTests(TestCase):
     def setUp(self):
         self.server = LiveServer(self)
@@ -135,8 +119,10 @@ class LiveEventsTests(TestCase):
         client = yield self.subscribe()
         yield client.wait_for(b": live events")
         self.assertEqual(1, len(self.server.bus._subscriptions))
+        [subscription] = self.server.bus._subscriptions
         client.transport.loseConnection()
-        yield until(lambda: not self.server.bus._subscriptions)
+        yield subscription.when_cancelled()
+        self.assertEqual(set(), self.server.bus._subscriptions)
         self.assertEqual([], self.server.clock.getDelayedCalls())  # the keep-alive stopped too
 
     @inlineCallbacks
