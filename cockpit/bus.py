@@ -200,8 +200,11 @@ class Consumer(Service):
     def __init__(self, bus: Bus, group: str, handler: Handler, types: Sequence[str],
                  name: Optional[str] = None, concurrency: int = 64,
                  claim_interval: Optional[float] = None, drain_timeout: float = 10.0,
-                 linger: float = 0.0):
+                 linger: float = 0.0, decode: Callable[[str], Any] = from_stored):
         self.bus = bus
+        # how an entry's stored text becomes what the handler gets (ValueError: it cannot);
+        # an event by default, something else for streams of other work (outgoing mail)
+        self.decode = decode
         self.group = group
         self.handler = handler
         self.types = tuple(types)
@@ -291,7 +294,7 @@ class Consumer(Service):
         if key in self.inflight:
             return
         try:
-            event = from_stored(raw) if raw is not None else None
+            event = self.decode(raw) if raw is not None else None
         except ValueError:
             event = None
         if event is None:

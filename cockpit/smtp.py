@@ -9,7 +9,8 @@ AUTH PLAIN/LOGIN only after it. A message is parsed with the stdlib ``email`` pa
 take it the answer is 451 4.3.0, so the sending server retries.
 
 Sending: :class:`MailSender` delivers :class:`OutgoingMail` through ``[mail.relay]``
-with STARTTLS or implicit TLS and AUTH, retrying with backoff.
+with STARTTLS or implicit TLS and AUTH, retrying with backoff; a mail is stored in an
+outbox (Redis, or a spool directory with the embedded bus) before it is accepted.
 """
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ import threading
 import time
 import unicodedata
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass
 from email import policy as email_policy
 from email.message import EmailMessage, Message
@@ -54,6 +54,7 @@ from zope.interface import implementer
 from cockpit.bus import Bus, BusUnavailable
 from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
+from cockpit.outbox import MailQueueFull, Outbox, QueuedMail, SpoolOutbox, Suspended
 from cockpit.store import Store
 
 log = Logger()
@@ -1004,16 +1005,27 @@ def _utcnow() -> Any:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-class MailQueueFull(Exception):
-    """The outgoing queue is at its bound; the caller should answer 503 and try later."""
+@dataclass
+class _Delivering:
+    """A mail this process is delivering: its next attempt's timer, or the attempt under way."""
+
+    mail: QueuedMail
+    done: Deferred  # fires once the outbox has booked the mail finished or suspended
+    timer: Any = None
+    attempt: Optional[Deferred] = None
+    stopping: bool = False
 
 
 class MailSender(Service):
-    """Delivers :class:`OutgoingMail` through ``[mail.relay]``, retrying with backoff."""
+    """Delivers :class:`OutgoingMail` through ``[mail.relay]``, retrying with backoff.
+
+    A mail is stored in the :class:`~cockpit.outbox.Outbox` before :meth:`send` fires, and
+    stays there until it is sent or has failed: a stop or a crash does not lose it.
+    """
 
     def __init__(self, relay: RelaySection, reactor: Any = None, hostname: Optional[str] = None,
                  first_delay: float = 5.0, max_delay: float = 600.0, history: int = 500,
-                 max_queued: int = 10000, concurrency: int = 4):
+                 max_queued: int = 10000, concurrency: int = 4, outbox: Optional[Outbox] = None):
         if reactor is None:
             from twisted.internet import reactor
         self.relay = relay
@@ -1021,15 +1033,12 @@ class MailSender(Service):
         self.hostname = hostname or "localhost"
         self.first_delay = first_delay
         self.max_delay = max_delay
-        self.history = history
-        self.max_queued = max_queued
-        self.concurrency = concurrency
-        self._records: "OrderedDict[str, dict[str, Any]]" = OrderedDict()
-        self._messages: dict[str, tuple[list[str], bytes]] = {}
-        self._ready: list[str] = []
-        self._timers: dict[str, Any] = {}
-        self._inflight: dict[str, Deferred] = {}
+        # without an outbox of its own, mail waits in memory only (a sender under test)
+        self.outbox = outbox if outbox is not None else SpoolOutbox(None, reactor, history, max_queued)
+        self._slots = defer.DeferredSemaphore(concurrency)  # attempts under way at once
+        self._delivering: dict[str, _Delivering] = {}
         self._watchers: dict[str, list[Deferred]] = {}
+        self._schedule_watchers: dict[str, list[Deferred]] = {}
         self._tls = self._client_tls() if (relay.starttls or relay.tls) else None
 
     def _client_tls(self) -> Any:
@@ -1045,78 +1054,90 @@ class MailSender(Service):
 
     # -- API ---------------------------------------------------------------------
     def send(self, mail: OutgoingMail) -> Deferred:
-        """Queue ``mail``; fires with its delivery record once it is accepted (not once delivered)."""
-        queued = sum(1 for r in self._records.values() if r["state"] == "queued")
-        if queued >= self.max_queued:
-            return defer.fail(MailQueueFull(f"{queued} mails are waiting for the relay; try again later"))
+        """Store ``mail`` for the relay; fires with its delivery record once it is stored (not once delivered).
+
+        Fails with MailQueueFull when too many mails wait, with BusUnavailable when it cannot be stored.
+        """
         mail_id = uuid.uuid4().hex
         domain = self.relay.sender.rpartition("@")[2] or self.hostname
         message = build_message(mail, self.relay.sender, make_msgid(mail_id[:16], domain=domain))
         raw = message.as_bytes(policy=email_policy.default)  # sendmail turns \n into CRLF itself
         record = {"id": mail_id, "to": list(mail.to), "cc": list(mail.cc), "subject": mail.subject,
-                  "state": "queued", "attempts": 0, "error": None, "queued": time.time(), "sent": None}
-        self._records[mail_id] = record
-        self._messages[mail_id] = (list(mail.to) + list(mail.cc), raw)
-        self._trim()
-        log.info("mail {id} to {to} queued for {relay}", id=mail_id, to=record["to"], relay=self.relay.host)
-        self._ready.append(mail_id)
-        self._pump()
-        return defer.succeed(dict(record))
+                  "state": "queued", "attempts": 0, "error": None, "queued": time.time(), "sent": None,
+                  "retry_at": None}
+        accepted = dict(record)  # the delivery may begin before the caller hears of it
 
-    def deliveries(self, limit: int = 50) -> list[dict[str, Any]]:
-        """Delivery records, newest first."""
-        return [dict(r) for r in itertools.islice(reversed(self._records.values()), max(limit, 0))]
+        def stored(_: Any) -> dict[str, Any]:
+            log.info("mail {id} to {to} queued for {relay}", id=mail_id, to=record["to"], relay=self.relay.host)
+            return accepted
 
-    def get(self, mail_id: str) -> Optional[dict[str, Any]]:
-        record = self._records.get(mail_id)
-        return dict(record) if record is not None else None
+        return self.outbox.add(QueuedMail(record, list(mail.to) + list(mail.cc), raw)).addCallback(stored)
+
+    def deliveries(self, limit: int = 50) -> Deferred:
+        """Fires with the delivery records, newest first."""
+        return self.outbox.records(limit)
+
+    def get(self, mail_id: str) -> Deferred:
+        """Fires with the delivery record of ``mail_id``, or None."""
+        return self.outbox.record(mail_id)
 
     def health(self) -> dict[str, Any]:
-        queued = sum(1 for r in self._records.values() if r["state"] == "queued")
-        return {"ok": True, "relay": f"{self.relay.host}:{self.relay.port}", "queued": queued}
+        return {"ok": True, "relay": f"{self.relay.host}:{self.relay.port}", "queued": len(self._delivering)}
 
     # -- lifetime ----------------------------------------------------------------------
     def startService(self) -> None:
         super().startService()
-        self._pump()
+        self.outbox.start(self._take)
 
     def stopService(self) -> Any:
         super().stopService()
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
-        left = [r["id"] for r in self._records.values() if r["state"] == "queued"]
+        stopped = self.outbox.stop()  # first: no more mail is handed out
+        left = list(self._delivering.values())
         if left:
-            log.warn("stopping with {count} mails not delivered: {ids}", count=len(left), ids=left)
-        inflight = list(self._inflight.values())
-        for d in inflight:
-            d.cancel()
-        return defer.DeferredList(inflight, consumeErrors=True) if inflight else None
+            log.info("stopping with {count} mails not yet delivered; they stay queued", count=len(left))
+        for delivering in left:
+            delivering.stopping = True
+            if delivering.timer is not None and delivering.timer.active():
+                delivering.timer.cancel()
+            if delivering.attempt is not None:
+                delivering.attempt.cancel()
+            self._suspend(delivering)
+        return defer.DeferredList([stopped, *(d.done for d in left)], consumeErrors=True)
 
     # -- delivery ----------------------------------------------------------------
-    def _trim(self) -> None:
-        while len(self._records) > self.history:
-            oldest = next(iter(self._records))
-            if self._records[oldest]["state"] == "queued":
-                break  # never forget a mail that is still to be sent
-            del self._records[oldest]
-            self._messages.pop(oldest, None)
+    def _take(self, mail: QueuedMail) -> Deferred:
+        """Deliver ``mail`` until it is sent, has failed, or this sender stops."""
+        if not self.running:
+            return defer.fail(RuntimeError("the mail sender is stopped"))
+        if mail.id in self._delivering:  # handed out twice (a reclaim that raced its own heartbeat)
+            return self._delivering[mail.id].done
+        delivering = _Delivering(mail, Deferred())
+        self._delivering[mail.id] = delivering
+        retry_at = mail.record.get("retry_at")
+        delay = min(max(retry_at - time.time(), 0.0), self.max_delay) if retry_at else 0.0
+        self._schedule(delivering, delay)
+        return delivering.done
 
-    def _pump(self) -> None:
-        while self.running and self._ready and len(self._inflight) < self.concurrency:
-            mail_id = self._ready.pop(0)
-            if mail_id in self._messages:
-                self._attempt(mail_id)
+    def _schedule(self, delivering: _Delivering, delay: float) -> None:
+        if delay > 0:
+            delivering.timer = self.reactor.callLater(delay, self._attempt, delivering)
+        for d in self._schedule_watchers.pop(delivering.mail.id, []):
+            d.callback(delay)
+        if delay <= 0:
+            self._attempt(delivering)
 
-    def _attempt(self, mail_id: str) -> None:
-        record = self._records[mail_id]
+    def _attempt(self, delivering: _Delivering) -> None:
+        delivering.timer = None
+        if delivering.stopping:
+            return
+        d = delivering.attempt = self._slots.run(self._send_once, delivering)
+        d.addCallbacks(self._sent, self._failed, callbackArgs=(delivering,), errbackArgs=(delivering,))
+
+    def _send_once(self, delivering: _Delivering) -> Deferred:
+        record = delivering.mail.record
         record["attempts"] += 1
-        recipients, raw = self._messages[mail_id]
-        d = self._deliver(recipients, raw)
-        self._inflight[mail_id] = d
-        d.addCallbacks(self._sent, self._failed, callbackArgs=(mail_id,), errbackArgs=(mail_id,))
-        d.addBoth(self._done, mail_id)
+        assert delivering.mail.raw is not None
+        return self._deliver(delivering.mail.recipients, delivering.mail.raw)
 
     def _deliver(self, recipients: list[str], raw: bytes) -> Deferred:
         relay = self.relay
@@ -1140,19 +1161,21 @@ class MailSender(Service):
             connector = self.reactor.connectTCP(relay.host, relay.port, factory, timeout=relay.timeout)
         return result
 
-    def _sent(self, result: Any, mail_id: str) -> None:
-        record = self._records.get(mail_id)
-        if record is None:
-            return
-        record.update(state="sent", sent=time.time(), error=None)
-        self._messages.pop(mail_id, None)
+    def _sent(self, result: Any, delivering: _Delivering) -> None:
+        delivering.attempt = None
+        if delivering.stopping:
+            return  # sent after all, but already suspended: it goes out again (at least once)
+        record = delivering.mail.record
+        record.update(state="sent", sent=time.time(), error=None, retry_at=None)
         log.info("mail {id} to {to} delivered to {relay} after {attempts} attempts",
-                 id=mail_id, to=record["to"], relay=self.relay.host, attempts=record["attempts"])
+                 id=record["id"], to=record["to"], relay=self.relay.host, attempts=record["attempts"])
+        self._finish(delivering, None)
 
-    def _failed(self, failure: Failure, mail_id: str) -> None:
-        record = self._records.get(mail_id)
-        if record is None or not self.running:
+    def _failed(self, failure: Failure, delivering: _Delivering) -> None:
+        delivering.attempt = None
+        if delivering.stopping:
             return
+        record = delivering.mail.record
         error = failure.getErrorMessage()
         code = getattr(failure.value, "code", None)
         if isinstance(error, bytes):
@@ -1160,32 +1183,67 @@ class MailSender(Service):
         record["error"] = str(error)[:1000]
         permanent = isinstance(code, int) and 500 <= code < 600
         if permanent or record["attempts"] > self.relay.retries:
-            record["state"] = "failed"
-            self._messages.pop(mail_id, None)
+            record.update(state="failed", retry_at=None)
             log.error("mail {id} to {to} failed after {attempts} attempts: {error}",
-                      id=mail_id, to=record["to"], attempts=record["attempts"], error=record["error"])
+                      id=record["id"], to=record["to"], attempts=record["attempts"], error=record["error"])
+            self._finish(delivering, record["error"])
             return
         delay = min(self.first_delay * 2 ** (record["attempts"] - 1), self.max_delay)
+        record["retry_at"] = time.time() + delay
         log.warn("mail {id}: relay {relay} failed ({error}); attempt {next} in {delay:.0f}s",
-                 id=mail_id, relay=self.relay.host, error=record["error"], next=record["attempts"] + 1,
+                 id=record["id"], relay=self.relay.host, error=record["error"], next=record["attempts"] + 1,
                  delay=delay)
-        self._timers[mail_id] = self.reactor.callLater(delay, self._retry, mail_id)
+        stored = self.outbox.update(dict(record))
+        self._schedule(delivering, delay)
+        # kept in memory meanwhile; it is stored again at the next outcome
+        stored.addErrback(lambda f: log.warn("mail {id}: cannot store its record: {error}",
+                                             id=record["id"], error=f.getErrorMessage()))
+        stored.addBoth(lambda _: self._outcome(delivering))
 
-    def _retry(self, mail_id: str) -> None:
-        self._timers.pop(mail_id, None)
-        self._ready.append(mail_id)
-        self._pump()
+    def _finish(self, delivering: _Delivering, dead_error: Optional[str]) -> None:
+        self._delivering.pop(delivering.mail.id, None)
+        booked = self.outbox.finish(delivering.mail, dead_error)
 
-    def _done(self, _: Any, mail_id: str) -> None:
-        self._inflight.pop(mail_id, None)
-        waiting = self._watchers.pop(mail_id, [])
-        record = self.get(mail_id)
-        for d in waiting:
+        def not_booked(failure: Failure) -> Failure:
+            log.warn("mail {id}: cannot store that it is {state}: {error}; it may be sent again",
+                     id=delivering.mail.id, state=delivering.mail.record["state"], error=failure.getErrorMessage())
+            return failure
+
+        booked.addErrback(not_booked)
+        booked.addBoth(self._outcome_then, delivering)
+        booked.chainDeferred(delivering.done)
+
+    def _suspend(self, delivering: _Delivering) -> None:
+        self._delivering.pop(delivering.mail.id, None)
+        delivering.mail.record["state"] = "queued"
+        self.outbox.suspend(delivering.mail).addErrback(
+            self._not_suspended, delivering).chainDeferred(delivering.done)
+
+    @staticmethod
+    def _not_suspended(failure: Failure, delivering: _Delivering) -> Failure:
+        if failure.check(Suspended):
+            return failure  # tells the bus consumer to leave the entry pending; nothing went wrong
+        log.warn("mail {id}: cannot store it for the next start: {error}; it stays pending",
+                 id=delivering.mail.id, error=failure.getErrorMessage())
+        return failure
+
+    def _outcome_then(self, result: Any, delivering: _Delivering) -> Any:
+        self._outcome(delivering)
+        return result
+
+    def _outcome(self, delivering: _Delivering) -> None:
+        record = dict(delivering.mail.record)
+        for d in self._watchers.pop(record["id"], []):
             d.callback(record)
-        self._pump()
 
     def next_outcome(self, mail_id: str) -> Deferred:
-        """Fires with the record once the next delivery attempt of ``mail_id`` has ended."""
+        """Fires with the record once the next delivery attempt of ``mail_id`` here has ended and is stored."""
         d: Deferred = Deferred()
         self._watchers.setdefault(mail_id, []).append(d)
+        return d
+
+    def next_schedule(self, mail_id: str) -> Deferred:
+        """Fires with the delay in seconds once the next attempt of ``mail_id`` is scheduled here."""
+        d: Deferred = Deferred()
+        self._schedule_watchers.setdefault(mail_id, []).append(d)
         return d

@@ -84,7 +84,11 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     store = Store(cfg.data_dir / "store", cfg.public_url, reactor)
     mailer = None
     if cfg.mail.relay is not None:
-        mailer = MailSender(cfg.mail.relay, reactor, hostname=cfg.mail.hostname)
+        from cockpit.outbox import make_outbox
+
+        # outgoing mail is stored in Redis, or under data_dir with the embedded bus, before it is accepted
+        mailer = MailSender(cfg.mail.relay, reactor, hostname=cfg.mail.hostname,
+                            outbox=make_outbox(bus, cfg.data_dir, reactor))
         mailer.setName("mailer")
         mailer.setServiceParent(top)
     smtp_listener = Listener("SMTP", cfg.mail.endpoint(), IncomingMailFactory(cfg.mail, bus, store, reactor),

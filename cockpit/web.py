@@ -691,8 +691,11 @@ class Api:
 
     @routes.get("/api/mail", summary="Recent deliveries, newest first (none without a relay)", tags=("mail",),
                 query=LimitQuery, responses={200: Response("The delivery records", DeliveryList)})
-    def mail_deliveries(self, request: Request, query: LimitQuery) -> dict[str, Any]:
-        return {"mails": self.mailer.deliveries(query.limit) if self.mailer is not None else []}
+    def mail_deliveries(self, request: Request, query: LimitQuery) -> Deferred:
+        if self.mailer is None:
+            return defer.succeed({"mails": []})
+        # the records are in Redis or the spool: they come back later
+        return self.mailer.deliveries(query.limit).addCallback(lambda mails: {"mails": mails})
 
     # -- grouped conditions ----------------------------------------------------------------
     @routes.get("/api/ecos", summary="Error conditions grouped by fingerprint, most recent first",

@@ -1,6 +1,7 @@
 """MailSender against a local relay sink that needs STARTTLS and AUTH (a twisted.mail ESMTP server)."""
 from __future__ import annotations
 
+import json
 from email import message_from_bytes, policy
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,11 @@ from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from cockpit.config import RelaySection
+from cockpit.bus import DEAD_LETTER_STREAM, BusUnavailable, RedisBus
+from cockpit.config import RedisSection, RelaySection
+from cockpit.outbox import MAIL_GROUP, MAIL_STREAM, RedisOutbox, SpoolOutbox
 from cockpit.smtp import MailSender, OutgoingMail
-from tests.redis_server import free_port
+from tests.redis_server import RedisServer, free_port, shared_server
 from tests.test_smtp import self_signed_cert
 
 
@@ -116,6 +119,14 @@ class RelaySink:
         self._waiting.append(d)
         return d
 
+    def wait_for(self, count: int) -> Deferred:
+        """Fires once ``count`` messages have arrived in all."""
+        if len(self.messages) >= count:
+            return defer.succeed(self.messages)
+        d = self.wait()
+        d.addCallback(lambda _: self.wait_for(count))
+        return d
+
 
 class ClockedReactor:
     """The real reactor for connections, a Clock for the retry timers."""
@@ -130,11 +141,16 @@ class ClockedReactor:
         return getattr(reactor, name)
 
 
-class MailSending(TestCase):
+class SendingBehaviour:
+    """What sending does whatever keeps the queue; subclasses say where (``make_outbox``)."""
+
     def setUp(self):
         self.cert = self_signed_cert(Path(self.mktemp()), host="localhost")
         self.sink = RelaySink(self.cert, refuse=frozenset({"ghost@example.org"}))
         self.clock = Clock()
+
+    def make_outbox(self) -> Any:
+        return None
 
     def listen(self, port: int = 0, implicit_tls: bool = False) -> int:
         if implicit_tls:
@@ -150,13 +166,15 @@ class MailSending(TestCase):
             if p.transport is not None and not p.transport.disconnected:
                 p.transport.abortConnection()
 
-    def sender(self, port: int, **relay: Any) -> MailSender:
+    def sender(self, port: int, start: bool = True, **relay: Any) -> MailSender:
         settings = RelaySection(**{"host": "localhost", "port": port, "username": "cockpit", "password": "relaypw",
                                    "starttls": True, "sender": "cockpit@cockpit.test", "ca_cert": str(self.cert),
                                    "timeout": 10.0, "retries": 3, **relay})
-        sender = MailSender(settings, ClockedReactor(self.clock), hostname="cockpit.test", first_delay=5.0)
-        sender.startService()
-        self.addCleanup(sender.stopService)
+        sender = MailSender(settings, ClockedReactor(self.clock), hostname="cockpit.test", first_delay=5.0,
+                            outbox=self.make_outbox())
+        if start:
+            sender.startService()
+        self.addCleanup(lambda: sender.stopService() if sender.running else None)
         return sender
 
     @inlineCallbacks
@@ -177,8 +195,8 @@ class MailSending(TestCase):
         self.assertEqual(message["Subject"], "Deploy done")
         self.assertEqual(message["From"], "cockpit@cockpit.test")
         self.assertEqual(message.get_content(), "# Done\n\nall **green**\n")
-        self.assertEqual(sender.deliveries()[0]["id"], record["id"])
-        self.assertEqual(sender.get(record["id"])["state"], "sent")
+        self.assertEqual((yield sender.deliveries())[0]["id"], record["id"])
+        self.assertEqual((yield sender.get(record["id"]))["state"], "sent")
         self.assertTrue(self.sink.protocols[0].startedTLS)
         self.assertTrue(self.sink.protocols[0].authenticated)
 
@@ -205,7 +223,7 @@ class MailSending(TestCase):
         self.assertEqual((first["state"], first["attempts"]), ("queued", 1))
         self.assertIn("connect", first["error"].lower())
         self.clock.advance(4.9)
-        self.assertEqual(sender.get(record["id"])["attempts"], 1)  # not before the backoff is over
+        self.assertEqual((yield sender.get(record["id"]))["attempts"], 1)  # not before the backoff is over
         second_attempt = sender.next_outcome(record["id"])
         self.clock.advance(0.1)
         second = yield second_attempt
@@ -227,6 +245,7 @@ class MailSending(TestCase):
         self.clock.advance(5.0)
         outcome = yield last
         self.assertEqual((outcome["state"], outcome["attempts"]), ("failed", 2))
+        self.assertEqual((yield sender.get(record["id"]))["state"], "failed")
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     @inlineCallbacks
@@ -246,6 +265,177 @@ class MailSending(TestCase):
         outcome = yield sender.next_outcome(record["id"])
         self.assertEqual(outcome["state"], "failed")
         self.assertEqual(self.sink.messages, [])
+
+
+class DurableSendingBehaviour(SendingBehaviour):
+    """What a queue that outlives the sender adds."""
+
+    @inlineCallbacks
+    def test_a_mail_queued_while_the_relay_is_down_survives_a_restart_and_goes_out_once_it_is_up(self):
+        port = free_port()
+        sender = self.sender(port)
+        record = yield sender.send(OutgoingMail(to=["ops@example.org"], subject="survivor", body="x"))
+        first = yield sender.next_outcome(record["id"])
+        self.assertEqual((first["state"], first["attempts"]), ("queued", 1))
+        yield sender.stopService()
+
+        self.listen(port)  # the relay comes back while no sender runs
+        arrived = self.sink.wait()
+        again = self.sender(port, start=False)
+        scheduled = again.next_schedule(record["id"])
+        again.startService()
+        delay = yield scheduled
+        self.assertTrue(0 < delay <= 5.0, delay)  # the backoff goes on where it was, not from scratch
+        outcome = again.next_outcome(record["id"])
+        self.clock.advance(delay)
+        outcome = yield outcome
+        yield arrived
+        self.assertEqual((outcome["state"], outcome["attempts"]), ("sent", 2))
+        self.assertEqual([r for r, _ in self.sink.messages], ["ops@example.org"])
+        self.assertEqual([(r["id"], r["state"]) for r in (yield again.deliveries())], [(record["id"], "sent")])
+
+    @inlineCallbacks
+    def test_delivery_records_outlive_the_sender(self):
+        sender = self.sender(self.listen())
+        record = yield sender.send(OutgoingMail(to=["ops@example.org"], subject="kept", body="x"))
+        yield sender.next_outcome(record["id"])
+        yield sender.stopService()
+        later = self.sender(free_port())
+        self.assertEqual((yield later.get(record["id"]))["state"], "sent")
+        self.assertEqual([r["id"] for r in (yield later.deliveries())], [record["id"]])
+
+
+class MailSending(SendingBehaviour, TestCase):
+    """A sender with no outbox of its own keeps its queue in memory."""
+
+
+class SpooledMailSending(DurableSendingBehaviour, TestCase):
+    def setUp(self):
+        super().setUp()
+        self.spool = Path(self.mktemp())
+
+    def make_outbox(self) -> SpoolOutbox:
+        return SpoolOutbox(self.spool, ClockedReactor(self.clock))
+
+    @inlineCallbacks
+    def test_the_mail_is_in_the_spool_before_send_fires(self):
+        sender = self.sender(free_port(), start=False)
+        record = yield sender.send(OutgoingMail(to=["ops@example.org"], subject="on disk", body="hello"))
+        stored = json.loads((self.spool / f"{record['id']}.json").read_text())
+        self.assertEqual((stored["record"]["state"], stored["recipients"]), ("queued", ["ops@example.org"]))
+        self.assertIn("hello", stored["raw"])
+        self.assertEqual([p.name for p in self.spool.iterdir()], [f"{record['id']}.json"])  # no .tmp left
+
+    @inlineCallbacks
+    def test_an_unwritable_spool_refuses_the_mail_with_bus_unavailable(self):
+        self.spool.write_text("a file where the directory should be")
+        sender = self.sender(free_port(), start=False)
+        yield self.assertFailure(sender.send(OutgoingMail(to=["ops@example.org"], subject="s", body="b")),
+                                 BusUnavailable)
+
+
+class RedisMailSending(DurableSendingBehaviour, TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        super().setUp()
+        server = shared_server()
+        server.flush()
+        self.bus = RedisBus(RedisSection(url=server.url, timeout=2.0, claim_idle=30.0))
+        self.bus.startService()
+        self.addCleanup(self.bus.stopService)
+        yield self.bus.when_connected()
+
+    def make_outbox(self) -> RedisOutbox:
+        return RedisOutbox(self.bus)
+
+    @inlineCallbacks
+    def test_two_senders_on_one_redis_deliver_each_mail_once(self):
+        port = self.listen()
+        senders = [self.sender(port), self.sender(port)]
+        ids = []
+        outcomes = []
+        for n in range(8):
+            record = yield senders[n % 2].send(OutgoingMail(to=[f"ops{n}@example.org"], subject=f"m{n}", body="x"))
+            ids.append(record["id"])
+            outcomes.append(defer.DeferredList([s.next_outcome(record["id"]) for s in senders],
+                                               fireOnOneCallback=True))
+        yield defer.gatherResults(outcomes)
+        # what each sender holds is not taken from it while it holds it: it keeps saying so
+        for sender in senders:
+            yield sender.outbox.consumer.reclaim()
+        yield defer.gatherResults([s.stopService() for s in senders])
+        self.assertEqual(sorted(r for r, _ in self.sink.messages), sorted(f"ops{n}@example.org" for n in range(8)))
+        message_ids = [message_from_bytes(raw, policy=policy.default)["Message-ID"] for _, raw in self.sink.messages]
+        self.assertEqual(len(set(message_ids)), 8)
+        records = yield senders[0].deliveries()
+        self.assertEqual(sorted((r["id"], r["state"], r["attempts"]) for r in records),
+                         sorted((i, "sent", 1) for i in ids))
+        self.assertEqual(int((yield self.bus.execute("XLEN", MAIL_STREAM))), 0)  # finished mails leave the stream
+
+    @inlineCallbacks
+    def test_a_held_mail_is_not_taken_by_the_other_sender_while_its_holder_lives(self):
+        port = free_port()
+        holder = self.sender(port)
+        other = self.sender(port)
+        record = yield holder.send(OutgoingMail(to=["ops@example.org"], subject="mine", body="x"))
+        first = defer.DeferredList([s.next_outcome(record["id"]) for s in (holder, other)], fireOnOneCallback=True)
+        (outcome, index) = yield first
+        owner, bystander = (holder, other) if index == 0 else (other, holder)
+        self.assertEqual(outcome["attempts"], 1)  # now it waits for its backoff, held by its owner
+        entries = yield self.bus.execute("XPENDING", MAIL_STREAM, MAIL_GROUP, "-", "+", "10")
+        yield self.bus.execute("XCLAIM", MAIL_STREAM, MAIL_GROUP, entries[0][1], "0", entries[0][0],
+                               "IDLE", "100000", "JUSTID")  # as if it had been silent for long
+        yield owner.outbox.consumer.reclaim()  # its heartbeat
+        taken = yield bystander.outbox.consumer.reclaim()
+        self.assertEqual(taken, 0)
+
+    @inlineCallbacks
+    def test_a_mail_left_by_a_crashed_sender_is_reclaimed_and_delivered(self):
+        port = self.listen()
+        crashed = self.sender(port, start=False)
+        record = yield crashed.send(OutgoingMail(to=["ops@example.org"], subject="orphan", body="x"))
+        # a process that read the mail and died before it finished
+        yield self.bus.execute("XGROUP", "CREATE", MAIL_STREAM, MAIL_GROUP, "0", "MKSTREAM")
+        yield self.bus.execute("XREADGROUP", "GROUP", MAIL_GROUP, "dead-process", "COUNT", "10",
+                               "STREAMS", MAIL_STREAM, ">")
+        entries = yield self.bus.execute("XPENDING", MAIL_STREAM, MAIL_GROUP, "-", "+", "10")
+        yield self.bus.execute("XCLAIM", MAIL_STREAM, MAIL_GROUP, "dead-process", "0", entries[0][0],
+                               "IDLE", "100000", "JUSTID")
+        arrived = self.sink.wait()
+        survivor = self.sender(port, start=False)
+        outcome = survivor.next_outcome(record["id"])
+        survivor.startService()  # takes over what is left at once, not a claim interval later
+        self.assertEqual(((yield outcome)["state"], (yield arrived)[0][0]), ("sent", "ops@example.org"))
+
+    @inlineCallbacks
+    def test_a_mail_that_keeps_failing_ends_in_the_dead_letters(self):
+        sender = self.sender(free_port(), retries=0)
+        record = yield sender.send(OutgoingMail(to=["ops@example.org"], subject="doomed", body="x"))
+        outcome = yield sender.next_outcome(record["id"])
+        self.assertEqual(outcome["state"], "failed")
+        dead = yield self.bus.dead_letters()
+        self.assertEqual(len(dead), 1)
+        fields = dead[0][1]
+        self.assertEqual((fields["stream"], fields["group"]), (MAIL_STREAM, MAIL_GROUP))
+        self.assertIn("connect", fields["error"].lower())
+        self.assertEqual(json.loads(fields["event"])["id"], record["id"])
+        self.assertEqual(int((yield self.bus.execute("XLEN", MAIL_STREAM))), 0)
+
+
+class RedisDown(TestCase):
+    @inlineCallbacks
+    def test_send_fails_with_bus_unavailable_while_redis_is_down(self):
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        bus = RedisBus(RedisSection(url=redis.url, timeout=2.0))
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        yield bus.when_connected()
+        redis.stop()
+        yield bus.when_disconnected()
+        sender = MailSender(RelaySection(host="127.0.0.1", port=9), reactor, outbox=RedisOutbox(bus))
+        yield self.assertFailure(sender.send(OutgoingMail(to=["ops@example.org"], subject="s", body="b")),
+                                 BusUnavailable)
 
 
 class OutgoingMailModel(TestCase):
