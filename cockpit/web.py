@@ -676,7 +676,8 @@ class Api:
                              "the relay is retried with backoff. 503 when no relay is configured.",
                  body=OutgoingMail,
                  responses={202: Response("Queued; the delivery record", Delivery),
-                            503: Response("No [mail.relay] is configured, the queue is full, or the mail cannot be stored now")})
+                            503: Response("No [mail.relay] is configured, the queue is full, "
+                                          "or the mail cannot be stored now")})
     def send_mail(self, request: Request, body: OutgoingMail) -> Deferred:
         if self.mailer is None:
             raise ApiError(503, "no [mail.relay] is configured; the cockpit cannot send mail")
