@@ -5,7 +5,7 @@ import json
 
 import txredisapi
 import treq
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
@@ -17,7 +17,37 @@ from cockpit.examples import SEED_YAML
 from cockpit.groups import EventGroups
 from cockpit.web import Api
 from tests.redis_server import RedisServer, shared_server
-from tests.test_web_http import until
+
+
+class Arrivals(list):
+    """A list that says, by a Deferred, when it holds a given number of items."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiting: list[tuple[int, Deferred]] = []
+
+    def append(self, item) -> None:
+        super().append(item)
+        for entry in [e for e in self._waiting if e[0] <= len(self)]:
+            self._waiting.remove(entry)
+            entry[1].callback(self)
+
+    def when(self, count: int) -> Deferred:
+        if len(self) >= count:
+            return defer.succeed(self)
+        d: Deferred = Deferred()
+        self._waiting.append((count, d))
+        return d
+
+
+@inlineCallbacks
+def handled_between(total: int, *consumers):
+    """Fires once the consumers have handled ``total`` entries between them."""
+    while sum(c.handled for c in consumers) < total:
+        waits = [c.when_handled(c.handled + 1) for c in consumers]
+        yield defer.DeferredList(waits, fireOnOneCallback=True, consumeErrors=True)
+        for wait in waits:
+            wait.cancel()
 
 
 class Client:
@@ -56,7 +86,7 @@ class RedisPublishTests(TestCase):
 
     @inlineCallbacks
     def watch(self, *channels: str):
-        messages: list[tuple[str, dict]] = []
+        messages = Arrivals()
 
         class Watcher(txredisapi.SubscriberProtocol):
             def messageReceived(self, pattern, channel, message):
@@ -88,7 +118,7 @@ class RedisPublishTests(TestCase):
                 payload = yield response.json()
                 self.assertEqual(202, response.code, (event_type, kind, payload))
                 sent.append((f"ckpt.{event_type}", payload["guid"]))
-        yield until(lambda: len(messages) >= len(sent))
+        yield messages.when(len(sent))
         self.assertEqual(sorted(sent), sorted((channel, m["guid"]) for channel, m in messages))
         for event_type in types:
             stream = self.redis.command("XRANGE", f"ckpt.{event_type}", "-", "+")
@@ -154,11 +184,12 @@ class GroupsBehaviour:
 
     @inlineCallbacks
     def publish_all(self, *items):
+        counted = self.groups.consumer.handled + len(items)
         for event_type, body in items:
             response = yield post(self.client, event_type, body)
             self.assertEqual(202, response.code)
             yield response.json()
-        yield until(lambda: self.groups.consumer.handled >= len(items))
+        yield self.groups.consumer.when_handled(counted)
 
     @inlineCallbacks
     def get(self, path: str):
@@ -256,7 +287,7 @@ class RedisGroupsTests(GroupsBehaviour, TestCase):
         for n in range(40):
             response = yield post(self.client, "alarm", {"service": "node!a", "method": "disk", "msg": str(n)})
             yield response.json()
-        yield until(lambda: self.groups.consumer.handled + other.consumer.handled >= 40)
+        yield handled_between(40, self.groups.consumer, other.consumer)
         _, page = yield self.get("/api/alarms")
         self.assertEqual([40], [g["count"] for g in page["alarms"]])
         other_view = yield other.alarms()
