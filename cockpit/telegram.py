@@ -14,7 +14,10 @@ Client: ``cockpit.telegram_api``; polling, state and lease: ``cockpit.telegram_p
 """
 from __future__ import annotations
 
+import hashlib
 import html
+import os
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -600,9 +603,15 @@ class NoticeBatcher:
         notice.timer = self.clock.callLater(self.gather, self._flush, key, True)
 
     def _flush(self, key: tuple[str, ...], first: bool) -> None:
-        notice = self.notices[key]
+        self._say(key, first)
+
+    def _say(self, key: tuple[str, ...], first: bool) -> None:
+        notice = self.notices.get(key)
+        if notice is None:  # stopped meanwhile
+            return
         if notice.count == 0:
             del self.notices[key]  # quiet for a whole window: the next one is news again
+            self._forget(key)
             return
         if first:
             text = notice.text if notice.count == 1 else f"{notice.text} (×{notice.count})"
@@ -611,12 +620,19 @@ class NoticeBatcher:
             text = f"{notice.text} (×{notice.count} more in the last {minutes})"
         notice.count = 0
         notice.timer = self.clock.callLater(self.window, self._flush, key, False)
+        self._keep(key)
         self.sent += 1
         d = self.send(text)
         self._sending.add(d)
         d.addErrback(lambda f: None if f.check(defer.CancelledError) else
                      log.warn("could not send a notice: {error}", error=f.getErrorMessage()))
         d.addBoth(lambda _: self._sending.discard(d))
+
+    def _keep(self, key: tuple[str, ...]) -> None:
+        """This process still speaks for ``key`` for another window."""
+
+    def _forget(self, key: tuple[str, ...]) -> None:
+        """This process no longer speaks for ``key``."""
 
     def stop(self) -> None:
         """Forget what is gathered and abandon notices being sent."""
@@ -626,6 +642,72 @@ class NoticeBatcher:
         self.notices.clear()
         for d in list(self._sending):
             d.cancel()
+
+
+class RedisNoticeBatcher(NoticeBatcher):
+    """The same notices, counted in Redis, so that several cockpits send one notice between them.
+
+    Every process adds its repeats to a counter in Redis; the process that saw a notice first
+    (a SET NX key it renews while the repeats go on) is the one that sends it and its sums.
+    If that process dies, its key expires and the next repeat is news again.
+    """
+
+    prefix = "ckpt.telegram.notice."
+
+    def __init__(self, send: Callable[[str], Deferred], clock: IReactorTime, bus: RedisBus,
+                 gather: float = 2.0, window: float = 60.0):
+        super().__init__(send, clock, gather=gather, window=window)
+        self.bus = bus
+        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.flushing: set[Deferred] = set()
+
+    def _keys(self, key: tuple[str, ...]) -> tuple[str, str]:
+        base = self.prefix + hashlib.sha256("\x00".join(key).encode()).hexdigest()[:24]
+        return base + ".count", base + ".owner"
+
+    def _ttl(self) -> str:
+        return str(int((self.gather + self.window) * 1000) + 5000)
+
+    def add(self, event: Event) -> Optional[Deferred]:  # type: ignore[override]
+        key = notice_key(event)
+        if key is None:
+            return None
+        count, owner = self._keys(key)
+        d = self.bus.transaction(("INCR", count), ("PEXPIRE", count, self._ttl()),
+                                 ("SET", owner, self.holder, "NX", "PX", self._ttl()))
+        d.addCallback(self._counted, key, event)
+        d.addErrback(lambda f: log.warn("could not count a notice: {error}", error=f.getErrorMessage()))
+        return d
+
+    def _counted(self, replies: list, key: tuple[str, ...], event: Event) -> None:
+        became_owner = replies[2] is not None and str(replies[2]).upper() == "OK"
+        if became_owner and key not in self.notices:
+            notice = self.notices[key] = _Notice(notice_text(event), 0)
+            notice.timer = self.clock.callLater(self.gather, self._flush, key, True)
+
+    def _flush(self, key: tuple[str, ...], first: bool) -> None:
+        count, _ = self._keys(key)
+        d = self.bus.execute("GETSET", count, "0")
+
+        def taken(value: Any) -> None:
+            notice = self.notices.get(key)
+            if notice is not None:
+                notice.count = int(value or 0)
+                self._say(key, first)
+
+        d.addCallback(taken)
+        d.addErrback(lambda f: log.warn("could not read a notice's count: {error}", error=f.getErrorMessage()))
+        self.flushing.add(d)
+        d.addBoth(lambda _: self.flushing.discard(d))
+
+    def _keep(self, key: tuple[str, ...]) -> None:
+        count, owner = self._keys(key)
+        self.bus.transaction(("PEXPIRE", owner, self._ttl()), ("PEXPIRE", count, self._ttl())).addErrback(
+            lambda f: None)  # if it lapses, the next repeat is news again: no harm
+
+    def _forget(self, key: tuple[str, ...]) -> None:
+        _, owner = self._keys(key)
+        self.bus.execute("DEL", owner).addErrback(lambda f: None)
 
 
 # ---------------------------------------------------------------------------
@@ -682,7 +764,11 @@ class TelegramBot(MultiService):
         self.output.setName("telegram-output")
         self.output.setServiceParent(self)
         self.notify_chats = list(cfg.bot.notify_chats)
-        self.notices = NoticeBatcher(self._notify, clock, gather=notice_gather, window=notice_window)
+        if isinstance(bus, RedisBus):
+            self.notices: NoticeBatcher = RedisNoticeBatcher(self._notify, clock, bus, gather=notice_gather,
+                                                             window=notice_window)
+        else:
+            self.notices = NoticeBatcher(self._notify, clock, gather=notice_gather, window=notice_window)
         self.notify_consumer = None
         if self.notify_chats:
             self.notify_consumer = bus.consumer(NOTIFY_GROUP, self._notice, types=["alarm", "eco"])
@@ -744,8 +830,9 @@ class TelegramBot(MultiService):
         return inline_keyboard(buttons) if buttons else None
 
     # -- notices ----------------------------------------------------------------
-    def _notice(self, event: Event, delivery: Delivery) -> None:
-        self.notices.add(event)
+    def _notice(self, event: Event, delivery: Delivery) -> Optional[Deferred]:
+        # counted (in Redis, with several processes) before the entry is acknowledged
+        return self.notices.add(event)
 
     def _notify(self, text: str) -> Deferred:
         sends = [self.sender.send(chat, text) for chat in self.notify_chats]

@@ -553,3 +553,55 @@ class EndToEndTests(TestCase):
         yield self.reply_to("/blueprint execute cluster")
         self.assertIn("- node!n1 install: ok", (yield self.reply_to("/service list")))
         self.assertIn('"port": 2200', (yield self.reply_to("/service show node!n1")))
+
+
+class SharedNoticeTests(TestCase):
+    """Notices counted in Redis: several processes, one notice between them."""
+
+    timeout = 20
+
+    @inlineCallbacks
+    def setUp(self):
+        from cockpit.telegram import RedisNoticeBatcher
+
+        redis = shared_server()
+        redis.flush()
+        self.clock = Clock()
+        self.sent: list[str] = []
+        self.batchers = []
+        for _ in range(2):  # two cockpit processes: a bus and a batcher each
+            bus = RedisBus(RedisSection(url=redis.url))
+            bus.startService()
+            self.addCleanup(bus.stopService)
+            yield bus.when_connected()
+            batcher = RedisNoticeBatcher(self.say, self.clock, bus, gather=2.0, window=60.0)
+            self.addCleanup(batcher.stop)
+            self.batchers.append(batcher)
+
+    def say(self, text: str):
+        self.sent.append(text)
+        return defer.succeed(None)
+
+    @inlineCallbacks
+    def advance(self, seconds: float):
+        self.clock.advance(seconds)
+        for batcher in self.batchers:
+            yield defer.DeferredList(list(batcher.flushing))
+
+    @inlineCallbacks
+    def test_ten_identical_alarms_over_two_processes_make_one_notice_with_a_count(self):
+        alarm = AlarmEvent(service="node!n1", method="monitor", msg="disk full")
+        for n in range(10):
+            yield self.batchers[n % 2].add(alarm)
+        yield self.advance(2)
+        self.assertEqual(["Alarm on node!n1: monitor: disk full (×10)"], self.sent)
+        for n in range(4):  # the flood goes on, through both processes
+            yield self.batchers[n % 2].add(alarm)
+        yield self.advance(60)
+        self.assertEqual("Alarm on node!n1: monitor: disk full (×4 more in the last 1 min)", self.sent[-1])
+        yield self.advance(60)  # a quiet window: nothing more, and the next one is news again
+        self.assertEqual(2, len(self.sent))
+        yield self.batchers[0].bus.execute("PING")  # its release of the notice has been done
+        yield self.batchers[1].add(alarm)
+        yield self.advance(2)
+        self.assertEqual(["Alarm on node!n1: monitor: disk full"], self.sent[2:])
