@@ -49,6 +49,8 @@ what the route declares; list the route's own (404, 409, ...) in ``responses``.
 """
 from __future__ import annotations
 
+import functools
+
 import copy
 import re
 from dataclasses import dataclass, field
@@ -448,7 +450,13 @@ def docs_asset(name: str, doc: Callable[[], dict[str, Any]]) -> Optional[tuple[s
     if name == "openapi-3.0.json":
         return JSON, json.dumps(downgrade_to_30(doc())).encode()
     if name in _DOCS_FILES:
-        from swagger_ui_bundle import swagger_ui_path
-
-        return _DOCS_FILES[name], (swagger_ui_path / name).read_bytes()
+        return _DOCS_FILES[name], _bundle_file(name)
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _bundle_file(name: str) -> bytes:
+    """A file of the swagger-ui-bundle package: read once, not on the reactor thread per request."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    return (swagger_ui_path / name).read_bytes()
