@@ -49,9 +49,8 @@ what the route declares; list the route's own (404, 409, ...) in ``responses``.
 """
 from __future__ import annotations
 
-import functools
-
 import copy
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
