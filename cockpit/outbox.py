@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cockpit.bus import DEAD_LETTER_STREAM, Bus, BusUnavailable, Delivery, RedisBus, stream_key
+from cockpit.files import is_unfinished, write_atomically
 
 log = Logger()
 
@@ -277,29 +277,13 @@ class RedisOutbox(Outbox):
 _SPOOL_NAME = re.compile(r"^[0-9a-f]{32}\.json$")
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data``: a reader (or a crash) sees the old file or the new, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:  # the rename itself is durable only once the directory is
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def _read_spool(directory: Path) -> tuple[list[QueuedMail], list[str]]:
     """The spooled mails, oldest first, and a sentence for each file that could not be read."""
     mails, problems = [], []
     if not directory.is_dir():
         return mails, problems
     for path in directory.iterdir():
-        if path.name.endswith(".json.tmp"):
+        if is_unfinished(path.name):
             path.unlink(missing_ok=True)  # a write that a crash cut short; its old file is still there
             continue
         if not _SPOOL_NAME.match(path.name):
@@ -343,7 +327,7 @@ class SpoolOutbox(Outbox):
     def _save(self, mail: QueuedMail) -> Deferred:
         # the record is copied now: the delivery goes on changing it while the thread writes
         snapshot = QueuedMail(dict(mail.record), mail.recipients, mail.raw)
-        return self._on_disk(lambda: _write_atomically(self._path(mail.id), snapshot.to_json().encode("utf-8")))
+        return self._on_disk(lambda: write_atomically(self._path(mail.id), snapshot.to_json().encode("utf-8")))
 
     # -- Outbox ---------------------------------------------------------------------------------
     def add(self, mail: QueuedMail) -> Deferred:

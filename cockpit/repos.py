@@ -19,7 +19,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Optional
 import yaml
 
 from cockpit import hrd
+from cockpit.files import write_atomically
 from cockpit.hrd import Argument, HrdError, ServiceSpec
 
 TEMPLATE_FILES = ("schema.hrd", "service.hrd", "actions.py")
@@ -260,22 +260,6 @@ def load_template(repo: str, name: str, path: Path, files: dict[str, str]) -> Te
 # Disk
 # ---------------------------------------------------------------------------
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _json(data: Any) -> bytes:
     return json.dumps(data, indent=1, ensure_ascii=False, default=str).encode()
 
@@ -331,7 +315,7 @@ class RepoStore:
         for sub in ("blueprints", "servicetemplates", "services"):
             (path / sub).mkdir(exist_ok=True)
         meta = {"name": repo, "created": time.time(), "blueprints": {}}
-        write_atomic(path / ".ays", _json(meta))
+        write_atomically(path / ".ays", _json(meta))
         return meta
 
     def delete_repo(self, repo: str) -> None:
@@ -353,7 +337,7 @@ class RepoStore:
         return meta
 
     def write_meta(self, repo: str, meta: dict[str, Any]) -> None:
-        write_atomic(self._existing_repo(repo) / ".ays", _json(meta))
+        write_atomically(self._existing_repo(repo) / ".ays", _json(meta))
 
     def load_repo(self, repo: str) -> RepoSnapshot:
         path = self._existing_repo(repo)
@@ -419,7 +403,7 @@ class RepoStore:
         path.mkdir(parents=True, exist_ok=True)
         for file_name in TEMPLATE_FILES:
             if file_name in files:
-                write_atomic(path / file_name, files[file_name].encode())
+                write_atomically(path / file_name, files[file_name].encode())
             else:
                 try:
                     (path / file_name).unlink()
@@ -453,7 +437,7 @@ class RepoStore:
             raise Conflict(f"blueprint {path.name!r} already exists in repository {repo!r}; PUT it to change it")
         if not create and not path.exists():
             raise NotFound(f"no blueprint {path.name!r} in repository {repo!r}")
-        write_atomic(path, content.encode())
+        write_atomically(path, content.encode())
         return path.name
 
     def delete_blueprint(self, repo: str, name: str) -> None:
@@ -468,7 +452,7 @@ class RepoStore:
         path = self.service_path(record.repo, record.key)
         if not (self.repo_path(record.repo) / ".ays").is_file():
             return  # the repository was deleted meanwhile: nothing to keep
-        write_atomic(path / "service.json", _json(record.stored()))
+        write_atomically(path / "service.json", _json(record.stored()))
 
     def delete_service(self, repo: str, key: str) -> None:
         path = self.service_path(repo, key)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,8 @@ from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET, Request
+
+from cockpit.files import write_atomically
 
 log = Logger()
 
@@ -96,26 +96,10 @@ class Store:
         meta = {"filename": filename, "content_type": clean_content_type(content_type),
                 "size": len(data), "time": time.time(), "hash": digest}
         if not path.exists():
-            self._write_atomically(directory, path, data)
+            write_atomically(path, data)
         # the sidecar last: a file with its .meta is complete
-        self._write_atomically(directory, meta_path, json.dumps(meta, ensure_ascii=False).encode())
+        write_atomically(meta_path, json.dumps(meta, ensure_ascii=False).encode())
         return self._stored(space, digest, path, meta)
-
-    @staticmethod
-    def _write_atomically(directory: Path, path: Path, data: bytes) -> None:
-        fd, temp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())  # accepted means on disk, not in a cache
-            os.replace(temp, path)
-        except BaseException:
-            try:
-                os.unlink(temp)
-            except OSError:
-                pass
-            raise
 
     # -- reading ------------------------------------------------------------
     def url(self, space: str, digest: str) -> str:

@@ -10,7 +10,6 @@ the embedded bus it lives in one JSON file in the data directory.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -22,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from cockpit.bus import BusUnavailable, RedisBus
+from cockpit.files import write_atomically
 from cockpit.telegram_api import ApiUnreachable, BadToken, BotApi, Conflict, RetryAfter, TelegramError
 
 log = Logger()
@@ -119,18 +119,10 @@ class FileBotState(BotState):
         if isinstance(data, dict):
             self.data.update(data)
 
-    def _write(self, snapshot: str) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(snapshot)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)  # a crash leaves the old file or the new one, never half of one
-
     def _save(self) -> Deferred:
         # serialised: a slow older write must not land after a newer one
-        return self._lock.run(lambda: threads.deferToThread(self._write, json.dumps(self.data)))
+        return self._lock.run(lambda: threads.deferToThread(
+            write_atomically, self.path, json.dumps(self.data).encode("utf-8")))
 
     def offset(self) -> Deferred:
         return self.load().addCallback(lambda _: self.data.get("offset"))

@@ -1,0 +1,37 @@
+"""Writing a file so that a reader, or a crash, finds the old content or the new, whole."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def is_unfinished(name: str) -> bool:
+    """A temporary file that :func:`write_atomically` left behind when a crash cut it short."""
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` by ``data`` durably: a temporary file, fsync, rename, fsync of the directory.
+
+    Blocks on the disk: call it off the reactor thread.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # written means on disk, not in a cache
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:  # the rename itself is durable only once the directory is
+        os.fsync(directory)
+    finally:
+        os.close(directory)
