@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field

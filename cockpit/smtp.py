@@ -54,7 +54,7 @@ from zope.interface import implementer
 from cockpit.bus import Bus, BusUnavailable
 from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
-from cockpit.outbox import MailQueueFull, Outbox, QueuedMail, SpoolOutbox, Suspended
+from cockpit.outbox import Outbox, QueuedMail, SpoolOutbox, Suspended
 from cockpit.store import Store
 
 log = Logger()

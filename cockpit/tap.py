@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import json
 import math
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional
 from urllib.parse import parse_qs, unquote_to_bytes
 
 from klein import Klein
@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from cockpit import events
@@ -685,7 +685,7 @@ class Api:
 
     @staticmethod
     def _mail_refused(failure: Failure) -> None:
-        from cockpit.smtp import MailQueueFull
+        from cockpit.outbox import MailQueueFull
 
         failure.trap(MailQueueFull)
         raise ApiError(503, str(failure.value), {"Retry-After": "60"})
@@ -704,22 +704,22 @@ class Api:
                 responses={200: Response("The eco groups", EcoGroupList),
                            503: Response("The groups cannot be read now")})
     async def ecos(self, request: Request, query: GroupQuery) -> dict[str, Any]:
-        try:
-            groups, after = await self._groups().ecos(query.limit, query.before)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        return {"ecos": groups, "next": after}
+        return await self._group_page("ecos", query)
 
     @routes.get("/api/alarms", summary="Alarms grouped by service and method, most recent first",
                 tags=("groups",), query=GroupQuery,
                 responses={200: Response("The alarm groups", AlarmGroupList),
                            503: Response("The groups cannot be read now")})
     async def alarms(self, request: Request, query: GroupQuery) -> dict[str, Any]:
+        return await self._group_page("alarms", query)
+
+    async def _group_page(self, kind: str, query: GroupQuery) -> dict[str, Any]:
+        """One page of ``kind`` ("ecos" or "alarms"), as ``{kind: [...], "next": cursor}``."""
         try:
-            groups, after = await self._groups().alarms(query.limit, query.before)
+            groups, after = await getattr(self._groups(), kind)(query.limit, query.before)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
-        return {"alarms": groups, "next": after}
+        return {kind: groups, "next": after}
 
     def _groups(self) -> Any:
         if self.groups is None:
