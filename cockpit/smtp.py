@@ -19,9 +19,7 @@ import functools
 import hmac
 import itertools
 import mimetypes
-import os
 import re
-import threading
 import time
 import unicodedata
 import uuid
@@ -94,31 +92,6 @@ class _MailPolicy(EmailPolicy):
 
 
 MAIL_POLICY = _MailPolicy()
-
-
-class _GuidSource:
-    """uuid4 strings from one os.urandom call per 256 of them.
-
-    uuid.uuid4() makes a system call, and a system call in the parse thread hands the GIL to
-    the reactor thread and waits to get it back: per message, that wait costs more than parsing.
-    """
-
-    def __init__(self, batch: int = 256):
-        self._batch = batch
-        self._random = b""
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def __call__(self) -> str:
-        with self._lock:
-            if self._next >= len(self._random):
-                self._random, self._next = os.urandom(16 * self._batch), 0
-            chunk = self._random[self._next:self._next + 16]
-            self._next += 16
-        return str(uuid.UUID(bytes=chunk, version=4))
-
-
-new_guid = _GuidSource()
 
 
 class MessageRefused(Exception):
@@ -461,7 +434,7 @@ def _event(msg: Message, raw: bytes, envelope: Envelope, store: Store) -> EmailE
         name = _unique(safe_filename(leaf.filename, leaf.content_type), set(attachments))
         stored = store.put_now(ATTACHMENTS_SPACE, data, name, leaf.content_type)
         attachments[name] = stored.url
-    return EmailEvent.model_validate({**fields, "guid": new_guid(), "body": body, "bodytype": bodytype,
+    return EmailEvent.model_validate({**fields, "body": body, "bodytype": bodytype,
                                       "attachments": attachments})
 
 
@@ -472,7 +445,7 @@ def _whole_message_event(raw: bytes, envelope: Envelope, store: Store) -> EmailE
     except Exception:
         fields = {"source": "smtp", "from": envelope.sender, "to": list(envelope.recipients)}
     stored = store.put_now(ATTACHMENTS_SPACE, raw, "message.eml", "message/rfc822")
-    return EmailEvent.model_validate({**fields, "guid": new_guid(), "body": "", "bodytype": "text",
+    return EmailEvent.model_validate({**fields, "body": "", "bodytype": "text",
                                       "attachments": {"message.eml": stored.url}})
 
 
