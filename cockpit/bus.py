@@ -533,13 +533,16 @@ class RedisBus(Bus):
             endpoint = wrapClientTLS(optionsForClientTLS(c["host"]), endpoint)
         return endpoint
 
-    def connect(self, reply_timeout: Optional[float] = -1) -> txredisapi.RedisFactory:
-        """A new lazily connecting, self-reconnecting single connection to this bus's Redis."""
+    def connect(self) -> txredisapi.RedisFactory:
+        """A new lazily connecting, self-reconnecting single connection to this bus's Redis.
+
+        It sets no reply timer per command: the bus's watchdog times the command connection,
+        and a blocking read waits as long as it asked to.
+        """
         c = self._conn
         factory = txredisapi.RedisFactory(
             self.settings.redacted_url(), c["db"], 1, isLazy=True,
-            password=c["password"], username=c["username"], convertNumbers=False,
-            replyTimeout=self.settings.timeout if reply_timeout == -1 else reply_timeout)
+            password=c["password"], username=c["username"], convertNumbers=False)
         factory.protocol = _CommandProtocol
         self._tune(factory)
         factory.startConnecting(self._endpoint())
@@ -554,7 +557,7 @@ class RedisBus(Bus):
     def startService(self) -> None:
         super().startService()
         # replies are timed by this one watchdog, not a timer per command
-        self._factory = self.connect(reply_timeout=None)
+        self._factory = self.connect()
         self._watchdog = task.LoopingCall(self._watch)
         self._watchdog.clock = self.reactor
         self._watchdog.start(max(self.settings.timeout / 4, 0.05), now=False)
@@ -833,7 +836,7 @@ class RedisConsumer(Consumer):
 
     def startService(self) -> None:
         # a blocking read never times out client-side
-        self._reader = self.bus.connect(reply_timeout=None)
+        self._reader = self.bus.connect()
         super().startService()
 
     @inlineCallbacks
