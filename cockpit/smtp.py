@@ -117,6 +117,8 @@ class Envelope:
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Cc, less tab and line feed
 _CONTROL_IN_LINE = re.compile("[\x00-\x1f\x7f-\x9f]")
+_ALL_CONTROL = bytes(range(0x20)) + b"\x7f"  # the ASCII part of _CONTROL_IN_LINE
+_KEPT_CONTROL = _ALL_CONTROL.replace(b"\t", b"").replace(b"\n", b"")  # and of _CONTROL
 
 
 def clean_text(value: str, keep_newlines: bool = False) -> str:
@@ -129,8 +131,18 @@ def clean_text(value: str, keep_newlines: bool = False) -> str:
     if keep_newlines:
         if "\r" in value:
             value = value.replace("\r\n", "\n").replace("\r", "\n")
-        return _CONTROL.sub("", value)
+        return value if _plain_ascii(value, _KEPT_CONTROL) else _CONTROL.sub("", value)
+    if _plain_ascii(value, _ALL_CONTROL):
+        return value
     return _CONTROL_IN_LINE.sub(lambda m: " " if m.group() in "\r\n\t" else "", value)
+
+
+def _plain_ascii(value: str, control: bytes) -> bool:
+    """ASCII with none of ``control``: most text, told apart by a C loop rather than a regex's steps."""
+    if not value.isascii():
+        return False
+    data = value.encode("ascii")
+    return len(data.translate(None, control)) == len(data)
 
 
 def _raw_headers(msg: Message, name: str) -> list[str]:
@@ -180,15 +192,20 @@ _MD_STRONG = [
     ("**", re.compile(r"(?<![\w*])\*\*(?=\S)[^\n*]+(?<=\S)\*\*(?![\w*])")),  # **strong**
     ("*", re.compile(r"(?<![\w*])\*(?=[^\s*])[^\n*]+(?<=[^\s*])\*(?![\w*])")),  # *emphasis*
 ]
-_MD_LIST_ITEM = re.compile(r"^ {0,3}(?:[-*+]|\d{1,3}[.)])[ \t]+\S", re.M)
+_MD_MARK_BYTES = b"#`~]*"  # every strong mark needs one of these
+# a list item at the start of a line; searched in "\n" + text, since a pattern that starts with
+# a literal is scanned for in C, where "^" with re.M is tried at every position
+_MD_LIST_ITEM = re.compile(r"\n {0,3}(?:[-*+]|\d{1,3}[.)])[ \t]+\S")
 
 
 def looks_like_markdown(text: str) -> bool:
     """Headings, fences, links, emphasis, or a list of two items or more mark a text as Markdown."""
     sample = text[:MD_SCAN]
-    if any(mark in sample and pattern.search(sample) for mark, pattern in _MD_STRONG):
+    data = sample.encode("utf-8", "surrogatepass")  # the marks are ASCII, so they are bytes of their own in UTF-8
+    if len(data.translate(None, _MD_MARK_BYTES)) != len(data) and \
+            any(mark in sample and pattern.search(sample) for mark, pattern in _MD_STRONG):
         return True
-    items = _MD_LIST_ITEM.finditer(sample)
+    items = _MD_LIST_ITEM.finditer("\n" + sample)
     return next(items, None) is not None and next(items, None) is not None
 
 
@@ -339,12 +356,30 @@ def _body(text: str, subtype: str) -> tuple[str, str]:
     return text, "md" if looks_like_markdown(text) else "text"
 
 
+def read_headers(raw: bytes) -> Message:
+    """``raw`` as ``BytesParser(policy=MAIL_POLICY).parsebytes(raw, headersonly=True)`` reads it.
+
+    That parser walks the body line by line only to join the lines again. So it gets the
+    text up to the first CRLF CRLF alone; when it reads all of that as headers (no earlier
+    blank line, in any line-end style, and no line that is not a header), the rest becomes
+    the payload the parser would have built: the same message at half the cost for a mail of
+    a few KB. Any other message goes through the parser whole.
+    """
+    end = raw.find(b"\r\n\r\n")
+    if end > 0:
+        msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw[:end + 4], headersonly=True)
+        if msg._payload == "":  # type: ignore[attr-defined]  # every line of the block was a header
+            msg.set_payload(raw[end + 4:].decode("ascii", "surrogateescape"))
+            return msg
+    return BytesParser(policy=MAIL_POLICY).parsebytes(raw, headersonly=True)
+
+
 def parse_mail(raw: bytes, envelope: Envelope, store: Store) -> EmailEvent:
     """The email event of ``raw``, its attachments written to ``store`` (blocks: call it in a thread)."""
     try:
         # the headers first: a single-part message is then parsed already, and only a
         # multipart or message/* one needs the parser to walk its body too
-        msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw, headersonly=True)
+        msg = read_headers(raw)
         if _content_type(msg).startswith(("multipart/", "message/")):
             msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw)
         return _event(msg, raw, envelope, store)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -53,6 +54,13 @@ class ModelTests(TestCase):
         a, b = AlarmEvent(service="a!b"), AlarmEvent(service="a!b")
         self.assertNotEqual(a.guid, b.guid)
         self.assertGreaterEqual(a.epoch, before)
+
+    def test_made_guids_are_distinct_uuid4_strings(self):
+        guids = [AlarmEvent(service="a!b").guid for _ in range(1000)]
+        self.assertEqual(len(set(guids)), 1000)
+        for guid in guids:
+            parsed = uuid.UUID(guid)
+            self.assertEqual((parsed.version, parsed.variant, str(parsed)), (4, uuid.RFC_4122, guid))
 
     def test_sender_guid_is_kept(self):
         self.assertEqual("mine", events.from_data({"type": "generic", "guid": "mine"}).guid)

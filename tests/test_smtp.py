@@ -8,6 +8,7 @@ import socket
 import ssl
 import tracemalloc
 from email.message import EmailMessage
+from email.parser import BytesParser
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,8 +21,8 @@ from twisted.web.server import Site
 
 from cockpit.bus import RedisBus
 from cockpit.config import MailSection, RedisSection
-from cockpit.smtp import (Envelope, IncomingMailFactory, looks_like_markdown, parse_mail,
-                          safe_filename)
+from cockpit.smtp import (MAIL_POLICY, Envelope, IncomingMailFactory, clean_text, looks_like_markdown,
+                          parse_mail, read_headers, safe_filename)
 from cockpit.store import Store
 from tests.mail_corpus import corpus
 from tests.redis_server import RedisServer, shared_server
@@ -493,6 +494,30 @@ class Parsing(TestCase):
         for text in ("Hello,\nplain words.\n", "- only one dash item\n", "2 * 3 = 6 and 4 * 5 = 20",
                      "snake_case_name and __init__", "price: $5 (approx)"):
             self.assertFalse(looks_like_markdown(text), text)
+
+    def test_reading_the_header_block_alone_gives_the_message_the_stdlib_parser_gives(self):
+        samples = [raw for _, raw in corpus()] + [
+            b"Subject: plain\r\n\r\nbody\r\n\r\nmore\r\n", b"Subject: bare\n\nLF only\n",
+            b"Subject: mixed\r\nTo: a@b\n\r\nbody\r\n", b"Subject: cr\r\rX: y\r\n\r\nbody",
+            b"\r\n\r\nno headers", b"not a header\r\nSubject: x\r\n\r\nbody", b"From nobody\r\nSubject: x\r\n\r\nb",
+            b"Subject: folded\r\n continued\r\n\r\n\xff8-bit body\r\n", b"Subject: no body\r\n\r\n",
+        ]
+        shortcuts = 0
+        for raw in samples:
+            expected = BytesParser(policy=MAIL_POLICY).parsebytes(raw, headersonly=True)
+            got = read_headers(raw)
+            self.assertEqual(list(got.raw_items()), list(expected.raw_items()), raw[:80])
+            self.assertEqual(got._payload, expected._payload, raw[:80])
+            self.assertEqual(got.get_unixfrom(), expected.get_unixfrom(), raw[:80])
+            self.assertEqual([type(d) for d in got.defects], [type(d) for d in expected.defects], raw[:80])
+            shortcuts += got is not expected and b"\r\n\r\n" in raw
+        self.assertGreater(shortcuts, 250)
+
+    def test_control_characters_are_dropped_and_line_ends_kept_only_where_asked(self):
+        self.assertEqual(clean_text("plain words, left alone"), "plain words, left alone")
+        self.assertEqual(clean_text("a\tb\r\nc\x7fd\x00"), "a b  cd")
+        self.assertEqual(clean_text("a\tb\r\nc\rd\x1b[0m\x85", keep_newlines=True), "a\tb\nc\nd[0m")
+        self.assertEqual(clean_text("caf\u00e9\u0085 \udcff", keep_newlines=True), "caf\u00e9 \ufffd")
 
     def test_filenames_lose_paths_and_control_characters(self):
         self.assertEqual(safe_filename("../../etc/passwd", "text/plain"), "passwd")
