@@ -61,6 +61,7 @@ ATTACHMENTS_SPACE = "attachments"
 RAWDATA = "RAWDATA"  # our DATA state: the message streams in as bytes, not line by line
 MAX_RECIPIENTS = 100
 MAX_COMMAND_LINE = 4096  # RFC 5321 allows 512; AUTH responses are longer
+MAX_WAITING = 256 << 10  # input kept while a message is handled, before reading stops
 MAX_DEPTH = 32  # deeper MIME nesting is kept whole as message.eml
 MAX_ATTACHMENTS = 500  # more parts than this are kept whole as message.eml
 MD_SCAN = 100_000  # characters of a plain body examined for Markdown
@@ -684,6 +685,7 @@ class IncomingSMTP(smtp.ESMTP):
         self.user: Optional[str] = None
         self._pending = b""  # received bytes not yet handled (commands, or data before 354 was sent)
         self._busy = False  # a message is being parsed and published: later input waits
+        self._paused = False  # reading stopped: too much input waits behind a busy message
         self._tls_just_started = False
         self._chunks: list[bytes] = []
         self._size = 0
@@ -783,6 +785,13 @@ class IncomingSMTP(smtp.ESMTP):
             self._data_received(data)
             return
         self._pending += data
+        if self._busy:
+            if len(self._pending) > MAX_WAITING and not self._paused:
+                # Reading stops only when this much waits: stopping and restarting it for
+                # every message would cost two epoll calls per mail.
+                self._paused = True
+                self.transport.pauseProducing()
+            return
         self._handle_pending()
 
     def _handle_pending(self) -> None:
@@ -876,7 +885,6 @@ class IncomingSMTP(smtp.ESMTP):
             self._handle_pending()
             return
         self._busy = True
-        self.transport.pauseProducing()
         d = self.mail_factory.ingest.deliver(chunks, self._size, envelope)
         d.addErrback(self._delivery_crashed)
         d.addCallback(self._answer)
@@ -890,7 +898,9 @@ class IncomingSMTP(smtp.ESMTP):
         if self.transport is None or self.transport.disconnected:
             return
         self.sendCode(*reply)
-        self.transport.resumeProducing()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
         self._handle_pending()
 
     def connectionLost(self, reason: Any) -> None:

@@ -484,6 +484,47 @@ class Tls(SMTPServerCase):
         self.assertEqual(code, 235)
 
 
+class Backpressure(TestCase):
+    """Input that arrives while a message is being published waits; past a bound, reading stops."""
+
+    def test_reading_stops_only_when_much_input_waits_behind_a_busy_message(self):
+        from twisted.internet.defer import Deferred
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from cockpit.bus import MemoryBus
+        from cockpit.smtp import MAX_WAITING
+
+        bus = MemoryBus()
+        gate: Deferred = Deferred()
+        publish = bus.publish
+        self.patch(bus, "publish", lambda event: gate.addCallback(lambda _: publish(event)))
+        store = Store(Path(self.mktemp()), "http://cockpit.test")
+        factory = IncomingMailFactory(MailSection(domains=[DOMAIN], hostname="mx.cockpit.test"), bus, store, reactor)
+        proto = factory.buildProtocol(None)
+        proto.callLater = Clock().callLater  # the idle timeout
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"EHLO client\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<ops@" + DOMAIN.encode()
+                           + b">\r\nDATA\r\n")
+        proto.dataReceived(b"Subject: held\r\n\r\nwaits for the bus\r\n.\r\nRSET\r\n")
+        self.assertEqual("producing", transport.producerState)  # one message in hand: reading goes on
+        rset = b"RSET " + b"x" * 4000 + b"\r\n"
+        lines = MAX_WAITING // len(rset) + 2
+        proto.dataReceived(rset * lines)
+        self.assertEqual("paused", transport.producerState)
+        self.assertNotIn(b"2.0.0 Accepted", transport.value())
+        gate.callback(None)
+        self.assertEqual("producing", transport.producerState)
+        replies = transport.value().split(b"\r\n")
+        accepted = [i for i, line in enumerate(replies) if b"2.0.0 Accepted" in line]
+        self.assertEqual(1, len(accepted))
+        after = [line for line in replies[accepted[0] + 1:] if line]
+        self.assertEqual(lines + 1, len(after))  # every command that waited was answered, in order
+        self.assertTrue(all(line.startswith(b"250 ") for line in after), after[:3])
+        self.assertEqual(1, len(bus.streams["ckpt.email"].entries))
+
+
 class Parsing(TestCase):
     """What only the parser decides, without a connection."""
 
