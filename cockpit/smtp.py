@@ -357,19 +357,55 @@ def _body(text: str, subtype: str) -> tuple[str, str]:
     return text, "md" if looks_like_markdown(text) else "text"
 
 
+# what the feedparser takes for the start of a header field (its headerRE, less "From " and
+# continuation lines, and with a name of one character at least)
+_FIELD_START = re.compile(r"[\041-\071\073-\176]+:")
+# line ends of any kind, and what str.splitlines() would also break at
+_LINE_BREAKS = b"\r\n\x0b\x0c\x1c\x1d\x1e"
+
+
+def _header_fields(head: bytes) -> Optional[list[list[str]]]:
+    """The fields of a header block that ends in CRLF, each as its lines (CRLF kept).
+
+    The lines go to the fields as the stdlib's feedparser puts them, and the block is only
+    taken when the feedparser would see nothing odd in it: None when a line ends in
+    anything but CRLF, starts with "From ", is neither a field nor a continuation, or
+    when the first line is a continuation.
+    """
+    crlf = head.count(b"\r\n")
+    if len(head) - len(head.translate(None, _LINE_BREAKS)) != 2 * crlf:
+        return None
+    fields: list[list[str]] = []
+    for line in head.decode("ascii", "surrogateescape").split("\r\n")[:-1]:
+        if line[:1] in (" ", "\t"):
+            if not fields:
+                return None
+            fields[-1].append(line + "\r\n")
+        elif _FIELD_START.match(line):
+            fields.append([line + "\r\n"])
+        else:
+            return None
+    return fields
+
+
 def read_headers(raw: bytes) -> Message:
     """``raw`` as ``BytesParser(policy=MAIL_POLICY).parsebytes(raw, headersonly=True)`` reads it.
 
-    That parser walks the body line by line only to join the lines again. So it gets the
-    text up to the first CRLF CRLF alone; when it reads all of that as headers (no earlier
-    blank line, in any line-end style, and no line that is not a header), the rest becomes
-    the payload the parser would have built: the same message at half the cost for a mail of
-    a few KB. Any other message goes through the parser whole.
+    That parser walks every line of the message through a generator to find the end of
+    the headers, then walks the body's lines only to join them again. When the text up
+    to the first CRLF CRLF holds only well-formed fields, the message is built as the
+    parser would build it: the policy's message class, each field through the policy's
+    ``header_source_parse`` (values are parsed by the header registry when read), and
+    the rest as the payload. A test checks that both agree on the hostile corpus. Any
+    other message goes through the parser.
     """
     end = raw.find(b"\r\n\r\n")
     if end > 0:
-        msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw[:end + 4], headersonly=True)
-        if msg._payload == "":  # type: ignore[attr-defined]  # every line of the block was a header
+        fields = _header_fields(raw[:end + 2])
+        if fields is not None:
+            msg = MAIL_POLICY.message_factory(policy=MAIL_POLICY)
+            for lines in fields:
+                msg.set_raw(*MAIL_POLICY.header_source_parse(lines))
             msg.set_payload(raw[end + 4:].decode("ascii", "surrogateescape"))
             return msg
     return BytesParser(policy=MAIL_POLICY).parsebytes(raw, headersonly=True)
