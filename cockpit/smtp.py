@@ -291,9 +291,33 @@ def _leaves(msg: Message) -> Iterator[tuple[Message, list[Message]]]:
             yield part, ancestors
 
 
+def _mime_header(part: Message, name: str) -> Any:
+    """``part.get(name)`` for a header in _STRUCTURAL, which are read several times per part.
+
+    ``Message.get`` looks through every header each time; here the part's headers are
+    looked through once, and the first of each name is kept (parsed messages are not
+    changed afterwards).
+    """
+    found = part.__dict__.get("_cockpit_mime")
+    if found is None:
+        found = {}
+        for key, value in part._headers:  # type: ignore[attr-defined]
+            lowered = key.lower()
+            if lowered in _STRUCTURAL and lowered not in found:
+                found[lowered] = (key, value)
+        part._cockpit_mime = found  # type: ignore[attr-defined]
+    item = found.get(name)
+    return None if item is None else part.policy.header_fetch_parse(*item)
+
+
 def _content_type(part: Message) -> str:
+    """``part.get_content_type()``, with the header read through _mime_header."""
     try:
-        return part.get_content_type()
+        value = _mime_header(part, "content-type")
+        if value is None:
+            return part.get_default_type()
+        ctype = str(value).partition(";")[0].strip().lower()
+        return ctype if ctype.count("/") == 1 else "text/plain"  # RFC 2045 5.2, as the stdlib does
     except Exception:
         return "application/octet-stream"
 
@@ -301,7 +325,7 @@ def _content_type(part: Message) -> str:
 def _params(part: Message, header: str) -> Any:
     """The parameters of a MIME header, as policy.default's header registry decoded them (RFC 2231 too)."""
     try:
-        return getattr(part.get(header), "params", None) or {}
+        return getattr(_mime_header(part, header), "params", None) or {}
     except Exception:
         return {}
 
@@ -313,7 +337,7 @@ def _filename(part: Message) -> Optional[str]:
 
 def _disposition(part: Message) -> Optional[str]:
     try:
-        value = getattr(part.get("content-disposition"), "content_disposition", None)
+        value = getattr(_mime_header(part, "content-disposition"), "content_disposition", None)
         return str(value).lower() if value else None
     except Exception:
         return None

@@ -562,6 +562,41 @@ class Parsing(TestCase):
         self.assertGreater(sum(1 for raw in samples if smtp_module._header_fields(raw[:raw.find(b"\r\n\r\n") + 2])
                                is not None and raw.find(b"\r\n\r\n") > 0), 250)
 
+    def test_mime_headers_read_once_per_part_say_what_message_get_says(self):
+        from email.message import Message
+
+        parts = 0
+        twice = b"Content-Type: text/html\r\ncontent-type: image/png\r\nContent-Disposition: inline\r\n" \
+                b"CONTENT-DISPOSITION: attachment; filename=a.txt\r\n\r\nbody\r\n"
+        for raw in [raw for _, raw in corpus()] + [twice]:
+            if raw.lower().count(b"content-type") > 100:
+                continue  # thousands of nested parts: slow to parse, and nothing new to compare
+            try:
+                msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw)
+                walked = list(msg.walk())
+            except Exception:  # what the parser cannot take is kept whole, unread
+                continue
+            for part in walked:
+                if not isinstance(part, Message):
+                    continue
+                parts += 1
+                for name in ("content-type", "content-disposition", "content-transfer-encoding"):
+                    try:
+                        expected = part.get(name)
+                    except Exception as exc:
+                        self.assertRaises(type(exc), smtp_module._mime_header, part, name)
+                        continue
+                    got = smtp_module._mime_header(part, name)
+                    # the header registry makes a new class for each header: compare names
+                    self.assertEqual((type(got).__name__, str(got) if got is not None else None),
+                                     (type(expected).__name__, str(expected) if expected is not None else None))
+                try:
+                    expected_type = part.get_content_type()
+                except Exception:
+                    expected_type = "application/octet-stream"
+                self.assertEqual(expected_type, smtp_module._content_type(part))
+        self.assertGreater(parts, 500)
+
     def test_control_characters_are_dropped_and_line_ends_kept_only_where_asked(self):
         self.assertEqual(clean_text("plain words, left alone"), "plain words, left alone")
         self.assertEqual(clean_text("a\tb\r\nc\x7fd\x00"), "a b  cd")
