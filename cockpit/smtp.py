@@ -441,7 +441,12 @@ def parse_mail(raw: bytes, envelope: Envelope, store: Store) -> EmailEvent:
         # the headers first: a single-part message is then parsed already, and only a
         # multipart or message/* one needs the parser to walk its body too
         msg = read_headers(raw)
-        if _content_type(msg).startswith(("multipart/", "message/")):
+        content_type = _content_type(msg)
+        if content_type.startswith(("multipart/", "message/")):
+            if isinstance(store, _NoWritesStore) and content_type != "multipart/alternative":
+                # Other than text with its HTML, a multipart message most often carries
+                # files: it is parsed once, in a thread, rather than up to its first file here.
+                raise _WritesToDisk()
             msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw)
         return _event(msg, raw, envelope, store)
     except (RecursionError, _TooComplex):

@@ -124,27 +124,31 @@ class Receiving(SMTPServerCase):
 
         import cockpit.smtp as smtp_module
 
-        threads_seen: list[tuple[int, bool]] = []
+        attempts: list[tuple[str, bool]] = []  # (subject, on the reactor thread), for every parse begun
         real_parse = smtp_module.parse_mail
 
         def recording_parse(raw, envelope, store):
-            event = real_parse(raw, envelope, store)
-            threads_seen.append((len(raw), threading.current_thread() is threading.main_thread()))
-            return event
+            subject = raw.split(b"Subject: ", 1)[1].split(b"\r\n", 1)[0].decode()
+            attempts.append((subject, threading.current_thread() is threading.main_thread()))
+            return real_parse(raw, envelope, store)
 
         self.patch(smtp_module, "parse_mail", recording_parse)
-        small, big, attached = EmailMessage(), EmailMessage(), EmailMessage()
-        for msg, body in ((small, "short\n"), (big, "long line\n" * 20000), (attached, "see file\n")):
-            msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", "t"
-            msg.set_content(body)
-        attached.add_attachment(b"x" * 100, maintype="application", subtype="octet-stream", filename="x.bin")
-        for msg in (small, big, attached):
+        mails = {name: EmailMessage() for name in ("small", "big", "alternative", "attached")}
+        for name, msg in mails.items():
+            msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", name
+            msg.set_content("long line\n" * 20000 if name == "big" else "short\n")
+        mails["alternative"].add_alternative("<p>short</p>", subtype="html")
+        mails["attached"].add_attachment(b"x" * 100, maintype="application", subtype="octet-stream",
+                                         filename="x.bin")
+        for msg in mails.values():
             yield self.send(msg)
-        on_reactor = [main for _, main in threads_seen]
-        # the small one at once; the big one and the one with a file (after a first look) in a thread
-        self.assertEqual([True, False], on_reactor[:2])
-        self.assertFalse(on_reactor[-1])
-        self.assertEqual(3, len(list((yield self.events()))))
+        # small ones at once; a big one, and a small one with a file after a look at its
+        # headers (its parse stops there), in a thread
+        self.assertEqual([("small", True), ("big", False), ("alternative", True), ("attached", True),
+                          ("attached", False)], attempts)
+        events = {event.subject: event for event in (yield self.events())}
+        self.assertEqual(["x.bin"], list(events["attached"].attachments))
+        self.assertEqual(("short\n", {}), (events["alternative"].body, events["alternative"].attachments))
 
     @inlineCallbacks
     def test_html_mail_becomes_markdown_event_with_attachments_served_by_the_store(self):
