@@ -11,10 +11,12 @@ def is_unfinished(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, sync_directory: bool = True) -> None:
     """Replace ``path`` by ``data`` durably: a temporary file, fsync, rename, fsync of the directory.
 
-    Blocks on the disk: call it off the reactor thread.
+    With ``sync_directory=False`` the rename is left for the caller to make durable, with
+    one fsync of the directory after several files are in place. Blocks on the disk: call
+    it off the reactor thread.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -30,7 +32,13 @@ def write_atomically(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-    directory = os.open(path.parent, os.O_RDONLY)
+    if sync_directory:
+        sync_dir(path.parent)
+
+
+def sync_dir(path: Path) -> None:
+    """fsync a directory, so that the renames and new names in it survive a crash."""
+    directory = os.open(path, os.O_RDONLY)
     try:  # the rename itself is durable only once the directory is
         os.fsync(directory)
     finally:

@@ -96,8 +96,9 @@ class Store:
         meta = {"filename": filename, "content_type": clean_content_type(content_type),
                 "size": len(data), "time": time.time(), "hash": digest}
         if not path.exists():
-            write_atomically(path, data)
-        # the sidecar last: a file with its .meta is complete
+            write_atomically(path, data, sync_directory=False)
+        # the sidecar last: a file with its .meta is complete. Both are in one directory,
+        # whose fsync after the second rename makes the two durable.
         write_atomically(meta_path, json.dumps(meta, ensure_ascii=False).encode())
         return self._stored(space, digest, path, meta)
 
