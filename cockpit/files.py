@@ -18,7 +18,7 @@ def write_atomically(path: Path, data: bytes, sync_directory: bool = True) -> No
     one fsync of the directory after several files are in place. Blocks on the disk: call
     it off the reactor thread.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -43,3 +43,20 @@ def sync_dir(path: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def make_directory(path: Path) -> None:
+    """``mkdir -p``, durably: each directory made is fsynced into its parent.
+
+    A file fsynced into a directory that a crash then loses is lost with it.
+    """
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir()
+        except FileExistsError:  # another thread made it meanwhile
+            continue
+        sync_dir(directory.parent)

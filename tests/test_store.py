@@ -35,6 +35,28 @@ class StoreWriting(TestCase):
         self.assertIsInstance(meta["time"], float)
         self.assertEqual((stored.filename, stored.content_type, stored.size), ("report.txt", "text/plain", 17))
 
+    def test_every_new_name_is_synced_into_its_directory(self):
+        from cockpit import files
+
+        synced: list[Path] = []
+        real_sync = files.sync_dir
+        self.patch(files, "sync_dir", lambda path: (synced.append(Path(path)), real_sync(path)))
+        data = b"first of its directory"
+        digest = hashlib.sha256(data).hexdigest()
+        self.root.mkdir()
+        self.store.put_now("attachments", data, "a.txt", "text/plain")
+        space = self.root / "attachments"
+        leaf = space / digest[:2] / digest[2:4]
+        # the three directories made, each in its parent; then the file and its .meta, in one go
+        self.assertEqual([self.root, space, space / digest[:2], leaf], synced)
+        synced.clear()
+        self.store.put_now("attachments", data, "a.txt", "text/plain")  # stored already: nothing to write
+        self.assertEqual([], synced)
+        second = hashlib.sha256(data + b"!").hexdigest()
+        self.store.put_now("attachments", data + b"!", "b.txt", "text/plain")
+        self.assertNotIn(self.root, synced)  # the space was there: only what is new is synced
+        self.assertEqual(space / second[:2] / second[2:4], synced[-1])
+
     @inlineCallbacks
     def test_identical_content_is_stored_once(self):
         first = yield self.store.put("attachments", b"same", "a.bin", "application/octet-stream")
