@@ -818,19 +818,50 @@ class IncomingSMTP(smtp.ESMTP):
             return "?"
 
     # -- envelope ---------------------------------------------------------------
+    # MAIL and RCPT as Twisted's SMTP answers them, with the same replies, but checked at
+    # once: our checks never wait, so they need no Deferred per command.
     def do_MAIL(self, rest: bytes) -> None:
+        if self._from:
+            self.sendCode(503, b"Only one sender per message, please")
+            return
+        self._to = []
         match = self.mail_re.match(rest)
-        options = (match.group("opts") or b"") if match else b""
-        for option in options.split():
+        if not match:
+            self.sendCode(501, b"Syntax error")
+            return
+        for option in (match.group("opts") or b"").split():
             key, _, value = option.partition(b"=")
             if key.upper() == b"SIZE" and value.isdigit() and int(value) > self.mail_factory.mail.max_size:
                 self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size (%d bytes)"
                               % self.mail_factory.mail.max_size)
                 return
-        super().do_MAIL(rest)
+        try:
+            self._from = smtp.Address(match.group("path"), self.host)
+        except smtp.AddressError as exc:
+            self.sendCode(553, str(exc).encode("utf-8", "replace"))
+            return
+        self.sendCode(250, b"Sender address accepted")  # any sender: the recipients decide
 
-    def validateFrom(self, helo: Any, origin: smtp.Address) -> smtp.Address:
-        return origin
+    def do_RCPT(self, rest: bytes) -> None:
+        if not self._from:
+            self.sendCode(503, b"Must have sender before recipient")
+            return
+        match = self.rcpt_re.match(rest)
+        if not match:
+            self.sendCode(501, b"Syntax error")
+            return
+        try:
+            user = smtp.User(match.group("path"), self._helo, self, self._from)
+        except smtp.AddressError as exc:
+            self.sendCode(553, str(exc).encode("utf-8", "replace"))
+            return
+        try:
+            accepted = self.validateTo(user)
+        except smtp.SMTPServerError as exc:  # SMTPBadRcpt too
+            self.sendCode(exc.code, str(exc.resp).encode("utf-8", "replace"))
+            return
+        self._to.append((user, accepted))
+        self.sendCode(250, b"Recipient address accepted")
 
     def validateTo(self, user: smtp.User) -> Any:
         if len(self._to) >= MAX_RECIPIENTS:

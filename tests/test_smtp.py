@@ -203,6 +203,28 @@ class Receiving(SMTPServerCase):
         self.assertEqual(text_event.body, "Hello,\nthe backup ran at 03:00 - all fine.\n-- \nops\n")
 
     @inlineCallbacks
+    def test_envelope_commands_out_of_order_or_malformed_get_their_own_replies(self):
+        def work(client):
+            client.ehlo()
+            return [
+                client.docmd("RCPT", f"TO:<ops@{DOMAIN}>")[0],  # no sender yet
+                client.docmd("MAIL", "garbage")[0],
+                client.docmd("MAIL", "FROM:<a@b@c>")[0],  # not an address
+                client.docmd("MAIL", "FROM:<a@example.org> SIZE=999999999999")[0],
+                client.docmd("MAIL", "FROM:<a@example.org> SIZE=100")[0],
+                client.docmd("MAIL", "FROM:<b@example.org>")[0],  # one sender per message
+                client.docmd("RCPT", "garbage")[0],
+                client.docmd("RCPT", "TO:<a@b@c>")[0],
+                *[client.docmd("RCPT", f"TO:<ops{n}@{DOMAIN}>")[0] for n in range(101)],
+                client.docmd("RSET")[0],
+                client.docmd("DATA")[0],  # the envelope is gone
+            ]
+        codes = yield self.client(work)
+        self.assertEqual([503, 501, 553, 552, 250, 503, 501, 553], codes[:8])
+        self.assertEqual([250] * 100 + [452], codes[8:109])
+        self.assertEqual([250, 503], codes[109:])
+
+    @inlineCallbacks
     def test_recipient_outside_domains_gets_550_5_1_1(self):
         def work(client):
             client.ehlo()
