@@ -21,9 +21,10 @@ from twisted.web.server import Site
 
 from cockpit.bus import RedisBus
 from cockpit.config import MailSection, RedisSection
-from cockpit.smtp import (MAIL_POLICY, Envelope, IncomingMailFactory, clean_text, looks_like_markdown,
-                          parse_mail, read_headers, safe_filename)
-from cockpit import smtp as smtp_module
+from cockpit.mailparse import (MAIL_POLICY, Envelope, clean_text, looks_like_markdown, parse_mail, read_headers,
+                              safe_filename)
+from cockpit.smtp import IncomingMailFactory
+from cockpit import mailparse
 from cockpit.store import Store
 from tests.mail_corpus import corpus
 from tests.redis_server import RedisServer, shared_server
@@ -585,7 +586,7 @@ class Parsing(TestCase):
             self.assertEqual((type(got), got.policy, got.get_default_type()),
                              (type(expected), expected.policy, expected.get_default_type()))
         # most of the corpus takes the short way, so the comparison above means something
-        self.assertGreater(sum(1 for raw in samples if smtp_module._header_fields(raw[:raw.find(b"\r\n\r\n") + 2])
+        self.assertGreater(sum(1 for raw in samples if mailparse._header_fields(raw[:raw.find(b"\r\n\r\n") + 2])
                                is not None and raw.find(b"\r\n\r\n") > 0), 250)
 
     def test_mime_headers_read_once_per_part_say_what_message_get_says(self):
@@ -610,9 +611,9 @@ class Parsing(TestCase):
                     try:
                         expected = part.get(name)
                     except Exception as exc:
-                        self.assertRaises(type(exc), smtp_module._mime_header, part, name)
+                        self.assertRaises(type(exc), mailparse._mime_header, part, name)
                         continue
-                    got = smtp_module._mime_header(part, name)
+                    got = mailparse._mime_header(part, name)
                     # the header registry makes a new class for each header: compare names
                     self.assertEqual((type(got).__name__, str(got) if got is not None else None),
                                      (type(expected).__name__, str(expected) if expected is not None else None))
@@ -620,7 +621,7 @@ class Parsing(TestCase):
                     expected_type = part.get_content_type()
                 except Exception:
                     expected_type = "application/octet-stream"
-                self.assertEqual(expected_type, smtp_module._content_type(part))
+                self.assertEqual(expected_type, mailparse._content_type(part))
         self.assertGreater(parts, 500)
 
     def test_control_characters_are_dropped_and_line_ends_kept_only_where_asked(self):
