@@ -3,8 +3,9 @@
 Receiving (DESIGN §2 [mail], §3 email, §4): recipients outside ``[mail] domains`` get
 550 5.1.1; ``SIZE <max_size>`` is advertised and enforced while the data streams in
 (552 without buffering past the limit); STARTTLS when a certificate is configured and
-AUTH PLAIN/LOGIN only after it. A message is parsed with the stdlib ``email`` package
-(``policy.default``) off the reactor thread, its attachments go to the store space
+AUTH PLAIN/LOGIN only after it. A message is read by :mod:`cockpit.mailparse` (the
+stdlib ``email`` package with ``policy.default``): at once when it is small with no file
+to store, otherwise in a mail parser process. Its attachments go to the store space
 ``attachments``, and its event is published before 250 is sent; when the bus cannot
 take it the answer is 451 4.3.0, so the sending server retries.
 
@@ -47,6 +48,7 @@ from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
 from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, WritesToDisk, parse_mail, unstuff
 from cockpit.outbox import Outbox, QueuedMail, SpoolOutbox, Suspended
+from cockpit.parse_pool import ParserPool, ParserUnavailable
 from cockpit.store import Store
 
 log = Logger()
@@ -75,19 +77,25 @@ def parse_job(items: list[tuple[list[bytes], Envelope]], store: Store) -> list[U
 class MailIngest:
     """Turns received messages into published events; answers each with an SMTP reply.
 
-    A message of at most ``inline_bytes`` with no attachment is parsed at once; others are
-    parsed in the reactor's thread pool, at most ``jobs`` batches at a time: the GIL
-    lets one thread parse at once, and a second covers a batch that waits on the disk.
-    Messages that complete while the jobs run wait and go together in the next batch,
-    so one thread hop and one Redis transaction serve many messages under load.
+    A message of at most ``inline_bytes`` with no file to store is parsed at once: that
+    costs less than any hop to a thread or a process. The others (big ones, and those
+    with attachments) go to a mail parser process of ``parsers`` (:class:`ParserPool`),
+    where a message that hangs or crashes the parser harms only that process and the
+    parsing holds no lock the reactor needs. Without running parsers (``[mail] parsers =
+    0``, or while they start) they are parsed in the reactor's thread pool, at most
+    ``jobs`` batches at a time: the GIL lets one thread parse at once, and a second covers
+    a batch that waits on the disk. Messages that complete while the jobs run go together
+    in the next batch, so one thread hop serves many messages under load.
     """
 
     def __init__(self, bus: Bus, store: Store, reactor: Any, jobs: int = 2,
-                 batch_bytes: int = 4 << 20, batch_count: int = 128, inline_bytes: int = 32 << 10):
+                 batch_bytes: int = 4 << 20, batch_count: int = 128, inline_bytes: int = 32 << 10,
+                 parsers: Optional[ParserPool] = None):
         self.inline_bytes = inline_bytes
         self.bus = bus
         self.store = store
         self.reactor = reactor
+        self.parsers = parsers
         self.jobs = jobs
         self.batch_bytes = batch_bytes
         self.batch_count = batch_count
@@ -101,8 +109,6 @@ class MailIngest:
         """Fires with ``(code, text)``: 250 once the event is on the bus, 451 or 5xx otherwise."""
         d: Deferred = Deferred()
         if size <= self.inline_bytes:
-            # A small message with nothing to store parses in less time than a thread hop
-            # costs, so it is parsed here; one that has attachments goes to the thread pool.
             try:
                 event = parse_mail(unstuff(chunks), envelope, NO_WRITES)  # type: ignore[arg-type]
             except WritesToDisk:
@@ -113,6 +119,10 @@ class MailIngest:
             else:
                 self._parsed([event], [(chunks, envelope, d)])
                 return d
+        if self.parsers is not None and self.parsers.running and self.parsers.ready_count():
+            parsed = self.parsers.parse(chunks, size, envelope)
+            parsed.addBoth(lambda result: self._parsed([result], [(chunks, envelope, d)]))
+            return d
         self._batch.append((chunks, envelope, d))
         self._batch_size += size
         if self._flush_call is None and self._running < self.jobs:
@@ -175,6 +185,10 @@ class MailIngest:
             log.failure("mail from {sender}: the store could not write an attachment", failure,
                         sender=envelope.sender)
             return 451, b"4.3.0 Attachments cannot be stored right now; please try again later"
+        if failure.check(ParserUnavailable):
+            log.warn("mail from {sender} refused for now: {error}", sender=envelope.sender,
+                     error=failure.getErrorMessage())
+            return 451, b"4.3.0 The message could not be parsed right now; please try again later"
         log.failure("mail from {sender} could not be parsed", failure, sender=envelope.sender)
         return 554, b"5.6.0 The message could not be parsed"
 
@@ -509,12 +523,13 @@ class IncomingMailFactory(protocol.ServerFactory):
     protocol = IncomingSMTP  # type: ignore[assignment]
     noisy = False
 
-    def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any = None):
+    def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any = None,
+                 parsers: Optional[ParserPool] = None):
         if reactor is None:
             from twisted.internet import reactor
         self.mail = mail
         self.domains = frozenset(d.lower().rstrip(".") for d in mail.domains)
-        self.ingest = MailIngest(bus, store, reactor)
+        self.ingest = MailIngest(bus, store, reactor, parsers=parsers)
         self.tls = server_tls(mail) if mail.tls_cert else None
         self.connections: set[IncomingSMTP] = set()
         self.portal = Portal(_SubmitterRealm(), [_UserChecker(mail.users)]) if mail.users and self.tls else None

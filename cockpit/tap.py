@@ -91,8 +91,16 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
                             outbox=make_outbox(bus, cfg.data_dir, reactor))
         mailer.setName("mailer")
         mailer.setServiceParent(top)
-    smtp_listener = Listener("SMTP", cfg.mail.endpoint(), IncomingMailFactory(cfg.mail, bus, store, reactor),
-                             reactor)
+    parsers = None
+    if cfg.mail.parsers:
+        from cockpit.parse_pool import ParserPool
+
+        # before the listener, so that it stops after it
+        parsers = ParserPool(cfg.mail.parsers, store.root, cfg.public_url, cfg.mail.parse_timeout, reactor)
+        parsers.setName("mail-parsers")
+        parsers.setServiceParent(top)
+    smtp_listener = Listener("SMTP", cfg.mail.endpoint(),
+                             IncomingMailFactory(cfg.mail, bus, store, reactor, parsers=parsers), reactor)
     smtp_listener.setName("smtp")
     smtp_listener.setServiceParent(top)
 
@@ -125,6 +133,8 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
         services["telegram"] = bot.health
     if mailer is not None:
         services["mailer"] = mailer.health
+    if parsers is not None:
+        services["mail_parsers"] = parsers.health
     api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
     api.include(AysApi(robot))
     if not cfg.api.tokens:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import treq
 from twisted.internet import reactor, threads
 from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -23,6 +24,7 @@ from cockpit.bus import RedisBus
 from cockpit.config import MailSection, RedisSection
 from cockpit.mailparse import (MAIL_POLICY, Envelope, clean_text, looks_like_markdown, parse_mail, read_headers,
                               safe_filename)
+from cockpit.parse_pool import ParserPool
 from cockpit.smtp import IncomingMailFactory
 from cockpit import mailparse
 from cockpit.store import Store
@@ -66,6 +68,8 @@ class SMTPServerCase(TestCase):
     """A cockpit SMTP server on a free port, publishing to the suite's Redis."""
 
     mail_options: dict[str, Any] = {}
+    parsers = 0  # mail parser processes; without, big mail and mail with files is parsed in threads
+    parse_timeout = 60.0
 
     def setUp(self):
         self.redis = self.redis_server()
@@ -74,12 +78,19 @@ class SMTPServerCase(TestCase):
         self.addCleanup(self.bus.stopService)
         self.store = Store(Path(self.mktemp()), "http://cockpit.test")
         self.mail = MailSection(**{"domains": [DOMAIN], "hostname": "mx.cockpit.test", **self.mail_options})
-        self.factory = IncomingMailFactory(self.mail, self.bus, self.store, reactor)
+        self.pool = None
+        if self.parsers:
+            self.clock = Clock()  # the parse timeout's
+            self.pool = ParserPool(self.parsers, self.store.root, self.store.public_url, self.parse_timeout,
+                                   reactor, clock=self.clock)
+            self.pool.startService()
+            self.addCleanup(self.pool.stopService)
+        self.factory = IncomingMailFactory(self.mail, self.bus, self.store, reactor, parsers=self.pool)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addCleanup(self.factory.when_idle)
         self.addCleanup(self.port.stopListening)
         self.address = ("127.0.0.1", self.port.getHost().port)
-        return self.bus.when_connected()
+        return gatherResults([self.bus.when_connected()] + ([self.pool.when_ready()] if self.pool else []))
 
     def redis_server(self) -> RedisServer:
         server = shared_server()
@@ -399,7 +410,10 @@ class Receiving(SMTPServerCase):
 
 
 class HostileCorpus(SMTPServerCase):
+    """The corpus through the cockpit's defaults: its big and multipart messages go to parser processes."""
+
     connections = 4
+    parsers = 2
 
     @inlineCallbacks
     def test_every_corpus_message_gets_250_with_an_event_or_a_clear_5xx(self):
@@ -431,10 +445,136 @@ class HostileCorpus(SMTPServerCase):
             for filename in event.attachments:
                 self.assertFalse(set(filename) & set("/\\\0\r\n"), (accepted[event.guid], filename))
                 self.assertNotIn(filename, ("", ".", ".."))
+        self.assertGreater(self.pool.answered, 100)  # the processes did parse
         # nothing was written beside the store, and the server still takes mail
         self.assertEqual([p.name for p in self.store.root.parent.iterdir()], [self.store.root.name])
         code, _ = yield self.client(lambda c: c.sendmail("a@example.org", [f"ops@{DOMAIN}"], b"Subject: after\r\n\r\nok\r\n") or (250, b""))
         self.assertEqual(code, 250)
+
+
+class ParserProcesses(SMTPServerCase):
+    """Big mail and mail with files is parsed in a process; one that hangs or dies harms only its message."""
+
+    parsers = 1
+    parse_timeout = 30.0
+
+    def parser(self):
+        [parser] = [p for p in self.pool.parsers if p.ready]
+        return parser
+
+    def when_handed_over(self, then: Callable[[], Any]) -> None:
+        """Call ``then()`` on the reactor thread once the pool has taken the next message."""
+        real_parse = self.pool.parse
+
+        def parse(*args):
+            d = real_parse(*args)
+            self.pool.parse = real_parse
+            reactor.callLater(0, then)
+            return d
+        self.pool.parse = parse
+
+    def attached_mail(self, subject: str) -> EmailMessage:
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", subject
+        msg.set_content("see the file\n")
+        msg.add_attachment(subject.encode() * 100, maintype="application", subtype="octet-stream",
+                           filename="data.bin")
+        return msg
+
+    def send_data(self, msg: EmailMessage):
+        def work(client):
+            client.ehlo()
+            client.mail("a@example.org")
+            client.rcpt(f"ops@{DOMAIN}")
+            return client.data(msg.as_bytes())
+        return self.client(work)
+
+    @inlineCallbacks
+    def test_mail_with_files_is_parsed_in_the_process_and_small_plain_mail_at_once(self):
+        msg, pdf, png = html_mail_with_two_attachments()
+        plain = EmailMessage()
+        plain["From"], plain["To"], plain["Subject"] = "a@example.org", f"ops@{DOMAIN}", "plain"
+        plain.set_content("short\n")
+        yield self.send(msg)
+        yield self.send(plain)
+        self.assertEqual(1, self.pool.answered)
+        events = {event.subject: event for event in (yield self.events())}
+        mail = events["Disk full \u2014 node 12"]
+        self.assertEqual(("md", ["report.pdf", "chart.png"]), (mail.bodytype, list(mail.attachments)))
+        for name, data in (("report.pdf", pdf), ("chart.png", png)):  # the process wrote them to the store
+            url = mail.attachments[name]
+            self.assertEqual(data, Path(self.store.root, *url.split("/store/")[1].split("/")).read_bytes())
+        self.assertEqual("short\n", events["plain"].body)
+
+    @inlineCallbacks
+    def test_a_parser_that_hangs_is_killed_its_message_refused_and_it_is_replaced(self):
+        hung = self.parser()
+        hung.transport.signalProcess("STOP")
+        self.when_handed_over(lambda: self.clock.advance(self.parse_timeout + 2))
+        code, text = yield self.send_data(self.attached_mail("hangs"))
+        self.assertEqual(554, code)
+        self.assertIn(b"5.6.0", text)
+        yield hung.ended
+        yield self.pool.when_ready()
+        self.assertIsNot(hung, self.parser())
+        code, _ = yield self.send_data(self.attached_mail("after"))
+        self.assertEqual(250, code)
+        self.assertEqual(["after"], [event.subject for event in (yield self.events())])
+        self.assertEqual(1, self.pool.health()["replaced"])
+
+    @inlineCallbacks
+    def test_a_parser_that_dies_under_a_message_gets_it_retried(self):
+        dying = self.parser()
+        dying.transport.signalProcess("STOP")
+        self.when_handed_over(lambda: dying.transport.signalProcess("KILL"))
+        code, text = yield self.send_data(self.attached_mail("dies"))
+        self.assertEqual(451, code)  # the sender tries again: nothing is lost
+        yield self.pool.when_ready()
+        code, _ = yield self.send_data(self.attached_mail("dies"))
+        self.assertEqual(250, code)
+        self.assertEqual(["dies"], [event.subject for event in (yield self.events())])
+
+    @inlineCallbacks
+    def test_stopping_answers_what_the_parsers_hold(self):
+        self.parser().transport.signalProcess("STOP")
+
+        def stop():
+            self.pool.stopService()
+            self.clock.advance(10)  # past the grace a stopping parser gets
+        self.when_handed_over(stop)
+        code, _ = yield self.send_data(self.attached_mail("stopping"))
+        self.assertEqual(451, code)
+        self.assertEqual([], self.pool.parsers)
+        # with no parser running, mail is parsed in a thread
+        code, _ = yield self.send_data(self.attached_mail("threads"))
+        self.assertEqual(250, code)
+
+
+class ParserStartup(TestCase):
+    @inlineCallbacks
+    def test_a_parser_that_cannot_start_is_reported_and_tried_again_later(self):
+        from twisted.logger import globalLogPublisher
+
+        from cockpit import parse_pool
+
+        logged: list[dict] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        self.patch(parse_pool, "WORKER_ARGS", ("-c", "import sys; sys.stderr.write('no such module'); sys.exit(3)"))
+        clock = Clock()
+        pool = ParserPool(1, Path(self.mktemp()), "http://cockpit.test", clock=clock)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        yield pool.parsers[0].ended
+        health = pool.health()
+        self.assertEqual((False, 0, 1), (health["ok"], health["ready"], health["replaced"]))
+        texts = [event.get("text", "") + event.get("log_format", "") for event in logged]
+        self.assertTrue(any("no such module" in text for text in texts), texts)
+        self.assertTrue(any("ended before it was ready" in text for text in texts), texts)
+        self.assertEqual([], pool.parsers)  # not at once: it would only spin
+        clock.advance(2)
+        self.assertEqual(1, len(pool.parsers))
+        yield pool.parsers[0].ended
 
 
 class BusFailure(SMTPServerCase):
@@ -517,7 +657,6 @@ class Backpressure(TestCase):
 
     def test_reading_stops_only_when_much_input_waits_behind_a_busy_message(self):
         from twisted.internet.defer import Deferred
-        from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
 
         from cockpit.bus import MemoryBus

@@ -1,0 +1,314 @@
+"""The mail parser pool: ``[mail] parsers`` long-lived ``python -m cockpit.parse_worker`` processes.
+
+Big mail and mail with files are parsed here (a small plain message is parsed at once by
+the SMTP server: that costs less than any hop). The stdlib parser holds the GIL and can
+take seconds on a hostile message; in processes of their own, parsers use the other cores,
+a hang or a crash costs one message, and the reactor only moves bytes.
+:meth:`ParserPool.parse` sends a message to the parser with the fewest in hand and fires
+with its :class:`EmailEvent`, or fails with:
+
+- :class:`MessageRefused` (5xx): the parser refused it, or took longer than
+  ``parse_timeout`` (its process is killed and replaced: a message that hangs the parser
+  is refused for good, not retried forever);
+- :class:`OSError`: the store could not write an attachment (451: the sender retries);
+- :class:`ParserUnavailable`: its parser died or the pool stopped before it was parsed
+  (451); messages queued behind it go to another parser;
+- :class:`ParseFailed`: the parser failed on it (554, logged).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from twisted.application.service import Service
+from twisted.internet import defer, error, protocol, task
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+import cockpit
+from cockpit.events import EmailEvent
+from cockpit.mailparse import Envelope, MessageRefused
+from cockpit.parse_worker import EVENT, FAILED, LEVEL_MARK, OUT_HEADER, READY, REFUSED, STORE_FAILED, request
+
+log = Logger()
+
+WORKER_ARGS = ("-m", "cockpit.parse_worker")
+MAX_FRAME = 1 << 30  # a longer answer means the parser is broken
+STOP_GRACE = 5.0  # seconds a stopping parser gets to finish what it has
+
+
+class ParserUnavailable(Exception):
+    """No parser took the message to the end; it was not parsed (the sender should retry)."""
+
+
+class ParseFailed(Exception):
+    """The parser failed on the message."""
+
+
+@dataclass
+class _Job:
+    id: int
+    chunks: list[bytes]
+    size: int
+    envelope: Envelope
+    deferred: Deferred = field(default_factory=Deferred)
+
+
+class ParserProcess(protocol.ProcessProtocol):
+    """One parser: the messages it was sent, oldest (the one it works on) first."""
+
+    def __init__(self, pool: "ParserPool"):
+        self.pool = pool
+        self.queue: deque[_Job] = deque()
+        self.buffer = bytearray()
+        self.ready = False
+        self.pid: Optional[int] = None
+        self.head_since = 0.0  # when the oldest message became the one it works on
+        self.killed_for: Optional[str] = None
+        self.ended: Deferred = Deferred()
+
+    def send(self, job: _Job) -> None:
+        if not self.queue:
+            self.head_since = self.pool.clock.seconds()
+        self.queue.append(job)
+        envelope = job.envelope
+        self.transport.writeSequence(request(job.id, [envelope.sender, envelope.recipients, envelope.helo,
+                                                      envelope.peer, envelope.tls, envelope.user],
+                                             job.chunks, job.size))
+
+    def kill(self, why: str) -> None:
+        if self.killed_for is None:
+            self.killed_for = why
+        try:
+            self.transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    # -- ProcessProtocol -----------------------------------------------------
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+    def outReceived(self, data: bytes) -> None:
+        buffer = self.buffer
+        buffer += data
+        start = 0
+        while len(buffer) - start >= OUT_HEADER.size:
+            job_id, kind, size = OUT_HEADER.unpack_from(buffer, start)
+            if size > MAX_FRAME:
+                self._broken(f"an answer of {size} bytes")
+                return
+            end = start + OUT_HEADER.size + size
+            if len(buffer) < end:
+                break
+            payload = bytes(buffer[end - size:end])
+            start = end
+            if not self._answer(job_id, kind, payload):
+                return
+        del buffer[:start]
+
+    def _answer(self, job_id: int, kind: int, payload: bytes) -> bool:
+        if kind == READY:
+            self.ready = True
+            self.pool._became_ready()
+            return True
+        if not self.queue or self.queue[0].id != job_id:
+            self._broken(f"an answer for message {job_id}, which it was not working on")
+            return False
+        job = self.queue.popleft()
+        self.head_since = self.pool.clock.seconds()
+        self.pool.answered += 1
+        if kind == EVENT:
+            try:
+                job.deferred.callback(EmailEvent.model_validate_json(payload))
+            except Exception:
+                job.deferred.errback(ParseFailed("the parser's event did not validate"))
+        elif kind == REFUSED:
+            code, text = json.loads(payload)
+            job.deferred.errback(MessageRefused(int(code), str(text)))
+        elif kind == STORE_FAILED:
+            job.deferred.errback(OSError(payload.decode("utf-8", "replace")))
+        elif kind == FAILED:
+            job.deferred.errback(ParseFailed(payload.decode("utf-8", "replace")))
+        else:
+            self._broken(f"an answer of unknown kind {kind}")
+            return False
+        return True
+
+    def _broken(self, what: str) -> None:
+        log.error("mail parser {pid} sent {what}; killing it", pid=self.pid, what=what)
+        self.kill("protocol")
+
+    def errReceived(self, data: bytes) -> None:
+        # the parser's own log lines start with their level (parse_worker.LEVEL_MARK)
+        for line in data.decode("utf-8", "replace").splitlines():
+            level, mark, text = line.partition(LEVEL_MARK)
+            if not mark:
+                level, text = "warn", line
+            if text.strip():
+                emit = {"debug": log.debug, "info": log.info, "error": log.error,
+                        "critical": log.critical}.get(level, log.warn)
+                emit("mail parser {pid}: {text}", pid=self.pid, text=text[:4000])
+
+    def processEnded(self, reason: Failure) -> None:
+        code = getattr(reason.value, "exitCode", None)
+        signal = getattr(reason.value, "signal", None)
+        self.pool._ended(self, code, signal)
+        self.ended.callback(None)
+
+
+class ParserPool(Service):
+    """``size`` parser processes writing attachments to the store at ``store_root``."""
+
+    def __init__(self, size: int, store_root: Any, public_url: str, parse_timeout: float = 60.0,
+                 reactor: Any = None, clock: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.clock = clock or reactor
+        self.size = size
+        self.store_root = str(store_root)
+        self.public_url = public_url
+        self.parse_timeout = parse_timeout
+        self.parsers: list[ParserProcess] = []
+        self._ids = 0
+        self._respawns: list[Any] = []
+        self._watchdog: Optional[task.LoopingCall] = None
+        self._ready_waiters: list[Deferred] = []
+        self.answered = 0
+        self.replaced = 0
+        self._announced = False
+
+    # -- lifetime ----------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        for _ in range(self.size):
+            self._spawn()
+        self._watchdog = task.LoopingCall(self._check_timeouts)
+        self._watchdog.clock = self.clock
+        self._watchdog.start(min(1.0, self.parse_timeout / 4), now=False)
+
+    def _spawn(self) -> ParserProcess:
+        parser = ParserProcess(self)
+        env = dict(os.environ)
+        # the parsers run the same cockpit package as this process, wherever it came from
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(cockpit.__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+        self.reactor.spawnProcess(parser, sys.executable,
+                                  [sys.executable, *WORKER_ARGS, self.store_root, self.public_url],
+                                  env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        self.parsers.append(parser)
+        return parser
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
+        for call in self._respawns:
+            if call.active():
+                call.cancel()
+        self._respawns = []
+        ended = [parser.ended for parser in self.parsers]
+        kills = []
+        for parser in list(self.parsers):
+            if parser.ready:
+                parser.transport.closeStdin()  # it ends once it has answered what it has
+                kills.append(self.clock.callLater(STOP_GRACE, parser.kill, "stopping"))
+            else:
+                parser.kill("stopping")
+        yield defer.DeferredList(ended)
+        for call in kills:
+            if call.active():
+                call.cancel()
+        for waiter in self._ready_waiters:
+            waiter.callback(None)
+        self._ready_waiters = []
+
+    def ready_count(self) -> int:
+        return sum(1 for p in self.parsers if p.ready and p.killed_for is None)
+
+    def when_ready(self) -> Deferred:
+        """Fires once every parser has started (or the pool stopped)."""
+        if not self.running or self.ready_count() >= self.size:
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def health(self) -> dict[str, Any]:
+        # while the first parsers start, mail is parsed in threads: that is no fault
+        return {"ok": self.ready_count() > 0 or not self.replaced, "parsers": len(self.parsers), "ready": self.ready_count(),
+                "in_hand": sum(len(p.queue) for p in self.parsers), "answered": self.answered,
+                "replaced": self.replaced}
+
+    # -- parsing -----------------------------------------------------------
+    def parse(self, chunks: list[bytes], size: int, envelope: Envelope) -> Deferred:
+        """Fires with the message's EmailEvent; see the module's docstring for the failures."""
+        self._ids += 1
+        job = _Job(self._ids, chunks, sum(len(chunk) for chunk in chunks), envelope)
+        self._send(job)
+        return job.deferred
+
+    def _send(self, job: _Job) -> None:
+        ready = [p for p in self.parsers if p.ready and p.killed_for is None]
+        if not self.running or not ready:
+            job.deferred.errback(ParserUnavailable("no mail parser is running"))
+            return
+        min(ready, key=lambda p: len(p.queue)).send(job)
+
+    def _check_timeouts(self) -> None:
+        now = self.clock.seconds()
+        for parser in self.parsers:
+            if parser.queue and parser.killed_for is None and now - parser.head_since > self.parse_timeout:
+                log.error("mail parser {pid} spent over {timeout:g} s on one message from {sender}; "
+                          "killing it, the message is refused", pid=parser.pid, timeout=self.parse_timeout,
+                          sender=parser.queue[0].envelope.sender)
+                parser.kill("timeout")
+
+    def _ended(self, parser: ParserProcess, code: Optional[int], signal: Optional[int]) -> None:
+        self.parsers.remove(parser)
+        jobs = list(parser.queue)
+        parser.queue.clear()
+        if jobs:
+            head, rest = jobs[0], jobs[1:]
+            if parser.killed_for == "timeout":
+                head.deferred.errback(MessageRefused(
+                    554, f"5.6.0 The message could not be parsed within {self.parse_timeout:g} seconds"))
+            else:
+                how = f"exit code {code}" if code is not None else f"signal {signal}"
+                if parser.killed_for != "stopping":
+                    log.error("mail parser {pid} died ({how}) while parsing a message from {sender}; "
+                              "it is answered 451 so that its sender retries", pid=parser.pid, how=how,
+                              sender=head.envelope.sender)
+                head.deferred.errback(ParserUnavailable(f"the mail parser died ({how})"))
+            for job in rest:  # they were not started: another parser takes them, in order
+                self._send(job)
+        if not self.running:
+            return
+        self.replaced += 1
+        if not parser.ready:  # it never got going: starting another at once would only spin
+            log.error("mail parser {pid} ended before it was ready (code {code}); starting another in 2 s",
+                      pid=parser.pid, code=code)
+            self._respawns.append(self.clock.callLater(2.0, self._respawn))
+        else:
+            self._spawn()
+
+    def _respawn(self) -> None:
+        self._respawns = [c for c in self._respawns if c.active()]
+        if self.running:
+            self._spawn()
+
+    def _became_ready(self) -> None:
+        if self.ready_count() >= self.size:
+            if not self._announced:
+                self._announced = True
+                log.info("mail parsers: {count} processes for big mail and mail with files, "
+                         "{timeout:g} s per message at most", count=self.size, timeout=self.parse_timeout)
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
