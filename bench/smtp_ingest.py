@@ -77,23 +77,28 @@ def serve_sink() -> None:
 
 
 def serve_cockpit(redis_url: str, data_dir: str) -> None:
-    from twisted.internet import reactor
+    from twisted.internet import defer, reactor
 
     from cockpit.bus import RedisBus
     from cockpit.config import MailSection, RedisSection
+    from cockpit.parse_pool import ParserPool
     from cockpit.smtp import IncomingMailFactory
     from cockpit.store import Store
 
     bus = RedisBus(RedisSection(url=redis_url))
     bus.startService()
+    mail = MailSection(domains=[DOMAIN], hostname="bench.test")  # the defaults, parsers included
     store = Store(Path(data_dir) / "store", "http://127.0.0.1:8080")
-    factory = IncomingMailFactory(MailSection(domains=[DOMAIN], hostname="bench.test"), bus, store, reactor)
+    parsers = ParserPool(mail.parsers, store.root, store.public_url, mail.parse_timeout, reactor)
+    parsers.startService()
+    factory = IncomingMailFactory(mail, bus, store, reactor, parsers=parsers)
 
     def listen(_):
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")
         print(f"READY {port.getHost().port}", flush=True)
 
-    bus.when_connected().addCallback(listen)
+    defer.gatherResults([bus.when_connected(), parsers.when_ready()]).addCallback(listen)
+    reactor.addSystemEventTrigger("before", "shutdown", parsers.stopService)
     reactor.run()
 
 
