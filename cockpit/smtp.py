@@ -251,6 +251,7 @@ class IncomingSMTP(smtp.ESMTP):
         self._pending = b""  # received bytes not yet handled (commands, or data before 354 was sent)
         self._busy = False  # a message is being parsed and published: later input waits
         self._paused = False  # reading stopped: too much input waits behind a busy message
+        self._peer_host: Optional[str] = None
         self._tls_just_started = False
         self._chunks: list[bytes] = []
         self._size = 0
@@ -312,10 +313,12 @@ class IncomingSMTP(smtp.ESMTP):
         return result
 
     def _peer(self) -> str:
-        try:
-            return str(self.transport.getPeer().host)
-        except Exception:
-            return "?"
+        if self._peer_host is None:  # asked once per connection, not once per message
+            try:
+                self._peer_host = str(self.transport.getPeer().host)
+            except Exception:
+                return "?"
+        return self._peer_host
 
     # -- envelope ---------------------------------------------------------------
     # MAIL and RCPT as Twisted's SMTP answers them, with the same replies, but checked at
