@@ -241,7 +241,7 @@ class EventTests(RobotCase):
     def test_entry_is_acknowledged_only_once_its_runs_are_recorded(self):
         release = Path(self.mktemp()).absolute()
         yield self.make_repo(service_hrd="events.alarm = hold\n",
-                             blueprint=f"node__web1:\n  port: 1\n")
+                             blueprint="node__web1:\n  port: 1\n")
         # the hold action needs to know its release file: give it through the service args
         self.robot.repos["demo"].services["node!web1"].args["release"] = str(release)
         event = AlarmEvent(service="node!web1", msg="x")

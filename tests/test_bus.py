@@ -5,14 +5,13 @@ import json
 import signal
 
 import txredisapi
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from cockpit.bus import (AYS_GROUP, cursor, DEAD_LETTER_STREAM, BusUnavailable, MemoryBus, RedisBus,
-                         stream_key)
+from cockpit.bus import AYS_GROUP, BusUnavailable, MemoryBus, RedisBus, cursor, stream_key
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EmailEvent, GenericEvent
 from tests.redis_server import RedisServer, shared_server

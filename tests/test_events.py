@@ -8,7 +8,7 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from cockpit import events
-from cockpit.events import AlarmEvent, EcoEvent, EmailEvent, EventError, TelegramEvent
+from cockpit.events import AlarmEvent, EcoEvent, EmailEvent, EventError
 
 SEEDS = Path(__file__).parent / "seeds"
 

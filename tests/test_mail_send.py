@@ -19,7 +19,7 @@ from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from cockpit.bus import DEAD_LETTER_STREAM, BusUnavailable, RedisBus
+from cockpit.bus import BusUnavailable, RedisBus
 from cockpit.config import RedisSection, RelaySection
 from cockpit.outbox import MAIL_GROUP, MAIL_STREAM, RedisOutbox, SpoolOutbox
 from cockpit.smtp import MailSender, OutgoingMail
