@@ -18,22 +18,20 @@ with its :class:`EmailEvent`, or fails with:
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from twisted.application.service import Service
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-import cockpit
 from cockpit.events import EmailEvent
 from cockpit.mailparse import Envelope, MessageRefused
 from cockpit.parse_worker import EVENT, FAILED, LEVEL_MARK, OUT_HEADER, READY, REFUSED, STORE_FAILED, request
+from cockpit.workers import ChildProcess, spawn_python
 
 log = Logger()
 
@@ -59,18 +57,16 @@ class _Job:
     deferred: Deferred = field(default_factory=Deferred)
 
 
-class ParserProcess(protocol.ProcessProtocol):
+class ParserProcess(ChildProcess):
     """One parser: the messages it was sent, oldest (the one it works on) first."""
 
     def __init__(self, pool: "ParserPool"):
+        super().__init__()
         self.pool = pool
         self.queue: deque[_Job] = deque()
         self.buffer = bytearray()
         self.ready = False
-        self.pid: Optional[int] = None
         self.head_since = 0.0  # when the oldest message became the one it works on
-        self.killed_for: Optional[str] = None
-        self.ended: Deferred = Deferred()
 
     def send(self, job: _Job) -> None:
         if not self.queue:
@@ -81,18 +77,7 @@ class ParserProcess(protocol.ProcessProtocol):
                                                       envelope.peer, envelope.tls, envelope.user],
                                              job.chunks, job.size))
 
-    def kill(self, why: str) -> None:
-        if self.killed_for is None:
-            self.killed_for = why
-        try:
-            self.transport.signalProcess("KILL")
-        except error.ProcessExitedAlready:
-            pass
-
     # -- ProcessProtocol -----------------------------------------------------
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-
     def outReceived(self, data: bytes) -> None:
         buffer = self.buffer
         buffer += data
@@ -194,13 +179,7 @@ class ParserPool(Service):
 
     def _spawn(self) -> ParserProcess:
         parser = ParserProcess(self)
-        env = dict(os.environ)
-        # the parsers run the same cockpit package as this process, wherever it came from
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(cockpit.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        self.reactor.spawnProcess(parser, sys.executable,
-                                  [sys.executable, *WORKER_ARGS, self.store_root, self.public_url],
-                                  env=env, childFDs={0: "w", 1: "r", 2: "r"})
+        spawn_python(self.reactor, parser, (*WORKER_ARGS, self.store_root, self.public_url))
         self.parsers.append(parser)
         return parser
 

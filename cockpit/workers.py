@@ -20,7 +20,7 @@ import os
 import sys
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
@@ -66,20 +66,50 @@ class Job:
         return self.payload["id"]
 
 
-class WorkerProcess(protocol.ProcessProtocol):
+class ChildProcess(protocol.ProcessProtocol):
+    """A long-lived helper process of the cockpit's: its pid, why we killed it, and when it ended."""
+
+    def __init__(self) -> None:
+        self.pid: Optional[int] = None
+        self.killed_for: Optional[str] = None  # "timeout", "protocol" or "stopping" once we killed it
+        self.ended: Deferred = Deferred()
+
+    def kill(self, why: str) -> None:
+        self.killed_for = self.killed_for or why
+        try:
+            self.transport.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid
+
+
+def spawn_python(reactor: Any, child: ChildProcess, args: Sequence[str]) -> None:
+    """Run ``python <args>`` with the cockpit package this process runs, wherever it came from.
+
+    Its stdin, stdout and stderr are pipes to ``child``.
+    """
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cockpit.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    reactor.spawnProcess(child, sys.executable, [sys.executable, *args], env=env,
+                         childFDs={0: "w", 1: "r", 2: "r"})
+
+
+class WorkerProcess(ChildProcess):
     """One worker: the jobs it was sent (head = the one running) and their timer."""
 
     def __init__(self, pool: "WorkerPool", number: int):
+        super().__init__()
         self.pool = pool
         self.number = number
         self.queue: deque[Job] = deque()
         self.buffer = b""
         self.ready = False
-        self.pid: Optional[int] = None
         self.head_since = 0.0
         self.timer: Any = None
-        self.killed_for: Optional[str] = None  # "timeout" or "protocol" once we killed it
-        self.ended: Deferred = Deferred()
         self.did_work = False
 
     # -- talking -----------------------------------------------------------
@@ -112,17 +142,7 @@ class WorkerProcess(protocol.ProcessProtocol):
                      id=job.id, timeout=self.pool.action_timeout, pid=self.pid)
             self.kill("timeout")
 
-    def kill(self, why: str) -> None:
-        self.killed_for = self.killed_for or why
-        try:
-            self.transport.signalProcess("KILL")
-        except error.ProcessExitedAlready:
-            pass
-
     # -- ProcessProtocol -----------------------------------------------------
-    def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-
     def outReceived(self, data: bytes) -> None:
         self.buffer += data
         if b"\n" not in data:
@@ -211,13 +231,7 @@ class WorkerPool(Service):
     def _spawn(self) -> WorkerProcess:
         self._spawned += 1
         worker = WorkerProcess(self, self._spawned)
-        env = dict(os.environ)
-        # the workers run the same cockpit package as this process, wherever it came from
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(cockpit.__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"
-        self.reactor.spawnProcess(worker, sys.executable, [sys.executable, *WORKER_ARGS], env=env,
-                                  childFDs={0: "w", 1: "r", 2: "r"})
+        spawn_python(self.reactor, worker, WORKER_ARGS)
         self.workers.append(worker)
         return worker
 
