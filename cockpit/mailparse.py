@@ -72,14 +72,11 @@ class MessageRefused(Exception):
 
 @dataclass
 class Envelope:
-    """What the SMTP dialogue said about a message, as opposed to its headers."""
+    """What the SMTP dialogue said about a message, as opposed to its headers: the event's
+    fallback sender and recipients when the headers have none."""
 
     sender: str
     recipients: list[str]
-    helo: str = ""
-    peer: str = ""
-    tls: bool = False
-    user: Optional[str] = None
 
 
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # Cc, less tab and line feed

@@ -72,10 +72,8 @@ class ParserProcess(ChildProcess):
         if not self.queue:
             self.head_since = self.pool.clock.seconds()
         self.queue.append(job)
-        envelope = job.envelope
-        self.transport.writeSequence(request(job.id, [envelope.sender, envelope.recipients, envelope.helo,
-                                                      envelope.peer, envelope.tls, envelope.user],
-                                             job.chunks, job.size))
+        envelope = [job.envelope.sender, job.envelope.recipients]
+        self.transport.writeSequence(request(job.id, envelope, job.chunks, job.size))
 
     # -- ProcessProtocol -----------------------------------------------------
     def outReceived(self, data: bytes) -> None:

@@ -8,7 +8,7 @@ uses every core and a message that hangs or crashes the parser takes down only t
 Frames, both ways, are a fixed header and a payload:
 
 - in: ``>QII`` (id, envelope length, message length), the envelope as a JSON list
-  ``[sender, recipients, helo, peer, tls, user]``, then the message as received (dot-stuffed);
+  ``[sender, recipients]``, then the message as received (dot-stuffed);
 - out: ``>QBI`` (id, kind, payload length), then the payload: the event's JSON for
   ``EVENT``, ``[code, text]`` as JSON for ``REFUSED``, a sentence for ``STORE_FAILED`` and
   ``FAILED``. The first frame out is ``READY`` (id 0, empty).

@@ -251,7 +251,6 @@ class IncomingSMTP(smtp.ESMTP):
         self._pending = b""  # received bytes not yet handled (commands, or data before 354 was sent)
         self._busy = False  # a message is being parsed and published: later input waits
         self._paused = False  # reading stopped: too much input waits behind a busy message
-        self._peer_host: Optional[str] = None
         self._tls_just_started = False
         self._chunks: list[bytes] = []
         self._size = 0
@@ -313,12 +312,10 @@ class IncomingSMTP(smtp.ESMTP):
         return result
 
     def _peer(self) -> str:
-        if self._peer_host is None:  # asked once per connection, not once per message
-            try:
-                self._peer_host = str(self.transport.getPeer().host)
-            except Exception:
-                return "?"
-        return self._peer_host
+        try:
+            return str(self.transport.getPeer().host)
+        except Exception:
+            return "?"
 
     # -- envelope ---------------------------------------------------------------
     # MAIL and RCPT as Twisted's SMTP answers them, with the same replies, but checked at
@@ -425,10 +422,7 @@ class IncomingSMTP(smtp.ESMTP):
         if self._from is None or not self._to:
             self.sendCode(503, b"5.5.1 Must have valid receiver and originator")
             return
-        self._envelope = Envelope(
-            sender=str(self._from), recipients=[str(user.dest) for user, _ in self._to],
-            helo=(self._helo[0] or b"").decode("utf-8", "replace") if self._helo else "",
-            peer=self._peer(), tls=self.startedTLS, user=self.user)
+        self._envelope = Envelope(sender=str(self._from), recipients=[str(user.dest) for user, _ in self._to])
         self._from = None
         self._to = []
         self.mode = RAWDATA
