@@ -23,7 +23,7 @@ from twisted.protocols.basic import FileSender
 from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from cockpit.files import make_directory, write_atomically
+from cockpit.files import write_atomically
 
 log = Logger()
 
@@ -92,7 +92,6 @@ class Store:
             meta = self._read_meta(meta_path)
             if meta is not None:
                 return self._stored(space, digest, path, meta)
-        make_directory(directory)
         meta = {"filename": filename, "content_type": clean_content_type(content_type),
                 "size": len(data), "time": time.time(), "hash": digest}
         if not path.exists():
