@@ -12,7 +12,6 @@ import threading
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -22,15 +21,12 @@ from pydantic import (
     ValidationError,
 )
 
-try:  # the C loader is several times faster on big payloads
-    _YamlLoader: Any = yaml.CSafeLoader
-except AttributeError:  # pragma: no cover - libyaml missing
-    _YamlLoader = yaml.SafeLoader
+from cockpit import decode
+from cockpit.decode import DecodeError
 
 EVENT_TYPES = ("email", "telegram", "alarm", "eco", "generic")
-# lists and objects within lists and objects, the event itself being the first level: the bus
-# reads its entries back with pydantic's JSON parser, which stops at 200 levels
-MAX_DEPTH = 64
+# lists and objects within lists and objects, the event itself being the first level
+MAX_DEPTH = decode.MAX_DEPTH
 _TOO_DEEP = f"invalid event: the event nests lists and objects deeper than {MAX_DEPTH} levels"
 
 
@@ -81,6 +77,12 @@ def _as_list(value: Any) -> Any:
 
 
 StrList = Annotated[list[str], BeforeValidator(_as_list)]
+# numbers that every reader of the bus, in any language, takes as they are
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+MAX_EPOCH = 253402300799  # 9999-12-31T23:59:59Z
+Epoch = Annotated[int, Field(ge=0, le=MAX_EPOCH)]
+# a guid travels in SSE "id:" lines, Redis keys and URLs: a uuid, or a short token of safe characters
+GUID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$"
 
 
 class Event(BaseModel):
@@ -89,10 +91,10 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     type: str
-    guid: str = Field(default_factory=_new_guid, min_length=1, max_length=200,
-                      description="Unique id: a uuid4 made at creation unless the sender gives one.")
-    epoch: int = Field(default_factory=_now, ge=0,
-                       description="Seconds since 1970, made at creation time.")
+    guid: str = Field(default_factory=_new_guid, pattern=GUID_PATTERN,
+                      description="Unique id: a uuid4 made at creation unless the sender gives one "
+                                  "(a uuid, or up to 100 letters, digits, '.', '_', ':' or '-').")
+    epoch: Epoch = Field(default_factory=_now, description="Seconds since 1970, made at creation time.")
     source: str = Field(default="api", max_length=100,
                         description="What made the event: smtp, telegram, rest, github, ays, ...")
 
@@ -107,9 +109,9 @@ class EcoEvent(Event):
     """An application error condition (Jumpscale "eco")."""
 
     type: Literal["eco"] = "eco"
-    gid: int = 0
-    nid: int = 0
-    pid: int = 0
+    gid: Int64 = 0
+    nid: Int64 = 0
+    pid: Int64 = 0
     app_name: str = ""
     eco_type: str = ""
     state: str = "NEW"
@@ -118,13 +120,13 @@ class EcoEvent(Event):
     category: str = ""
     func_name: str = ""
     func_filename: str = ""
-    line_nbr: int = 0
+    line_nbr: Int64 = 0
     code: str = ""
     backtrace: str = ""
     extra: str = ""
-    last_time: Optional[int] = None
-    close_time: Optional[int] = None
-    occurence: int = Field(default=1, ge=0)
+    last_time: Optional[Epoch] = None
+    close_time: Optional[Epoch] = None
+    occurence: int = Field(default=1, ge=0, le=2**63 - 1)
     tags: Union[str, list[str]] = ""
 
     def fingerprint(self) -> str:
@@ -136,7 +138,10 @@ class EcoEvent(Event):
 
 
 SERVICE_KEY = r"^[^!\s]+![^!\s]+$"
-PATTERN_NAMES = {SERVICE_KEY: "role!instance, such as node!web1"}  # patterns, in words for errors
+PATTERN_NAMES = {  # patterns, in words for errors
+    SERVICE_KEY: "role!instance, such as node!web1",
+    GUID_PATTERN: "a uuid, or up to 100 letters, digits, '.', '_', ':' or '-' (starting with a letter or digit)",
+}
 
 
 class AlarmEvent(Event):
@@ -228,17 +233,24 @@ def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
     return "invalid event: " + "; ".join(parts)
 
 
-def check_depth(value: Any) -> None:
-    """Raise EventError when the event data ``value`` nests lists and objects deeper than MAX_DEPTH levels."""
-    stack = [(value, 1)]  # not recursive: the data may be deeper than Python's stack
-    pop, push = stack.pop, stack.append
-    while stack:
-        item, depth = pop()
-        for child in (item.values() if isinstance(item, dict) else item):
-            if isinstance(child, (dict, list)):
-                if depth == MAX_DEPTH:
-                    raise EventError(_TOO_DEEP)
-                push((child, depth + 1))
+def check_values(value: Any) -> None:
+    """Raise EventError naming the field unless the event data ``value`` reads back from the bus equal.
+
+    Too deep, a lone surrogate, an integer too long to read back, NaN or infinity, a key
+    that is not text: see :func:`cockpit.decode.check`.
+    """
+    try:
+        decode.check(value)
+    except DecodeError as exc:
+        raise _event_error(exc) from None
+
+
+def _event_error(exc: DecodeError) -> EventError:
+    if exc.problem == decode.TOO_DEEP:
+        return EventError(_TOO_DEEP)
+    if not exc.path:
+        return EventError(exc.problem)
+    return EventError(f"invalid event: {exc.where()}: {exc.problem}")
 
 
 def from_data(data: Any, event_type: Optional[str] = None) -> Event:
@@ -246,7 +258,7 @@ def from_data(data: Any, event_type: Optional[str] = None) -> Event:
     if not isinstance(data, dict):
         raise EventError("invalid event: expected an object (a mapping of fields), "
                          f"got {type(data).__name__}")
-    check_depth(data)
+    check_values(data)
     if event_type is not None:
         if event_type not in MODELS:
             raise EventError(f"unknown event type {event_type!r}: expected one of {', '.join(EVENT_TYPES)}")
@@ -266,27 +278,17 @@ def from_data(data: Any, event_type: Optional[str] = None) -> Event:
 
 def from_json(raw: Union[bytes, str], event_type: Optional[str] = None) -> Event:
     try:
-        data = json.loads(raw)
-    except UnicodeDecodeError:
-        raise EventError("invalid JSON: the body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise EventError(f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
-    except RecursionError:
-        raise EventError(_TOO_DEEP) from None
+        data = decode.decode_json(raw)
+    except DecodeError as exc:
+        raise _event_error(exc) from None
     return from_data(data, event_type)
 
 
 def from_yaml(raw: Union[bytes, str], event_type: Optional[str] = None) -> Event:
     try:
-        data = yaml.load(raw, Loader=_YamlLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise EventError(f"invalid YAML{where}: {exc.problem or exc.context}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise EventError(f"invalid YAML: {exc}") from None
-    except RecursionError:
-        raise EventError(_TOO_DEEP) from None
+        data = decode.decode_yaml(raw)
+    except DecodeError as exc:
+        raise _event_error(exc) from None
     return from_data(data, event_type)
 
 

@@ -24,14 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from cockpit import hrd
+from cockpit.decode import TOO_DEEP, DecodeError, decode_yaml
 from cockpit.files import write_atomically
 from cockpit.hrd import Argument, HrdError, ServiceSpec
 
 TEMPLATE_FILES = ("schema.hrd", "service.hrd", "actions.py")
-MAX_FILE = 1024 * 1024  # bytes, for each template file and blueprint
+MAX_FILE = 1024 * 1024  # bytes, for each template file
+MAX_BLUEPRINT = 256 * 1024  # bytes of blueprint text
+MAX_SERVICES = 500  # service blocks in one blueprint
+MAX_ARGS = 64 * 1024  # bytes of one service's arguments, as JSON: they travel with every run
 
 # Names are matched whole (fullmatch: "$" alone would let a trailing newline through). The
 # patterns are also the JSON Schema of these names in the API document, so they keep to what
@@ -192,21 +194,26 @@ class RepoSnapshot:
 # ---------------------------------------------------------------------------
 
 def parse_blueprint(content: str) -> list[BlueprintEntry]:
-    """The ``template__instance: {args}`` blocks of a blueprint, in file order; Invalid says what is wrong."""
+    """The ``template__instance: {args}`` blocks of a blueprint, in file order; Invalid says what is wrong.
+
+    Bounded (:mod:`cockpit.decode`, MAX_BLUEPRINT, MAX_SERVICES, MAX_ARGS), so a blueprint
+    stored once cannot make every run that follows carry megabytes.
+    """
+    if len(content) > MAX_BLUEPRINT or len(content.encode("utf-8", "surrogatepass")) > MAX_BLUEPRINT:
+        raise Invalid(f"the blueprint is larger than {MAX_BLUEPRINT} bytes")
     try:
-        data = yaml.safe_load(content)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise Invalid(f"the blueprint is not valid YAML{where}: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise Invalid(f"the blueprint is not valid YAML: {exc}") from None
-    except RecursionError:
-        raise Invalid("the blueprint nests lists and mappings too deeply") from None
+        data = decode_yaml(content)
+    except DecodeError as exc:
+        if exc.problem == TOO_DEEP:
+            raise Invalid("the blueprint nests lists and mappings too deeply") from None
+        problem = exc.problem.replace("invalid YAML", "the blueprint is not valid YAML", 1)
+        raise Invalid(f"{exc.where()}: {problem}" if exc.path else problem) from None
     if data is None:
         raise Invalid("the blueprint is empty: expected 'template__instance:' blocks")
     if not isinstance(data, dict):
         raise Invalid("the blueprint must be a mapping of 'template__instance:' blocks")
+    if len(data) > MAX_SERVICES:
+        raise Invalid(f"the blueprint has {len(data)} service blocks; at most {MAX_SERVICES}")
     entries = []
     for key, args in data.items():
         template, sep, instance = str(key).partition("__")
@@ -221,6 +228,9 @@ def parse_blueprint(content: str) -> list[BlueprintEntry]:
             args = {}
         if not isinstance(args, dict):
             raise Invalid(f"blueprint block {key!r}: its arguments must be a mapping, not {type(args).__name__}")
+        size = len(json.dumps(args, ensure_ascii=False).encode())
+        if size > MAX_ARGS:
+            raise Invalid(f"blueprint block {key!r}: its arguments take {size} bytes as JSON; at most {MAX_ARGS}")
         entries.append(BlueprintEntry(template, instance, {str(k): v for k, v in args.items()}))
     return entries
 
@@ -430,8 +440,6 @@ class RepoStore:
         path = self.blueprint_path(repo, name)
         if not isinstance(content, str):
             raise Invalid("content: expected the blueprint's YAML text as a string")
-        if len(content.encode()) > MAX_FILE:
-            raise Invalid(f"content: larger than {MAX_FILE} bytes")
         parse_blueprint(content)
         if create and path.exists():
             raise Conflict(f"blueprint {path.name!r} already exists in repository {repo!r}; PUT it to change it")

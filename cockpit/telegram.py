@@ -437,8 +437,8 @@ class ChatCommands:
     @inlineCallbacks
     def _create_blueprint(self, chat: Chat, repo: str, name: str, content: str):
         name = ays_repos.blueprint_name(name)
-        if len(content.encode()) > ays_repos.MAX_FILE:
-            raise CommandError(f"The blueprint is larger than {ays_repos.MAX_FILE} bytes.")
+        if len(content.encode()) > ays_repos.MAX_BLUEPRINT:
+            raise CommandError(f"The blueprint is larger than {ays_repos.MAX_BLUEPRINT} bytes.")
         # a YAML mistake is answered here, with its line; parsing a big one is no work for the reactor
         yield self._in_thread(ays_repos.parse_blueprint, content)
         self.awaiting_blueprint.pop(chat.user_id, None)
@@ -455,10 +455,10 @@ class ChatCommands:
         awaiting = self.awaiting_blueprint.get(chat.user_id)
         repo = awaiting[0] if awaiting else (yield self._current_repo(chat))
         size = document.get("file_size")
-        if isinstance(size, int) and size > ays_repos.MAX_FILE:
-            raise CommandError(f"The blueprint is larger than {ays_repos.MAX_FILE} bytes.")
+        if isinstance(size, int) and size > ays_repos.MAX_BLUEPRINT:
+            raise CommandError(f"The blueprint is larger than {ays_repos.MAX_BLUEPRINT} bytes.")
         try:
-            raw = yield self.api.download(document["file_id"], ays_repos.MAX_FILE)
+            raw = yield self.api.download(document["file_id"], ays_repos.MAX_BLUEPRINT)
         except BadToken:
             raise
         except TelegramError as exc:
