@@ -12,6 +12,9 @@ setup(
     package_data={"twisted.plugins": ["cockpit_plugin.py"]},
     install_requires=[
         "twisted[tls]>=24.3",
+        # 1.6.x only: the bus drives txredisapi below its public API (the protocol's reply queue,
+        # the factory's connection pool, HiredisProtocol, SubscriberFactory.startConnecting), which
+        # another release may change without notice
         "txredisapi>=1.6,<1.7",
         "hiredis>=2.0",  # txredisapi parses replies in C with it, several times faster
         "klein>=23.5",
@@ -26,6 +29,7 @@ setup(
         "test": [
             "openapi-spec-validator>=0.7",
             "schemathesis>=3.30",
+            "hypothesis>=6.100",
         ],
     },
 )

@@ -211,6 +211,12 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path or "(event)"
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut short: an error message does not echo a megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
     """One sentence naming each wrong field by its path, e.g. ``args.chat_id: ...``."""
     parts = []
@@ -225,7 +231,7 @@ def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
             message = "field required"
         elif error["type"] == "string_pattern_mismatch":
             pattern = error.get("ctx", {}).get("pattern", "")
-            message = f"expected {PATTERN_NAMES.get(pattern, 'text matching ' + pattern)}, got {error['input']!r}"
+            message = f"expected {PATTERN_NAMES.get(pattern, 'text matching ' + pattern)}, got {_shown(error['input'])}"
         parts.append(f"{_field_path(tuple(loc))}: {message}")
     more = len(exc.errors()) - limit
     if more > 0:
@@ -264,12 +270,12 @@ def from_data(data: Any, event_type: Optional[str] = None) -> Event:
             raise EventError(f"unknown event type {event_type!r}: expected one of {', '.join(EVENT_TYPES)}")
         given = data.get("type", event_type)
         if given != event_type:
-            raise EventError(f"type: the body says {given!r} but this is the {event_type!r} endpoint")
+            raise EventError(f"type: the body says {_shown(given)} but this is the {event_type!r} endpoint")
         data = {**data, "type": event_type}
     elif "type" not in data:
         raise EventError("type: field required (one of " + ", ".join(EVENT_TYPES) + ")")
-    elif data["type"] not in MODELS:
-        raise EventError(f"type: unknown event type {data['type']!r}: expected one of {', '.join(EVENT_TYPES)}")
+    elif not isinstance(data["type"], str) or data["type"] not in MODELS:
+        raise EventError(f"type: unknown event type {_shown(data['type'])}: expected one of {', '.join(EVENT_TYPES)}")
     try:
         return MODELS[data["type"]].model_validate(data)
     except ValidationError as exc:

@@ -15,6 +15,7 @@ typed arguments (``port = type:int default:22 required``). Every error is an
 from __future__ import annotations
 
 import keyword
+import math
 import re
 import shlex
 from dataclasses import dataclass, field
@@ -185,16 +186,17 @@ class Argument:
         if kind == "int":
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
-            if isinstance(value, str) and re.fullmatch(r"[-+]?\d+", value.strip()):
+            if isinstance(value, str) and re.fullmatch(r"[-+]?\d{1,4300}", value.strip()):
                 return int(value)
-            raise ValueError(f"expected an integer, got {value!r}")
+            raise ValueError(f"expected an integer, got {value[:40] if isinstance(value, str) else value!r}")
         if kind == "float":
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
             try:
-                return float(value)
-            except (TypeError, ValueError):
-                raise ValueError(f"expected a number, got {value!r}") from None
+                number = float(value) if not isinstance(value, bool) else math.nan
+            except (TypeError, ValueError, OverflowError):
+                number = math.nan
+            if not math.isfinite(number):  # JSON, where the args travel, has no NaN or infinity
+                raise ValueError(f"expected a finite number, got {str(value)[:40]!r}")
+            return number
         if kind == "bool":
             if isinstance(value, bool):
                 return value
