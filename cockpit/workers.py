@@ -355,7 +355,7 @@ class WorkerPool(Service):
         """``ready``: workers that can take a run now; ``workers``: those and the ones still starting.
 
         A worker being killed, stuck past its run's deadline or gone counts in neither. ``ok``
-        while one is ready, or while the first ones start (not after a worker failed to start).
+        while one is ready, or while workers start, unless the last one to end never got ready.
         """
         now = self.clock.seconds()
         ready = sum(1 for w in self.workers if w.usable(now))

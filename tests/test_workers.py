@@ -241,9 +241,9 @@ class WorkerPoolTests(WorkerTestCase):
         self.start()
         held = defer.Deferred()
         self.emit_result = held
+        emitted = self.next_emit()
         result = self.run_action("emits")
-        while not self.emitted:
-            yield deferLater(0.01)
+        yield emitted
         self.assertFalse(result.called)
         self.assertEqual((self.emitted[0]["type"], self.emitted[0]["service"], self.emitted[0]["source"]),
                          ("alarm", "node!a", "ays"))
@@ -432,7 +432,3 @@ class HealthTests(WorkerTestCase):
         health = self.pool.health()
         self.assertEqual((health["ok"], health["workers"], health["ready"]), (False, 1, 0))
         yield self.pool.workers[0].ended
-
-
-def deferLater(seconds):
-    return task.deferLater(reactor, seconds, lambda: None)
