@@ -156,8 +156,7 @@ class Robot(Service):
 
     def health(self) -> dict[str, Any]:
         pool = self.pool.health()
-        # workers still starting are fine; no worker process at all (a crash loop) is not
-        return {"ok": self.running and pool["workers"] > 0, "loaded": self.ready.called, "repos": len(self.repos),
+        return {"ok": self.running and pool["ok"], "loaded": self.ready.called, "repos": len(self.repos),
                 "active_runs": len(self.active), "workers": pool}
 
     # ------------------------------------------------------------------

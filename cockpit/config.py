@@ -134,6 +134,8 @@ class AysSection(Section):
     repos: Optional[str] = None  # default: <data_dir>/repos
     workers: Annotated[int, Field(gt=0, le=256)] = 4
     action_timeout: Annotated[float, Field(gt=0)] = 300.0
+    # bytes of data (RLIMIT_DATA) a worker, and each process its action starts, may hold
+    action_memory: Annotated[int, Field(ge=64 * 1024 * 1024)] = 1024 * 1024 * 1024
     keep_days: Annotated[float, Field(gt=0)] = 30.0  # run history: runs older than this are pruned
     keep_runs: Annotated[int, Field(gt=0)] = 100000  # run history: at most this many runs are kept
 

@@ -5,10 +5,14 @@ job and fires with its :class:`Outcome`; queued jobs go to the least busy worker
 batches (one message carries several runs), and each worker runs its batch in order.
 
 - An action that raises: the worker reports ``error`` with the traceback.
-- An action still running after ``action_timeout``: its worker is killed and replaced;
-  the run is ``timeout``. Runs queued behind it on that worker go to another one.
+- An action still running after ``action_timeout``: its worker is killed with every
+  process below it, and replaced; the run is ``timeout``. Runs queued behind it on that
+  worker go to another one.
 - A worker that dies: its current run is ``error``; the others are requeued; a new
-  worker takes its place.
+  worker takes its place. Its death is seen when its process exits, even if something it
+  started still held its pipes.
+- What an action starts does not outlive its run (see :mod:`cockpit.ays_worker`), and a
+  worker's data segment is capped at ``action_memory`` bytes.
 - ``service.emit()`` and ``service.send_mail()`` come back over the pipe; the pool hands
   them to its ``emit``/``send_mail`` callables, and a run is complete only when those
   have succeeded (a failure makes the run ``error``).
@@ -29,12 +33,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 import cockpit
+from cockpit.process_tree import kill_descendants
 
 log = Logger()
 
 MAX_LINE = 16 * 1024 * 1024  # a longer protocol line means the worker is broken
 SLOW_AFTER = 0.5  # seconds: a worker whose current run is older gets no more work while others have room
 WORKER_ARGS = ("-m", "cockpit.ays_worker")
+ACTION_MEMORY = 1 << 30  # bytes: the default of [ays] action_memory
+KILL_GRACE = 2.0  # seconds a warden gets to reap its killed worker and end before it is killed too
+EXIT_GRACE = 1.0  # seconds after a worker exited that its pipes may stay open (to read what it wrote last)
+START_GRACE = 30.0  # seconds a new worker may take to be ready before health stops counting it
 
 
 class WorkerPoolStopped(Exception):
@@ -75,7 +84,13 @@ class ChildProcess(protocol.ProcessProtocol):
         self.ended: Deferred = Deferred()
 
     def kill(self, why: str) -> None:
+        """SIGKILL the process and everything below it (frozen first, so that nothing forks away)."""
         self.killed_for = self.killed_for or why
+        if self.transport.pid is not None:
+            kill_descendants(self.transport.pid, freeze_root=True)
+        self._signal_root()
+
+    def _signal_root(self) -> None:
         try:
             self.transport.signalProcess("KILL")
         except error.ProcessExitedAlready:
@@ -99,7 +114,8 @@ def spawn_python(reactor: Any, child: ChildProcess, args: Sequence[str]) -> None
 
 
 class WorkerProcess(ChildProcess):
-    """One worker: the jobs it was sent (head = the one running) and their timer."""
+    """One worker (its warden's process, see :mod:`cockpit.ays_worker`): the jobs it was sent
+    (head = the one running) and their timer."""
 
     def __init__(self, pool: "WorkerPool", number: int):
         super().__init__()
@@ -108,9 +124,42 @@ class WorkerProcess(ChildProcess):
         self.queue: deque[Job] = deque()
         self.buffer = b""
         self.ready = False
+        self.exited = False  # its process is gone (its pipes may not be closed yet)
+        self.spawned_at = pool.clock.seconds()
         self.head_since = 0.0
         self.timer: Any = None
         self.did_work = False
+        self._warden_kill: Any = None
+        self._close_pipes: Any = None
+
+    def kill(self, why: str) -> None:
+        """Kill everything below the warden; the warden reaps it and ends (or is killed after KILL_GRACE)."""
+        self.killed_for = self.killed_for or why
+        if self.exited or self.transport.pid is None:
+            return
+        if not kill_descendants(self.transport.pid, freeze_root=True):
+            self._signal_root()  # its worker is not there yet (or not any more): nothing to wait for
+        elif self._warden_kill is None:
+            self._warden_kill = self.pool.clock.callLater(KILL_GRACE, self._kill_warden)
+
+    def _kill_warden(self) -> None:
+        self._warden_kill = None
+        log.warn("worker {pid} did not end within {grace:g} s of its worker's death; killing it",
+                 pid=self.pid, grace=KILL_GRACE)
+        self._signal_root()
+
+    def _cancel(self, call: Any) -> None:
+        if call is not None and call.active():
+            call.cancel()
+
+    def usable(self, now: float) -> bool:
+        """Alive, not being killed, and not stuck: it said it is ready, and its run is within its time."""
+        return (self.ready and self.killed_for is None and not self.exited
+                and not (self.queue and now - self.head_since > self.pool.action_timeout))
+
+    def starting(self, now: float) -> bool:
+        return (not self.ready and self.killed_for is None and not self.exited
+                and now - self.spawned_at <= START_GRACE)
 
     # -- talking -----------------------------------------------------------
     def send(self, jobs: list[Job]) -> None:
@@ -184,15 +233,33 @@ class WorkerProcess(ChildProcess):
             self.pool._side_effect(job, op, message.get("event") if op == "emit" else message.get("mail"))
         elif op == "ready":
             self.ready = True
-            self.pool._dispatch_soon()
+            self.pool._became_ready()
 
     def errReceived(self, data: bytes) -> None:
         text = data.decode(errors="replace").rstrip()
         if text:
             log.warn("worker {pid} wrote on stderr: {text}", pid=self.pid, text=text[:2000])
 
-    def processEnded(self, reason: Failure) -> None:
+    def processExited(self, reason: Failure) -> None:
+        self.exited = True
         self._cancel_timer()
+        self._cancel(self._warden_kill)
+        self._warden_kill = None
+        # what it wrote before it exited is still to be read; a pipe held open past that is
+        # held by something that escaped its tree, and must not keep its runs open
+        self._close_pipes = self.pool.clock.callLater(EXIT_GRACE, self._lose_pipes)
+
+    def _lose_pipes(self) -> None:
+        self._close_pipes = None
+        log.warn("worker {pid} exited, but a process it started still holds its pipes; closing them",
+                 pid=self.pid)
+        self.transport.loseConnection()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.exited = True
+        self._cancel_timer()
+        self._cancel(self._warden_kill)
+        self._cancel(self._close_pipes)
         code = getattr(reason.value, "exitCode", None)
         signal = getattr(reason.value, "signal", None)
         self.pool._ended(self, code, signal)
@@ -205,13 +272,14 @@ class WorkerPool(Service):
     def __init__(self, size: int = 4, action_timeout: float = 300.0, reactor: Any = None,
                  emit: Optional[Callable[[dict[str, Any]], Deferred]] = None,
                  send_mail: Optional[Callable[[dict[str, Any]], Deferred]] = None,
-                 batch: int = 32, clock: Any = None):
+                 batch: int = 32, clock: Any = None, action_memory: int = ACTION_MEMORY):
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.clock = clock or reactor
         self.size = size
         self.action_timeout = action_timeout
+        self.action_memory = action_memory
         self.emit = emit
         self.send_mail = send_mail
         self.batch = batch
@@ -220,6 +288,8 @@ class WorkerPool(Service):
         self._dispatch_call: Any = None
         self._respawns: list[Any] = []
         self._spawned = 0
+        self._failed_starts = 0  # workers in a row that ended before they were ready
+        self._ready_waiters: list[Deferred] = []
         self.replaced = 0
 
     # -- lifetime ----------------------------------------------------------
@@ -231,7 +301,7 @@ class WorkerPool(Service):
     def _spawn(self) -> WorkerProcess:
         self._spawned += 1
         worker = WorkerProcess(self, self._spawned)
-        spawn_python(self.reactor, worker, WORKER_ARGS)
+        spawn_python(self.reactor, worker, (*WORKER_ARGS, str(self.action_memory)))
         self.workers.append(worker)
         return worker
 
@@ -257,10 +327,41 @@ class WorkerPool(Service):
         for call in kills:
             if call.active():
                 call.cancel()
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def when_ready(self) -> Deferred:
+        """Fires once ``size`` workers are ready to take runs (or the pool stopped)."""
+        if not self.running or self._ready_count() >= self.size:
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self._ready_waiters.append(d)
+        return d
+
+    def _ready_count(self) -> int:
+        now = self.clock.seconds()
+        return sum(1 for w in self.workers if w.usable(now))
+
+    def _became_ready(self) -> None:
+        self._failed_starts = 0
+        if self._ready_waiters and self._ready_count() >= self.size:
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+        self._dispatch_soon()
 
     def health(self) -> dict[str, Any]:
-        return {"ok": self.running and any(w.ready for w in self.workers), "workers": len(self.workers),
-                "ready": sum(1 for w in self.workers if w.ready), "queued": len(self.pending),
+        """``ready``: workers that can take a run now; ``workers``: those and the ones still starting.
+
+        A worker being killed, stuck past its run's deadline or gone counts in neither. ``ok``
+        while one is ready, or while workers start, unless the last one to end never got ready.
+        """
+        now = self.clock.seconds()
+        ready = sum(1 for w in self.workers if w.usable(now))
+        starting = sum(1 for w in self.workers if w.starting(now))
+        return {"ok": self.running and (ready > 0 or (starting > 0 and not self._failed_starts)),
+                "workers": ready + starting, "ready": ready, "queued": len(self.pending),
                 "running": sum(len(w.queue) for w in self.workers), "replaced": self.replaced}
 
     # -- jobs --------------------------------------------------------------
@@ -282,8 +383,8 @@ class WorkerPool(Service):
         self._dispatch_call = None
         now = self.clock.seconds()
         while self.pending:
-            room = [w for w in self.workers if w.ready and w.killed_for is None and len(w.queue) < self.batch
-                    and (not w.queue or now - w.head_since < SLOW_AFTER)]
+            room = [w for w in self.workers if w.ready and w.killed_for is None and not w.exited
+                    and len(w.queue) < self.batch and (not w.queue or now - w.head_since < SLOW_AFTER)]
             if not room:
                 return
             worker = min(room, key=lambda w: len(w.queue))
@@ -318,11 +419,22 @@ class WorkerPool(Service):
         self.workers.remove(worker)
         jobs = list(worker.queue)
         worker.queue.clear()
+        if self.running:
+            # the replacement first: whoever hears of these runs finds the pool whole again
+            self.replaced += 1
+            if not worker.ready:  # it never got going: starting another at once would only spin
+                self._failed_starts += 1
+                log.error("worker {pid} ended right after it started (code {code}); starting another in 2 s",
+                          pid=worker.pid, code=code)
+                self._respawns.append(self.clock.callLater(2.0, self._respawn))
+            else:
+                self._spawn()
         if jobs:
             head, rest = jobs[0], jobs[1:]
             if worker.killed_for == "timeout":
                 outcome = Outcome("timeout", f"the action ran past action_timeout ({self.action_timeout:g} s) "
-                                  "and was killed; its worker was replaced\n", None, None, None)
+                                  "and was killed with every process it started; its worker was replaced\n",
+                                  None, None, None)
             elif worker.killed_for == "stopping":
                 outcome = None
             else:
@@ -333,19 +445,9 @@ class WorkerPool(Service):
                 for job in jobs:
                     job.deferred.errback(WorkerPoolStopped("the cockpit stopped while this run was going"))
             else:
-                self._finished(head, outcome)
                 # they never started: another worker takes them, in order
                 self.pending.extendleft(reversed(rest))
-        if not self.running:
-            return
-        self.replaced += 1
-        if not worker.ready:  # it never got going: starting another at once would only spin
-            log.error("worker {pid} ended right after it started (code {code}); starting another in 2 s",
-                      pid=worker.pid, code=code)
-            call = self.clock.callLater(2.0, self._respawn)
-            self._respawns.append(call)
-        else:
-            self._spawn()
+                self._finished(head, outcome)
         self._dispatch_soon()
 
     def _respawn(self) -> None:
