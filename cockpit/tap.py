@@ -115,7 +115,7 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     from cockpit.workers import WorkerPool
 
     history = RunHistory(cfg.data_dir / "runs.sqlite", cfg.ays.keep_days, cfg.ays.keep_runs)
-    pool = WorkerPool(cfg.ays.workers, cfg.ays.action_timeout, reactor)
+    pool = WorkerPool(cfg.ays.workers, cfg.ays.action_timeout, reactor, action_memory=cfg.ays.action_memory)
     robot = Robot(cfg.repos_dir, bus, history, pool, clock=reactor, mailer=mailer)
     robot.setName("ays")
     robot.setServiceParent(top)
