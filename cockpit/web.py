@@ -723,7 +723,7 @@ class Api:
                 raise ApiError(400, f"header {name}: required")
             return
         pattern = param.schema.get("pattern")
-        if pattern is not None and not re.match(pattern, value):
+        if pattern is not None and not re.search(pattern, value):  # JSON Schema: a search
             raise ApiError(400, f"header {name}: expected text matching {pattern}")
 
     @staticmethod
