@@ -185,6 +185,24 @@ class Bus(Service):
     def health(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    # -- marks shared by every process on the bus -----------------------------
+    def remember(self, key: str, value: str, ttl: float) -> Deferred:
+        """Keep ``value`` under ``key`` (``ckpt.``...) for ``ttl`` seconds unless it holds one already.
+
+        Fires True when stored, False when the key already held a value (which is kept).
+        """
+        raise NotImplementedError
+
+    def recall(self, key: str) -> Deferred:
+        """Fires with the value remembered under ``key``, or None (never stored, or its ttl has passed)."""
+        raise NotImplementedError
+
+
+def _mark_key(key: str) -> str:
+    if not key.startswith(STREAM_PREFIX):
+        raise ValueError(f"a mark's key starts with {STREAM_PREFIX!r}, got {key!r}")
+    return key
+
 
 _TAKEN: Deferred = defer.succeed(None)
 
@@ -806,6 +824,14 @@ class RedisBus(Bus):
             total += int(summary[0])
         return total
 
+    def remember(self, key: str, value: str, ttl: float) -> Deferred:
+        # NX: a concurrent second writer keeps the first value; PX: the ttl in milliseconds
+        reply = self.execute("SET", _mark_key(key), value, "NX", "PX", str(max(int(ttl * 1000), 1)))
+        return reply.addCallback(lambda stored: stored is not None)
+
+    def recall(self, key: str) -> Deferred:
+        return self.execute("GET", _mark_key(key))
+
     def health(self) -> dict[str, Any]:
         try:
             self.connection()
@@ -976,6 +1002,9 @@ class MemoryBus(Bus):
     """The embedded bus: the same interface and semantics, inside this process only."""
 
     kind = "memory"
+    # marks kept at most; past that the oldest are forgotten early (a mark guards against a
+    # repeat, and what a forgotten one lets through still carries its guid)
+    max_marks = 100000
 
     def __init__(self, stream_maxlen: int = 100000, max_deliveries: int = 5,
                  claim_idle: float = 60.0, clock: Optional[IReactorTime] = None):
@@ -983,6 +1012,7 @@ class MemoryBus(Bus):
         self.streams: dict[str, _Stream] = {}
         self._last_id = (0, 0)
         self._waiters: list[Deferred] = []
+        self._marks: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (value, expires), oldest first
 
     def startService(self) -> None:
         super().startService()
@@ -1057,6 +1087,34 @@ class MemoryBus(Bus):
 
     def health(self) -> dict[str, Any]:
         return {"kind": self.kind, "ok": True, "state": "embedded", "live": True}
+
+    def remember(self, key: str, value: str, ttl: float) -> Deferred:
+        _mark_key(key)
+        now = self.clock.seconds()
+        marks = self._marks
+        # oldest first: what has expired is mostly at the front, so this costs what it drops
+        while marks:
+            oldest, (_, expires) = next(iter(marks.items()))
+            if expires > now:
+                break
+            del marks[oldest]
+        held = marks.get(key)
+        if held is not None and held[1] > now:
+            return defer.succeed(False)
+        marks.pop(key, None)
+        marks[key] = (value, now + ttl)
+        while len(marks) > self.max_marks:
+            marks.popitem(last=False)
+        return defer.succeed(True)
+
+    def recall(self, key: str) -> Deferred:
+        held = self._marks.get(_mark_key(key))
+        if held is None:
+            return defer.succeed(None)
+        if held[1] <= self.clock.seconds():
+            del self._marks[key]
+            return defer.succeed(None)
+        return defer.succeed(held[0])
 
     def wait_for_entries(self) -> Deferred:
         d = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)

@@ -95,6 +95,10 @@ class ApiSection(ListenSection):
     tokens: list[str] = []
     github_secret: Optional[str] = None
     max_body: Annotated[int, Field(gt=0)] = 1048576
+    header_timeout: Annotated[float, Field(gt=0)] = 10.0  # seconds from a request's first byte to its last header
+    body_timeout: Annotated[float, Field(gt=0)] = 60.0  # seconds from the end of the headers to the end of the body
+    idle_timeout: Annotated[float, Field(gt=0)] = 60.0  # seconds a kept-alive connection waits for its next request
+    live_backlog: Annotated[int, Field(gt=0)] = 4194304  # bytes of events held for an SSE client that does not read
 
 
 class RelaySection(Section):

@@ -42,9 +42,12 @@ Calling convention: ``handler(self, request, *path_params, query=..., body=...)`
 gives its own ``parse``). A handler returns a dict, list, pydantic model or
 :class:`Reply`, or a Deferred/coroutine of one; it raises :class:`ApiError` for a 4xx.
 Every route needs a Bearer token when ``[api] tokens`` is set, unless declared
-``auth=False``. ``raw=True`` hands the return value to Klein untouched (streams, files); ``branch=True``
+``auth=False``; ``verify=function`` checks a route's own credentials (a webhook's signature):
+``function(self, request, raw_body)`` runs before anything else in the request is used and
+raises :class:`ApiError`. A declared header is read as UTF-8 text and checked against its
+schema's ``pattern``, if any. ``raw=True`` hands the return value to Klein untouched (streams, files); ``branch=True``
 routes everything under the path's fixed part to the handler (which returns a resource).
-Errors every route can give (400, 401, 413, 415, 503) are added to the document from
+Errors every route can give (400, 401, 408, 413, 415, 503) are added to the document from
 what the route declares; list the route's own (404, 409, ...) in ``responses``.
 """
 from __future__ import annotations
@@ -135,6 +138,7 @@ class Route:
     hidden: bool = False  # served, but not in the document (static assets, catch-alls)
     operation_id: str = ""
     branch: bool = False  # a resource serves everything below the path's fixed part (e.g. /store/)
+    verify: Optional[Callable[..., None]] = None  # verify(self, request, raw_body): the route's own credentials
 
     @property
     def path_names(self) -> list[str]:
@@ -162,7 +166,8 @@ class RouteTable:
               tags: Optional[tuple[str, ...]] = None, params: Optional[dict[str, Param]] = None,
               query: Optional[type[BaseModel]] = None, body: Union[Body, type[BaseModel], None] = None,
               headers: Optional[dict[str, Param]] = None, responses: Optional[dict[int, Response]] = None,
-              auth: bool = True, raw: bool = False, hidden: bool = False, branch: bool = False, operation_id: Optional[str] = None) -> Callable:
+              auth: bool = True, raw: bool = False, hidden: bool = False, branch: bool = False,
+              operation_id: Optional[str] = None, verify: Optional[Callable[..., None]] = None) -> Callable:
         """Declare the decorated method as ``method path``; see the module docstring."""
         if body is not None and not isinstance(body, Body):
             body = Body(body)
@@ -171,7 +176,7 @@ class RouteTable:
             route = Route(method.upper(), path, function, summary, description,
                           tags if tags is not None else ((self.tag,) if self.tag else ()),
                           dict(params or {}), query, body, dict(headers or {}), dict(responses or {}),
-                          auth, raw, hidden, operation_id or function.__name__, branch)
+                          auth, raw, hidden, operation_id or function.__name__, branch, verify)
             for name in route.path_names:
                 route.params.setdefault(name, Param())
             unknown = set(route.params) - set(route.path_names)
@@ -208,6 +213,7 @@ class ErrorReply(BaseModel):
 _STANDARD_ERRORS = {
     400: "Invalid input; the message names the field",
     401: "No or wrong Bearer token (when [api] tokens is set)",
+    408: "The body did not arrive within [api] body_timeout",
     413: "The body is larger than [api] max_body",
     415: "Unsupported Content-Type",
     503: "The bus cannot take it now (Redis unreachable); retry later",
@@ -309,7 +315,7 @@ def document(routes: list[Route], title: str, version: str, description: str = "
                 content[media_type] = entry
             op["requestBody"] = {"required": body.required, "content": content,
                                  **({"description": body.description} if body.description else {})}
-            implied += [400, 413, 415]
+            implied += [400, 408, 413, 415]
         if route.query is not None or route.params or any(p.required for p in route.headers.values()):
             implied.append(400)
         if route.auth:

@@ -4,16 +4,22 @@ A file lives at ``<root>/<space>/<h[0:2]>/<h[2:4]>/<h>`` where ``h`` is the sha2
 of its content, next to a ``<h>.meta`` JSON sidecar (original filename, content type,
 size, time). Identical content is stored once. Writes go to a temporary file that is
 renamed into place, off the reactor thread.
+
+Reading serves regular files only: every directory from the root down, the file and its
+sidecar are opened without following a symbolic link, and the file is checked on the
+descriptor it is served from, so nothing planted in the tree leads elsewhere.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Optional
 from urllib.parse import quote
 
 from twisted.internet import threads
@@ -32,6 +38,44 @@ HASH_RE = re.compile(r"^[0-9a-f]{64}$")
 # type/subtype made of RFC 7230 token characters; anything else is served as octet-stream
 CONTENT_TYPE_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 DEFAULT_TYPE = "application/octet-stream"
+MAX_META = 65536  # bytes; a larger sidecar is not one this store wrote
+
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# NONBLOCK: opening a FIFO planted in the tree would otherwise wait for a writer
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _open_regular(name: str, dir_fd: int) -> Optional[tuple[int, os.stat_result]]:
+    """``name`` in the directory ``dir_fd``, opened if it is a regular file and no link: (fd, its stat)."""
+    try:
+        fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        status = os.fstat(fd)
+        if stat.S_ISREG(status.st_mode):
+            os.set_blocking(fd, True)
+            return fd, status
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _read_meta_at(name: str, dir_fd: int) -> Optional[dict[str, Any]]:
+    opened = _open_regular(name, dir_fd)
+    if opened is None:
+        return None
+    fd, status = opened
+    with os.fdopen(fd, "rb") as handle:
+        if status.st_size > MAX_META:
+            return None
+        data = handle.read(MAX_META + 1)
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) and len(data) <= MAX_META else None
 
 
 class StoreError(ValueError):
@@ -105,11 +149,13 @@ class Store:
     def url(self, space: str, digest: str) -> str:
         return f"{self.public_url}/store/{space}/{digest[:2]}/{digest[2:4]}/{digest}"
 
-    def _stored(self, space: str, digest: str, path: Path, meta: dict[str, Any]) -> StoredFile:
+    def _stored(self, space: str, digest: str, path: Path, meta: dict[str, Any],
+                size: Optional[int] = None) -> StoredFile:
         return StoredFile(space=space, hash=digest, path=path, url=self.url(space, digest),
                           filename=str(meta.get("filename", digest)),
                           content_type=clean_content_type(meta.get("content_type")),
-                          size=int(meta.get("size", 0)), time=float(meta.get("time", 0)))
+                          size=int(meta.get("size", 0)) if size is None else size,
+                          time=float(meta.get("time", 0)))
 
     @staticmethod
     def _read_meta(meta_path: Path) -> Optional[dict[str, Any]]:
@@ -119,18 +165,45 @@ class Store:
             return None
         return meta if isinstance(meta, dict) else None
 
-    def lookup(self, segments: list[str]) -> Optional[StoredFile]:
-        """The file named by exactly ``[space, aa, bb, hash]``, or None (blocks on the disk)."""
+    def open(self, segments: list[str]) -> Optional[tuple[StoredFile, BinaryIO]]:
+        """The file named by exactly ``[space, aa, bb, hash]`` and a handle to read it, or None.
+
+        Blocks on the disk. Only a regular file with its sidecar is found, reached from the
+        root without following a link; the size is the opened file's own.
+        """
         if len(segments) != 4:
             return None
         space, aa, bb, digest = segments
         if not (SPACE_RE.match(space) and HASH_RE.match(digest) and aa == digest[:2] and bb == digest[2:4]):
             return None
-        path = self.root / space / aa / bb / digest
-        meta = self._read_meta(path.with_name(digest + ".meta"))
-        if meta is None or not path.is_file():
+        try:
+            held = [os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+        except OSError:
             return None
-        return self._stored(space, digest, path, meta)
+        try:
+            for name in (space, aa, bb):
+                held.append(os.open(name, _DIRECTORY_FLAGS, dir_fd=held[-1]))
+            meta = _read_meta_at(digest + ".meta", held[-1])
+            opened = _open_regular(digest, held[-1]) if meta is not None else None
+        except OSError:
+            return None
+        finally:
+            for fd in held:
+                os.close(fd)
+        if meta is None or opened is None:
+            return None
+        fd, status = opened
+        stored = self._stored(space, digest, self.root / space / aa / bb / digest, meta, status.st_size)
+        return stored, os.fdopen(fd, "rb")
+
+    def lookup(self, segments: list[str]) -> Optional[StoredFile]:
+        """The file named by exactly ``[space, aa, bb, hash]``, or None (blocks on the disk); see :meth:`open`."""
+        opened = self.open(segments)
+        if opened is None:
+            return None
+        stored, handle = opened
+        handle.close()
+        return stored
 
     def get(self, space: str, digest: str) -> Deferred:
         """Fires with the :class:`StoredFile` of ``digest`` in ``space``, or None."""
@@ -167,14 +240,8 @@ class StoreResource(resource.Resource):
         d.addErrback(self._failed, request)
         return NOT_DONE_YET
 
-    def _open(self, segments: list[str]) -> Optional[tuple[StoredFile, Any]]:
-        found = self.store.lookup(segments)
-        if found is None:
-            return None
-        try:
-            return found, open(found.path, "rb")
-        except OSError:
-            return None
+    def _open(self, segments: list[str]) -> Optional[tuple[StoredFile, BinaryIO]]:
+        return self.store.open(segments)
 
     def _send(self, opened: Optional[tuple[StoredFile, Any]], request: Request) -> None:
         if opened is None:

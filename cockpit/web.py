@@ -10,24 +10,29 @@ import hashlib
 import hmac
 import json
 import math
+import re
+import uuid
+from collections import deque
 from typing import Any, Callable, Literal, Optional
-from urllib.parse import parse_qs, unquote_to_bytes
+from urllib.parse import parse_qs, quote, unquote_to_bytes, urlsplit
 
 from klein import Klein
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from cockpit import events
-from cockpit.bus import Bus, BusUnavailable, cursor
-from cockpit.config import Config
-from cockpit.events import EVENT_TYPES, AnyEvent, EventError
+from cockpit import decode, events
+from cockpit.bus import STREAM_PREFIX, Bus, BusUnavailable, Subscription, cursor
+from cockpit.config import ApiSection, Config
+from cockpit.decode import DecodeError
+from cockpit.events import EVENT_TYPES, GUID_PATTERN, AnyEvent, EventError
 from cockpit.examples import SEED_YAML
 from cockpit.groups import AlarmGroupList, EcoGroupList
 from cockpit.smtp import OutgoingMail
@@ -71,6 +76,29 @@ def media_type(request: Request) -> str:
     """The request's Content-Type without parameters, lower-cased ("" when absent)."""
     raw = request.getHeader(b"content-type") or b""
     return raw.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+# what a header value may not hold: control characters other than tab (twisted refuses CR, LF and NUL)
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def header_text(request: Request, name: str) -> Optional[str]:
+    """The request header ``name`` as trimmed UTF-8 text, or None when absent.
+
+    Raises ApiError (400) when it is given twice, is not UTF-8 or holds a control character.
+    """
+    values = request.requestHeaders.getRawHeaders(name.encode("ascii"))
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ApiError(400, f"header {name}: given more than once")
+    try:
+        text = values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, f"header {name}: not UTF-8 text") from None
+    if _HEADER_CONTROL.search(text):
+        raise ApiError(400, f"header {name}: holds a control character")
+    return text.strip()
 
 
 def _describe_query_error(exc: ValidationError) -> str:
@@ -151,6 +179,116 @@ class BoundedRequest(Request):
         super().connectionLost(reason)
 
 
+class ApiChannel(HTTPChannel):
+    """HTTPChannel with deadlines on reading a request: one for its head, one for its body.
+
+    Twisted's own timeout starts again with every byte, so a client that sends one a second
+    holds a connection for ever; these deadlines do not move. A request whose head is not in
+    within ``[api] header_timeout`` of its first byte (of the connection, for the first), or
+    whose body is not in within ``[api] body_timeout`` of its head, is answered 408 and the
+    connection closed. Once a request is read, nothing here limits how long its answer takes
+    (an event stream is endless); between requests the site's idle timeout applies.
+    """
+
+    linger = 2.0  # seconds to drain input after a 408, so the client reads it instead of a reset
+
+    _deadline: Any = None
+    _reading: Optional[str] = None  # "head" or "body" while a request is read; None otherwise
+    _started = False  # some of this request has come
+    _expired = False
+    _linger_call: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._read("head")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._expired:
+            return  # drained and dropped
+        if self._reading is None and not self._handlingRequest:
+            self._read("head")
+        self._started = True
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._reading is None:  # a pipelined request, parsed from what came with the last one
+            self._read("head")
+            self._started = True
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        if self.length != 0:  # else the request is complete now
+            self._read("body")
+
+    def allContentReceived(self) -> None:
+        # first: handling the request may already read the next one, which sets its own deadline
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def timeoutConnection(self) -> None:
+        if self._reading is not None and self._started:  # idle mid-request: the client stalled
+            phase = self._reading
+            self._stop_deadline()
+            self._timed_out(phase)
+            return
+        super().timeoutConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stop_deadline()
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        super().connectionLost(reason)
+
+    def _read(self, phase: str) -> None:
+        self._reading = phase
+        period = self.site.header_timeout if phase == "head" else self.site.body_timeout
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.reset(period)
+        else:
+            self._deadline = self.callLater(period, self._past_deadline)
+        if phase == "head":
+            self._started = False
+
+    def _stop_deadline(self) -> None:
+        self._reading = None
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _past_deadline(self) -> None:
+        self._deadline = None
+        phase = self._reading
+        self._reading = None
+        if phase == "head" and not self._started:
+            self.loseConnection()  # nothing asked, nothing to answer
+            return
+        self._timed_out(phase or "head")
+
+    def _timed_out(self, phase: str) -> None:
+        self._expired = True
+        self.setTimeout(None)
+        transport = self.transport
+        if phase == "head":
+            what, seconds, key = "headers", self.site.header_timeout, "header_timeout"
+        else:
+            what, seconds, key = "body", self.site.body_timeout, "body_timeout"
+        log.info("a client sent its request {what} too slowly; answered 408 to {peer}", what=what,
+                 peer=str(transport.getPeer()))
+        request = self.requests[-1] if self.requests else None
+        if not getattr(request, "_refused", False):  # a refused body has had its answer (413)
+            body = json.dumps({"error": f"the request's {what} did not arrive within {seconds:g} s "
+                                        f"([api] {key})"}).encode()
+            transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        # as after a 413: half-close, drop what still comes, cut it off after a moment
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
+            self._linger_call = self.callLater(self.linger, transport.abortConnection)
+        else:
+            transport.loseConnection()
+
+
 class UndecodableUrl(Resource):
     """Answers a URL whose host or path is not UTF-8 (Klein would answer in plain text)."""
 
@@ -161,12 +299,17 @@ class UndecodableUrl(Resource):
 
 
 class ApiSite(Site):
+    """The API's site: bodies within ``max_body``, deadlines on reading requests, and an idle timeout."""
+
+    protocol = ApiChannel
     requestFactory = BoundedRequest
 
-    def __init__(self, resource: Any, max_body: int, **kwargs: Any):
+    def __init__(self, resource: Any, settings: ApiSection, **kwargs: Any):
         # form bodies are parsed by the routes that take them, within max_body
-        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
-        self.max_body = max_body
+        super().__init__(resource, parsePOSTFormSubmission=False, timeout=settings.idle_timeout, **kwargs)
+        self.max_body = settings.max_body
+        self.header_timeout = settings.header_timeout
+        self.body_timeout = settings.body_timeout
         self.displayTracebacks = False
         self.answered = 0  # requests answered below 400, which are counted rather than logged
 
@@ -194,59 +337,152 @@ class ApiSite(Site):
 # Live events
 # ---------------------------------------------------------------------------
 
+_SSE_NAME = re.compile(rb"[A-Za-z0-9_.-]{1,64}")
+_SSE_LINE_BREAK = re.compile(rb"\r\n|\r|\n")
+_SSE_ID_LIMIT = 256  # bytes; a longer id is left out
+KEEPALIVE = b": keep-alive\n\n"
+
+
+def sse_frame(name: str, event_id: str, data: bytes) -> bytes:
+    """One Server-Sent Events frame that nothing it is given can split or add to.
+
+    ``name`` must be a short token (ValueError otherwise). An ``event_id`` holding CR, LF or
+    NUL is left out, so the client keeps its last id. ``data`` goes out as one ``data:``
+    line per line it holds, whichever line break (CR, LF or CRLF) ends it.
+    """
+    encoded_name = name.encode("utf-8")
+    if not _SSE_NAME.fullmatch(encoded_name):
+        raise ValueError(f"{name[:80]!r} is not an event name for a stream: 1 to 64 of A-Z, a-z, 0-9, _ . -")
+    parts = [b"event: ", encoded_name, b"\n"]
+    try:
+        encoded_id = event_id.encode("utf-8")
+    except UnicodeEncodeError:
+        encoded_id = b""
+    if encoded_id and len(encoded_id) <= _SSE_ID_LIMIT and not any(c in encoded_id for c in (b"\r", b"\n", b"\0")):
+        parts += (b"id: ", encoded_id, b"\n")
+    if b"\n" in data or b"\r" in data:
+        for line in _SSE_LINE_BREAK.split(data):
+            parts += (b"data: ", line, b"\n")
+    else:  # the event JSON: one line
+        parts += (b"data: ", data, b"\n")
+    parts.append(b"\n")
+    return b"".join(parts)
+
+
+def event_frame(event: Any) -> bytes:
+    """The frame of one event (its type, guid and JSON); ValueError when it cannot be one."""
+    name, event_id, data = event.type, event.guid, event.to_json()
+    if not isinstance(name, str) or not isinstance(data, (bytes, str)):
+        raise ValueError(f"a {type(event).__name__} has no text type or no JSON to send")
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    return sse_frame(name, event_id if isinstance(event_id, str) else "", data)
+
+
+class LiveFanout:
+    """Every SSE client of one Api on one bus subscription: each event is framed once for all of them."""
+
+    def __init__(self, bus: Bus):
+        self.bus = bus
+        self.streams: set["LiveStream"] = set()
+        self.subscription: Optional[Subscription] = None
+
+    def add(self, stream: "LiveStream") -> None:
+        self.streams.add(stream)
+        if self.subscription is None:
+            self.subscription = self.bus.subscribe(self.publish)
+
+    def remove(self, stream: "LiveStream") -> None:
+        self.streams.discard(stream)
+        if not self.streams and self.subscription is not None:
+            subscription, self.subscription = self.subscription, None
+            subscription.cancel()
+
+    def publish(self, event: Any) -> None:
+        """Hand ``event``'s frame to each stream that wants its type."""
+        wanted = [stream for stream in self.streams if stream.types is None or event.type in stream.types]
+        if not wanted:
+            return
+        try:
+            frame = event_frame(event)
+        except ValueError as exc:
+            log.warn("an event cannot go to the live streams: {error}", error=str(exc))
+            return
+        for stream in wanted:
+            stream.send(frame)
+
+
 @implementer(IPushProducer)
 class LiveStream:
-    """One Server-Sent Events client: bus events out, keep-alive comments, gone on disconnect."""
+    """One Server-Sent Events client: frames out, keep-alive comments, gone on disconnect.
 
-    max_backlog = 1000  # events held for a client that does not read; past that it is cut off
+    What the client has not read waits here, up to ``max_backlog`` bytes; a client that
+    falls further behind is cut off.
+    """
 
-    def __init__(self, request: Request, bus: Bus, types: Optional[list[str]],
-                 clock: IReactorTime, keepalive: float):
+    def __init__(self, request: Request, fanout: LiveFanout, types: Optional[list[str]],
+                 clock: IReactorTime, keepalive: float, max_backlog: int):
         self.request = request
+        self.fanout = fanout
+        self.types = frozenset(types) if types else None
+        self.max_backlog = max_backlog
         self.paused = False
-        self.backlog: list[bytes] = []
+        self.backlog: deque[bytes] = deque()
+        self.backlog_bytes = 0
         self.finished = False
         request.registerProducer(self, True)
-        self.subscription = bus.subscribe(self.publish, types)
-        self.keepalive = task.LoopingCall(self.write, b": keep-alive\n\n")
+        fanout.add(self)
+        self.keepalive = task.LoopingCall(self._keepalive)
         self.keepalive.clock = clock
         self.keepalive.start(keepalive, now=False)
         # what the route returns: never fires; Klein cancels it when the client goes away
         self.done: Deferred = Deferred(lambda _: self.stop())
         request.notifyFinish().addBoth(self.stop)
 
-    def publish(self, event: Any) -> None:
-        self.write(b"event: %s\nid: %s\ndata: %s\n\n" % (
-            event.type.encode(), event.guid.encode(), event.to_json()))
-
-    def write(self, chunk: bytes) -> None:
+    def send(self, frame: bytes) -> None:
         if self.finished:
             return
-        if self.paused:
-            self.backlog.append(chunk)
-            if len(self.backlog) > self.max_backlog:
-                log.warn("an SSE client reads too slowly; disconnecting it")
-                self.request.channel.transport.abortConnection()
+        if self.paused or self.backlog:
+            self.backlog.append(frame)
+            self.backlog_bytes += len(frame)
+            if self.backlog_bytes > self.max_backlog:
+                self._drop()
             return
-        self.request.write(chunk)
+        self.request.write(frame)
+
+    def _keepalive(self) -> None:
+        if not (self.finished or self.paused or self.backlog):
+            self.request.write(KEEPALIVE)
+
+    def _drop(self) -> None:
+        transport = self.request.channel.transport
+        log.warn("an SSE client at {peer} fell {held} bytes behind ([api] live_backlog {bound}); "
+                 "disconnecting it", peer=str(transport.getPeer()), held=self.backlog_bytes, bound=self.max_backlog)
+        self.stop()
+        transport.abortConnection()
 
     def stop(self, _: Any = None) -> None:
         if self.finished:
             return
         self.finished = True
+        self.backlog.clear()
+        self.backlog_bytes = 0
         if self.keepalive.running:
             self.keepalive.stop()
         self.request.unregisterProducer()
-        self.subscription.cancel()  # last: whoever waits on it sees the stream wholly stopped
+        self.fanout.remove(self)  # last: whoever waits on the subscription sees the stream wholly stopped
 
     def pauseProducing(self) -> None:
         self.paused = True
 
     def resumeProducing(self) -> None:
         self.paused = False
-        backlog, self.backlog = self.backlog, []
-        for chunk in backlog:
-            self.write(chunk)
+        backlog = self.backlog
+        # a write can pause this again: what is left waits for the next resume
+        while backlog and not self.paused and not self.finished:
+            frame = backlog.popleft()
+            self.backlog_bytes -= len(frame)
+            self.request.write(frame)
 
     def stopProducing(self) -> None:
         self.stop()
@@ -318,6 +554,8 @@ class DeliveryList(BaseModel):
 class WebhookAccepted(BaseModel):
     guid: Optional[str] = Field(None, description="The generic event published (none for a ping).")
     event: str
+    duplicate: bool = Field(False, description="True when this delivery was published already: "
+                                                 "`guid` is the event published then.")
 
 
 def _event_examples(event_type: str) -> dict[str, Any]:
@@ -336,8 +574,41 @@ def _parse_event(event_type: str) -> Callable[[bytes, str, dict[str, str]], Any]
     return parse
 
 
-def _raw_body(raw: bytes, kind: str, _: dict[str, str]) -> tuple[bytes, str]:
-    return raw, kind
+GITHUB_EVENT_PATTERN = r"^[a-z0-9_.-]{1,64}$"
+GITHUB_DELIVERY_TTL = 86400  # seconds a delivery is remembered: a repeat within them is not published again
+# the guid of a delivery's event is uuid5(this, delivery id): every process derives the same one
+GITHUB_DELIVERY_NAMESPACE = uuid.UUID("6f0f4f8e-3a5e-4c62-9d2b-5b1f3c0d7a41")
+
+
+def github_delivery_key(delivery: str) -> str:
+    """Where the bus remembers that a GitHub delivery was published."""
+    return f"{STREAM_PREFIX}github.delivery.{delivery}"
+
+
+def _github_payload(raw: bytes, kind: str, _: dict[str, str]) -> dict[str, Any]:
+    """The payload of a GitHub delivery: a JSON body, or GitHub's form body ``payload=<json>``."""
+    if kind == JSON:
+        text: Any = raw
+    else:
+        try:
+            # a form body is ASCII; its %-escapes must spell UTF-8
+            form = parse_qs(raw.decode("ascii"), errors="strict")
+        except UnicodeError:
+            raise ApiError(400, "the body is not a GitHub payload: a form body is ASCII, "
+                                "with %-escapes of UTF-8 text") from None
+        if "payload" not in form:
+            raise ApiError(400, "the body is not a GitHub payload: the form has no payload field")
+        text = form["payload"][0]
+    try:
+        payload = decode.decode_json(text)
+    except DecodeError as exc:
+        if exc.path:
+            where = exc.where()
+            raise ApiError(400, f"payload{'' if where.startswith('[') else '.'}{where}: {exc.problem}") from None
+        raise ApiError(400, f"the body is not a GitHub payload: {exc.problem}") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, f"the body is not a GitHub payload: expected a JSON object, got {type(payload).__name__}")
+    return payload
 
 
 # ---------------------------------------------------------------------------
@@ -354,6 +625,7 @@ class Api:
 
     routes = RouteTable(tag="events")
     keepalive_interval = 15.0  # seconds between SSE keep-alive comments
+    thread_parse_over = 65536  # bytes; a larger body is parsed in a thread, off the reactor
 
     def __init__(self, config: Config, bus: Bus, store: Any = None, mailer: Any = None,
                  services: Optional[dict[str, Callable[[], dict[str, Any]]]] = None,
@@ -368,6 +640,7 @@ class Api:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock = clock
         self._tokens = [t.encode() for t in config.api.tokens]
+        self.fanout = LiveFanout(bus)  # every SSE client, on one subscription
         self._document: Optional[dict[str, Any]] = None
         self.declared: list[Route] = []
         self.app = Klein()
@@ -379,29 +652,42 @@ class Api:
         """Serve and document the routes ``provider``'s class declared (or ``routes``)."""
         table = routes if routes is not None else type(provider).routes
         for route in table.routes:
-            self._mount(route, route.function.__get__(provider, type(provider)))
+            self._mount(route, route.function.__get__(provider, type(provider)), provider)
         self._document = None
 
-    def _mount(self, route: Route, bound: Callable[..., Any]) -> None:
+    def _mount(self, route: Route, bound: Callable[..., Any], provider: Any = None) -> None:
+        verify = route.verify.__get__(provider, type(provider)) if route.verify is not None else None
+
         def serve(request: Request, **values: str) -> Any:
-            return self._serve(route, bound, request, values)
+            return self._serve(route, bound, verify, request, values)
 
         serve.__name__ = f"{route.operation_id}_{route.method}_{len(self.declared)}"
         self.app.route(route.klein_path, methods=[route.method], endpoint=serve.__name__,
                        branch=route.branch)(serve)
         self.declared.append(route)
 
-    def _serve(self, route: Route, bound: Callable[..., Any], request: Request, values: dict[str, str]) -> Any:
+    def _serve(self, route: Route, bound: Callable[..., Any], verify: Optional[Callable[..., None]],
+               request: Request, values: dict[str, str]) -> Any:
         if route.auth and self._tokens:
             self._authenticate(request)
+        raw = self._raw_body(request) if route.body is not None else b""
+        if verify is not None:  # before anything else in the request is used
+            verify(request, raw)
         for name, param in route.headers.items():
-            if param.required and request.getHeader(name) is None:
-                raise ApiError(400, f"header {name}: required")
+            self._check_header(request, name, param)
         kwargs: dict[str, Any] = {}
         if route.query is not None:
             kwargs["query"] = self._query(route.query, request)
         if route.body is not None:
-            kwargs["body"] = self._body(route, request, values)
+            body = self._body(route, request, raw, values)
+            if isinstance(body, Deferred):
+                return body.addCallback(lambda parsed: self._call(route, bound, request, values,
+                                                                  {**kwargs, "body": parsed}))
+            kwargs["body"] = body
+        return self._call(route, bound, request, values, kwargs)
+
+    def _call(self, route: Route, bound: Callable[..., Any], request: Request, values: dict[str, str],
+              kwargs: dict[str, Any]) -> Any:
         result = bound(request, **values, **kwargs)
         if route.raw:
             return result
@@ -430,6 +716,17 @@ class Api:
                            {"WWW-Authenticate": 'Bearer realm="cockpit"'})
 
     @staticmethod
+    def _check_header(request: Request, name: str, param: Param) -> None:
+        value = header_text(request, name)
+        if value is None:
+            if param.required:
+                raise ApiError(400, f"header {name}: required")
+            return
+        pattern = param.schema.get("pattern")
+        if pattern is not None and not re.search(pattern, value):  # JSON Schema: a search
+            raise ApiError(400, f"header {name}: expected text matching {pattern}")
+
+    @staticmethod
     def _query(model: type[BaseModel], request: Request) -> BaseModel:
         raw = request.uri.partition(b"?")[2].decode("latin-1")
         values = {name: found[0] for name, found in parse_qs(raw, keep_blank_values=True).items()}
@@ -438,22 +735,37 @@ class Api:
         except ValidationError as exc:
             raise ApiError(400, _describe_query_error(exc)) from None
 
-    def _body(self, route: Route, request: Request, values: dict[str, str]) -> Any:
-        body = route.body
-        assert body is not None
+    def _raw_body(self, request: Request) -> bytes:
         limit = self.config.api.max_body
         request.content.seek(0)
         raw = request.content.read(limit + 1)
         if len(raw) > limit:  # a site without BoundedRequest (a test's) still gets the limit
             raise ApiError(413, f"the body is larger than {limit} bytes ([api] max_body)")
-        if not raw.strip() and not body.required:
+        return raw
+
+    def _body(self, route: Route, request: Request, raw: bytes, values: dict[str, str]) -> Any:
+        """The parsed body, or a Deferred of it when it is big enough to be parsed in a thread."""
+        body = route.body
+        assert body is not None
+        empty = not raw or raw.isspace()
+        if empty and not body.required:
             return None  # an optional body left out needs no Content-Type
         kind = media_type(request)
         if kind not in body.media_types:
             raise ApiError(415, f"Content-Type {kind or '(none)'!r} is not accepted here: "
                            f"send one of {', '.join(body.media_types)}")
-        if not raw.strip() and body.required:
+        if empty:
             raise ApiError(400, "the body is empty")
+        if len(raw) > self.thread_parse_over:
+            reactor = getattr(getattr(request, "site", None), "reactor", None)
+            if hasattr(reactor, "getThreadPool"):  # not so a test's Clock, which has no threads
+                return threads.deferToThreadPool(reactor, reactor.getThreadPool(), self._parse,
+                                                 body, raw, kind, values)
+        return self._parse(body, raw, kind, values)
+
+    @staticmethod
+    def _parse(body: Body, raw: bytes, kind: str, values: dict[str, str]) -> Any:
+        """Parse a body; pure, so it may run in a thread."""
         if body.parse is not None:
             return body.parse(raw, kind, values)
         try:
@@ -465,6 +777,7 @@ class Api:
 
     def _error(self, request: Request, failure: Failure) -> bytes:
         from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
+        from werkzeug.routing import RequestRedirect
 
         if failure.check(ApiError):
             exc = failure.value
@@ -486,6 +799,12 @@ class Api:
                               f"use {', '.join(allowed)}")
         if failure.check(NotFound):
             return json_error(request, 404, f"no such route: {request.method.decode()} {path}")
+        if failure.check(RequestRedirect):
+            # werkzeug's own answer names the URL on the request's Host: a relative Location names no host
+            target = urlsplit(failure.value.new_url)
+            location = "/" + target.path.lstrip("/") + (f"?{target.query}" if target.query else "")
+            request.setHeader(b"Location", quote(location, safe="/?&=%:@!$'()*+,;-._~").encode("ascii"))
+            return json_error(request, failure.value.code, "this resource has moved: see the Location header")
         if failure.check(HTTPException):
             exc = failure.value
             return json_error(request, exc.code or 500, exc.description or exc.name)
@@ -494,7 +813,7 @@ class Api:
 
     def site(self, **kwargs: Any) -> Site:
         """The site to listen with (``kwargs`` go to twisted's Site, e.g. ``reactor``)."""
-        return ApiSite(self.app.resource(), self.config.api.max_body, **kwargs)
+        return ApiSite(self.app.resource(), self.config.api, **kwargs)
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3.1 document of every route mounted so far."""
@@ -566,7 +885,8 @@ class Api:
 
     @routes.get("/api/events/live", summary="Server-Sent Events: every event as it is published",
                 description="Each event is sent as `event: <type>`, `id: <guid>`, `data: <event JSON>`. "
-                            "A comment line keeps the connection alive every 15 seconds.",
+                            "A comment line keeps the connection alive every 15 seconds. A client that "
+                            "falls more than `[api] live_backlog` bytes behind is disconnected.",
                 query=LiveQuery, raw=True,
                 responses={200: Response("An endless event stream", {"type": "string"}, "text/event-stream")})
     def live(self, request: Request, query: LiveQuery) -> Any:
@@ -574,56 +894,69 @@ class Api:
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")  # for a proxy in front
         request.write(b": live events of the cockpit\n\n")  # the headers leave now
-        stream = LiveStream(request, self.bus, [query.type] if query.type else None, self.clock,
-                            self.keepalive_interval)
+        stream = LiveStream(request, self.fanout, [query.type] if query.type else None, self.clock,
+                            self.keepalive_interval, self.config.api.live_backlog)
         return stream.done
 
     # -- webhooks -----------------------------------------------------------------------
+    def _github_signature(self, request: Request, raw: bytes) -> None:
+        secret = self.config.api.github_secret
+        if not secret:
+            return
+        given = (request.getHeader(b"x-hub-signature-256") or b"").strip()
+        expected = b"sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest().encode()
+        if not hmac.compare_digest(given, expected):
+            raise ApiError(401, "X-Hub-Signature-256 is missing or does not match the body"
+                           if given else "X-Hub-Signature-256 is missing: [api] github_secret is set")
+
     @routes.post("/api/webhooks/github", summary="GitHub webhook: becomes a generic event",
                  description="Publishes `{type: generic, source: github, tags: [github, <event>], "
                              "args: {event, delivery, payload}}`. When `[api] github_secret` is set, "
-                             "`X-Hub-Signature-256` must be the HMAC-SHA256 of the body. A ping is "
-                             "answered 200 and not published.",
-                 tags=("webhooks",), auth=False,
-                 headers={"X-GitHub-Event": Param("The GitHub event name (push, issues, ping, ...)"),
-                          "X-GitHub-Delivery": Param("GitHub's id of this delivery"),
+                             "`X-Hub-Signature-256` must be the HMAC-SHA256 of the body; it is checked "
+                             "before anything else. A ping is answered 200 and not published. A delivery "
+                             "is published once: a repeat of its `X-GitHub-Delivery` within 24 hours is "
+                             "answered 200 with `duplicate: true` and the guid of the event published.",
+                 tags=("webhooks",), auth=False, verify=_github_signature,
+                 headers={"X-GitHub-Event": Param("The GitHub event name (push, issues, ping, ...)",
+                                                  {"type": "string", "pattern": GITHUB_EVENT_PATTERN}),
+                          "X-GitHub-Delivery": Param("GitHub's id of this delivery",
+                                                     {"type": "string", "pattern": GUID_PATTERN}),
                           "X-Hub-Signature-256": Param("sha256=<hex HMAC of the body>", required=False)},
                  body=Body({"type": "object"}, (JSON, "application/x-www-form-urlencoded"),
                            {"push": {"ref": "refs/heads/main", "repository": {"full_name": "acme/shop"}}},
-                           _raw_body),
-                 responses={200: Response("A ping, answered", WebhookAccepted),
+                           _github_payload),
+                 responses={200: Response("A ping, or a delivery published already (duplicate: true)",
+                                          WebhookAccepted),
                             202: Response("Published as a generic event", WebhookAccepted),
                             401: Response("The signature is missing or wrong"),
                             503: Response("The bus cannot take it now; GitHub will redeliver")})
-    def github(self, request: Request, body: tuple[bytes, str]) -> Any:
-        raw, kind = body
-        secret = self.config.api.github_secret
-        if secret:
-            given = (request.getHeader(b"x-hub-signature-256") or b"").strip()
-            expected = b"sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest().encode()
-            if not hmac.compare_digest(given, expected):
-                raise ApiError(401, "X-Hub-Signature-256 is missing or does not match the body"
-                               if given else "X-Hub-Signature-256 is missing: [api] github_secret is set")
-        event_name = request.getHeader(b"x-github-event").decode("latin-1").strip()
-        delivery = request.getHeader(b"x-github-delivery").decode("latin-1").strip()
-        if not event_name:
-            raise ApiError(400, "header X-GitHub-Event: empty")
-        try:
-            if kind == JSON:
-                payload = json.loads(raw)
-            else:  # GitHub's "application/x-www-form-urlencoded" content type: payload=<json>
-                payload = json.loads(parse_qs(raw.decode())["payload"][0])
-        except (ValueError, KeyError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not a GitHub payload: {exc}") from None
-        except RecursionError:
-            raise ApiError(400, "the body is not a GitHub payload: it is nested too deeply") from None
+    async def github(self, request: Request, body: dict[str, Any]) -> Reply:
+        event_name = header_text(request, "X-GitHub-Event")
+        delivery = header_text(request, "X-GitHub-Delivery")
+        assert event_name is not None and delivery is not None  # required, checked by the route
         if event_name == "ping":
             return Reply(200, {"guid": None, "event": "ping"})
         # through from_data, so what the bus could not read back is refused here
-        event = events.from_data({"type": "generic", "source": "github", "tags": ["github", event_name],
-                                  "args": {"event": event_name, "delivery": delivery, "payload": payload}})
-        return self.bus.publish(event).addCallback(
-            lambda _: Reply(202, {"guid": event.guid, "event": event_name}))
+        event = events.from_data({
+            "type": "generic", "source": "github", "tags": ["github", event_name],
+            "guid": str(uuid.uuid5(GITHUB_DELIVERY_NAMESPACE, delivery)),
+            "args": {"event": event_name, "delivery": delivery, "payload": body}})
+        # marked only once published: a delivery whose publish failed is taken again when
+        # GitHub redelivers it. Two copies at once may both be published, with one guid,
+        # which every consumer counts once.
+        key = github_delivery_key(delivery)
+        first = await self.bus.recall(key)
+        if first is not None:
+            log.info("GitHub delivery {delivery} was published already, as {guid}", delivery=delivery, guid=first)
+            return Reply(200, {"guid": first, "event": event_name, "duplicate": True})
+        await self.bus.publish(event)
+        try:
+            await self.bus.remember(key, event.guid, GITHUB_DELIVERY_TTL)
+        except Exception as exc:
+            # published: the answer is 202 still; a redelivery would publish the same guid again
+            log.warn("GitHub delivery {delivery} is published but could not be marked: {error}",
+                     delivery=delivery, error=str(exc))
+        return Reply(202, {"guid": event.guid, "event": event_name})
 
     # -- docs and store ------------------------------------------------------------------
     @routes.get("/api/docs", summary="Swagger UI for this document, served from this process",

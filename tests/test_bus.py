@@ -249,6 +249,20 @@ class BusBehaviour:
         self.assertEqual(early.guid, recorder.seen[0][0])
 
 
+    @inlineCallbacks
+    def test_a_remembered_value_is_recalled_and_the_first_one_is_kept(self):
+        key = "ckpt.test.delivery.d-1"
+        self.assertIsNone((yield self.bus.recall(key)))
+        self.assertTrue((yield self.bus.remember(key, "first", 60)))
+        self.assertFalse((yield self.bus.remember(key, "second", 60)))
+        self.assertEqual("first", (yield self.bus.recall(key)))
+        self.assertIsNone((yield self.bus.recall("ckpt.test.delivery.d-2")))
+
+    def test_a_mark_outside_the_ckpt_names_is_refused(self):
+        self.assertRaises(ValueError, self.bus.remember, "test.delivery.d-1", "x", 60)
+        self.assertRaises(ValueError, self.bus.recall, "test.delivery.d-1")
+
+
 class MemoryBusTests(BusBehaviour, TestCase):
     timeout = 10
 
@@ -267,6 +281,25 @@ class MemoryBusTests(BusBehaviour, TestCase):
         self.clock.advance(11)
         self.assertEqual([1, 2], [n for _, n in recorder.seen])
         self.flushLoggedErrors(RuntimeError)
+
+    def test_a_mark_is_forgotten_once_its_ttl_has_passed_on_the_bus_clock(self):
+        self.assertTrue(self.successResultOf(self.bus.remember("ckpt.test.a", "guid-a", 10)))
+        self.clock.advance(9.5)
+        self.assertEqual("guid-a", self.successResultOf(self.bus.recall("ckpt.test.a")))
+        self.clock.advance(0.5)
+        self.assertIsNone(self.successResultOf(self.bus.recall("ckpt.test.a")))
+        # expired: the key takes a new value
+        self.assertTrue(self.successResultOf(self.bus.remember("ckpt.test.a", "guid-b", 10)))
+        self.assertEqual("guid-b", self.successResultOf(self.bus.recall("ckpt.test.a")))
+
+    def test_marks_are_bounded_in_memory_and_expired_ones_are_dropped(self):
+        self.bus.max_marks = 3
+        for n in range(5):
+            self.bus.remember(f"ckpt.test.{n}", str(n), 10)
+        self.assertEqual(["ckpt.test.2", "ckpt.test.3", "ckpt.test.4"], list(self.bus._marks))
+        self.clock.advance(10)
+        self.bus.remember("ckpt.test.new", "n", 10)  # a write drops what has expired before it
+        self.assertEqual(["ckpt.test.new"], list(self.bus._marks))
 
 
 class RedisBusTests(BusBehaviour, TestCase):
@@ -312,6 +345,13 @@ class RedisBusTests(BusBehaviour, TestCase):
         self.assertIn(entry_id, xrange)
         self.assertIn(event.guid, xrange)
 
+
+    @inlineCallbacks
+    def test_a_mark_is_a_redis_key_that_expires_after_its_ttl(self):
+        self.assertTrue((yield self.bus.remember("ckpt.test.delivery.d-9", "guid-9", 60)))
+        self.assertEqual('"guid-9"', self.redis.command("GET", "ckpt.test.delivery.d-9").strip())
+        ttl = int(self.redis.command("PTTL", "ckpt.test.delivery.d-9").split()[-1])
+        self.assertTrue(59000 < ttl <= 60000, ttl)
 
     @inlineCallbacks
     def test_an_event_redis_refuses_fails_alone_in_its_batch(self):
@@ -361,6 +401,13 @@ class RedisFaultTests(TestCase):
         self.assertEqual(event.guid, got.guid)
         self.assertEqual([event.guid], [e.guid for e in live])  # resubscribed after the reconnect
         self.assertTrue(self.bus.health()["ok"])
+
+    @inlineCallbacks
+    def test_marks_fail_fast_while_redis_is_down(self):
+        self.redis.stop()
+        yield self.bus.when_disconnected()
+        yield self.assertFailure(self.bus.recall("ckpt.test.x"), BusUnavailable)
+        yield self.assertFailure(self.bus.remember("ckpt.test.x", "g", 60), BusUnavailable)
 
     @inlineCallbacks
     def test_publish_to_a_hung_redis_fails_after_the_timeout(self):

@@ -135,3 +135,64 @@ class StoreOverHttp(TestCase):
         h = "ab" * 32
         response, _ = yield self.get(f"/store/attachments/ab/ab/{h}")
         self.assertEqual(response.code, 404)
+
+    @inlineCallbacks
+    def test_links_planted_in_the_tree_are_not_followed(self):
+        secret = Path(self.mktemp()).absolute()  # a link's relative target is read from the link's directory
+        secret.mkdir()
+        (secret / "config.toml").write_bytes(b'[api]\ntokens = ["s3cret-token"]\n')
+        stored = yield self.store.put("attachments", b"public", "p.txt", "text/plain")
+        h = stored.hash
+        leaf = stored.path.parent
+        url = f"/store/attachments/{h[:2]}/{h[2:4]}/{h}"
+        response, body = yield self.get(url)
+        self.assertEqual((200, b"public"), (response.code, body))
+
+        # the file itself a link to the config, its sidecar left in place
+        stored.path.unlink()
+        stored.path.symlink_to(secret / "config.toml")
+        yield self.assert_not_served(url)
+        stored.path.unlink()
+        stored.path.write_bytes(b"public")
+
+        # the sidecar a link (to a JSON file that would do as one)
+        meta = leaf / (h + ".meta")
+        (secret / "meta.json").write_bytes(meta.read_bytes())
+        meta.unlink()
+        meta.symlink_to(secret / "meta.json")
+        yield self.assert_not_served(url)
+        meta.unlink()
+        meta.write_bytes((secret / "meta.json").read_bytes())
+
+        # a directory on the way a link to a tree that holds the same names
+        outside = secret / "bb"
+        outside.mkdir()
+        (outside / h).write_bytes(b"s3cret-token")
+        (outside / (h + ".meta")).write_bytes(meta.read_bytes())
+        leaf.rename(leaf.with_name("moved"))
+        leaf.symlink_to(outside)
+        yield self.assert_not_served(url)
+        leaf.unlink()
+        space = self.root / "attachments"
+        space.rename(self.root / "elsewhere")
+        space.symlink_to((self.root / "elsewhere").absolute())
+        yield self.assert_not_served(url)
+
+    @inlineCallbacks
+    def test_only_regular_files_are_served(self):
+        import os
+
+        stored = yield self.store.put("attachments", b"x", "x.txt", "text/plain")
+        url = f"/store/attachments/{stored.hash[:2]}/{stored.hash[2:4]}/{stored.hash}"
+        stored.path.unlink()
+        os.mkfifo(stored.path)  # an open for reading would wait for a writer for ever
+        yield self.assert_not_served(url)
+        stored.path.unlink()
+        stored.path.mkdir()
+        yield self.assert_not_served(url)
+
+    @inlineCallbacks
+    def assert_not_served(self, url: str):
+        response, body = yield self.get(url)
+        self.assertEqual(404, response.code, url)
+        self.assertEqual({"error": "no such file"}, json.loads(body))

@@ -12,10 +12,13 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
+import uuid
+
 from cockpit import config
 from cockpit.bus import MemoryBus
 from cockpit.smtp import MailSender
-from cockpit.web import Api
+from cockpit.web import GITHUB_DELIVERY_NAMESPACE, GITHUB_DELIVERY_TTL, Api
+from tests.test_web_http import LiveServer, dechunk
 
 SECRET = "hook-secret"
 PUSH = {"ref": "refs/heads/main", "repository": {"full_name": "acme/shop"}}
@@ -27,7 +30,8 @@ def sign(body: bytes, secret: str = SECRET) -> str:
 
 class GithubWebhookTests(TestCase):
     def setUp(self):
-        self.bus = MemoryBus(clock=Clock())
+        self.clock = Clock()
+        self.bus = MemoryBus(clock=self.clock)
         cfg = config.from_dict({"api": {"tokens": ["t"], "github_secret": SECRET}})
         self.client = StubTreq(Api(cfg, self.bus).app.resource())
 
@@ -66,11 +70,11 @@ class GithubWebhookTests(TestCase):
 
     @inlineCallbacks
     def test_payload_nested_too_deeply_is_400_and_not_published(self):
-        for levels, message in ((100, "nests lists and objects deeper than"), (5000, "nested too deeply")):
+        for levels in (100, 5000):  # what the bus could not read back, and what Python's parser gives up on
             body = b'{"a": ' + b"[" * levels + b"]" * levels + b"}"
             response, payload = yield self.hook(body, signature=sign(body))
             self.assertEqual(400, response.code)
-            self.assertIn(message, payload["error"])
+            self.assertIn("nests lists and objects deeper than", payload["error"])
         self.assertEqual([], (yield self.bus.recent()))
 
     @inlineCallbacks
@@ -114,6 +118,113 @@ class GithubWebhookTests(TestCase):
                                               "X-GitHub-Delivery": ["d-2"]})
         self.assertEqual(202, response.code)
         yield response.json()
+
+
+    @inlineCallbacks
+    def test_a_payload_value_the_bus_cannot_carry_is_400_naming_the_field(self):
+        digits = "1" * 4301
+        cases = [
+            (b'{"x": "\\ud800"}', "payload.x: the text holds a lone surrogate (\\ud800)"),
+            (b'{"a": {"n": ' + digits.encode() + b"}}", "payload.a.n: an integer of 4301 digits; at most 4300"),
+            (b'{"list": [1, NaN]}', "payload.list[1]: NaN is not a JSON number"),
+            (b'[1, 2]', "the body is not a GitHub payload: expected a JSON object, got list"),
+        ]
+        for body, message in cases:
+            response, payload = yield self.hook(body, signature=sign(body))
+            self.assertEqual(400, response.code, body[:40])
+            self.assertIn(message, payload["error"])
+        self.assertEqual([], (yield self.bus.recent()))
+
+    @inlineCallbacks
+    def test_a_form_encoded_payload_is_checked_the_same_way(self):
+        form = "application/x-www-form-urlencoded"
+        cases = [
+            (urlencode({"payload": '{"x": "\\udfff"}'}).encode(), "payload.x: the text holds a lone surrogate"),
+            (b"payload=%7B%22x%22%3A%22%FF%22%7D", "a form body is ASCII, with %-escapes of UTF-8 text"),
+            (b"payload=%7B%22x%22%3A%22%ED%A0%80%22%7D", "a form body is ASCII, with %-escapes of UTF-8 text"),
+            (b"other=1", "the form has no payload field"),
+        ]
+        for body, message in cases:
+            response, payload = yield self.hook(body, signature=sign(body), content_type=form)
+            self.assertEqual(400, response.code, body)
+            self.assertIn(message, payload["error"])
+        self.assertEqual([], (yield self.bus.recent()))
+
+    @inlineCallbacks
+    def test_the_signature_is_checked_before_headers_and_content_type(self):
+        body = json.dumps(PUSH).encode()
+        response = yield self.client.post("http://cockpit/api/webhooks/github", data=body,
+                                          headers={"Content-Type": ["text/plain"],
+                                                   "X-Hub-Signature-256": [sign(body, "guess")]})
+        self.assertEqual(401, response.code)
+        self.assertIn("does not match", (yield response.json())["error"])
+
+    @inlineCallbacks
+    def test_an_event_name_that_is_not_a_short_token_is_400(self):
+        body = json.dumps(PUSH).encode()
+        for name in ("Push", "push event", "p" * 65, "push\x01", ""):
+            response, payload = yield self.hook(body, event=name, signature=sign(body))
+            self.assertEqual(400, response.code, name)
+            self.assertIn("header X-GitHub-Event: ", payload["error"])
+        response, payload = yield self.hook(body, delivery="d 1", signature=sign(body))
+        self.assertEqual(400, response.code)
+        self.assertIn("header X-GitHub-Delivery: expected text matching", payload["error"])
+        self.assertEqual([], (yield self.bus.recent()))
+
+    @inlineCallbacks
+    def test_a_repeated_delivery_is_published_once_and_answered_200_as_a_duplicate(self):
+        body = json.dumps(PUSH).encode()
+        answers = []
+        for _ in range(5):
+            response, payload = yield self.hook(body, signature=sign(body), delivery="72d3162e-cc78-11e3-81ab")
+            answers.append((response.code, payload))
+        guid = str(uuid.uuid5(GITHUB_DELIVERY_NAMESPACE, "72d3162e-cc78-11e3-81ab"))
+        self.assertEqual((202, {"guid": guid, "event": "push"}), answers[0])
+        self.assertEqual([(200, {"guid": guid, "event": "push", "duplicate": True})] * 4, answers[1:])
+        self.assertEqual([guid], [event.guid for _, event in (yield self.bus.recent())])
+        # another delivery is another event
+        response, _ = yield self.hook(body, signature=sign(body), delivery="d-other")
+        self.assertEqual(202, response.code)
+        self.assertEqual(2, len((yield self.bus.recent())))
+
+    @inlineCallbacks
+    def test_a_delivery_is_published_again_once_its_mark_has_expired(self):
+        body = json.dumps(PUSH).encode()
+        response, _ = yield self.hook(body, signature=sign(body))
+        self.assertEqual(202, response.code)
+        self.clock.advance(GITHUB_DELIVERY_TTL - 1)
+        response, _ = yield self.hook(body, signature=sign(body))
+        self.assertEqual(200, response.code)
+        self.clock.advance(1)
+        response, _ = yield self.hook(body, signature=sign(body))
+        self.assertEqual(202, response.code)
+
+
+class GithubHeadersOverHttpTests(TestCase):
+    """Header bytes as they come off the wire, which an HTTP library would not send."""
+
+    def setUp(self):
+        self.server = LiveServer(self, github_secret=SECRET)
+
+    @inlineCallbacks
+    def send(self, event: bytes, signature: bytes) -> tuple[int, dict]:
+        body = json.dumps(PUSH).encode()
+        client = yield self.server.connect(
+            b"POST /api/webhooks/github HTTP/1.1\r\nHost: cockpit\r\nConnection: close\r\n"
+            b"Content-Type: application/json\r\nX-GitHub-Event: " + event + b"\r\nX-GitHub-Delivery: d-1\r\n"
+            b"X-Hub-Signature-256: " + signature + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        received = yield client.closed
+        head, _, rest = received.partition(b"\r\n\r\n")
+        return int(head.split(b" ")[1]), json.loads(dechunk(received) if b"chunked" in head else rest)
+
+    @inlineCallbacks
+    def test_an_event_header_that_is_not_utf8_is_400_once_the_signature_holds(self):
+        body = json.dumps(PUSH).encode()
+        status, payload = yield self.send(b"pu\xffsh", sign(body).encode())
+        self.assertEqual((400, {"error": "header X-GitHub-Event: not UTF-8 text"}), (status, payload))
+        status, payload = yield self.send(b"pu\xffsh", sign(body, "guess").encode())
+        self.assertEqual(401, status)
+        self.assertEqual([], (yield self.server.bus.recent()))
 
 
 class MailTests(TestCase):

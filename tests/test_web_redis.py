@@ -161,6 +161,59 @@ class RedisDownTests(TestCase):
         yield response.json()
 
 
+class GithubRedisTests(TestCase):
+    """GitHub deliveries on a real Redis: published once across processes, and never lost to a mark."""
+
+    timeout = 20
+
+    def setUp(self):
+        self.redis = shared_server()
+        self.redis.flush()
+        self.buses = []
+        self.clients = []
+        for _ in range(2):  # two cockpits on one Redis
+            bus = RedisBus(RedisSection(url=self.redis.url))
+            bus.startService()
+            self.addCleanup(bus.stopService)
+            self.buses.append(bus)
+            self.clients.append(Client(self, Api(config.from_dict({"api": {"github_secret": "s"}}), bus)))
+        return defer.gatherResults([bus.when_connected() for bus in self.buses])
+
+    @inlineCallbacks
+    def deliver(self, client: Client, delivery: str = "d-1"):
+        import hashlib
+        import hmac
+
+        body = b'{"ref": "refs/heads/main"}'
+        signature = "sha256=" + hmac.new(b"s", body, hashlib.sha256).hexdigest()
+        response = yield client.post("http://cockpit/api/webhooks/github", data=body, headers={
+            "Content-Type": ["application/json"], "X-GitHub-Event": ["push"], "X-GitHub-Delivery": [delivery],
+            "X-Hub-Signature-256": [signature]})
+        return response.code, (yield response.json())
+
+    @inlineCallbacks
+    def test_a_delivery_is_published_once_whichever_cockpit_it_reaches(self):
+        first = yield self.deliver(self.clients[0])
+        again = yield self.deliver(self.clients[1])
+        self.assertEqual(202, first[0])
+        self.assertEqual((200, {"guid": first[1]["guid"], "event": "push", "duplicate": True}), again)
+        self.assertEqual(1, self.redis.command("XRANGE", "ckpt.generic", "-", "+").count(first[1]["guid"]))
+        ttl = int(self.redis.command("TTL", "ckpt.github.delivery.d-1").split()[-1])
+        self.assertTrue(86000 < ttl <= 86400, ttl)
+
+    @inlineCallbacks
+    def test_a_delivery_whose_publish_failed_is_not_marked_and_its_redelivery_is_published(self):
+        self.redis.command("SET", "ckpt.generic", "not a stream")  # XADD fails; GET and SET still work
+        code, payload = yield self.deliver(self.clients[0])
+        self.assertEqual(503, code)
+        self.assertIn("Redis refused the event", payload["error"])
+        self.assertEqual("(nil)", self.redis.command("GET", "ckpt.github.delivery.d-1").strip())
+        self.redis.command("DEL", "ckpt.generic")
+        code, payload = yield self.deliver(self.clients[1])  # GitHub's redelivery
+        self.assertEqual(202, code)
+        self.assertIn(payload["guid"], self.redis.command("XRANGE", "ckpt.generic", "-", "+"))
+
+
 class GroupsBehaviour:
     """Eco and alarm grouping through the API, for both group stores."""
 
