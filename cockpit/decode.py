@@ -6,10 +6,11 @@ comes through here, so the bounds hold everywhere:
 - nesting: at most ``MAX_DEPTH`` levels of lists and objects (the bus reads its entries
   back with pydantic's JSON parser, which stops at 200);
 - YAML aliases: a shared node is one object however many paths reach it, and the checks
-  visit it once. What aliases add once expanded is bounded (``MAX_ALIAS_EXPANSION``
-  values), so a few hundred bytes of nested anchors (a "billion laughs") are refused
-  after work in proportion to the text, never in proportion to what it would expand to.
-  A recursive alias is refused;
+  visit it once. What aliases add once expanded is bounded (``MAX_ALIAS_EXPANSION``:
+  each value counts one, text its length too), so a few hundred bytes of nested anchors
+  (a "billion laughs"), or one long text aliased many times, are refused after work in
+  proportion to the text, never in proportion to what it would expand to. A recursive
+  alias is refused;
 - values: only what JSON carries and reads back equal. Text must be encodable as UTF-8
   (no lone surrogates), integers have at most ``MAX_INT_DIGITS`` digits (Python's own
   limit for reading them back), numbers are finite, and object keys are text.
@@ -33,7 +34,7 @@ except AttributeError:  # pragma: no cover - libyaml missing
     _Loader = yaml.SafeLoader
 
 MAX_DEPTH = 64
-MAX_ALIAS_EXPANSION = 100_000  # values that aliases may add to a document, once expanded
+MAX_ALIAS_EXPANSION = 1_000_000  # what aliases may add to a document once expanded: values, and text's length
 MAX_INT_DIGITS = 4300  # sys.int_info.default_max_str_digits: what Python reads back from text
 _INT_BOUND = 10 ** MAX_INT_DIGITS  # what has more digits is refused
 _MAX_INT_BITS = _INT_BOUND.bit_length()
@@ -139,11 +140,12 @@ def _bound_graph(root: Node) -> None:
     """Refuse a node graph that is recursive, too deep, or that aliases expand past the bound.
 
     Each node is visited once, however many aliases reach it: the work is in proportion
-    to the text. ``size`` is how many values a node stands for once every alias is expanded.
+    to the text. ``size`` is what a node weighs once every alias is expanded: one for each
+    value, plus the length of each text.
     """
     size: dict[int, int] = {}
     depth: dict[int, int] = {}
-    distinct = 0
+    distinct = 0  # what the nodes weigh, each counted once
     stack: list[tuple[Node, bool]] = [(root, False)]
     entered: set[int] = set()
     while stack:
@@ -151,7 +153,7 @@ def _bound_graph(root: Node) -> None:
         key = id(node)
         if done:
             children = _children(node)
-            size[key] = 1 + sum(size[id(child)] for child in children)
+            size[key] = _weight(node) + sum(size[id(child)] for child in children)
             container = isinstance(node, (MappingNode, SequenceNode))
             depth[key] = max((depth[id(child)] for child in children), default=0) + (1 if container else 0)
             continue
@@ -160,20 +162,22 @@ def _bound_graph(root: Node) -> None:
         if key in entered:  # entered, not finished: this node contains itself
             raise DecodeError(f"the YAML has a recursive alias{_mark(node)}: a node cannot contain itself")
         entered.add(key)
-        distinct += 1
+        distinct += _weight(node)
         stack.append((node, True))
         for child in _children(node):
             if id(child) not in size:
                 if id(child) in entered:
                     raise DecodeError(f"the YAML has a recursive alias{_mark(child)}: a node cannot contain itself")
                 stack.append((child, False))
-        if len(stack) > 10 * MAX_ALIAS_EXPANSION + distinct:  # pragma: no cover - the composer nests less
-            raise DecodeError(TOO_DEEP)
     if depth[id(root)] > MAX_DEPTH:
         raise DecodeError(TOO_DEEP)
     if size[id(root)] - distinct > MAX_ALIAS_EXPANSION:
-        raise DecodeError(f"the YAML's aliases expand to more than {MAX_ALIAS_EXPANSION} further values; "
-                          "write the data out, or share less")
+        raise DecodeError(f"the YAML's aliases expand it by more than {MAX_ALIAS_EXPANSION} values and "
+                          "characters; write the data out, or share less")
+
+
+def _weight(node: Node) -> int:
+    return len(node.value) + 1 if isinstance(node, ScalarNode) else 1
 
 
 def _children(node: Node) -> list[Node]:

@@ -83,10 +83,16 @@ class EventBodyTests(TestCase, _Site):
     def test_yaml_alias_bomb_is_400_at_once(self):
         bomb = "args:\n" + "".join("  " + line + "\n" for line in alias_bomb(9).splitlines())
         self.assertLess(len(bomb), 500)
-        yield self.refused("generic", bomb, "application/yaml", "aliases expand to more than")
+        yield self.refused("generic", bomb, "application/yaml", "aliases expand it by more than")
         # one level more froze the process for good: now it is the same refusal, as quickly
         yield self.refused("generic", "args:\n" + "".join("  " + line + "\n" for line in alias_bomb(10).splitlines()),
-                           "application/yaml", "aliases expand to more than")
+                           "application/yaml", "aliases expand it by more than")
+
+    @inlineCallbacks
+    def test_one_long_text_aliased_many_times_is_400(self):
+        # few values, but each alias stands for 100 KB of text: 2000 of them would be 200 MB of JSON
+        bomb = "args:\n  t: &t '" + "x" * 100_000 + "'\n  many: [" + ",".join(["*t"] * 2000) + "]\n"
+        yield self.refused("generic", bomb, "application/yaml", "aliases expand it by more than")
 
     @inlineCallbacks
     def test_a_few_shared_nodes_are_fine_and_read_back_expanded(self):
@@ -185,7 +191,7 @@ class BlueprintBodyTests(TestCase, _Site):
         self.assertLess(len(bomb), 500)
         code, reply = yield self.store(bomb)
         self.assertEqual(400, code, reply)
-        self.assertIn("aliases expand", reply["error"])
+        self.assertIn("aliases expand it", reply["error"])
         self.assertNothingStored()
 
     @inlineCallbacks

@@ -210,13 +210,13 @@ class CommandTests(BotCase):
         yield self.say("/repo select demo")
         bomb = "node__n1:\n" + "".join("  " + line + "\n" for line in alias_bomb(9).splitlines())
         yield self.say("/blueprint create nodes\n" + bomb)
-        self.assertIn("aliases expand to more than", self.replies()[-1])
+        self.assertIn("aliases expand it by more than", self.replies()[-1])
         yield self.say("/blueprint create loop\nnode__n1: &a {x: *a}\n")
         self.assertIn("recursive alias", self.replies()[-1])
         self.fake.document(ALICE, "bomb.yaml", bomb.encode())
         self.updates += 1
         yield self.bot.poller.when_handled(self.updates)
-        self.assertIn("aliases expand to more than", self.replies()[-1])
+        self.assertIn("aliases expand it by more than", self.replies()[-1])
         self.assertEqual((yield self.inputs()), [])
 
     @inlineCallbacks
