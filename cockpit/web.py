@@ -50,6 +50,7 @@ def json_body(request: Request, payload: Any, status: int = 200) -> bytes:
     """Klein answers an empty 200 for a dict: always hand it bytes with a Content-Type."""
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")  # a reply is data, never a page
     if isinstance(payload, BaseModel):
         return payload.model_dump_json(by_alias=True).encode()
     try:
