@@ -558,10 +558,16 @@ class RedisBus(Bus):
         and a blocking read waits as long as it asked to.
         """
         c = self._conn
+        # no SELECT for database 0, where a connection starts anyway: txredisapi stops
+        # reconnecting for good when a connection drops in the middle of its SELECT
         factory = txredisapi.RedisFactory(
-            self.settings.redacted_url(), c["db"], 1, isLazy=True,
+            self.settings.redacted_url(), c["db"] or None, 1, isLazy=True,
             password=c["password"], username=c["username"], convertNumbers=False)
         factory.protocol = _CommandProtocol
+        # a failed AUTH or SELECT fails this Deferred, which nobody else waits on; the
+        # reconnecting connection reports its state through health
+        factory.deferred.addErrback(lambda f: log.warn("Redis at {url}: {error}", url=self.settings.redacted_url(),
+                                                       error=f.getErrorMessage()))
         self._tune(factory)
         factory.startConnecting(self._endpoint())
         return factory
