@@ -5,9 +5,9 @@ Receiving (DESIGN §2 [mail], §3 email, §4): recipients outside ``[mail] domai
 (552 without buffering past the limit); STARTTLS when a certificate is configured and
 AUTH PLAIN/LOGIN only after it. A message is read by :mod:`cockpit.mailparse` (the
 stdlib ``email`` package with ``policy.default``): at once when it is small with no file
-to store, otherwise in a mail parser process. Its attachments go to the store space
-``attachments``, and its event is published before 250 is sent; when the bus cannot
-take it the answer is 451 4.3.0, so the sending server retries.
+to store and no HTML to convert, otherwise in a mail parser process. Its attachments go
+to the store space ``attachments``, and its event is published before 250 is sent; when
+the bus cannot take it the answer is 451 4.3.0, so the sending server retries.
 
 Sending: :class:`MailSender` delivers :class:`OutgoingMail` through ``[mail.relay]``
 with STARTTLS or implicit TLS and AUTH, retrying with backoff; a mail is stored in an
@@ -46,7 +46,7 @@ from zope.interface import implementer
 from cockpit.bus import Bus, BusUnavailable
 from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
-from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, WritesToDisk, parse_mail, unstuff
+from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, NotOnReactor, parse_mail, unstuff
 from cockpit.outbox import Outbox, QueuedMail, SpoolOutbox, Suspended
 from cockpit.parse_pool import ParserPool, ParserUnavailable
 from cockpit.store import Store
@@ -77,15 +77,16 @@ def parse_job(items: list[tuple[list[bytes], Envelope]], store: Store) -> list[U
 class MailIngest:
     """Turns received messages into published events; answers each with an SMTP reply.
 
-    A message of at most ``inline_bytes`` with no file to store is parsed at once: that
-    costs less than any hop to a thread or a process. The others (big ones, and those
-    with attachments) go to a mail parser process of ``parsers`` (:class:`ParserPool`),
-    where a message that hangs or crashes the parser harms only that process and the
-    parsing holds no lock the reactor needs. Without running parsers (``[mail] parsers =
-    0``, or while they start) they are parsed in the reactor's thread pool, at most
-    ``jobs`` batches at a time: the GIL lets one thread parse at once, and a second covers
-    a batch that waits on the disk. Messages that complete while the jobs run go together
-    in the next batch, so one thread hop serves many messages under load.
+    A message of at most ``inline_bytes`` with no file to store and no HTML body to convert
+    is parsed at once: that costs less than any hop to a thread or a process. The others
+    (big ones, those with attachments, and HTML-only ones) go to a mail parser process of
+    ``parsers`` (:class:`ParserPool`), where a message that hangs or crashes the parser
+    harms only that process and the parsing holds no lock the reactor needs. Without
+    running parsers (``[mail] parsers = 0``, or while they start) they are parsed in the
+    reactor's thread pool, at most ``jobs`` batches at a time: the GIL lets one thread
+    parse at once, and a second covers a batch that waits on the disk. Messages that
+    complete while the jobs run go together in the next batch, so one thread hop serves
+    many messages under load.
     """
 
     def __init__(self, bus: Bus, store: Store, reactor: Any, jobs: int = 2,
@@ -111,7 +112,7 @@ class MailIngest:
         if size <= self.inline_bytes:
             try:
                 event = parse_mail(unstuff(chunks), envelope, NO_WRITES)  # type: ignore[arg-type]
-            except WritesToDisk:
+            except NotOnReactor:
                 pass
             except Exception:
                 d.callback(self._refusal(Failure(), envelope))

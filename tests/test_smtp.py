@@ -22,8 +22,9 @@ from twisted.web.server import Site
 
 from cockpit.bus import RedisBus
 from cockpit.config import MailSection, RedisSection
-from cockpit.mailparse import (MAIL_POLICY, Envelope, clean_text, looks_like_markdown, parse_mail, read_headers,
-                              safe_filename)
+from cockpit.mailhtml import html_to_markdown
+from cockpit.mailparse import (MAIL_POLICY, Envelope, clean_text, has_unsafe_links, looks_like_markdown, parse_mail,
+                              read_headers, safe_filename)
 from cockpit.parse_pool import ParserPool
 from cockpit.smtp import IncomingMailFactory
 from cockpit import mailparse
@@ -145,19 +146,22 @@ class Receiving(SMTPServerCase):
             return real_parse(raw, envelope, store)
 
         self.patch(smtp_module, "parse_mail", recording_parse)
-        mails = {name: EmailMessage() for name in ("small", "big", "alternative", "attached")}
+        mails = {name: EmailMessage() for name in ("small", "big", "alternative", "attached", "html")}
         for name, msg in mails.items():
             msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", name
-            msg.set_content("long line\n" * 20000 if name == "big" else "short\n")
+            if name == "html":
+                msg.set_content("<p>short</p>", subtype="html")
+            else:
+                msg.set_content("long line\n" * 20000 if name == "big" else "short\n")
         mails["alternative"].add_alternative("<p>short</p>", subtype="html")
         mails["attached"].add_attachment(b"x" * 100, maintype="application", subtype="octet-stream",
                                          filename="x.bin")
         for msg in mails.values():
             yield self.send(msg)
-        # small ones at once; a big one, and a small one with a file after a look at its
-        # headers (its parse stops there), in a thread
+        # small ones at once; a big one, a small one with a file, and one of HTML alone after a
+        # look at its headers (its parse stops there), in a thread
         self.assertEqual([("small", True), ("big", False), ("alternative", True), ("attached", True),
-                          ("attached", False)], attempts)
+                          ("attached", False), ("html", True), ("html", False)], attempts)
         events = {event.subject: event for event in (yield self.events())}
         self.assertEqual(["x.bin"], list(events["attached"].attachments))
         self.assertEqual(("short\n", {}), (events["alternative"].body, events["alternative"].attachments))
@@ -213,6 +217,46 @@ class Receiving(SMTPServerCase):
         self.assertTrue(md_event.body.startswith("## Steps"))
         self.assertEqual(text_event.bodytype, "text")
         self.assertEqual(text_event.body, "Hello,\nthe backup ran at 03:00 - all fine.\n-- \nops\n")
+
+    @inlineCallbacks
+    def test_html_links_and_images_to_other_schemes_keep_their_text_and_lose_the_url(self):
+        html = ('<p><a href="javascript:alert(1)">js</a> <a href="JaVaScRiPt:alert(2)">mixed case</a> '
+                '<a href="&#106;avascript&#58;alert(3)">entities</a> '
+                '<a href=" java&#x09;script&colon;alert(4)">tab</a> '
+                '<a href="data:text/html;base64,PHNjcmlwdD4=">data</a> <a href="VBScript:msgbox(5)">vb</a> '
+                '<a href="/status">relative</a> <a href="#top">fragment</a></p>'
+                '<p><img src="javascript:alert(6)" alt="js image"> <img src="data:image/png;base64,iVBOR" '
+                'alt="data image"> <img src="&#x76;bscript:x" alt="vb image"> '
+                '<img src="https://example.org/ok.png" alt="web image"></p>'
+                '<p><a href="https://example.org/a_(b)">web</a> <a href="HTTP://example.org/">plain web</a> '
+                '<a href="mailto:ops@example.org">mail us</a> '
+                '<a href="https://example.org/x">https://example.org/x</a></p>'
+                '<p>[typed](javascript:alert(7)) &lt;javascript:alert(8)&gt;</p>')
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", "links"
+        msg.set_content(html, subtype="html")
+        yield self.send(msg)
+        [event] = yield self.events()
+        self.assertEqual("md", event.bodytype)
+        self.assertEqual(
+            "js mixed case entities tab data vb relative fragment\n\n"
+            "js image data image vb image ![web image](https://example.org/ok.png)\n\n"
+            "[web](https://example.org/a_%28b%29) [plain web](HTTP://example.org/) [mail us](mailto:ops@example.org) "
+            "<https://example.org/x>\n\n"
+            "\\[typed\\](javascript:alert(7)) \\<javascript:alert(8)>\n", event.body)
+
+    @inlineCallbacks
+    def test_plain_text_with_a_link_to_another_scheme_is_text_not_markdown(self):
+        bodies = {"unsafe": "# Runbook\n\n1. open [the console](javascript:alert(1))\n2. restart\n",
+                  "safe": "# Runbook\n\n1. open [the console](https://console.example.org)\n2. restart\n"}
+        for subject, body in bodies.items():
+            msg = EmailMessage()
+            msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", subject
+            msg.set_content(body)
+            yield self.send(msg)
+        events = {event.subject: event for event in (yield self.events())}
+        self.assertEqual(("text", bodies["unsafe"]), (events["unsafe"].bodytype, events["unsafe"].body))
+        self.assertEqual(("md", bodies["safe"]), (events["safe"].bodytype, events["safe"].body))
 
     @inlineCallbacks
     def test_envelope_commands_out_of_order_or_malformed_get_their_own_replies(self):
@@ -702,6 +746,54 @@ class Parsing(TestCase):
         for text in ("Hello,\nplain words.\n", "- only one dash item\n", "2 * 3 = 6 and 4 * 5 = 20",
                      "snake_case_name and __init__", "price: $5 (approx)"):
             self.assertFalse(looks_like_markdown(text), text)
+
+    def test_plain_text_with_links_elsewhere_or_raw_html_is_not_taken_for_markdown(self):
+        for text in ("see [docs](https://example.org)", "[x]( HTTPS://a )", "![chart](http://x.example/c.png)",
+                     "[mail](mailto:ops@example.org)", "[ref]: https://example.org\n", "<https://example.org/x>",
+                     "Alice <alice@example.org>", "a < b and c > d", "no links [here] at all"):
+            self.assertFalse(has_unsafe_links(text), text)
+        for text in ("[x](javascript:alert(1))", "[x](JaVaScRiPt:alert(1))", "[x]( <javascript:alert(1)>)",
+                     "[x](&#106;avascript:alert(1))", "[x](java\nscript:1)", "![i](data:image/png;base64,AA)",
+                     "[x]\n\n[x]: vbscript:msgbox(1)\n", "<javascript:alert(1)>", "<javascript:alert(1)@x.org>",
+                     "<img src=x onerror=alert(1)>", "</script>", "<!-- hidden -->", "[x](/relative)", "[x](#top)",
+                     "[x](//elsewhere.example)", "[x](\\javascript:1)", "[x] (javascript:1)"):
+            self.assertTrue(has_unsafe_links(text), text)
+
+    def test_html_text_cannot_become_a_link_raw_html_or_code_that_ends_early(self):
+        cases = {
+            "<p>[x](javascript:alert(1)) \\[y](javascript:2) &lt;b onmouseover=x&gt;</p>":
+                "\\[x\\](javascript:alert(1)) \\\\\\[y\\](javascript:2) \\<b onmouseover=x>\n",
+            "<pre>```\n[x](javascript:alert(1))\n```</pre>": "````\n```\n[x](javascript:alert(1))\n```\n````\n",
+            "<p><code>a\n&gt; [x](javascript:1)</code></p>": "`a > [x](javascript:1)`\n",  # no line for a quote
+            '<p><code>&lt;a href="javascript:1"&gt;</code> <kbd>&lt;b&gt;</kbd></p>': '\\<a href="javascript:1"> \\<b>\n',
+            "<table><tr><th>h</th></tr><tr><td><code>a | [x](javascript:1)</code></td></tr></table>":
+                "| h |\n| --- |\n| a | \\[x\\](javascript:1) |\n",
+            '<p><img src="https://x.org/i.png" alt="a](javascript:1) [b"></p>': "![a\\](javascript:1) \\[b](https://x.org/i.png)\n",
+            '<a href="https://x.org/" title="t\\" onclick">titled</a>': "[titled](https://x.org/)\n",
+            '<a href="https://x.org/a b)[y](javascript:1)">u</a>': "[u](https://x.org/a%20b%29[y]%28javascript:1%29)\n",
+            '<a href="java&#x0A;script:1">nl</a> <a href="&#0;javascript:1">nul</a> <a href="\uff4aavascript:1">wide</a> '
+            '<a href="cid:part1">cid</a>': "nl nul wide cid\n",
+            '<video src="javascript:1" poster="https://x.org/p.png">clip</video>': "![clip](https://x.org/p.png)\n",
+            '<a href="vbscript:1"><img src="https://x.org/i.png" alt="logo"></a>': "![logo](https://x.org/i.png)\n",
+        }
+        for html, markdown in cases.items():
+            self.assertEqual(markdown, html_to_markdown(html), html)
+
+    def test_html_with_nothing_unsafe_converts_as_markdownify_converts_it(self):
+        from markdownify import markdownify
+
+        samples = [
+            html_mail_with_two_attachments()[0].get_body(("html",)).get_content(),
+            "<h2>Status</h2><p>All   services\n\t up,  <em>mostly</em>.</p><blockquote><p>quoted</p></blockquote>",
+            '<ol start="7"><li>seven</li><li>eight<ol><li>inner</li></ol></li></ol><ul><li>a<ul><li>b</li></ul></li></ul>',
+            "<pre>\n  \n  indented code  \n    more\n\n  </pre><p>after <code>x_y</code> and <kbd>Ctrl</kbd></p>",
+            '<table><tr><th>host</th><th>load</th></tr><tr><td><a href="https://example.org/h1">h1</a></td>'
+            "<td>0.5</td></tr></table>",
+            '<p><a href="https://example.org/">https://example.org/</a> <a href="mailto:ops@example.org">mail</a> '
+            '<img src="https://example.org/i.png" alt="chart"></p>',
+        ]
+        for html in samples:
+            self.assertEqual(markdownify(html, heading_style="ATX", bullets="-").strip() + "\n", html_to_markdown(html))
 
     def test_reading_the_header_block_alone_gives_the_message_the_stdlib_parser_gives(self):
         samples = [raw for _, raw in corpus()] + [
