@@ -15,6 +15,7 @@ outbox (Redis, or a spool directory with the embedded bus) before it is accepted
 """
 from __future__ import annotations
 
+import base64
 import hmac
 import re
 import time
@@ -46,7 +47,7 @@ from zope.interface import implementer
 from cockpit.bus import Bus, BusUnavailable
 from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
-from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, NotOnReactor, parse_mail, unstuff
+from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, NotOnReactor, clean_text, parse_mail, unstuff
 from cockpit.outbox import Outbox, QueuedMail, SpoolOutbox, Suspended
 from cockpit.parse_pool import ParserPool, ParserUnavailable
 from cockpit.store import Store
@@ -57,6 +58,7 @@ RAWDATA = "RAWDATA"  # our DATA state: the message streams in as bytes, not line
 MAX_RECIPIENTS = 100
 MAX_COMMAND_LINE = 4096  # RFC 5321 allows 512; AUTH responses are longer
 MAX_WAITING = 256 << 10  # input kept while a message is handled, before reading stops
+MAX_AUTH_DELAY = 60.0  # seconds: the longest wait before a failed AUTH is answered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,9 +250,12 @@ class IncomingSMTP(smtp.ESMTP):
         self.portal = factory.portal
         self.host = factory.mail.hostname.encode("idna") if factory.mail.hostname.isascii() \
             else factory.mail.hostname.encode("utf-8")
+        self.callLater = factory.clock.callLater  # the idle timeout's, and the delay of a failed AUTH's answer
         self.user: Optional[str] = None
+        self._auth_failures = 0
+        self._auth_answer: Any = None  # the delayed answer to a failed AUTH
         self._pending = b""  # received bytes not yet handled (commands, or data before 354 was sent)
-        self._busy = False  # a message is being parsed and published: later input waits
+        self._busy = False  # a message, or an AUTH, is being answered: later input waits
         self._paused = False  # reading stopped: too much input waits behind a busy message
         self._tls_just_started = False
         self._chunks: list[bytes] = []
@@ -290,27 +295,103 @@ class IncomingSMTP(smtp.ESMTP):
             self._from = None
             self._to = []
 
+    # -- AUTH ---------------------------------------------------------------------
+    # Twisted's ext_AUTH and state_AUTH, with replies that say what went wrong, and with the
+    # outcome of the check awaited before any later command is read: a failed one is answered
+    # after a delay that doubles with each failure on the connection, the last one allowed
+    # (``[mail] auth_failures``) with 421 and the end of the connection.
     def ext_AUTH(self, rest: bytes) -> None:
+        mechanism, _, initial = rest.strip().partition(b" ")
+        challenger = self.challengers.get(mechanism.upper())
         if not self.challengers:
             self.sendCode(502, b"5.5.1 AUTH is not enabled on this server")
         elif not self.startedTLS:
             self.sendCode(538, b"5.7.11 Encryption required: issue STARTTLS first")
+        elif self.authenticated:
+            self.sendCode(503, b"5.5.1 Already authenticated")
+        elif challenger is None:
+            self.sendCode(504 if mechanism else 501, b"5.5.4 AUTH takes a mechanism this server offers: "
+                          + b" ".join(self.challengers))
         else:
-            super().ext_AUTH(rest)
+            self.mode = smtp.AUTH
+            self.challenger = challenger()
+            initial = initial.strip()
+            if initial:
+                self.challenger.getChallenge()  # the one the initial response answers
+            self.state_AUTH(initial or None)
 
     def state_AUTH(self, response: Optional[bytes]) -> None:
+        if response is None:
+            self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
+            return
+        if response == b"*":
+            self._end_auth(501, b"5.7.0 Authentication aborted")
+            return
         try:
-            super().state_AUTH(response)
-        except Exception:  # a malformed PLAIN response raises from deep inside cred
-            self.challenger = None
-            self.mode = smtp.COMMAND
-            self.sendCode(501, b"5.5.2 Malformed authentication response")
+            # "=" is the empty initial response (RFC 4954)
+            self.challenger.setResponse(b"" if response == b"=" else base64.b64decode(response, validate=True))
+        except Exception:  # not base64, or PLAIN without its two NULs
+            self._end_auth(501, b"5.5.2 Malformed authentication response")
+            return
+        if self.challenger.moreChallenges():
+            self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
+            return
+        credentials = self.challenger
+        self._end_auth()
+        self._busy = True
+        checked = self.portal.login(credentials, None, smtp.IMessageDeliveryFactory, smtp.IMessageDelivery)
+        checked.addCallbacks(self._cbAuthenticated, self._ebAuthenticated, errbackArgs=(credentials,))
+        checked.addErrback(self._auth_crashed)
 
-    def _cbAuthenticated(self, loginInfo: Any) -> Any:
-        result = super()._cbAuthenticated(loginInfo)
+    def _end_auth(self, code: Optional[int] = None, text: bytes = b"") -> None:
+        self.challenger = None
+        self.mode = smtp.COMMAND
+        if code is not None:
+            self.sendCode(code, text)
+
+    def _cbAuthenticated(self, loginInfo: Any) -> None:
+        super()._cbAuthenticated(loginInfo)
         self.user = loginInfo[1].username
         log.info("SMTP client {peer} authenticated as {user}", peer=self._peer(), user=self.user)
-        return result
+        if self._connected():
+            self.sendCode(235, b"2.7.0 Authentication successful")
+            self._resume()
+
+    def _ebAuthenticated(self, reason: Failure, credentials: Any = None) -> None:
+        if not reason.check(cred_error.UnauthorizedLogin):
+            log.failure("SMTP AUTH from {peer}: the credentials could not be checked", reason, peer=self._peer())
+            if self._connected():
+                self.sendCode(454, b"4.7.0 Temporary authentication failure; try again later")
+                self._resume()
+            return
+        self._auth_failures += 1
+        peer, limit = self._peer(), self.mail_factory.mail.auth_failures
+        name = getattr(credentials, "username", None) or b""
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        log.warn("SMTP AUTH failed for user {user!r} from {peer}: {count} of {limit} failures allowed on "
+                 "this connection", user=clean_text(str(name))[:200], peer=peer,
+                 count=self._auth_failures, limit=limit)
+        delay = min(self.mail_factory.mail.auth_delay * 2 ** (self._auth_failures - 1), MAX_AUTH_DELAY)
+        if self._connected():
+            self._auth_answer = self.callLater(delay, self._answer_failed_auth, self._auth_failures >= limit)
+
+    def _answer_failed_auth(self, last: bool) -> None:
+        self._auth_answer = None
+        if not last:
+            self.sendCode(535, b"5.7.8 Authentication credentials invalid")
+            self._resume()
+            return
+        log.warn("SMTP client {peer} disconnected after {count} failed AUTH attempts",
+                 peer=self._peer(), count=self._auth_failures)
+        self.sendCode(421, b"4.7.0 " + self.host + b" Too many failed authentication attempts, "
+                      b"closing the connection")
+        self.transport.loseConnection()
+
+    def _auth_crashed(self, failure: Failure) -> None:
+        log.failure("SMTP AUTH from {peer} failed unexpectedly", failure, peer=self._peer())
+        if self._connected():
+            self.transport.abortConnection()
 
     def _peer(self) -> str:
         try:
@@ -374,6 +455,9 @@ class IncomingSMTP(smtp.ESMTP):
                                    f"5.1.1 <{user.dest}>: recipient not accepted here, "
                                    f"this server takes mail for {', '.join(sorted(domains))}")
         return lambda: None
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.sendCode(250, b"2.0.0 OK")  # RFC 5321 4.5.1: every server has it; Twisted's has not
 
     # -- input ------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -489,9 +573,17 @@ class IncomingSMTP(smtp.ESMTP):
 
     def _answer(self, reply: tuple[int, bytes]) -> None:
         self._busy = False
-        if self.transport is None or self.transport.disconnected:
+        if not self._connected():
             return
         self.sendCode(*reply)
+        self._resume()
+
+    def _connected(self) -> bool:
+        return self.transport is not None and not self.transport.disconnected
+
+    def _resume(self) -> None:
+        """Go on with the input that waited while the last command was answered."""
+        self._busy = False
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
@@ -500,6 +592,9 @@ class IncomingSMTP(smtp.ESMTP):
     def connectionLost(self, reason: Any) -> None:
         self.mode = smtp.COMMAND  # nothing of a half-received message is kept
         self._chunks = []
+        if self._auth_answer is not None and self._auth_answer.active():
+            self._auth_answer.cancel()
+        self._auth_answer = None
         super().connectionLost(reason)
         self.mail_factory.connections.discard(self)
         closed, self.closed = self.closed, []
@@ -522,9 +617,10 @@ class IncomingMailFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any = None,
-                 parsers: Optional[ParserPool] = None):
+                 parsers: Optional[ParserPool] = None, clock: Any = None):
         if reactor is None:
             from twisted.internet import reactor
+        self.clock = clock if clock is not None else reactor  # the connections' timers
         self.mail = mail
         self.domains = frozenset(d.lower().rstrip(".") for d in mail.domains)
         self.ingest = MailIngest(bus, store, reactor, parsers=parsers)

@@ -1,6 +1,7 @@
 """The SMTP server, driven by real SMTP clients (smtplib in a thread) against a real Redis."""
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import smtplib
@@ -14,8 +15,9 @@ from typing import Any, Callable, Optional
 
 import treq
 from twisted.internet import reactor, threads
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -26,8 +28,9 @@ from cockpit.mailhtml import html_to_markdown
 from cockpit.mailparse import (MAIL_POLICY, Envelope, clean_text, has_unsafe_links, looks_like_markdown, parse_mail,
                               read_headers, safe_filename)
 from cockpit.parse_pool import ParserPool
-from cockpit.smtp import IncomingMailFactory
+from cockpit.smtp import IncomingMailFactory, IncomingSMTP
 from cockpit import mailparse
+from cockpit import smtp as smtp_module
 from cockpit.store import Store
 from tests.mail_corpus import corpus
 from tests.redis_server import RedisServer, shared_server
@@ -71,6 +74,7 @@ class SMTPServerCase(TestCase):
     mail_options: dict[str, Any] = {}
     parsers = 0  # mail parser processes; without, big mail and mail with files is parsed in threads
     parse_timeout = 60.0
+    smtp_clock: Any = None  # the connections' timers; None: the reactor
 
     def setUp(self):
         self.redis = self.redis_server()
@@ -86,7 +90,8 @@ class SMTPServerCase(TestCase):
                                    reactor, clock=self.clock)
             self.pool.startService()
             self.addCleanup(self.pool.stopService)
-        self.factory = IncomingMailFactory(self.mail, self.bus, self.store, reactor, parsers=self.pool)
+        self.factory = IncomingMailFactory(self.mail, self.bus, self.store, reactor, parsers=self.pool,
+                                           clock=self.smtp_clock)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addCleanup(self.factory.when_idle)
         self.addCleanup(self.port.stopListening)
@@ -656,7 +661,8 @@ class BusFailure(SMTPServerCase):
 class Tls(SMTPServerCase):
     def setUp(self):
         cert = self_signed_cert(Path(self.mktemp()))
-        self.mail_options = {"tls_cert": str(cert), "users": {"alice": "s3cret"}}
+        # a failed AUTH answered in the next reactor turn: the delays have tests of their own
+        self.mail_options = {"tls_cert": str(cert), "users": {"alice": "s3cret"}, "auth_delay": 0.0}
         return super().setUp()
 
     @inlineCallbacks
@@ -694,6 +700,163 @@ class Tls(SMTPServerCase):
             return client.auth("LOGIN", client.auth_login, initial_response_ok=False)
         code, _ = yield self.client(work)
         self.assertEqual(code, 235)
+
+
+def plain_auth(user: str, password: str) -> str:
+    return "PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+class DelayClock(Clock):
+    """A Clock that hands out the calls scheduled on it, other than idle timeouts, as they come.
+
+    A call is handed out in a later reactor turn, once the code that scheduled it has returned.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._calls: list[Any] = []
+        self._waiting: list[Deferred] = []
+
+    def callLater(self, delay, f, *args, **kwargs):
+        call = super().callLater(delay, f, *args, **kwargs)
+        if delay < IncomingSMTP.timeout:
+            self._calls.append(call)
+            self._hand_out()
+        return call
+
+    def next_call(self) -> Deferred:
+        """Fires with the next call scheduled, with the seconds it was scheduled in."""
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        self._hand_out()
+        return d
+
+    def _hand_out(self) -> None:
+        while self._calls and self._waiting:
+            call = self._calls.pop(0)
+            reactor.callLater(0, self._waiting.pop(0).callback, (call, call.getTime() - self.seconds()))
+
+
+class AuthCase(SMTPServerCase):
+    """An SMTP server with STARTTLS and the account alice, its timers on a DelayClock."""
+
+    auth_options: dict[str, Any] = {}
+    timeout = 30  # a delay that is never scheduled leaves a test waiting for it
+
+    def setUp(self):
+        cert = self_signed_cert(Path(self.mktemp()))
+        self.mail_options = {"tls_cert": str(cert), "users": {"alice": "s3cret"}, **self.auth_options}
+        self.smtp_clock = self.clock = DelayClock()
+        self.logged: list[dict] = []
+        self.patch(smtp_module, "log", Logger(observer=self.logged.append))
+        return super().setUp()
+
+    def auth_client(self, work: Callable[[smtplib.SMTP], Any]):
+        def secured(client):
+            client.starttls(context=unverified_tls())
+            client.ehlo()
+            return work(client)
+        return self.client(secured)
+
+    @inlineCallbacks
+    def answer_failures(self, count: int):
+        """Let ``count`` delayed AUTH answers go, checking each waits its full delay; fires with the delays."""
+        delays = []
+        for _ in range(count):
+            call, delay = yield self.clock.next_call()
+            self.clock.advance(delay * 0.99)
+            self.assertTrue(call.active(), "answered before its delay")
+            self.clock.advance(delay * 0.01)
+            self.assertFalse(call.active())
+            delays.append(delay)
+        return delays
+
+    def log_lines(self, containing: str) -> list[dict]:
+        return [event for event in self.logged if containing in event["log_format"]]
+
+
+class AuthFailures(AuthCase):
+    @inlineCallbacks
+    def test_wrong_passwords_get_535_after_doubling_delays_and_the_third_421_and_the_close(self):
+        def work(client):
+            replies = [client.docmd("AUTH", plain_auth("alice", f"wrong-{n}")) for n in range(3)]
+            try:
+                client.noop()
+            except smtplib.SMTPServerDisconnected:
+                replies.append("closed")
+            return replies
+        replies = self.auth_client(work)
+        delays = yield self.answer_failures(3)
+        replies = yield replies
+        self.assertEqual([1.0, 2.0, 4.0], delays)
+        self.assertEqual([(535, b"5.7.8 Authentication credentials invalid")] * 2 + [
+            (421, b"4.7.0 mx.cockpit.test Too many failed authentication attempts, closing the connection"),
+            "closed"], replies)
+
+    @inlineCallbacks
+    def test_each_failure_is_logged_with_peer_and_user_and_never_the_password(self):
+        def work(client):
+            client.docmd("AUTH", plain_auth("alice", "hunter2-plain"))
+            client.docmd("AUTH", "LOGIN " + base64.b64encode(b"bob\x1b[31m").decode())
+            return client.docmd(base64.b64encode(b"hunter2-login").decode())
+        replies = self.auth_client(work)
+        yield self.answer_failures(2)
+        self.assertEqual(535, (yield replies)[0])
+        failures = self.log_lines("AUTH failed")
+        self.assertEqual([("127.0.0.1", "alice", 1), ("127.0.0.1", "bob[31m", 2)],
+                         [(e["peer"], e["user"], e["count"]) for e in failures])
+        self.assertIn("AUTH failed for user 'alice' from 127.0.0.1", formatEvent(failures[0]))
+        for event in self.logged:
+            self.assertNotIn("hunter2", formatEvent(event) + repr(event))
+
+    @inlineCallbacks
+    def test_a_right_password_after_a_wrong_one_is_accepted(self):
+        def work(client):
+            wrong = client.docmd("AUTH", plain_auth("alice", "nope"))
+            right = client.docmd("AUTH", plain_auth("alice", "s3cret"))
+            client.sendmail("a@example.org", [f"ops@{DOMAIN}"], b"Subject: after a typo\r\n\r\nhi\r\n")
+            return wrong[0], right[0]
+        codes = self.auth_client(work)
+        yield self.answer_failures(1)
+        self.assertEqual((535, 235), (yield codes))
+        [event] = yield self.events()
+        self.assertEqual("after a typo", event.subject)
+        self.assertEqual(1, len(self.log_lines("authenticated as")))
+
+    @inlineCallbacks
+    def test_commands_pipelined_behind_a_failed_auth_wait_for_its_answer_and_keep_their_order(self):
+        received: list[bytes] = []
+        all_received: Deferred = Deferred()
+        real_data_received = IncomingSMTP.dataReceived
+
+        def recording(proto, data):
+            received.append(data)
+            real_data_received(proto, data)
+            if b"MAIL FROM" in b"".join(received) and not all_received.called:
+                all_received.callback(None)  # once the server has done what it does with it
+
+        self.patch(IncomingSMTP, "dataReceived", recording)
+
+        def work(client):
+            client.send(f"AUTH {plain_auth('alice', 'nope')}\r\nNOOP\r\nAUTH {plain_auth('alice', 's3cret')}\r\n"
+                        "MAIL FROM:<a@example.org>\r\n")
+            return [client.getreply() for _ in range(4)]
+        replies = self.auth_client(work)
+        call, delay = yield self.clock.next_call()
+        yield all_received
+        self.assertEqual([], self.log_lines("authenticated as"))  # the right password waits its turn
+        self.clock.advance(delay)
+        self.assertEqual([535, 250, 235, 250], [code for code, _ in (yield replies)])
+
+    @inlineCallbacks
+    def test_auth_without_a_known_mechanism_or_with_a_malformed_response_gets_501_or_504_and_no_delay(self):
+        def work(client):
+            return [client.docmd("AUTH")[0], client.docmd("AUTH", "CRAM-MD5")[0],
+                    client.docmd("AUTH", "PLAIN not-base64!")[0], client.docmd("AUTH", "PLAIN " +
+                                                                               base64.b64encode(b"no nul").decode())[0],
+                    client.docmd("AUTH", "LOGIN")[0], client.docmd("*")[0], client.docmd("NOOP")[0]]
+        self.assertEqual([501, 504, 501, 501, 334, 501, 250], (yield self.auth_client(work)))
+        self.assertEqual([], self.log_lines("AUTH failed"))
 
 
 class Backpressure(TestCase):
