@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import ipaddress
 import re
 import time
 import uuid
@@ -59,6 +60,7 @@ MAX_RECIPIENTS = 100
 MAX_COMMAND_LINE = 4096  # RFC 5321 allows 512; AUTH responses are longer
 MAX_WAITING = 256 << 10  # input kept while a message is handled, before reading stops
 MAX_AUTH_DELAY = 60.0  # seconds: the longest wait before a failed AUTH is answered
+MAX_TRACKED_PEERS = 10000  # client addresses whose failed AUTHs are counted; past it the oldest go
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,6 +240,59 @@ class _UserChecker:
         return defer.fail(cred_error.UnauthorizedLogin())
 
 
+def peer_key(host: str) -> str:
+    """What AUTH failures are counted by: the address, or for IPv6 its /64 (one site's, usually)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
+
+
+class PeerAuthFailures:
+    """Failed AUTHs per client address (:func:`peer_key`), counted in windows of ``window`` seconds.
+
+    An address with ``limit`` failures in its window is refused until that window ends; a
+    ``limit`` of 0 counts nothing. At most ``max_peers`` addresses are kept, in the order
+    their windows began: the expired ones go first, and the oldest one when there are too many.
+    """
+
+    def __init__(self, limit: int, window: float, clock: Any, max_peers: int = MAX_TRACKED_PEERS):
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self.max_peers = max_peers
+        self._peers: dict[str, list[float]] = {}  # key -> [failures, end of the window]
+
+    def blocked(self, host: str) -> bool:
+        entry = self._peers.get(peer_key(host)) if self.limit else None
+        return entry is not None and entry[0] >= self.limit and entry[1] > self.clock.seconds()
+
+    def record(self, host: str) -> int:
+        """Count a failure from ``host``; returns its failures in the current window (0: not counted)."""
+        if not self.limit:
+            return 0
+        now = self.clock.seconds()
+        while self._peers:
+            oldest = next(iter(self._peers))
+            if self._peers[oldest][1] > now:
+                break
+            del self._peers[oldest]
+        key = peer_key(host)
+        entry = self._peers.get(key)
+        if entry is None or entry[1] <= now:  # the latter only when the clock went back
+            self._peers.pop(key, None)
+            if len(self._peers) >= self.max_peers:
+                del self._peers[next(iter(self._peers))]
+            entry = self._peers[key] = [0, now + self.window]
+        entry[0] += 1
+        return int(entry[0])
+
+
 class IncomingSMTP(smtp.ESMTP):
     """Twisted's ESMTP with SIZE, 8BITMIME, AUTH only under TLS, domain checks and streamed DATA."""
 
@@ -312,7 +367,7 @@ class IncomingSMTP(smtp.ESMTP):
         elif challenger is None:
             self.sendCode(504 if mechanism else 501, b"5.5.4 AUTH takes a mechanism this server offers: "
                           + b" ".join(self.challengers))
-        else:
+        elif not self._peer_blocked():
             self.mode = smtp.AUTH
             self.challenger = challenger()
             initial = initial.strip()
@@ -338,6 +393,8 @@ class IncomingSMTP(smtp.ESMTP):
             return
         credentials = self.challenger
         self._end_auth()
+        if self._peer_blocked():
+            return
         self._busy = True
         checked = self.portal.login(credentials, None, smtp.IMessageDeliveryFactory, smtp.IMessageDelivery)
         checked.addCallbacks(self._cbAuthenticated, self._ebAuthenticated, errbackArgs=(credentials,))
@@ -348,6 +405,14 @@ class IncomingSMTP(smtp.ESMTP):
         self.mode = smtp.COMMAND
         if code is not None:
             self.sendCode(code, text)
+
+    def _peer_blocked(self) -> bool:
+        """Refuses AUTH with 454 while this client's address has too many failures behind it."""
+        if not self.mail_factory.peer_failures.blocked(self._peer()):
+            return False
+        self.sendCode(454, b"4.7.0 Too many failed authentication attempts from your address; "
+                      b"try again later")
+        return True
 
     def _cbAuthenticated(self, loginInfo: Any) -> None:
         super()._cbAuthenticated(loginInfo)
@@ -369,9 +434,13 @@ class IncomingSMTP(smtp.ESMTP):
         name = getattr(credentials, "username", None) or b""
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
+        from_peer = self.mail_factory.peer_failures.record(peer)
         log.warn("SMTP AUTH failed for user {user!r} from {peer}: {count} of {limit} failures allowed on "
                  "this connection", user=clean_text(str(name))[:200], peer=peer,
                  count=self._auth_failures, limit=limit)
+        if from_peer == self.mail_factory.peer_failures.limit:
+            log.warn("SMTP AUTH from {peer} is refused for the next {window:.0f} s after {count} failures",
+                     peer=peer_key(peer), window=self.mail_factory.peer_failures.window, count=from_peer)
         delay = min(self.mail_factory.mail.auth_delay * 2 ** (self._auth_failures - 1), MAX_AUTH_DELAY)
         if self._connected():
             self._auth_answer = self.callLater(delay, self._answer_failed_auth, self._auth_failures >= limit)
@@ -626,6 +695,7 @@ class IncomingMailFactory(protocol.ServerFactory):
         self.ingest = MailIngest(bus, store, reactor, parsers=parsers)
         self.tls = server_tls(mail) if mail.tls_cert else None
         self.connections: set[IncomingSMTP] = set()
+        self.peer_failures = PeerAuthFailures(mail.auth_peer_failures, mail.auth_peer_window, self.clock)
         self.portal = Portal(_SubmitterRealm(), [_UserChecker(mail.users)]) if mail.users and self.tls else None
 
     def buildProtocol(self, addr: Any) -> IncomingSMTP:

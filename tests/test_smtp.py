@@ -28,7 +28,7 @@ from cockpit.mailhtml import html_to_markdown
 from cockpit.mailparse import (MAIL_POLICY, Envelope, clean_text, has_unsafe_links, looks_like_markdown, parse_mail,
                               read_headers, safe_filename)
 from cockpit.parse_pool import ParserPool
-from cockpit.smtp import IncomingMailFactory, IncomingSMTP
+from cockpit.smtp import IncomingMailFactory, IncomingSMTP, PeerAuthFailures
 from cockpit import mailparse
 from cockpit import smtp as smtp_module
 from cockpit.store import Store
@@ -857,6 +857,61 @@ class AuthFailures(AuthCase):
                     client.docmd("AUTH", "LOGIN")[0], client.docmd("*")[0], client.docmd("NOOP")[0]]
         self.assertEqual([501, 504, 501, 501, 334, 501, 250], (yield self.auth_client(work)))
         self.assertEqual([], self.log_lines("AUTH failed"))
+
+
+class PeerAuthLimit(AuthCase):
+    auth_options = {"auth_peer_failures": 2, "auth_peer_window": 600.0}
+
+    @inlineCallbacks
+    def test_an_address_with_too_many_failures_gets_454_at_once_until_its_window_has_passed(self):
+        def wrong_twice(client):
+            return [client.docmd("AUTH", plain_auth("alice", "nope"))[0] for _ in range(2)]
+
+        def right(client):
+            return client.docmd("AUTH", plain_auth("alice", "s3cret"))
+        codes = self.auth_client(wrong_twice)
+        yield self.answer_failures(2)
+        self.assertEqual([535, 535], (yield codes))
+        code, text = yield self.auth_client(right)  # another connection from the same address
+        self.assertEqual((454, b"4.7.0 Too many failed authentication attempts from your address; try again later"),
+                         (code, text))
+        [refused] = self.log_lines("is refused for the next")
+        self.assertEqual(("127.0.0.1", 600.0), (refused["peer"], refused["window"]))
+        self.clock.advance(600)
+        code, _ = yield self.auth_client(right)
+        self.assertEqual(235, code)
+
+
+class PeerFailureCount(TestCase):
+    """How failed AUTHs are counted per client address, driven by a Clock."""
+
+    def test_failures_count_per_address_and_ipv6_slash_64_until_the_window_has_passed(self):
+        clock = Clock()
+        failures = PeerAuthFailures(2, 60.0, clock)
+        self.assertEqual([1, 2], [failures.record("192.0.2.1"), failures.record("::ffff:192.0.2.1")])
+        self.assertEqual([1, 2], [failures.record("2001:db8:0:1::1"), failures.record("2001:db8:0:1:ffff::2")])
+        self.assertEqual(1, failures.record("2001:db8:0:2::1"))
+        self.assertEqual([True, True, False, False],
+                         [failures.blocked(host) for host in ("192.0.2.1", "2001:db8:0:1::3", "2001:db8:0:2::1",
+                                                              "192.0.2.2")])
+        clock.advance(59.9)
+        self.assertTrue(failures.blocked("192.0.2.1"))
+        clock.advance(0.1)
+        self.assertFalse(failures.blocked("192.0.2.1"))
+        self.assertEqual(1, failures.record("192.0.2.1"))  # a new window
+
+    def test_at_most_max_peers_addresses_are_remembered_the_oldest_are_forgotten_first(self):
+        clock = Clock()
+        failures = PeerAuthFailures(1, 60.0, clock, max_peers=2)
+        for host in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            failures.record(host)
+            clock.advance(1)
+        self.assertEqual([False, True, True], [failures.blocked(f"192.0.2.{n}") for n in (1, 2, 3)])
+
+    def test_a_limit_of_zero_counts_nothing(self):
+        failures = PeerAuthFailures(0, 60.0, Clock())
+        self.assertEqual(0, failures.record("192.0.2.1"))
+        self.assertFalse(failures.blocked("192.0.2.1"))
 
 
 class Backpressure(TestCase):
