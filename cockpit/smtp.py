@@ -311,6 +311,7 @@ class IncomingSMTP(smtp.ESMTP):
         self._auth_answer: Any = None  # the delayed answer to a failed AUTH
         self._pending = b""  # received bytes not yet handled (commands, or data before 354 was sent)
         self._busy = False  # a message, or an AUTH, is being answered: later input waits
+        self._handling = False  # _handle_pending is running
         self._paused = False  # reading stopped: too much input waits behind a busy message
         self._tls_just_started = False
         self._chunks: list[bytes] = []
@@ -545,12 +546,24 @@ class IncomingSMTP(smtp.ESMTP):
         self._handle_pending()
 
     def _handle_pending(self) -> None:
+        if self._handling:
+            # an answer that came at once, from within the loop below: the loop goes on, so
+            # that a client sending many commands in one go does not deepen the stack with each
+            return
+        self._handling = True
+        try:
+            self._handle_pending_input()
+        finally:
+            self._handling = False
+
+    def _handle_pending_input(self) -> None:
         while not self._busy and not self.transport.disconnecting:
             if self.mode == RAWDATA:
                 data, self._pending = self._pending, b""
-                if data:
-                    self._data_received(data)
-                return
+                if not data:
+                    return
+                self._data_received(data)
+                continue
             end = self._pending.find(b"\r\n")
             if end < 0:
                 break

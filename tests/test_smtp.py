@@ -954,6 +954,26 @@ class Backpressure(TestCase):
         self.assertEqual(1, len(bus.streams["ckpt.email"].entries))
 
 
+    def test_hundreds_of_messages_sent_in_one_go_are_each_published_and_answered_in_order(self):
+        from twisted.internet.testing import StringTransport
+
+        from cockpit.bus import MemoryBus
+
+        bus = MemoryBus()  # publishes at once: each answer comes back while the input is being read
+        store = Store(Path(self.mktemp()), "http://cockpit.test")
+        factory = IncomingMailFactory(MailSection(domains=[DOMAIN], hostname="mx.cockpit.test"), bus, store, reactor,
+                                      clock=Clock())
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        mail = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<ops@" + DOMAIN.encode() + b">\r\nDATA\r\n" \
+               b"Subject: one of many\r\n\r\nhi\r\n.\r\n"
+        proto.dataReceived(b"EHLO client\r\n" + mail * 400 + b"QUIT\r\n")
+        codes = [line[:3] for line in transport.value().split(b"\r\n")[1:] if line[3:4] == b" "]
+        self.assertEqual([b"250"] + [b"250", b"250", b"354", b"250"] * 400 + [b"221"], codes)
+        self.assertEqual(400, len(bus.streams["ckpt.email"].entries))
+
+
 class Parsing(TestCase):
     """What only the parser decides, without a connection."""
 
