@@ -122,6 +122,10 @@ class MailSection(ListenSection):
     tls_cert: Optional[str] = None  # PEM with certificate and key; enables STARTTLS
     tls_key: Optional[str] = None  # when the key is in a file of its own
     users: dict[str, str] = {}  # name -> password for AUTH PLAIN/LOGIN, offered only after STARTTLS
+    auth_failures: Annotated[int, Field(gt=0, le=100)] = 3  # failed AUTHs per connection; the last gets 421
+    auth_delay: Annotated[float, Field(ge=0, le=60)] = 1.0  # seconds before a failed AUTH's 535; doubles each time
+    auth_peer_failures: Annotated[int, Field(ge=0)] = 10  # failed AUTHs per address in auth_peer_window; 0: any
+    auth_peer_window: Annotated[float, Field(gt=0)] = 900.0  # seconds an address is counted for, then refused
     parsers: Annotated[int, Field(ge=0, le=64)] = 2  # parser processes for big mail and mail with files; 0: threads
     parse_timeout: Annotated[float, Field(gt=0)] = 60.0  # seconds a parser may spend on one message
     relay: Optional[RelaySection] = None

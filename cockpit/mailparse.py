@@ -1,13 +1,14 @@
 """Reading received mail: bytes -> :class:`EmailEvent`, attachments into the store.
 
 Blocking, and pure apart from the store writes: the SMTP server runs it on the reactor
-thread only for a small message with no file to store, and otherwise in a mail parser
-process (:mod:`cockpit.parse_worker`) or a thread. A message is read with the stdlib
-``email`` package and ``policy.default`` (DESIGN §3 email): ``text/plain`` is preferred
-for the body, HTML alone becomes Markdown, and every other part, inline images and
-attached messages included, goes to the store space ``attachments``. A message nested
-too deeply, with too many parts, or that trips the parser is kept whole as
-``message.eml``.
+thread only for a small message with no file to store and no HTML to convert, and
+otherwise in a mail parser process (:mod:`cockpit.parse_worker`) or a thread. A message
+is read with the stdlib ``email`` package and ``policy.default`` (DESIGN §3 email):
+``text/plain`` is preferred for the body, HTML alone becomes Markdown that links only to
+http, https and mailto (:mod:`cockpit.mailhtml`), plain text with any other link is no
+Markdown, and every other part, inline images and attached messages included, goes to
+the store space ``attachments``. A message nested too deeply, with too many parts, or
+that trips the parser is kept whole as ``message.eml``.
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ _MD_STRONG = [
     ("#", re.compile(r"^ {0,3}#{1,6}[ \t]+\S", re.M)),  # ATX heading
     ("``", re.compile(r"^ {0,3}```", re.M)),  # code fence
     ("~~", re.compile(r"^ {0,3}~~~", re.M)),
-    ("](", re.compile(r"\[[^\]\n]+\]\((?:https?://|mailto:|/|#)[^)\s]*\)")),  # inline link
+    ("](", re.compile(r"\[[^\]\n]+\]\((?:https?://|mailto:)[^)\s]*\)", re.I)),  # inline link
     ("**", re.compile(r"(?<![\w*])\*\*(?=\S)[^\n*]+(?<=\S)\*\*(?![\w*])")),  # **strong**
     ("*", re.compile(r"(?<![\w*])\*(?=[^\s*])[^\n*]+(?<=[^\s*])\*(?![\w*])")),  # *emphasis*
 ]
@@ -160,6 +161,28 @@ _MD_MARK_BYTES = b"#`~]*"  # every strong mark needs one of these
 # a list item at the start of a line; searched in "\n" + text, since a pattern that starts with
 # a literal is scanned for in C, where "^" with re.M is tried at every position
 _MD_LIST_ITEM = re.compile(r"\n {0,3}(?:[-*+]|\d{1,3}[.)])[ \t]+\S")
+
+
+LINK_SCHEMES = frozenset({"http", "https", "mailto"})  # what a link in an event's Markdown body may point to
+# Where Markdown takes a link target: after "](" (an inline link or image) and after "]:" at the
+# start of a line (a link reference definition); the target must start with a scheme of
+# LINK_SCHEMES, spelled out. "<" opens an autolink or raw HTML, and may open only an autolink
+# to such a URL or to a mail address. Anything else may be a link elsewhere, or HTML.
+_UNSAFE_MARKDOWN = re.compile(
+    r"\][ \t]*+\(\s*+<?+(?!https?://|mailto:)"
+    r"|(?:^|\n) {0,3}\[(?:[^\[\]\\]|\\.){0,999}\]:\s*+<?+(?!https?://|mailto:)"
+    r"|<(?=[a-z/!?])(?!(?:https?://|mailto:)[^\s<>]*>|[\w.!#$%&'*+/=?^`{|}~-]+@[\w.-]+>)",
+    re.I | re.A)
+
+
+def has_unsafe_links(text: str) -> bool:
+    """Whether ``text``, read as Markdown, may hold a link not to http, https or mailto, or raw HTML.
+
+    Errs on the side of yes: such a text is then shown as plain text, where nothing is a link.
+    """
+    if "]" not in text and "<" not in text:
+        return False
+    return _UNSAFE_MARKDOWN.search(text) is not None
 
 
 def looks_like_markdown(text: str) -> bool:
@@ -336,14 +359,19 @@ def _undecoded(part: Message) -> bytes:
 
 
 def _body(text: str, subtype: str) -> tuple[str, str]:
+    """The event's body and bodytype: HTML becomes Markdown that links only to LINK_SCHEMES;
+    plain text is Markdown when it looks like it and holds no other link (else it is text)."""
     if subtype == "html":
-        try:
-            from markdownify import markdownify  # here: most mail has a plain-text body
+        from cockpit.mailhtml import html_to_markdown  # here: most mail has a plain-text body
 
-            return markdownify(text, heading_style="ATX", bullets="-").strip() + "\n", "md"
+        try:
+            return html_to_markdown(text), "md"
+        except RecursionError:
+            log.info("an HTML body is nested too deeply to convert; kept as text")
         except Exception:
-            return text, "html"
-    return text, "md" if looks_like_markdown(text) else "text"
+            log.failure("an HTML body could not be converted; kept as text")
+        return text, "text"  # its source, where no link is a link
+    return text, "md" if looks_like_markdown(text) and not has_unsafe_links(text) else "text"
 
 
 # what the feedparser takes for the start of a header field (its headerRE, less "From " and
@@ -411,7 +439,7 @@ def parse_mail(raw: bytes, envelope: Envelope, store: Store) -> EmailEvent:
             if isinstance(store, NoWritesStore) and content_type != "multipart/alternative":
                 # Other than text with its HTML, a multipart message most often carries
                 # files: it is parsed once, in a thread, rather than up to its first file here.
-                raise WritesToDisk()
+                raise NotOnReactor()
             msg = BytesParser(policy=MAIL_POLICY).parsebytes(raw)
         return _event(msg, raw, envelope, store)
     except (RecursionError, _TooComplex):
@@ -487,6 +515,8 @@ def _event(msg: Message, raw: bytes, envelope: Envelope, store: Store) -> EmailE
     body, bodytype = "", "text"
     if body_leaf is not None:
         subtype = body_leaf.content_type[5:] if body_leaf.content_type.startswith("text/") else "plain"
+        if subtype == "html" and isinstance(store, NoWritesStore):
+            raise NotOnReactor()  # converting HTML takes milliseconds per kilobyte
         body, bodytype = _body(decode_text(body_leaf.part), subtype)
     attachments: dict[str, str] = {}
     for leaf in leaves:
@@ -522,15 +552,15 @@ def unstuff(chunks: list[bytes]) -> bytes:
     return raw.replace(b"\r\n..", b"\r\n.") if b"\r\n.." in raw else raw
 
 
-class WritesToDisk(OSError):
-    """Parsing reached an attachment, which must be written to disk: not on the reactor thread."""
+class NotOnReactor(OSError):
+    """Parsing reached work that must not run on the reactor thread: an attachment to write, or HTML."""
 
 
 class NoWritesStore:
     """Stands in for the store while a small message is parsed on the reactor thread."""
 
     def put_now(self, *args: Any, **kwargs: Any) -> Any:
-        raise WritesToDisk()
+        raise NotOnReactor()
 
 
 NO_WRITES = NoWritesStore()

@@ -5,9 +5,9 @@ Receiving (DESIGN §2 [mail], §3 email, §4): recipients outside ``[mail] domai
 (552 without buffering past the limit); STARTTLS when a certificate is configured and
 AUTH PLAIN/LOGIN only after it. A message is read by :mod:`cockpit.mailparse` (the
 stdlib ``email`` package with ``policy.default``): at once when it is small with no file
-to store, otherwise in a mail parser process. Its attachments go to the store space
-``attachments``, and its event is published before 250 is sent; when the bus cannot
-take it the answer is 451 4.3.0, so the sending server retries.
+to store and no HTML to convert, otherwise in a mail parser process. Its attachments go
+to the store space ``attachments``, and its event is published before 250 is sent; when
+the bus cannot take it the answer is 451 4.3.0, so the sending server retries.
 
 Sending: :class:`MailSender` delivers :class:`OutgoingMail` through ``[mail.relay]``
 with STARTTLS or implicit TLS and AUTH, retrying with backoff; a mail is stored in an
@@ -15,7 +15,9 @@ outbox (Redis, or a spool directory with the embedded bus) before it is accepted
 """
 from __future__ import annotations
 
+import base64
 import hmac
+import ipaddress
 import re
 import time
 import uuid
@@ -46,7 +48,7 @@ from zope.interface import implementer
 from cockpit.bus import Bus, BusUnavailable
 from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
-from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, WritesToDisk, parse_mail, unstuff
+from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, NotOnReactor, clean_text, parse_mail, unstuff
 from cockpit.outbox import Outbox, QueuedMail, SpoolOutbox, Suspended
 from cockpit.parse_pool import ParserPool, ParserUnavailable
 from cockpit.store import Store
@@ -57,6 +59,8 @@ RAWDATA = "RAWDATA"  # our DATA state: the message streams in as bytes, not line
 MAX_RECIPIENTS = 100
 MAX_COMMAND_LINE = 4096  # RFC 5321 allows 512; AUTH responses are longer
 MAX_WAITING = 256 << 10  # input kept while a message is handled, before reading stops
+MAX_AUTH_DELAY = 60.0  # seconds: the longest wait before a failed AUTH is answered
+MAX_TRACKED_PEERS = 10000  # client addresses whose failed AUTHs are counted; past it the oldest go
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,15 +81,16 @@ def parse_job(items: list[tuple[list[bytes], Envelope]], store: Store) -> list[U
 class MailIngest:
     """Turns received messages into published events; answers each with an SMTP reply.
 
-    A message of at most ``inline_bytes`` with no file to store is parsed at once: that
-    costs less than any hop to a thread or a process. The others (big ones, and those
-    with attachments) go to a mail parser process of ``parsers`` (:class:`ParserPool`),
-    where a message that hangs or crashes the parser harms only that process and the
-    parsing holds no lock the reactor needs. Without running parsers (``[mail] parsers =
-    0``, or while they start) they are parsed in the reactor's thread pool, at most
-    ``jobs`` batches at a time: the GIL lets one thread parse at once, and a second covers
-    a batch that waits on the disk. Messages that complete while the jobs run go together
-    in the next batch, so one thread hop serves many messages under load.
+    A message of at most ``inline_bytes`` with no file to store and no HTML body to convert
+    is parsed at once: that costs less than any hop to a thread or a process. The others
+    (big ones, those with attachments, and HTML-only ones) go to a mail parser process of
+    ``parsers`` (:class:`ParserPool`), where a message that hangs or crashes the parser
+    harms only that process and the parsing holds no lock the reactor needs. Without
+    running parsers (``[mail] parsers = 0``, or while they start) they are parsed in the
+    reactor's thread pool, at most ``jobs`` batches at a time: the GIL lets one thread
+    parse at once, and a second covers a batch that waits on the disk. Messages that
+    complete while the jobs run go together in the next batch, so one thread hop serves
+    many messages under load.
     """
 
     def __init__(self, bus: Bus, store: Store, reactor: Any, jobs: int = 2,
@@ -111,7 +116,7 @@ class MailIngest:
         if size <= self.inline_bytes:
             try:
                 event = parse_mail(unstuff(chunks), envelope, NO_WRITES)  # type: ignore[arg-type]
-            except WritesToDisk:
+            except NotOnReactor:
                 pass
             except Exception:
                 d.callback(self._refusal(Failure(), envelope))
@@ -235,6 +240,59 @@ class _UserChecker:
         return defer.fail(cred_error.UnauthorizedLogin())
 
 
+def peer_key(host: str) -> str:
+    """What AUTH failures are counted by: the address, or for IPv6 its /64 (one site's, usually)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
+
+
+class PeerAuthFailures:
+    """Failed AUTHs per client address (:func:`peer_key`), counted in windows of ``window`` seconds.
+
+    An address with ``limit`` failures in its window is refused until that window ends; a
+    ``limit`` of 0 counts nothing. At most ``max_peers`` addresses are kept, in the order
+    their windows began: the expired ones go first, and the oldest one when there are too many.
+    """
+
+    def __init__(self, limit: int, window: float, clock: Any, max_peers: int = MAX_TRACKED_PEERS):
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self.max_peers = max_peers
+        self._peers: dict[str, list[float]] = {}  # key -> [failures, end of the window]
+
+    def blocked(self, host: str) -> bool:
+        entry = self._peers.get(peer_key(host)) if self.limit else None
+        return entry is not None and entry[0] >= self.limit and entry[1] > self.clock.seconds()
+
+    def record(self, host: str) -> int:
+        """Count a failure from ``host``; returns its failures in the current window (0: not counted)."""
+        if not self.limit:
+            return 0
+        now = self.clock.seconds()
+        while self._peers:
+            oldest = next(iter(self._peers))
+            if self._peers[oldest][1] > now:
+                break
+            del self._peers[oldest]
+        key = peer_key(host)
+        entry = self._peers.get(key)
+        if entry is None or entry[1] <= now:  # the latter only when the clock went back
+            self._peers.pop(key, None)
+            if len(self._peers) >= self.max_peers:
+                del self._peers[next(iter(self._peers))]
+            entry = self._peers[key] = [0, now + self.window]
+        entry[0] += 1
+        return int(entry[0])
+
+
 class IncomingSMTP(smtp.ESMTP):
     """Twisted's ESMTP with SIZE, 8BITMIME, AUTH only under TLS, domain checks and streamed DATA."""
 
@@ -247,9 +305,13 @@ class IncomingSMTP(smtp.ESMTP):
         self.portal = factory.portal
         self.host = factory.mail.hostname.encode("idna") if factory.mail.hostname.isascii() \
             else factory.mail.hostname.encode("utf-8")
+        self.callLater = factory.clock.callLater  # the idle timeout's, and the delay of a failed AUTH's answer
         self.user: Optional[str] = None
+        self._auth_failures = 0
+        self._auth_answer: Any = None  # the delayed answer to a failed AUTH
         self._pending = b""  # received bytes not yet handled (commands, or data before 354 was sent)
-        self._busy = False  # a message is being parsed and published: later input waits
+        self._busy = False  # a message, or an AUTH, is being answered: later input waits
+        self._handling = False  # _handle_pending is running
         self._paused = False  # reading stopped: too much input waits behind a busy message
         self._tls_just_started = False
         self._chunks: list[bytes] = []
@@ -289,27 +351,117 @@ class IncomingSMTP(smtp.ESMTP):
             self._from = None
             self._to = []
 
+    # -- AUTH ---------------------------------------------------------------------
+    # Twisted's ext_AUTH and state_AUTH, with replies that say what went wrong, and with the
+    # outcome of the check awaited before any later command is read: a failed one is answered
+    # after a delay that doubles with each failure on the connection, the last one allowed
+    # (``[mail] auth_failures``) with 421 and the end of the connection.
     def ext_AUTH(self, rest: bytes) -> None:
+        mechanism, _, initial = rest.strip().partition(b" ")
+        challenger = self.challengers.get(mechanism.upper())
         if not self.challengers:
             self.sendCode(502, b"5.5.1 AUTH is not enabled on this server")
         elif not self.startedTLS:
             self.sendCode(538, b"5.7.11 Encryption required: issue STARTTLS first")
-        else:
-            super().ext_AUTH(rest)
+        elif self.authenticated:
+            self.sendCode(503, b"5.5.1 Already authenticated")
+        elif challenger is None:
+            self.sendCode(504 if mechanism else 501, b"5.5.4 AUTH takes a mechanism this server offers: "
+                          + b" ".join(self.challengers))
+        elif not self._peer_blocked():
+            self.mode = smtp.AUTH
+            self.challenger = challenger()
+            initial = initial.strip()
+            if initial:
+                self.challenger.getChallenge()  # the one the initial response answers
+            self.state_AUTH(initial or None)
 
     def state_AUTH(self, response: Optional[bytes]) -> None:
+        if response is None:
+            self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
+            return
+        if response == b"*":
+            self._end_auth(501, b"5.7.0 Authentication aborted")
+            return
         try:
-            super().state_AUTH(response)
-        except Exception:  # a malformed PLAIN response raises from deep inside cred
-            self.challenger = None
-            self.mode = smtp.COMMAND
-            self.sendCode(501, b"5.5.2 Malformed authentication response")
+            # "=" is the empty initial response (RFC 4954)
+            self.challenger.setResponse(b"" if response == b"=" else base64.b64decode(response, validate=True))
+        except Exception:  # not base64, or PLAIN without its two NULs
+            self._end_auth(501, b"5.5.2 Malformed authentication response")
+            return
+        if self.challenger.moreChallenges():
+            self.sendCode(334, base64.b64encode(self.challenger.getChallenge()))
+            return
+        credentials = self.challenger
+        self._end_auth()
+        if self._peer_blocked():
+            return
+        self._busy = True
+        checked = self.portal.login(credentials, None, smtp.IMessageDeliveryFactory, smtp.IMessageDelivery)
+        checked.addCallbacks(self._cbAuthenticated, self._ebAuthenticated, errbackArgs=(credentials,))
+        checked.addErrback(self._auth_crashed)
 
-    def _cbAuthenticated(self, loginInfo: Any) -> Any:
-        result = super()._cbAuthenticated(loginInfo)
+    def _end_auth(self, code: Optional[int] = None, text: bytes = b"") -> None:
+        self.challenger = None
+        self.mode = smtp.COMMAND
+        if code is not None:
+            self.sendCode(code, text)
+
+    def _peer_blocked(self) -> bool:
+        """Refuses AUTH with 454 while this client's address has too many failures behind it."""
+        if not self.mail_factory.peer_failures.blocked(self._peer()):
+            return False
+        self.sendCode(454, b"4.7.0 Too many failed authentication attempts from your address; "
+                      b"try again later")
+        return True
+
+    def _cbAuthenticated(self, loginInfo: Any) -> None:
+        super()._cbAuthenticated(loginInfo)
         self.user = loginInfo[1].username
         log.info("SMTP client {peer} authenticated as {user}", peer=self._peer(), user=self.user)
-        return result
+        if self._connected():
+            self.sendCode(235, b"2.7.0 Authentication successful")
+            self._resume()
+
+    def _ebAuthenticated(self, reason: Failure, credentials: Any = None) -> None:
+        if not reason.check(cred_error.UnauthorizedLogin):
+            log.failure("SMTP AUTH from {peer}: the credentials could not be checked", reason, peer=self._peer())
+            if self._connected():
+                self.sendCode(454, b"4.7.0 Temporary authentication failure; try again later")
+                self._resume()
+            return
+        self._auth_failures += 1
+        peer, limit = self._peer(), self.mail_factory.mail.auth_failures
+        name = getattr(credentials, "username", None) or b""
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        from_peer = self.mail_factory.peer_failures.record(peer)
+        log.warn("SMTP AUTH failed for user {user!r} from {peer}: {count} of {limit} failures allowed on "
+                 "this connection", user=clean_text(str(name))[:200], peer=peer,
+                 count=self._auth_failures, limit=limit)
+        if from_peer == self.mail_factory.peer_failures.limit:
+            log.warn("SMTP AUTH from {peer} is refused for the next {window:.0f} s after {count} failures",
+                     peer=peer_key(peer), window=self.mail_factory.peer_failures.window, count=from_peer)
+        delay = min(self.mail_factory.mail.auth_delay * 2 ** (self._auth_failures - 1), MAX_AUTH_DELAY)
+        if self._connected():
+            self._auth_answer = self.callLater(delay, self._answer_failed_auth, self._auth_failures >= limit)
+
+    def _answer_failed_auth(self, last: bool) -> None:
+        self._auth_answer = None
+        if not last:
+            self.sendCode(535, b"5.7.8 Authentication credentials invalid")
+            self._resume()
+            return
+        log.warn("SMTP client {peer} disconnected after {count} failed AUTH attempts",
+                 peer=self._peer(), count=self._auth_failures)
+        self.sendCode(421, b"4.7.0 " + self.host + b" Too many failed authentication attempts, "
+                      b"closing the connection")
+        self.transport.loseConnection()
+
+    def _auth_crashed(self, failure: Failure) -> None:
+        log.failure("SMTP AUTH from {peer} failed unexpectedly", failure, peer=self._peer())
+        if self._connected():
+            self.transport.abortConnection()
 
     def _peer(self) -> str:
         try:
@@ -374,6 +526,9 @@ class IncomingSMTP(smtp.ESMTP):
                                    f"this server takes mail for {', '.join(sorted(domains))}")
         return lambda: None
 
+    def do_NOOP(self, rest: bytes) -> None:
+        self.sendCode(250, b"2.0.0 OK")  # RFC 5321 4.5.1: every server has it; Twisted's has not
+
     # -- input ------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
@@ -391,12 +546,24 @@ class IncomingSMTP(smtp.ESMTP):
         self._handle_pending()
 
     def _handle_pending(self) -> None:
+        if self._handling:
+            # an answer that came at once, from within the loop below: the loop goes on, so
+            # that a client sending many commands in one go does not deepen the stack with each
+            return
+        self._handling = True
+        try:
+            self._handle_pending_input()
+        finally:
+            self._handling = False
+
+    def _handle_pending_input(self) -> None:
         while not self._busy and not self.transport.disconnecting:
             if self.mode == RAWDATA:
                 data, self._pending = self._pending, b""
-                if data:
-                    self._data_received(data)
-                return
+                if not data:
+                    return
+                self._data_received(data)
+                continue
             end = self._pending.find(b"\r\n")
             if end < 0:
                 break
@@ -488,9 +655,17 @@ class IncomingSMTP(smtp.ESMTP):
 
     def _answer(self, reply: tuple[int, bytes]) -> None:
         self._busy = False
-        if self.transport is None or self.transport.disconnected:
+        if not self._connected():
             return
         self.sendCode(*reply)
+        self._resume()
+
+    def _connected(self) -> bool:
+        return self.transport is not None and not self.transport.disconnected
+
+    def _resume(self) -> None:
+        """Go on with the input that waited while the last command was answered."""
+        self._busy = False
         if self._paused:
             self._paused = False
             self.transport.resumeProducing()
@@ -499,6 +674,9 @@ class IncomingSMTP(smtp.ESMTP):
     def connectionLost(self, reason: Any) -> None:
         self.mode = smtp.COMMAND  # nothing of a half-received message is kept
         self._chunks = []
+        if self._auth_answer is not None and self._auth_answer.active():
+            self._auth_answer.cancel()
+        self._auth_answer = None
         super().connectionLost(reason)
         self.mail_factory.connections.discard(self)
         closed, self.closed = self.closed, []
@@ -521,14 +699,16 @@ class IncomingMailFactory(protocol.ServerFactory):
     noisy = False
 
     def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any = None,
-                 parsers: Optional[ParserPool] = None):
+                 parsers: Optional[ParserPool] = None, clock: Any = None):
         if reactor is None:
             from twisted.internet import reactor
+        self.clock = clock if clock is not None else reactor  # the connections' timers
         self.mail = mail
         self.domains = frozenset(d.lower().rstrip(".") for d in mail.domains)
         self.ingest = MailIngest(bus, store, reactor, parsers=parsers)
         self.tls = server_tls(mail) if mail.tls_cert else None
         self.connections: set[IncomingSMTP] = set()
+        self.peer_failures = PeerAuthFailures(mail.auth_peer_failures, mail.auth_peer_window, self.clock)
         self.portal = Portal(_SubmitterRealm(), [_UserChecker(mail.users)]) if mail.users and self.tls else None
 
     def buildProtocol(self, addr: Any) -> IncomingSMTP:

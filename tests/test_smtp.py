@@ -1,6 +1,7 @@
 """The SMTP server, driven by real SMTP clients (smtplib in a thread) against a real Redis."""
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import smtplib
@@ -14,19 +15,22 @@ from typing import Any, Callable, Optional
 
 import treq
 from twisted.internet import reactor, threads
-from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from cockpit.bus import RedisBus
 from cockpit.config import MailSection, RedisSection
-from cockpit.mailparse import (MAIL_POLICY, Envelope, clean_text, looks_like_markdown, parse_mail, read_headers,
-                              safe_filename)
+from cockpit.mailhtml import html_to_markdown
+from cockpit.mailparse import (MAIL_POLICY, Envelope, clean_text, has_unsafe_links, looks_like_markdown, parse_mail,
+                              read_headers, safe_filename)
 from cockpit.parse_pool import ParserPool
-from cockpit.smtp import IncomingMailFactory
+from cockpit.smtp import IncomingMailFactory, IncomingSMTP, PeerAuthFailures
 from cockpit import mailparse
+from cockpit import smtp as smtp_module
 from cockpit.store import Store
 from tests.mail_corpus import corpus
 from tests.redis_server import RedisServer, shared_server
@@ -70,6 +74,7 @@ class SMTPServerCase(TestCase):
     mail_options: dict[str, Any] = {}
     parsers = 0  # mail parser processes; without, big mail and mail with files is parsed in threads
     parse_timeout = 60.0
+    smtp_clock: Any = None  # the connections' timers; None: the reactor
 
     def setUp(self):
         self.redis = self.redis_server()
@@ -85,7 +90,8 @@ class SMTPServerCase(TestCase):
                                    reactor, clock=self.clock)
             self.pool.startService()
             self.addCleanup(self.pool.stopService)
-        self.factory = IncomingMailFactory(self.mail, self.bus, self.store, reactor, parsers=self.pool)
+        self.factory = IncomingMailFactory(self.mail, self.bus, self.store, reactor, parsers=self.pool,
+                                           clock=self.smtp_clock)
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addCleanup(self.factory.when_idle)
         self.addCleanup(self.port.stopListening)
@@ -145,19 +151,22 @@ class Receiving(SMTPServerCase):
             return real_parse(raw, envelope, store)
 
         self.patch(smtp_module, "parse_mail", recording_parse)
-        mails = {name: EmailMessage() for name in ("small", "big", "alternative", "attached")}
+        mails = {name: EmailMessage() for name in ("small", "big", "alternative", "attached", "html")}
         for name, msg in mails.items():
             msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", name
-            msg.set_content("long line\n" * 20000 if name == "big" else "short\n")
+            if name == "html":
+                msg.set_content("<p>short</p>", subtype="html")
+            else:
+                msg.set_content("long line\n" * 20000 if name == "big" else "short\n")
         mails["alternative"].add_alternative("<p>short</p>", subtype="html")
         mails["attached"].add_attachment(b"x" * 100, maintype="application", subtype="octet-stream",
                                          filename="x.bin")
         for msg in mails.values():
             yield self.send(msg)
-        # small ones at once; a big one, and a small one with a file after a look at its
-        # headers (its parse stops there), in a thread
+        # small ones at once; a big one, a small one with a file, and one of HTML alone after a
+        # look at its headers (its parse stops there), in a thread
         self.assertEqual([("small", True), ("big", False), ("alternative", True), ("attached", True),
-                          ("attached", False)], attempts)
+                          ("attached", False), ("html", True), ("html", False)], attempts)
         events = {event.subject: event for event in (yield self.events())}
         self.assertEqual(["x.bin"], list(events["attached"].attachments))
         self.assertEqual(("short\n", {}), (events["alternative"].body, events["alternative"].attachments))
@@ -213,6 +222,46 @@ class Receiving(SMTPServerCase):
         self.assertTrue(md_event.body.startswith("## Steps"))
         self.assertEqual(text_event.bodytype, "text")
         self.assertEqual(text_event.body, "Hello,\nthe backup ran at 03:00 - all fine.\n-- \nops\n")
+
+    @inlineCallbacks
+    def test_html_links_and_images_to_other_schemes_keep_their_text_and_lose_the_url(self):
+        html = ('<p><a href="javascript:alert(1)">js</a> <a href="JaVaScRiPt:alert(2)">mixed case</a> '
+                '<a href="&#106;avascript&#58;alert(3)">entities</a> '
+                '<a href=" java&#x09;script&colon;alert(4)">tab</a> '
+                '<a href="data:text/html;base64,PHNjcmlwdD4=">data</a> <a href="VBScript:msgbox(5)">vb</a> '
+                '<a href="/status">relative</a> <a href="#top">fragment</a></p>'
+                '<p><img src="javascript:alert(6)" alt="js image"> <img src="data:image/png;base64,iVBOR" '
+                'alt="data image"> <img src="&#x76;bscript:x" alt="vb image"> '
+                '<img src="https://example.org/ok.png" alt="web image"></p>'
+                '<p><a href="https://example.org/a_(b)">web</a> <a href="HTTP://example.org/">plain web</a> '
+                '<a href="mailto:ops@example.org">mail us</a> '
+                '<a href="https://example.org/x">https://example.org/x</a></p>'
+                '<p>[typed](javascript:alert(7)) &lt;javascript:alert(8)&gt;</p>')
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", "links"
+        msg.set_content(html, subtype="html")
+        yield self.send(msg)
+        [event] = yield self.events()
+        self.assertEqual("md", event.bodytype)
+        self.assertEqual(
+            "js mixed case entities tab data vb relative fragment\n\n"
+            "js image data image vb image ![web image](https://example.org/ok.png)\n\n"
+            "[web](https://example.org/a_%28b%29) [plain web](HTTP://example.org/) [mail us](mailto:ops@example.org) "
+            "<https://example.org/x>\n\n"
+            "\\[typed\\](javascript:alert(7)) \\<javascript:alert(8)>\n", event.body)
+
+    @inlineCallbacks
+    def test_plain_text_with_a_link_to_another_scheme_is_text_not_markdown(self):
+        bodies = {"unsafe": "# Runbook\n\n1. open [the console](javascript:alert(1))\n2. restart\n",
+                  "safe": "# Runbook\n\n1. open [the console](https://console.example.org)\n2. restart\n"}
+        for subject, body in bodies.items():
+            msg = EmailMessage()
+            msg["From"], msg["To"], msg["Subject"] = "a@example.org", f"ops@{DOMAIN}", subject
+            msg.set_content(body)
+            yield self.send(msg)
+        events = {event.subject: event for event in (yield self.events())}
+        self.assertEqual(("text", bodies["unsafe"]), (events["unsafe"].bodytype, events["unsafe"].body))
+        self.assertEqual(("md", bodies["safe"]), (events["safe"].bodytype, events["safe"].body))
 
     @inlineCallbacks
     def test_envelope_commands_out_of_order_or_malformed_get_their_own_replies(self):
@@ -612,7 +661,8 @@ class BusFailure(SMTPServerCase):
 class Tls(SMTPServerCase):
     def setUp(self):
         cert = self_signed_cert(Path(self.mktemp()))
-        self.mail_options = {"tls_cert": str(cert), "users": {"alice": "s3cret"}}
+        # a failed AUTH answered in the next reactor turn: the delays have tests of their own
+        self.mail_options = {"tls_cert": str(cert), "users": {"alice": "s3cret"}, "auth_delay": 0.0}
         return super().setUp()
 
     @inlineCallbacks
@@ -650,6 +700,218 @@ class Tls(SMTPServerCase):
             return client.auth("LOGIN", client.auth_login, initial_response_ok=False)
         code, _ = yield self.client(work)
         self.assertEqual(code, 235)
+
+
+def plain_auth(user: str, password: str) -> str:
+    return "PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+
+
+class DelayClock(Clock):
+    """A Clock that hands out the calls scheduled on it, other than idle timeouts, as they come.
+
+    A call is handed out in a later reactor turn, once the code that scheduled it has returned.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._calls: list[Any] = []
+        self._waiting: list[Deferred] = []
+
+    def callLater(self, delay, f, *args, **kwargs):
+        call = super().callLater(delay, f, *args, **kwargs)
+        if delay < IncomingSMTP.timeout:
+            self._calls.append(call)
+            self._hand_out()
+        return call
+
+    def next_call(self) -> Deferred:
+        """Fires with the next call scheduled, with the seconds it was scheduled in."""
+        d: Deferred = Deferred()
+        self._waiting.append(d)
+        self._hand_out()
+        return d
+
+    def _hand_out(self) -> None:
+        while self._calls and self._waiting:
+            call = self._calls.pop(0)
+            reactor.callLater(0, self._waiting.pop(0).callback, (call, call.getTime() - self.seconds()))
+
+
+class AuthCase(SMTPServerCase):
+    """An SMTP server with STARTTLS and the account alice, its timers on a DelayClock."""
+
+    auth_options: dict[str, Any] = {}
+    timeout = 30  # a delay that is never scheduled leaves a test waiting for it
+
+    def setUp(self):
+        cert = self_signed_cert(Path(self.mktemp()))
+        self.mail_options = {"tls_cert": str(cert), "users": {"alice": "s3cret"}, **self.auth_options}
+        self.smtp_clock = self.clock = DelayClock()
+        self.logged: list[dict] = []
+        self.patch(smtp_module, "log", Logger(observer=self.logged.append))
+        return super().setUp()
+
+    def auth_client(self, work: Callable[[smtplib.SMTP], Any]):
+        def secured(client):
+            client.starttls(context=unverified_tls())
+            client.ehlo()
+            return work(client)
+        return self.client(secured)
+
+    @inlineCallbacks
+    def answer_failures(self, count: int):
+        """Let ``count`` delayed AUTH answers go, checking each waits its full delay; fires with the delays."""
+        delays = []
+        for _ in range(count):
+            call, delay = yield self.clock.next_call()
+            self.clock.advance(delay * 0.99)
+            self.assertTrue(call.active(), "answered before its delay")
+            self.clock.advance(delay * 0.01)
+            self.assertFalse(call.active())
+            delays.append(delay)
+        return delays
+
+    def log_lines(self, containing: str) -> list[dict]:
+        return [event for event in self.logged if containing in event["log_format"]]
+
+
+class AuthFailures(AuthCase):
+    @inlineCallbacks
+    def test_wrong_passwords_get_535_after_doubling_delays_and_the_third_421_and_the_close(self):
+        def work(client):
+            replies = [client.docmd("AUTH", plain_auth("alice", f"wrong-{n}")) for n in range(3)]
+            try:
+                client.noop()
+            except smtplib.SMTPServerDisconnected:
+                replies.append("closed")
+            return replies
+        replies = self.auth_client(work)
+        delays = yield self.answer_failures(3)
+        replies = yield replies
+        self.assertEqual([1.0, 2.0, 4.0], delays)
+        self.assertEqual([(535, b"5.7.8 Authentication credentials invalid")] * 2 + [
+            (421, b"4.7.0 mx.cockpit.test Too many failed authentication attempts, closing the connection"),
+            "closed"], replies)
+
+    @inlineCallbacks
+    def test_each_failure_is_logged_with_peer_and_user_and_never_the_password(self):
+        def work(client):
+            client.docmd("AUTH", plain_auth("alice", "hunter2-plain"))
+            client.docmd("AUTH", "LOGIN " + base64.b64encode(b"bob\x1b[31m").decode())
+            return client.docmd(base64.b64encode(b"hunter2-login").decode())
+        replies = self.auth_client(work)
+        yield self.answer_failures(2)
+        self.assertEqual(535, (yield replies)[0])
+        failures = self.log_lines("AUTH failed")
+        self.assertEqual([("127.0.0.1", "alice", 1), ("127.0.0.1", "bob[31m", 2)],
+                         [(e["peer"], e["user"], e["count"]) for e in failures])
+        self.assertIn("AUTH failed for user 'alice' from 127.0.0.1", formatEvent(failures[0]))
+        for event in self.logged:
+            self.assertNotIn("hunter2", formatEvent(event) + repr(event))
+
+    @inlineCallbacks
+    def test_a_right_password_after_a_wrong_one_is_accepted(self):
+        def work(client):
+            wrong = client.docmd("AUTH", plain_auth("alice", "nope"))
+            right = client.docmd("AUTH", plain_auth("alice", "s3cret"))
+            client.sendmail("a@example.org", [f"ops@{DOMAIN}"], b"Subject: after a typo\r\n\r\nhi\r\n")
+            return wrong[0], right[0]
+        codes = self.auth_client(work)
+        yield self.answer_failures(1)
+        self.assertEqual((535, 235), (yield codes))
+        [event] = yield self.events()
+        self.assertEqual("after a typo", event.subject)
+        self.assertEqual(1, len(self.log_lines("authenticated as")))
+
+    @inlineCallbacks
+    def test_commands_pipelined_behind_a_failed_auth_wait_for_its_answer_and_keep_their_order(self):
+        received: list[bytes] = []
+        all_received: Deferred = Deferred()
+        real_data_received = IncomingSMTP.dataReceived
+
+        def recording(proto, data):
+            received.append(data)
+            real_data_received(proto, data)
+            if b"MAIL FROM" in b"".join(received) and not all_received.called:
+                all_received.callback(None)  # once the server has done what it does with it
+
+        self.patch(IncomingSMTP, "dataReceived", recording)
+
+        def work(client):
+            client.send(f"AUTH {plain_auth('alice', 'nope')}\r\nNOOP\r\nAUTH {plain_auth('alice', 's3cret')}\r\n"
+                        "MAIL FROM:<a@example.org>\r\n")
+            return [client.getreply() for _ in range(4)]
+        replies = self.auth_client(work)
+        call, delay = yield self.clock.next_call()
+        yield all_received
+        self.assertEqual([], self.log_lines("authenticated as"))  # the right password waits its turn
+        self.clock.advance(delay)
+        self.assertEqual([535, 250, 235, 250], [code for code, _ in (yield replies)])
+
+    @inlineCallbacks
+    def test_auth_without_a_known_mechanism_or_with_a_malformed_response_gets_501_or_504_and_no_delay(self):
+        def work(client):
+            return [client.docmd("AUTH")[0], client.docmd("AUTH", "CRAM-MD5")[0],
+                    client.docmd("AUTH", "PLAIN not-base64!")[0], client.docmd("AUTH", "PLAIN " +
+                                                                               base64.b64encode(b"no nul").decode())[0],
+                    client.docmd("AUTH", "LOGIN")[0], client.docmd("*")[0], client.docmd("NOOP")[0]]
+        self.assertEqual([501, 504, 501, 501, 334, 501, 250], (yield self.auth_client(work)))
+        self.assertEqual([], self.log_lines("AUTH failed"))
+
+
+class PeerAuthLimit(AuthCase):
+    auth_options = {"auth_peer_failures": 2, "auth_peer_window": 600.0}
+
+    @inlineCallbacks
+    def test_an_address_with_too_many_failures_gets_454_at_once_until_its_window_has_passed(self):
+        def wrong_twice(client):
+            return [client.docmd("AUTH", plain_auth("alice", "nope"))[0] for _ in range(2)]
+
+        def right(client):
+            return client.docmd("AUTH", plain_auth("alice", "s3cret"))
+        codes = self.auth_client(wrong_twice)
+        yield self.answer_failures(2)
+        self.assertEqual([535, 535], (yield codes))
+        code, text = yield self.auth_client(right)  # another connection from the same address
+        self.assertEqual((454, b"4.7.0 Too many failed authentication attempts from your address; try again later"),
+                         (code, text))
+        [refused] = self.log_lines("is refused for the next")
+        self.assertEqual(("127.0.0.1", 600.0), (refused["peer"], refused["window"]))
+        self.clock.advance(600)
+        code, _ = yield self.auth_client(right)
+        self.assertEqual(235, code)
+
+
+class PeerFailureCount(TestCase):
+    """How failed AUTHs are counted per client address, driven by a Clock."""
+
+    def test_failures_count_per_address_and_ipv6_slash_64_until_the_window_has_passed(self):
+        clock = Clock()
+        failures = PeerAuthFailures(2, 60.0, clock)
+        self.assertEqual([1, 2], [failures.record("192.0.2.1"), failures.record("::ffff:192.0.2.1")])
+        self.assertEqual([1, 2], [failures.record("2001:db8:0:1::1"), failures.record("2001:db8:0:1:ffff::2")])
+        self.assertEqual(1, failures.record("2001:db8:0:2::1"))
+        self.assertEqual([True, True, False, False],
+                         [failures.blocked(host) for host in ("192.0.2.1", "2001:db8:0:1::3", "2001:db8:0:2::1",
+                                                              "192.0.2.2")])
+        clock.advance(59.9)
+        self.assertTrue(failures.blocked("192.0.2.1"))
+        clock.advance(0.1)
+        self.assertFalse(failures.blocked("192.0.2.1"))
+        self.assertEqual(1, failures.record("192.0.2.1"))  # a new window
+
+    def test_at_most_max_peers_addresses_are_remembered_the_oldest_are_forgotten_first(self):
+        clock = Clock()
+        failures = PeerAuthFailures(1, 60.0, clock, max_peers=2)
+        for host in ("192.0.2.1", "192.0.2.2", "192.0.2.3"):
+            failures.record(host)
+            clock.advance(1)
+        self.assertEqual([False, True, True], [failures.blocked(f"192.0.2.{n}") for n in (1, 2, 3)])
+
+    def test_a_limit_of_zero_counts_nothing(self):
+        failures = PeerAuthFailures(0, 60.0, Clock())
+        self.assertEqual(0, failures.record("192.0.2.1"))
+        self.assertFalse(failures.blocked("192.0.2.1"))
 
 
 class Backpressure(TestCase):
@@ -692,6 +954,26 @@ class Backpressure(TestCase):
         self.assertEqual(1, len(bus.streams["ckpt.email"].entries))
 
 
+    def test_hundreds_of_messages_sent_in_one_go_are_each_published_and_answered_in_order(self):
+        from twisted.internet.testing import StringTransport
+
+        from cockpit.bus import MemoryBus
+
+        bus = MemoryBus()  # publishes at once: each answer comes back while the input is being read
+        store = Store(Path(self.mktemp()), "http://cockpit.test")
+        factory = IncomingMailFactory(MailSection(domains=[DOMAIN], hostname="mx.cockpit.test"), bus, store, reactor,
+                                      clock=Clock())
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        mail = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<ops@" + DOMAIN.encode() + b">\r\nDATA\r\n" \
+               b"Subject: one of many\r\n\r\nhi\r\n.\r\n"
+        proto.dataReceived(b"EHLO client\r\n" + mail * 400 + b"QUIT\r\n")
+        codes = [line[:3] for line in transport.value().split(b"\r\n")[1:] if line[3:4] == b" "]
+        self.assertEqual([b"250"] + [b"250", b"250", b"354", b"250"] * 400 + [b"221"], codes)
+        self.assertEqual(400, len(bus.streams["ckpt.email"].entries))
+
+
 class Parsing(TestCase):
     """What only the parser decides, without a connection."""
 
@@ -702,6 +984,54 @@ class Parsing(TestCase):
         for text in ("Hello,\nplain words.\n", "- only one dash item\n", "2 * 3 = 6 and 4 * 5 = 20",
                      "snake_case_name and __init__", "price: $5 (approx)"):
             self.assertFalse(looks_like_markdown(text), text)
+
+    def test_plain_text_with_links_elsewhere_or_raw_html_is_not_taken_for_markdown(self):
+        for text in ("see [docs](https://example.org)", "[x]( HTTPS://a )", "![chart](http://x.example/c.png)",
+                     "[mail](mailto:ops@example.org)", "[ref]: https://example.org\n", "<https://example.org/x>",
+                     "Alice <alice@example.org>", "a < b and c > d", "no links [here] at all"):
+            self.assertFalse(has_unsafe_links(text), text)
+        for text in ("[x](javascript:alert(1))", "[x](JaVaScRiPt:alert(1))", "[x]( <javascript:alert(1)>)",
+                     "[x](&#106;avascript:alert(1))", "[x](java\nscript:1)", "![i](data:image/png;base64,AA)",
+                     "[x]\n\n[x]: vbscript:msgbox(1)\n", "<javascript:alert(1)>", "<javascript:alert(1)@x.org>",
+                     "<img src=x onerror=alert(1)>", "</script>", "<!-- hidden -->", "[x](/relative)", "[x](#top)",
+                     "[x](//elsewhere.example)", "[x](\\javascript:1)", "[x] (javascript:1)"):
+            self.assertTrue(has_unsafe_links(text), text)
+
+    def test_html_text_cannot_become_a_link_raw_html_or_code_that_ends_early(self):
+        cases = {
+            "<p>[x](javascript:alert(1)) \\[y](javascript:2) &lt;b onmouseover=x&gt;</p>":
+                "\\[x\\](javascript:alert(1)) \\\\\\[y\\](javascript:2) \\<b onmouseover=x>\n",
+            "<pre>```\n[x](javascript:alert(1))\n```</pre>": "````\n```\n[x](javascript:alert(1))\n```\n````\n",
+            "<p><code>a\n&gt; [x](javascript:1)</code></p>": "`a > [x](javascript:1)`\n",  # no line for a quote
+            '<p><code>&lt;a href="javascript:1"&gt;</code> <kbd>&lt;b&gt;</kbd></p>': '\\<a href="javascript:1"> \\<b>\n',
+            "<table><tr><th>h</th></tr><tr><td><code>a | [x](javascript:1)</code></td></tr></table>":
+                "| h |\n| --- |\n| a | \\[x\\](javascript:1) |\n",
+            '<p><img src="https://x.org/i.png" alt="a](javascript:1) [b"></p>': "![a\\](javascript:1) \\[b](https://x.org/i.png)\n",
+            '<a href="https://x.org/" title="t\\" onclick">titled</a>': "[titled](https://x.org/)\n",
+            '<a href="https://x.org/a b)[y](javascript:1)">u</a>': "[u](https://x.org/a%20b%29[y]%28javascript:1%29)\n",
+            '<a href="java&#x0A;script:1">nl</a> <a href="&#0;javascript:1">nul</a> <a href="\uff4aavascript:1">wide</a> '
+            '<a href="cid:part1">cid</a>': "nl nul wide cid\n",
+            '<video src="javascript:1" poster="https://x.org/p.png">clip</video>': "![clip](https://x.org/p.png)\n",
+            '<a href="vbscript:1"><img src="https://x.org/i.png" alt="logo"></a>': "![logo](https://x.org/i.png)\n",
+        }
+        for html, markdown in cases.items():
+            self.assertEqual(markdown, html_to_markdown(html), html)
+
+    def test_html_with_nothing_unsafe_converts_as_markdownify_converts_it(self):
+        from markdownify import markdownify
+
+        samples = [
+            html_mail_with_two_attachments()[0].get_body(("html",)).get_content(),
+            "<h2>Status</h2><p>All   services\n\t up,  <em>mostly</em>.</p><blockquote><p>quoted</p></blockquote>",
+            '<ol start="7"><li>seven</li><li>eight<ol><li>inner</li></ol></li></ol><ul><li>a<ul><li>b</li></ul></li></ul>',
+            "<pre>\n  \n  indented code  \n    more\n\n  </pre><p>after <code>x_y</code> and <kbd>Ctrl</kbd></p>",
+            '<table><tr><th>host</th><th>load</th></tr><tr><td><a href="https://example.org/h1">h1</a></td>'
+            "<td>0.5</td></tr></table>",
+            '<p><a href="https://example.org/">https://example.org/</a> <a href="mailto:ops@example.org">mail</a> '
+            '<img src="https://example.org/i.png" alt="chart"></p>',
+        ]
+        for html in samples:
+            self.assertEqual(markdownify(html, heading_style="ATX", bullets="-").strip() + "\n", html_to_markdown(html))
 
     def test_reading_the_header_block_alone_gives_the_message_the_stdlib_parser_gives(self):
         samples = [raw for _, raw in corpus()] + [
