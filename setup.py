@@ -20,7 +20,7 @@ setup(
         "klein>=23.5",
         "treq>=23.11",
         "pyyaml>=6",
-        "markdownify>=0.11",
+        "markdownify>=1.0",  # 1.x: the converter hooks take parent_tags, which cockpit.mailhtml overrides
         "service-identity>=21.1",
         "pydantic>=2.6,<3",
         "swagger-ui-bundle>=1.1",
