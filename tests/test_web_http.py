@@ -19,6 +19,7 @@ from cockpit.bus import MemoryBus
 from cockpit.events import GenericEvent
 from cockpit.openapi import JSON, Body, Response, RouteTable
 from cockpit.web import Api, ApiChannel, BoundedRequest, event_frame, sse_frame
+from tests.arrivals import Arrivals
 
 
 class RawClient(protocol.Protocol):
@@ -50,27 +51,6 @@ class RawClient(protocol.Protocol):
         d = Deferred()
         self._waiting.append((marker, count, d))
         return d.addTimeout(timeout, reactor)
-
-
-class Arrivals(list):
-    """A list that says, by a Deferred, when it holds a given number of items."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._waiting: list[tuple[int, Deferred]] = []
-
-    def append(self, item) -> None:
-        super().append(item)
-        for entry in [e for e in self._waiting if e[0] <= len(self)]:
-            self._waiting.remove(entry)
-            entry[1].callback(self)
-
-    def when(self, count: int) -> Deferred:
-        if len(self) >= count:
-            return defer.succeed(self)
-        d: Deferred = Deferred()
-        self._waiting.append((count, d))
-        return d
 
 
 class ThreadedClock(Clock):

@@ -17,27 +17,7 @@ from cockpit.examples import SEED_YAML
 from cockpit.groups import EventGroups
 from cockpit.web import Api
 from tests.redis_server import RedisServer, shared_server
-
-
-class Arrivals(list):
-    """A list that says, by a Deferred, when it holds a given number of items."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._waiting: list[tuple[int, Deferred]] = []
-
-    def append(self, item) -> None:
-        super().append(item)
-        for entry in [e for e in self._waiting if e[0] <= len(self)]:
-            self._waiting.remove(entry)
-            entry[1].callback(self)
-
-    def when(self, count: int) -> Deferred:
-        if len(self) >= count:
-            return defer.succeed(self)
-        d: Deferred = Deferred()
-        self._waiting.append((count, d))
-        return d
+from tests.arrivals import Arrivals
 
 
 @inlineCallbacks
