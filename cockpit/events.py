@@ -6,7 +6,6 @@ type-specific fields keep the names of the original cockpit's examples.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import threading
 import time
