@@ -20,7 +20,8 @@ import txredisapi  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 
-from cockpit.bus import RedisBus, stream_key  # noqa: E402
+from cockpit.backends.redis import RedisBus  # noqa: E402
+from cockpit.bus import stream_key  # noqa: E402
 from cockpit.config import RedisSection  # noqa: E402
 from cockpit.events import AlarmEvent  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402

@@ -33,7 +33,7 @@ import treq  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.web.client import HTTPConnectionPool  # noqa: E402
 
-from cockpit.bus import RedisBus  # noqa: E402
+from cockpit.backends.redis import RedisBus  # noqa: E402
 from cockpit.config import RedisSection  # noqa: E402
 from cockpit.events import AlarmEvent  # noqa: E402
 from tests.redis_server import RedisServer, free_port  # noqa: E402

@@ -79,7 +79,7 @@ def serve_sink() -> None:
 def serve_cockpit(redis_url: str, data_dir: str) -> None:
     from twisted.internet import defer, reactor
 
-    from cockpit.bus import RedisBus
+    from cockpit.backends.redis import RedisBus
     from cockpit.config import MailSection, RedisSection
     from cockpit.parse_pool import ParserPool
     from cockpit.smtp import IncomingMailFactory

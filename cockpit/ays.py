@@ -30,7 +30,8 @@ from twisted.internet.defer import Deferred, DeferredLock, inlineCallbacks
 from twisted.logger import Logger
 
 from cockpit import repos as model
-from cockpit.bus import AYS_GROUP, Bus, Delivery, RedisBus
+from cockpit.backends.redis.bus import RedisBus  # until the catalog has a change feed of its own
+from cockpit.bus import AYS_GROUP, Bus, Delivery
 from cockpit.events import Event, GenericEvent, TelegramEvent, from_data
 from cockpit.repos import Invalid, NotFound, RepoSnapshot, RepoStore, ServiceRecord
 from cockpit.runs import DONE_STATES, Run, RunHistory
@@ -129,7 +130,7 @@ class Robot(Service):
                  workers=self.pool.size, path=str(self.store.root))
         # a few milliseconds of linger between reads that came back short: under load the robot
         # reads and acknowledges in batches, at a cost to latency well inside its 20 ms goal
-        linger = {"linger": READ_LINGER} if isinstance(self.bus, RedisBus) else {}
+        linger = {"linger": READ_LINGER} if self.bus.remote else {}
         self.consumer = self.bus.consumer(AYS_GROUP, self.handle_event, concurrency=self.concurrency,
                                           drain_timeout=min(self.pool.action_timeout + 1.0, 10.0), **linger)
         self.consumer.startService()
@@ -801,12 +802,9 @@ class Robot(Service):
             del self._last_slot[ident]
 
     def _claim_slot(self, sub: Subscription, slot: int, period: float) -> Deferred:
-        """Fires True for the one process that runs this period (always, with the embedded bus)."""
-        if not isinstance(self.bus, RedisBus):
-            return defer.succeed(True)
+        """Fires True for the one process, of all that share the bus, that runs this period."""
         key = RECURRING_KEY.format(repo=sub.repo, service=sub.service, action=sub.action, slot=slot)
-        d = self.bus.execute("SET", key, str(os.getpid()), "NX", "PX", str(int(period * 2000)))
-        return d.addCallback(lambda reply: reply is not None and str(reply).upper() == "OK")
+        return self.bus.remember(key, str(os.getpid()), period * 2)
 
     def _fire_claimed(self, claimed: bool, sub: Subscription) -> Optional[Deferred]:
         if not claimed:

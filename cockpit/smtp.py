@@ -49,7 +49,7 @@ from cockpit.bus import Bus, BusUnavailable
 from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
 from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, NotOnReactor, clean_text, parse_mail, unstuff
-from cockpit.outbox import Outbox, QueuedMail, SpoolOutbox, Suspended
+from cockpit.outbox import Outbox, QueuedMail, Suspended
 from cockpit.parse_pool import ParserPool, ParserUnavailable
 from cockpit.store import Store
 
@@ -817,7 +817,7 @@ class MailSender(Service):
 
     def __init__(self, relay: RelaySection, reactor: Any = None, hostname: Optional[str] = None,
                  first_delay: float = 5.0, max_delay: float = 600.0, history: int = 500,
-                 max_queued: int = 10000, concurrency: int = 4, outbox: Optional[Outbox] = None):
+                 max_queued: int = 10000, concurrency: int = 4, *, outbox: Outbox):
         if reactor is None:
             from twisted.internet import reactor
         self.relay = relay
@@ -825,8 +825,7 @@ class MailSender(Service):
         self.hostname = hostname or "localhost"
         self.first_delay = first_delay
         self.max_delay = max_delay
-        # without an outbox of its own, mail waits in memory only (a sender under test)
-        self.outbox = outbox if outbox is not None else SpoolOutbox(None, reactor, history, max_queued)
+        self.outbox = outbox
         self._slots = defer.DeferredSemaphore(concurrency)  # attempts under way at once
         self._delivering: dict[str, _Delivering] = {}
         self._watchers: dict[str, list[Deferred]] = {}

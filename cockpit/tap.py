@@ -10,7 +10,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from cockpit import config as config_module
-from cockpit.bus import make_bus
+from cockpit.backends import make_backend
 from cockpit.config import Config, ConfigError
 from cockpit.listener import Listener, check_endpoint
 
@@ -73,7 +73,8 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     top = MultiService()
-    bus = make_bus(cfg.redis)
+    backend = make_backend(cfg, reactor)  # Redis or embedded: chosen here, once
+    bus = backend.bus
     bus.setName("bus")
     bus.setServiceParent(top)  # first in, so it is stopped last
 
@@ -84,11 +85,9 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     store = Store(cfg.data_dir / "store", cfg.public_url, reactor)
     mailer = None
     if cfg.mail.relay is not None:
-        from cockpit.outbox import make_outbox
-
         # outgoing mail is stored in Redis, or under data_dir with the embedded bus, before it is accepted
         mailer = MailSender(cfg.mail.relay, reactor, hostname=cfg.mail.hostname,
-                            outbox=make_outbox(bus, cfg.data_dir, reactor))
+                            outbox=backend.outbox())
         mailer.setName("mailer")
         mailer.setServiceParent(top)
     parsers = None
@@ -106,7 +105,7 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
 
     from cockpit.groups import EventGroups
 
-    groups = EventGroups(bus)
+    groups = EventGroups(bus, backend.group_store())
     groups.setName("groups")
     groups.setServiceParent(top)
     from cockpit.ays import Robot
@@ -124,7 +123,7 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     if cfg.bot.token:
         from cockpit.telegram import TelegramBot
 
-        bot = TelegramBot(cfg, bus, reactor)
+        bot = TelegramBot(cfg, backend, reactor)
         bot.setName("telegram")
         bot.setServiceParent(top)
 

@@ -14,14 +14,11 @@ Client: ``cockpit.telegram_api``; polling, state and lease: ``cockpit.telegram_p
 """
 from __future__ import annotations
 
-import hashlib
 import html
-import os
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from twisted.application.service import MultiService
 from twisted.internet import defer, task, threads
@@ -30,11 +27,14 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from cockpit import repos as ays_repos
-from cockpit.bus import Bus, Delivery, RedisBus
+from cockpit.bus import Bus, Delivery
 from cockpit.config import Config
 from cockpit.events import AlarmEvent, EcoEvent, Event, TelegramEvent
 from cockpit.telegram_api import ApiUnreachable, BadToken, BotApi, RetryAfter, TelegramError
-from cockpit.telegram_poll import FileBotState, RedisBotState, RedisLease, UpdatePoller
+from cockpit.telegram_poll import UpdatePoller
+
+if TYPE_CHECKING:
+    from cockpit.backends import Backend
 
 log = Logger()
 
@@ -644,72 +644,6 @@ class NoticeBatcher:
             d.cancel()
 
 
-class RedisNoticeBatcher(NoticeBatcher):
-    """The same notices, counted in Redis, so that several cockpits send one notice between them.
-
-    Every process adds its repeats to a counter in Redis; the process that saw a notice first
-    (a SET NX key it renews while the repeats go on) is the one that sends it and its sums.
-    If that process dies, its key expires and the next repeat is news again.
-    """
-
-    prefix = "ckpt.telegram.notice."
-
-    def __init__(self, send: Callable[[str], Deferred], clock: IReactorTime, bus: RedisBus,
-                 gather: float = 2.0, window: float = 60.0):
-        super().__init__(send, clock, gather=gather, window=window)
-        self.bus = bus
-        self.holder = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.flushing: set[Deferred] = set()
-
-    def _keys(self, key: tuple[str, ...]) -> tuple[str, str]:
-        base = self.prefix + hashlib.sha256("\x00".join(key).encode()).hexdigest()[:24]
-        return base + ".count", base + ".owner"
-
-    def _ttl(self) -> str:
-        return str(int((self.gather + self.window) * 1000) + 5000)
-
-    def add(self, event: Event) -> Optional[Deferred]:  # type: ignore[override]
-        key = notice_key(event)
-        if key is None:
-            return None
-        count, owner = self._keys(key)
-        d = self.bus.transaction(("INCR", count), ("PEXPIRE", count, self._ttl()),
-                                 ("SET", owner, self.holder, "NX", "PX", self._ttl()))
-        d.addCallback(self._counted, key, event)
-        d.addErrback(lambda f: log.warn("could not count a notice: {error}", error=f.getErrorMessage()))
-        return d
-
-    def _counted(self, replies: list, key: tuple[str, ...], event: Event) -> None:
-        became_owner = replies[2] is not None and str(replies[2]).upper() == "OK"
-        if became_owner and key not in self.notices:
-            notice = self.notices[key] = _Notice(notice_text(event), 0)
-            notice.timer = self.clock.callLater(self.gather, self._flush, key, True)
-
-    def _flush(self, key: tuple[str, ...], first: bool) -> None:
-        count, _ = self._keys(key)
-        d = self.bus.execute("GETSET", count, "0")
-
-        def taken(value: Any) -> None:
-            notice = self.notices.get(key)
-            if notice is not None:
-                notice.count = int(value or 0)
-                self._say(key, first)
-
-        d.addCallback(taken)
-        d.addErrback(lambda f: log.warn("could not read a notice's count: {error}", error=f.getErrorMessage()))
-        self.flushing.add(d)
-        d.addBoth(lambda _: self.flushing.discard(d))
-
-    def _keep(self, key: tuple[str, ...]) -> None:
-        count, owner = self._keys(key)
-        self.bus.transaction(("PEXPIRE", owner, self._ttl()), ("PEXPIRE", count, self._ttl())).addErrback(
-            lambda f: None)  # if it lapses, the next repeat is news again: no harm
-
-    def _forget(self, key: tuple[str, ...]) -> None:
-        _, owner = self._keys(key)
-        self.bus.execute("DEL", owner).addErrback(lambda f: None)
-
-
 # ---------------------------------------------------------------------------
 # the bot
 # ---------------------------------------------------------------------------
@@ -731,7 +665,7 @@ class TelegramBot(MultiService):
     ``reactor`` is made, and closed when the service stops.
     """
 
-    def __init__(self, cfg: Config, bus: Bus, reactor: Any = None, http: Any = None,
+    def __init__(self, cfg: Config, backend: "Backend", reactor: Any = None, http: Any = None,
                  clock: Optional[IReactorTime] = None, lease_ttl: float = 30.0,
                  notice_gather: float = 2.0, notice_window: float = 60.0, output_max_age: float = 3600.0):
         super().__init__()
@@ -745,14 +679,10 @@ class TelegramBot(MultiService):
         if http is None:
             http, pool = _http_client(reactor)
         self.api = BotApi(cfg.bot.token, cfg.bot.api_url, http, clock, pool=pool)
-        self.bus = bus
+        self.bus = bus = backend.bus
         self.sender = MessageSender(self.api, clock)
-        lease = None
-        if isinstance(bus, RedisBus):
-            self.state: Any = RedisBotState(bus, self.api.bot_id)
-            lease = RedisLease(bus, self.api.bot_id, clock, ttl=lease_ttl)
-        else:
-            self.state = FileBotState(cfg.data_dir / "telegram", self.api.bot_id)
+        self.state = backend.bot_state(self.api.bot_id)
+        lease = backend.lease(self.api.bot_id, clock, lease_ttl)
         self.commands = ChatCommands(self.api, self.sender, bus, self.state, cfg.bot.allowed_users,
                                      cfg.repos_dir)
         self.poller = UpdatePoller(self.api, self.state, self.commands.handle_update, clock, lease=lease)
@@ -764,11 +694,7 @@ class TelegramBot(MultiService):
         self.output.setName("telegram-output")
         self.output.setServiceParent(self)
         self.notify_chats = list(cfg.bot.notify_chats)
-        if isinstance(bus, RedisBus):
-            self.notices: NoticeBatcher = RedisNoticeBatcher(self._notify, clock, bus, gather=notice_gather,
-                                                             window=notice_window)
-        else:
-            self.notices = NoticeBatcher(self._notify, clock, gather=notice_gather, window=notice_window)
+        self.notices = backend.notice_batcher(self._notify, clock, notice_gather, notice_window)
         self.notify_consumer = None
         if self.notify_chats:
             self.notify_consumer = bus.consumer(NOTIFY_GROUP, self._notice, types=["alarm", "eco"])

@@ -5,34 +5,24 @@ handler (which publishes its event), and only then stores ``update_id + 1`` as t
 offset: an update is published at least once, and after a clean stop or a restart none is
 handled twice. With Redis the state lives under ``ckpt.telegram.*`` and a lease
 (``SET NX PX`` renewed while held) lets exactly one of several cockpit processes poll; with
-the embedded bus it lives in one JSON file in the data directory.
+the embedded backend it lives in one JSON file in the data directory (:mod:`cockpit.backends`).
 """
 from __future__ import annotations
 
-import json
-import uuid
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
-from twisted.internet import defer, task, threads
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, inlineCallbacks
+from twisted.internet import defer, task
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from cockpit.bus import BusUnavailable, RedisBus
-from cockpit.files import write_atomically
+from cockpit.bus import BusUnavailable
 from cockpit.telegram_api import ApiUnreachable, BadToken, BotApi, Conflict, RetryAfter, TelegramError
 
 log = Logger()
 
 ALLOWED_UPDATES = ("message", "callback_query")
-KEY_PREFIX = "ckpt.telegram."
-
-
-def redis_key(bot_id: str, what: str) -> str:
-    """The Redis key of one piece of a bot's state: ``ckpt.telegram.<what>.<bot id>``."""
-    return f"{KEY_PREFIX}{what}.{bot_id}"
 
 
 # ---------------------------------------------------------------------------
@@ -65,142 +55,34 @@ class BotState:
         raise NotImplementedError
 
 
-class RedisBotState(BotState):
-    """State in Redis: ``ckpt.telegram.offset.<bot>`` (string), ``.repo.<bot>`` (hash by user id),
-    ``.refused.<bot>`` (set of user ids)."""
-
-    def __init__(self, bus: RedisBus, bot_id: str):
-        self.bus = bus
-        self.offset_key = redis_key(bot_id, "offset")
-        self.repo_key = redis_key(bot_id, "repo")
-        self.refused_key = redis_key(bot_id, "refused")
-
-    def offset(self) -> Deferred:
-        return self.bus.execute("GET", self.offset_key).addCallback(lambda v: int(v) if v else None)
-
-    def save_offset(self, offset: int) -> Deferred:
-        return self.bus.execute("SET", self.offset_key, str(offset))
-
-    def current_repo(self, user_id: int) -> Deferred:
-        return self.bus.execute("HGET", self.repo_key, str(user_id)).addCallback(lambda v: v or None)
-
-    def set_current_repo(self, user_id: int, repo: Optional[str]) -> Deferred:
-        if repo is None:
-            return self.bus.execute("HDEL", self.repo_key, str(user_id))
-        return self.bus.execute("HSET", self.repo_key, str(user_id), repo)
-
-    def first_refusal(self, user_id: int) -> Deferred:
-        return self.bus.execute("SADD", self.refused_key, str(user_id)).addCallback(lambda n: int(n) == 1)
-
-
-class FileBotState(BotState):
-    """State in ``<data_dir>/telegram/<bot>.json``, replaced atomically by a thread on every change."""
-
-    def __init__(self, directory: Path, bot_id: str):
-        self.path = Path(directory) / f"{bot_id}.json"
-        self.data: dict[str, Any] = {"offset": None, "repos": {}, "refused": []}
-        self._lock = DeferredLock()
-        self._loaded: Optional[Deferred] = None
-
-    def load(self) -> Deferred:
-        if self._loaded is None:
-            self._loaded = threads.deferToThread(self._read)
-            self._loaded.addCallback(self._got)
-        return self._loaded
-
-    def _read(self) -> Optional[dict[str, Any]]:
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return None
-
-    def _got(self, data: Optional[dict[str, Any]]) -> None:
-        if isinstance(data, dict):
-            self.data.update(data)
-
-    def _save(self) -> Deferred:
-        # serialised: a slow older write must not land after a newer one
-        return self._lock.run(lambda: threads.deferToThread(
-            write_atomically, self.path, json.dumps(self.data).encode("utf-8")))
-
-    def offset(self) -> Deferred:
-        return self.load().addCallback(lambda _: self.data.get("offset"))
-
-    def save_offset(self, offset: int) -> Deferred:
-        self.data["offset"] = offset
-        return self._save()
-
-    def current_repo(self, user_id: int) -> Deferred:
-        return self.load().addCallback(lambda _: self.data["repos"].get(str(user_id)))
-
-    def set_current_repo(self, user_id: int, repo: Optional[str]) -> Deferred:
-        if repo is None:
-            self.data["repos"].pop(str(user_id), None)
-        else:
-            self.data["repos"][str(user_id)] = repo
-        return self._save()
-
-    def first_refusal(self, user_id: int) -> Deferred:
-        if user_id in self.data["refused"]:
-            return defer.succeed(False)
-        self.data["refused"].append(user_id)
-        return self._save().addCallback(lambda _: True)
-
-
 # ---------------------------------------------------------------------------
 # lease
 # ---------------------------------------------------------------------------
 
-_RENEW = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
-          "return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end")
-_RELEASE = ("if redis.call('GET', KEYS[1]) == ARGV[1] then "
-            "return redis.call('DEL', KEYS[1]) else return 0 end")
+class Lease:
+    """A lease on polling one bot token, so that one process polls it at a time."""
 
-
-class RedisLease:
-    """A lease on polling one bot token: ``SET key holder NX PX ttl``, renewed by its holder."""
-
-    def __init__(self, bus: RedisBus, bot_id: str, clock: IReactorTime, ttl: float = 30.0):
-        self.bus = bus
-        self.key = redis_key(bot_id, "lease")
-        self.clock = clock
-        self.ttl = ttl
-        self.holder = uuid.uuid4().hex
-        self.valid_until = 0.0
+    ttl: float
 
     @property
     def held(self) -> bool:
-        return self.clock.seconds() < self.valid_until
+        raise NotImplementedError
 
-    def _granted(self, asked_at: float) -> bool:
-        # a margin, so that this process stops before another can take over
-        self.valid_until = asked_at + self.ttl * 2 / 3
-        return True
+    valid_until: float  # when this process's hold ends unless renewed; 0 when it does not hold the lease
 
-    @inlineCallbacks
-    def acquire(self):
+    def acquire(self) -> Deferred:
         """Fires with whether this process holds the lease now."""
-        asked_at = self.clock.seconds()
-        reply = yield self.bus.execute("SET", self.key, self.holder, "NX", "PX", str(int(self.ttl * 1000)))
-        if reply is not None and str(reply).upper() == "OK":
-            return self._granted(asked_at)
-        return (yield self.renew())
+        raise NotImplementedError
 
-    @inlineCallbacks
-    def renew(self):
+    def renew(self) -> Deferred:
         """Fires with whether this process still holds the lease (and extends it if so)."""
-        asked_at = self.clock.seconds()
-        reply = yield self.bus.execute("EVAL", _RENEW, "1", self.key, self.holder, str(int(self.ttl * 1000)))
-        if int(reply) == 1:
-            return self._granted(asked_at)
-        self.valid_until = 0.0
-        return False
+        raise NotImplementedError
 
     def release(self) -> Deferred:
-        self.valid_until = 0.0
-        return self.bus.execute("EVAL", _RELEASE, "1", self.key, self.holder)
+        raise NotImplementedError
 
+
+# ---------------------------------------------------------------------------
 
 # ---------------------------------------------------------------------------
 # the poller
@@ -217,7 +99,7 @@ class UpdatePoller(Service):
     """
 
     def __init__(self, api: BotApi, state: BotState, handler: UpdateHandler, clock: IReactorTime,
-                 lease: Optional[RedisLease] = None, poll_timeout: int = 30,
+                 lease: Optional[Lease] = None, poll_timeout: int = 30,
                  backoff_start: float = 1.0, backoff_cap: float = 30.0):
         self.api = api
         self.state = state

@@ -11,7 +11,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cockpit.ays import Robot
-from cockpit.bus import AYS_GROUP, Delivery, MemoryBus, RedisBus
+from cockpit.backends.embedded import MemoryBus
+from cockpit.backends.redis import RedisBus
+from cockpit.bus import AYS_GROUP, Delivery
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EmailEvent, TelegramEvent
 from cockpit.repos import Invalid, NotFound

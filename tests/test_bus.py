@@ -11,7 +11,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from cockpit.bus import AYS_GROUP, BusUnavailable, MemoryBus, RedisBus, cursor, stream_key
+from cockpit.backends.embedded import MemoryBus
+from cockpit.backends.redis import RedisBus
+from cockpit.bus import AYS_GROUP, BusUnavailable, cursor, stream_key
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EmailEvent, GenericEvent
 from tests.redis_server import RedisServer, shared_server

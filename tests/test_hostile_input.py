@@ -16,7 +16,7 @@ from twisted.web.client import HTTPConnectionPool
 from cockpit import config
 from cockpit.ays import Robot
 from cockpit.ays_api import AysApi
-from cockpit.bus import MemoryBus
+from cockpit.backends.embedded import MemoryBus
 from cockpit.runs import RunHistory
 from cockpit.web import Api
 from cockpit.workers import WorkerPool

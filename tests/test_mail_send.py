@@ -19,9 +19,12 @@ from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from cockpit.bus import BusUnavailable, RedisBus
+from cockpit.backends.redis import RedisBus
+from cockpit.bus import BusUnavailable
 from cockpit.config import RedisSection, RelaySection
-from cockpit.outbox import MAIL_GROUP, MAIL_STREAM, RedisOutbox, SpoolOutbox
+from cockpit.backends.embedded.outbox import SpoolOutbox
+from cockpit.backends.redis.outbox import RedisOutbox
+from cockpit.outbox import MAIL_GROUP, MAIL_STREAM
 from cockpit.smtp import MailSender, OutgoingMail
 from tests.redis_server import RedisServer, free_port, shared_server
 from tests.test_smtp import self_signed_cert
@@ -150,7 +153,7 @@ class SendingBehaviour:
         self.clock = Clock()
 
     def make_outbox(self) -> Any:
-        return None
+        return SpoolOutbox(None, ClockedReactor(self.clock))  # in memory: a queue that needs no restart
 
     def listen(self, port: int = 0, implicit_tls: bool = False) -> int:
         if implicit_tls:

@@ -22,7 +22,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from cockpit.bus import RedisBus
+from cockpit.backends.redis import RedisBus
 from cockpit.config import MailSection, RedisSection
 from cockpit.mailhtml import html_to_markdown
 from cockpit.mailparse import (MAIL_POLICY, Envelope, clean_text, has_unsafe_links, looks_like_markdown, parse_mail,
@@ -921,7 +921,7 @@ class Backpressure(TestCase):
         from twisted.internet.defer import Deferred
         from twisted.internet.testing import StringTransport
 
-        from cockpit.bus import MemoryBus
+        from cockpit.backends.embedded import MemoryBus
         from cockpit.smtp import MAX_WAITING
 
         bus = MemoryBus()
@@ -957,7 +957,7 @@ class Backpressure(TestCase):
     def test_hundreds_of_messages_sent_in_one_go_are_each_published_and_answered_in_order(self):
         from twisted.internet.testing import StringTransport
 
-        from cockpit.bus import MemoryBus
+        from cockpit.backends.embedded import MemoryBus
 
         bus = MemoryBus()  # publishes at once: each answer comes back while the input is being read
         store = Store(Path(self.mktemp()), "http://cockpit.test")

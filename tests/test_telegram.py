@@ -11,7 +11,9 @@ from twisted.trial.unittest import TestCase
 
 from cockpit import config, tap
 from cockpit.ays import Robot
-from cockpit.bus import Delivery, MemoryBus, RedisBus
+from cockpit.backends.embedded import MemoryBus
+from cockpit.backends.redis import RedisBus
+from cockpit.bus import Delivery
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EcoEvent, TelegramEvent
 from cockpit.repos import RepoStore, ServiceRecord
@@ -21,6 +23,7 @@ from cockpit.workers import WorkerPool
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer, User
 from tests.redis_server import shared_server
 from tests.test_telegram_api import TOKEN, real_client
+from tests.wiring import backend_for
 
 ALICE = User(1001, "alice", "Alice")
 BOB = User(2002, "bob", "Bob")  # not allowed
@@ -59,7 +62,7 @@ class BotCase(TestCase):
         self.bus = MemoryBus(clock=self.clock)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
-        self.bot = TelegramBot(self.cfg, self.bus, http=self.api.http, clock=self.clock)
+        self.bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), http=self.api.http, clock=self.clock)
         self.bot.startService()
         self.addCleanup(self.bot.stopService)
         self.updates = 0
@@ -257,7 +260,7 @@ class AccessTests(BotCase):
     def test_the_refusal_is_not_repeated_after_a_restart(self):
         yield self.say("/help", user=BOB)
         yield self.bot.stopService()
-        again = TelegramBot(self.cfg, self.bus, http=self.api.http, clock=self.clock)
+        again = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), http=self.api.http, clock=self.clock)
         again.startService()
         self.addCleanup(again.stopService)
         self.fake.message(BOB, "/help")
@@ -382,7 +385,7 @@ class OutputTests(BotCase):
         # a group created on an old stream starts from its beginning: old replies are not news
         clock = Clock()
         clock.advance(10000)
-        bot = TelegramBot(self.cfg, self.bus, http=self.api.http, clock=clock)
+        bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), http=self.api.http, clock=clock)
         stale = TelegramEvent(io="output", action="message", epoch=0, args={"chat_id": ALICE.id, "msg": "old"})
         fresh = TelegramEvent(io="output", action="message", epoch=9000, args={"chat_id": ALICE.id, "msg": "new"})
         yield bot.deliver(stale, Delivery("ckpt.telegram", "1-0", 1))
@@ -470,7 +473,7 @@ class TwoProcessTests(TestCase):
             bus.startService()
             self.addCleanup(bus.stopService)
             yield bus.when_connected()
-            bot = TelegramBot(cfg, bus, http=api.http, clock=clock)
+            bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), http=api.http, clock=clock)
             bot.startService()
             self.addCleanup(bot.stopService)
             bots.append(bot)
@@ -523,7 +526,7 @@ class EndToEndTests(TestCase):
         self.robot.startService()
         self.addCleanup(self.robot.stopService)
         yield self.robot.ready
-        self.bot = TelegramBot(self.cfg, self.bus, reactor)  # its own pooled treq client, on a real port
+        self.bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), reactor)  # its own pooled treq client, on a real port
         self.bot.startService()
         self.addCleanup(self.bot.stopService)
 
@@ -579,7 +582,7 @@ class SharedNoticeTests(TestCase):
 
     @inlineCallbacks
     def setUp(self):
-        from cockpit.telegram import RedisNoticeBatcher
+        from cockpit.backends.redis.telegram import RedisNoticeBatcher
 
         redis = shared_server()
         redis.flush()

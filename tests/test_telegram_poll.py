@@ -10,13 +10,17 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from cockpit import config
-from cockpit.bus import MemoryBus, RedisBus
+from cockpit.backends.embedded import MemoryBus
+from cockpit.backends.redis import RedisBus
 from cockpit.config import RedisSection
 from cockpit.telegram import TelegramBot
-from cockpit.telegram_poll import FileBotState, RedisBotState, RedisLease, UpdatePoller, redis_key
+from cockpit.backends.embedded.telegram import FileBotState
+from cockpit.backends.redis.telegram import RedisBotState, RedisLease, redis_key
+from cockpit.telegram_poll import UpdatePoller
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer, User
 from tests.redis_server import shared_server
 from tests.test_telegram_api import TOKEN, real_client
+from tests.wiring import backend_for
 
 ALICE = User(1001, "alice", "Alice")
 
@@ -201,14 +205,14 @@ class RestartHarness(PollerHarness):
     @inlineCallbacks
     def restart_in_the_middle(self, bus, cfg):
         first_batch = [self.fake.message(ALICE, "/repo list")["update_id"] for _ in range(25)]
-        bot = TelegramBot(cfg, bus, http=self.api.http, clock=self.clock)
+        bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), http=self.api.http, clock=self.clock)
         bot.startService()
         yield bot.poller.when_handled(10)
         yield bot.stopService()  # the update being handled finishes; the rest wait for the next process
         handled_before = bot.poller.handled
         self.assertLess(handled_before, 25)
         second_batch = [self.fake.message(ALICE, "/repo list")["update_id"] for _ in range(15)]
-        again = TelegramBot(cfg, bus, http=self.api.http, clock=self.clock)
+        again = TelegramBot(cfg, backend_for(bus, cfg.data_dir), http=self.api.http, clock=self.clock)
         again.startService()
         self.addCleanup(again.stopService)
         yield again.poller.when_handled(40 - handled_before)
@@ -334,10 +338,12 @@ class RedisPollerTests(RedisHarness, TestCase):
 
     @inlineCallbacks
     def test_the_embedded_bus_needs_no_lease(self):
-        bus = MemoryBus()
-        bot = TelegramBot(bot_config(self.mktemp(), self.server.url), bus, http=self.api.http, clock=self.clock)
+        cfg = bot_config(self.mktemp(), self.server.url)
+        bot = TelegramBot(cfg, backend_for(MemoryBus(clock=self.clock), cfg.data_dir), http=self.api.http,
+                          clock=self.clock)
         self.assertIsNone(bot.poller.lease)
         redis_bot = TelegramBot(bot_config(self.mktemp(), self.server.url, self.redis.url),
-                                RedisBus(RedisSection(url=self.redis.url)), http=self.api.http, clock=self.clock)
+                                backend_for(RedisBus(RedisSection(url=self.redis.url), clock=self.clock)),
+                                http=self.api.http, clock=self.clock)
         self.assertIsNotNone(redis_bot.poller.lease)
         yield defer.succeed(None)

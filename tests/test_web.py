@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cockpit import config
-from cockpit.bus import MemoryBus
+from cockpit.backends.embedded import MemoryBus
 from cockpit.examples import SEED_YAML
 from cockpit.openapi import ApiError, Param, Reply, Response, RouteTable
 from cockpit.web import Api

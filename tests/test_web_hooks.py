@@ -15,10 +15,11 @@ from twisted.trial.unittest import TestCase
 import uuid
 
 from cockpit import config
-from cockpit.bus import MemoryBus
+from cockpit.backends.embedded import MemoryBus
 from cockpit.smtp import MailSender
 from cockpit.web import GITHUB_DELIVERY_NAMESPACE, GITHUB_DELIVERY_TTL, Api
 from tests.test_web_http import LiveServer, dechunk
+from cockpit.backends.embedded.outbox import SpoolOutbox
 
 SECRET = "hook-secret"
 PUSH = {"ref": "refs/heads/main", "repository": {"full_name": "acme/shop"}}
@@ -252,7 +253,7 @@ class MailTests(TestCase):
     @inlineCallbacks
     def test_mail_is_handed_to_the_sender_and_202_gives_its_record(self):
         relay = config.from_dict({"mail": {"relay": {"host": "127.0.0.1", "port": 9}}}).mail.relay
-        mailer = MailSender(relay, reactor)  # not started: the mail waits in its queue
+        mailer = MailSender(relay, reactor, outbox=SpoolOutbox(None, reactor))  # not started: the mail waits in its queue
         client = self.make_client(mailer)
         response, record = yield self.send(client, {"to": ["ops@example.com"], "subject": "disk full",
                                                     "body": "**node!n1**", "bodytype": "md"})
@@ -265,7 +266,7 @@ class MailTests(TestCase):
     @inlineCallbacks
     def test_bad_address_is_400_naming_the_field(self):
         relay = config.from_dict({"mail": {"relay": {"host": "127.0.0.1", "port": 9}}}).mail.relay
-        response, payload = yield self.send(self.make_client(MailSender(relay, reactor)),
+        response, payload = yield self.send(self.make_client(MailSender(relay, reactor, outbox=SpoolOutbox(None, reactor))),
                                             {"to": ["not an address"], "subject": "s", "body": "b"})
         self.assertEqual(400, response.code)
         self.assertIn("to", payload["error"])

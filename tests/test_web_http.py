@@ -15,7 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from cockpit import config, events
-from cockpit.bus import MemoryBus
+from cockpit.backends.embedded import MemoryBus
 from cockpit.events import GenericEvent
 from cockpit.openapi import JSON, Body, Response, RouteTable
 from cockpit.web import Api, ApiChannel, BoundedRequest, event_frame, sse_frame

@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from cockpit import config
 from cockpit.ays_api import AysApi
-from cockpit.bus import MemoryBus
+from cockpit.backends.embedded import MemoryBus
 from cockpit.events import from_yaml
 from cockpit.examples import SEED_YAML
 from cockpit.openapi import downgrade_to_30

@@ -11,13 +11,14 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial.unittest import TestCase
 
 from cockpit import config
-from cockpit.bus import RedisBus
+from cockpit.backends.redis import RedisBus
 from cockpit.config import RedisSection
 from cockpit.examples import SEED_YAML
 from cockpit.groups import EventGroups
 from cockpit.web import Api
 from tests.redis_server import RedisServer, shared_server
 from tests.arrivals import Arrivals
+from tests.wiring import backend_for
 
 
 @inlineCallbacks
@@ -206,7 +207,7 @@ class GroupsBehaviour:
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         yield self.ready()
-        self.groups = EventGroups(self.bus, drain_timeout=0)
+        self.groups = EventGroups(self.bus, backend_for(self.bus).group_store(), drain_timeout=0)
         self.groups.startService()
         self.addCleanup(self.groups.stopService)
         self.api = Api(config.from_dict({}), self.bus, groups=self.groups)
@@ -285,7 +286,7 @@ class GroupsBehaviour:
 
 class MemoryGroupsTests(GroupsBehaviour, TestCase):
     def make_bus(self):
-        from cockpit.bus import MemoryBus
+        from cockpit.backends.embedded import MemoryBus
 
         return MemoryBus(clock=reactor)
 
@@ -313,7 +314,7 @@ class RedisGroupsTests(GroupsBehaviour, TestCase):
         other_bus.startService()
         self.addCleanup(other_bus.stopService)
         yield other_bus.when_connected()
-        other = EventGroups(other_bus, drain_timeout=0)
+        other = EventGroups(other_bus, backend_for(other_bus).group_store(), drain_timeout=0)
         other.consumer.block_ms = 100
         other.startService()
         self.addCleanup(other.stopService)

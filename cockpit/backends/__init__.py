@@ -1,0 +1,69 @@
+"""The one boundary of shared state: what cockpit processes share, behind interfaces with two implementations.
+
+A :class:`Backend` hands out every piece of state that several processes must see alike:
+the bus, the event groups, the outgoing mail, the Telegram bot's state, lease and notice
+counts (and, through the bus, marks such as the recurring actions' claims). There are
+two: :class:`cockpit.backends.redis.RedisBackend`, shared by every process on one
+Redis, and :class:`cockpit.backends.embedded.EmbeddedBackend`, inside one process, on
+its ``data_dir``. :func:`make_backend` picks one, once, where the service tree is built;
+everything else talks to the interfaces. No module outside this package sends a Redis
+command.
+
+The interfaces live with the domain they serve: :class:`cockpit.bus.Bus`,
+:class:`cockpit.groups.GroupStore`, :class:`cockpit.outbox.Outbox`,
+:class:`cockpit.telegram_poll.BotState` and :class:`cockpit.telegram_poll.Lease`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from cockpit.bus import Bus
+from cockpit.groups import GroupStore
+from cockpit.outbox import Outbox
+from cockpit.telegram_poll import BotState, Lease
+
+if TYPE_CHECKING:
+    from cockpit.config import Config
+    from cockpit.telegram import NoticeBatcher
+
+__all__ = ["Backend", "Bus", "GroupStore", "Outbox", "BotState", "Lease", "make_backend"]
+
+
+class Backend:
+    """Where one cockpit keeps what it shares; see the module docstring."""
+
+    kind = "abstract"
+
+    def __init__(self, bus: Bus):
+        self.bus = bus
+
+    def group_store(self) -> GroupStore:
+        raise NotImplementedError
+
+    def outbox(self, history: int = 500) -> Outbox:
+        raise NotImplementedError
+
+    def bot_state(self, bot_id: str) -> BotState:
+        raise NotImplementedError
+
+    def lease(self, bot_id: str, clock: IReactorTime, ttl: float) -> Optional[Lease]:
+        """The polling lease of a bot token; None where one process is all there is."""
+        raise NotImplementedError
+
+    def notice_batcher(self, send: Callable[[str], Deferred], clock: IReactorTime, gather: float,
+                       window: float) -> "NoticeBatcher":
+        raise NotImplementedError
+
+
+def make_backend(cfg: "Config", reactor: Any) -> Backend:
+    """Redis when ``[redis]`` is set, else the embedded backend on ``data_dir``: the one place that chooses."""
+    if cfg.redis is not None:
+        from cockpit.backends.redis import RedisBackend
+
+        return RedisBackend(cfg.redis, reactor)
+    from cockpit.backends.embedded import EmbeddedBackend
+
+    return EmbeddedBackend(cfg.data_dir, reactor)

@@ -1,0 +1,55 @@
+"""The embedded backend: the same interfaces inside one process, kept on its ``data_dir``.
+
+Events stay in this process's memory (the bus says so at start); what must survive a
+restart (outgoing mail, the bot's offset) is written under ``data_dir``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from cockpit.backends import Backend
+from cockpit.backends.embedded.bus import MemoryBus
+
+__all__ = ["EmbeddedBackend", "MemoryBus"]
+
+
+class EmbeddedBackend(Backend):
+    kind = "embedded"
+    bus: MemoryBus
+
+    def __init__(self, data_dir: Optional[Path], reactor: Any, bus: Optional[MemoryBus] = None):
+        super().__init__(bus if bus is not None else MemoryBus(clock=reactor))
+        # None: nothing on disk (tests that need no restart)
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.reactor = reactor
+
+    def group_store(self) -> Any:
+        from cockpit.backends.embedded.groups import MemoryGroupStore
+
+        return MemoryGroupStore()
+
+    def outbox(self, history: int = 500) -> Any:
+        from cockpit.backends.embedded.outbox import SpoolOutbox
+
+        return SpoolOutbox(self.data_dir / "mail" if self.data_dir is not None else None, self.reactor,
+                           history=history)
+
+    def bot_state(self, bot_id: str) -> Any:
+        from cockpit.backends.embedded.telegram import FileBotState
+
+        if self.data_dir is None:
+            raise ValueError("the bot's state needs a data_dir")
+        return FileBotState(self.data_dir / "telegram", bot_id)
+
+    def lease(self, bot_id: str, clock: IReactorTime, ttl: float) -> None:
+        return None  # one process: nobody to share the token with
+
+    def notice_batcher(self, send: Callable[[str], Deferred], clock: IReactorTime, gather: float,
+                       window: float) -> Any:
+        from cockpit.telegram import NoticeBatcher
+
+        return NoticeBatcher(send, clock, gather=gather, window=window)

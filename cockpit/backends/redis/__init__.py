@@ -1,0 +1,47 @@
+"""Every piece of shared state on one Redis: several cockpit processes, on several machines, see it alike."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+
+from cockpit.backends import Backend
+from cockpit.backends.redis.bus import RedisBus
+from cockpit.config import RedisSection
+
+__all__ = ["RedisBackend", "RedisBus"]
+
+
+class RedisBackend(Backend):
+    kind = "redis"
+    bus: RedisBus
+
+    def __init__(self, settings: RedisSection, reactor: Any, bus: Optional[RedisBus] = None):
+        super().__init__(bus if bus is not None else RedisBus(settings, clock=reactor, reactor=reactor))
+
+    def group_store(self) -> Any:
+        from cockpit.backends.redis.groups import RedisGroupStore
+
+        return RedisGroupStore(self.bus)
+
+    def outbox(self, history: int = 500) -> Any:
+        from cockpit.backends.redis.outbox import RedisOutbox
+
+        return RedisOutbox(self.bus, history=history)
+
+    def bot_state(self, bot_id: str) -> Any:
+        from cockpit.backends.redis.telegram import RedisBotState
+
+        return RedisBotState(self.bus, bot_id)
+
+    def lease(self, bot_id: str, clock: IReactorTime, ttl: float) -> Any:
+        from cockpit.backends.redis.telegram import RedisLease
+
+        return RedisLease(self.bus, bot_id, clock, ttl=ttl)
+
+    def notice_batcher(self, send: Callable[[str], Deferred], clock: IReactorTime, gather: float,
+                       window: float) -> Any:
+        from cockpit.backends.redis.telegram import RedisNoticeBatcher
+
+        return RedisNoticeBatcher(send, clock, self.bus, gather=gather, window=window)

@@ -1,0 +1,514 @@
+"""The bus on Redis (txredisapi 1.6), DESIGN §4.
+
+- ``PUBLISH ckpt.<type> <json>`` for live watchers, and
+- ``XADD ckpt.<type> MAXLEN ~ N * event <json>`` for the durable log,
+  both in one MULTI/EXEC;
+- consumer groups (``ays``) read with XREADGROUP, reclaim with XAUTOCLAIM, and
+  move an entry delivered too often to the stream ``ckpt.dead``.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import txredisapi
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from cockpit.backends.resp import EXEC, MULTI, CommandProtocol, encode_command, fields
+from cockpit.bus import (DEAD_LETTER_STREAM, Bus, BusUnavailable, Consumer, mark_key, entry_order,
+                         parse_before, stream_key)
+from cockpit.config import RedisSection
+from cockpit.events import EVENT_TYPES, Event, from_stored
+
+log = Logger()
+
+class _LiveProtocol(txredisapi.SubscriberProtocol):
+    def connectionMade(self):
+        d = super().connectionMade()
+        # subscriptions do not survive a reconnect: make them on every connection
+        self.whenConnected().addCallback(
+            lambda proto: proto.subscribe([stream_key(t) for t in EVENT_TYPES])
+        ).addCallback(lambda _: self.factory.bus._live_ready(True))
+        return d
+
+    def connectionLost(self, why):
+        self.factory.bus._live_ready(False)
+        return super().connectionLost(why)
+
+    def messageReceived(self, pattern, channel, message):
+        try:
+            event = from_stored(message)
+        except ValueError:
+            log.warn("ignored an undecodable message on {channel}", channel=channel)
+            return
+        self.factory.bus._deliver_live(event)
+
+
+class RedisBus(Bus):
+    kind = "redis"
+    remote = True
+
+    def __init__(self, settings: RedisSection, clock: Optional[IReactorTime] = None,
+                 reactor: Any = None):
+        super().__init__(settings.stream_maxlen, settings.max_deliveries, settings.claim_idle, clock)
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.settings = settings
+        self._conn = settings.connection()
+        self._maxlen = str(settings.stream_maxlen)
+        self._factory: Optional[txredisapi.RedisFactory] = None
+        self._live: Optional[txredisapi.SubscriberFactory] = None
+        self._batch: list[tuple[str, bytes, Deferred]] = []
+        self._flush_call = None
+        self._encoded: dict[str, tuple[bytes, bytes]] = {}
+        self._awaiting = 0  # replies owed on the command connection
+        self._progress = 0.0  # when a reply last came (or the first owed one was asked for)
+        self._watchdog: Optional[task.LoopingCall] = None
+        self._live_subscribed = False
+        self._live_waiters: list[Deferred] = []
+
+    def __repr__(self) -> str:
+        return f"<RedisBus {self.settings.redacted_url()}>"
+
+    # -- connections ------------------------------------------------------
+    def _endpoint(self):
+        c = self._conn
+        if c["path"]:
+            return UNIXClientEndpoint(self.reactor, c["path"], timeout=self.settings.timeout)
+        endpoint = HostnameEndpoint(self.reactor, c["host"], c["port"], timeout=self.settings.timeout)
+        if c["tls"]:
+            from twisted.internet.ssl import optionsForClientTLS
+            endpoint = wrapClientTLS(optionsForClientTLS(c["host"]), endpoint)
+        return endpoint
+
+    def connect(self) -> txredisapi.RedisFactory:
+        """A new lazily connecting, self-reconnecting single connection to this bus's Redis.
+
+        It sets no reply timer per command: the bus's watchdog times the command connection,
+        and a blocking read waits as long as it asked to.
+        """
+        c = self._conn
+        # no SELECT for database 0, where a connection starts anyway: txredisapi stops
+        # reconnecting for good when a connection drops in the middle of its SELECT
+        factory = txredisapi.RedisFactory(
+            self.settings.redacted_url(), c["db"] or None, 1, isLazy=True,
+            password=c["password"], username=c["username"], convertNumbers=False)
+        factory.protocol = CommandProtocol
+        # a failed AUTH or SELECT fails this Deferred, which nobody else waits on; the
+        # reconnecting connection reports its state through health
+        factory.deferred.addErrback(lambda f: log.warn("Redis at {url}: {error}", url=self.settings.redacted_url(),
+                                                       error=f.getErrorMessage()))
+        self._tune(factory)
+        factory.startConnecting(self._endpoint())
+        return factory
+
+    @staticmethod
+    def _tune(factory: txredisapi.RedisFactory) -> None:
+        # come back quickly after a Redis restart; ingress refuses meanwhile
+        factory.initialDelay = 0.2
+        factory.maxDelay = 2.0
+
+    def startService(self) -> None:
+        super().startService()
+        # replies are timed by this one watchdog, not a timer per command
+        self._factory = self.connect()
+        self._watchdog = task.LoopingCall(self._watch)
+        self._watchdog.clock = self.reactor
+        self._watchdog.start(max(self.settings.timeout / 4, 0.05), now=False)
+        if self._subscriptions:
+            self._live_wanted()
+        log.info("bus: Redis at {url}", url=self.settings.redacted_url())
+
+    @inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._watchdog is not None and self._watchdog.running:
+            self._watchdog.stop()
+        factories = [f for f in (self._factory, self._live) if f is not None]
+        self._factory = self._live = None
+        self._fail_batch(BusUnavailable("the bus is stopping"))
+        yield defer.gatherResults([f.disconnect() for f in factories], consumeErrors=True)
+
+    def _live_wanted(self) -> None:
+        if self._live is None and self.running:
+            c = self._conn
+            factory = txredisapi.SubscriberFactory(isLazy=True)
+            factory.protocol = _LiveProtocol
+            factory.password, factory.username = c["password"], c["username"]
+            factory.convertNumbers = False
+            factory.bus = self
+            self._tune(factory)
+            factory.startConnecting(self._endpoint())
+            self._live = factory
+
+    def connection(self):
+        """The connected protocol commands go to; raises BusUnavailable when there is none."""
+        factory = self._factory
+        if factory is not None:
+            for proto in factory.pool:
+                if proto.connected:
+                    return proto
+        raise BusUnavailable(f"Redis at {self.settings.redacted_url()} is not reachable")
+
+    def execute(self, *args: Any) -> Deferred:
+        """Run one command now, failing fast with BusUnavailable when Redis is away.
+
+        A Redis error reply fails the Deferred with txredisapi.ResponseError.
+        """
+        try:
+            proto = self.connection()
+        except BusUnavailable as exc:
+            return defer.fail(exc)
+        reply = self._expect(proto, 1)
+        proto.transport.write(encode_command(args))
+        return reply.addCallback(self._reply)
+
+    def _expect(self, proto: Any, replies: int) -> Deferred:
+        """Wait for ``replies`` replies on ``proto``; fires with the last one (errors as values)."""
+        queue = proto.replyQueue
+        for _ in range(replies - 1):
+            queue.get()
+        if self._awaiting == 0:
+            self._progress = self.reactor.seconds()
+        self._awaiting += 1
+        return queue.get().addBoth(self._replied)
+
+    def _replied(self, value: Any) -> Any:
+        self._awaiting -= 1
+        self._progress = self.reactor.seconds()
+        return value
+
+    def transaction(self, *commands: Sequence[Any]) -> Deferred:
+        """Run ``commands`` in one MULTI/EXEC; fires with EXEC's list of replies."""
+        try:
+            proto = self.connection()
+        except BusUnavailable as exc:
+            return defer.fail(exc)
+        reply = self._expect(proto, len(commands) + 2)
+        proto.transport.write(b"".join([MULTI, *map(encode_command, commands), EXEC]))
+        return reply.addCallback(self._reply)
+
+    def _reply(self, value: Any) -> Any:
+        if isinstance(value, txredisapi.ConnectionError):
+            raise BusUnavailable(f"Redis at {self.settings.redacted_url()} did not answer: {value}")
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def _watch(self) -> None:
+        """Abort a connection that has owed replies for longer than [redis] timeout: Redis hangs."""
+        if self._awaiting and self.reactor.seconds() - self._progress > self.settings.timeout:
+            log.warn("Redis at {url} gave no reply for {timeout}s; reconnecting",
+                     url=self.settings.redacted_url(), timeout=self.settings.timeout)
+            self._progress = self.reactor.seconds()
+            for proto in list(self._factory.pool if self._factory else ()):
+                proto.transport.abortConnection()
+
+    # -- publishing ---------------------------------------------------------
+    def publish(self, event: Event) -> Deferred:
+        try:
+            self.connection()
+        except BusUnavailable as exc:
+            return defer.fail(exc)
+        d = Deferred()
+        self._batch.append((stream_key(event.type), event.to_json(), d))
+        if self._flush_call is None:
+            # events published in the same reactor turn share one MULTI/EXEC and one write
+            self._flush_call = self.reactor.callLater(0, self._flush)
+        return d
+
+    def _fail_batch(self, exc: Exception) -> None:
+        batch, self._batch = self._batch, []
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        for _, _, d in batch:
+            d.errback(exc)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        batch, self._batch = self._batch, []
+        try:
+            proto = self.connection()
+        except BusUnavailable as exc:
+            for _, _, d in batch:
+                d.errback(exc)
+            return
+        # The whole batch is one write: MULTI, XADD+PUBLISH per event, EXEC. Encoded here,
+        # not command by command, because per-command Deferreds and timers cost more than
+        # Redis spends on the commands themselves.
+        parts = [MULTI]
+        for key, raw, _ in batch:
+            xadd, publish = self._prefixes(key)
+            size = b"$%d\r\n" % len(raw)
+            parts += (xadd, size, raw, b"\r\n", publish, size, raw, b"\r\n")
+        parts.append(EXEC)
+        # +OK and +QUEUED replies are passed over: EXEC reports all that matters
+        result = self._expect(proto, 2 * len(batch) + 2)
+        proto.transport.write(b"".join(parts))
+        result.addCallback(self._committed, batch)
+
+    def _prefixes(self, key: str) -> tuple[bytes, bytes]:
+        prefixes = self._encoded.get(key)
+        if prefixes is None:
+            k = key.encode()
+            maxlen = self._maxlen.encode()
+            xadd = b"*8\r\n$4\r\nXADD\r\n$%d\r\n%s\r\n$6\r\nMAXLEN\r\n$1\r\n~\r\n$%d\r\n%s\r\n" \
+                   b"$1\r\n*\r\n$5\r\nevent\r\n" % (len(k), k, len(maxlen), maxlen)
+            publish = b"*3\r\n$7\r\nPUBLISH\r\n$%d\r\n%s\r\n" % (len(k), k)
+            prefixes = self._encoded[key] = (xadd, publish)
+        return prefixes
+
+    def _committed(self, replies: Any, batch: list) -> None:
+        if isinstance(replies, txredisapi.ConnectionError):
+            return self._not_committed(Failure(replies), batch)
+        if not isinstance(replies, list):
+            # EXECABORT (or no transaction at all): nothing was stored
+            return self._not_committed(Failure(txredisapi.ResponseError(str(replies))), batch)
+        for i, (_, _, d) in enumerate(batch):
+            entry_id = replies[2 * i]
+            if isinstance(entry_id, Exception):
+                d.errback(BusUnavailable(f"Redis refused the event: {entry_id}"))
+            else:
+                d.callback(entry_id)
+
+    def _not_committed(self, failure: Failure, batch: list) -> None:
+        if failure.check(txredisapi.ConnectionError):
+            exc = BusUnavailable(f"Redis at {self.settings.redacted_url()} did not answer: "
+                                 f"{failure.getErrorMessage()}")
+        else:
+            exc = BusUnavailable(f"Redis refused the events: {failure.getErrorMessage()}")
+        for _, _, d in batch:
+            d.errback(exc)
+
+    # -- reading ------------------------------------------------------------------
+    def consumer(self, group, handler, types=EVENT_TYPES, name=None, **options):
+        return RedisConsumer(self, group, handler, types, name, **options)
+
+    @inlineCallbacks
+    def recent(self, event_type=None, limit=50, before=None):
+        types = [event_type] if event_type else list(EVENT_TYPES)
+        bound = parse_before(before)
+        commands = []
+        for t in types:
+            high = "+"
+            if bound is not None:
+                entry_id = f"{bound[0]}-{bound[1]}"
+                # ties on the id are ordered by type: earlier types still include the id itself
+                high = entry_id if entry_order(entry_id, t) < bound else f"({entry_id}"
+                if high == "(0-0":
+                    continue  # nothing is below the first possible id (and Redis refuses the range)
+            commands.append(self.execute("XREVRANGE", stream_key(t), high, "-", "COUNT", str(limit)))
+        replies = yield defer.gatherResults(commands, consumeErrors=True).addErrback(
+            lambda f: f.value.subFailure)
+        entries = []
+        for reply in replies:
+            for entry_id, flat in reply or []:
+                raw = fields(flat).get("event")
+                if raw is None:
+                    continue
+                try:
+                    entries.append((entry_id, from_stored(raw)))
+                except ValueError:
+                    log.warn("skipped an undecodable entry {id}", id=entry_id)
+        entries.sort(key=lambda item: entry_order(item[0], item[1].type), reverse=True)
+        return entries[:limit]
+
+    @inlineCallbacks
+    def dead_letters(self, limit=50):
+        reply = yield self.execute("XREVRANGE", DEAD_LETTER_STREAM, "+", "-", "COUNT", str(limit))
+        return [(entry_id, fields(flat)) for entry_id, flat in reply or []]
+
+    def when_connected(self) -> Deferred:
+        """Fires once commands can be sent."""
+        # the pool hands a connection to waiters a moment before it lists it as its own
+        return self._factory.getConnection(peek=True).addCallback(
+            lambda _: task.deferLater(self.reactor, 0, lambda: None))
+
+    def when_disconnected(self) -> Deferred:
+        """Fires once the command connection is gone (now, if there is none)."""
+        try:
+            return self.connection().whenDisconnected().addCallback(lambda _: None)
+        except BusUnavailable:
+            return defer.succeed(None)
+
+    def when_live(self) -> Deferred:
+        """Fires once live subscriptions are in place on the current connection."""
+        if self._live_subscribed:
+            return defer.succeed(None)
+        d = Deferred()
+        self._live_waiters.append(d)
+        return d
+
+    def _live_ready(self, subscribed: bool) -> None:
+        self._live_subscribed = subscribed
+        if subscribed:
+            waiters, self._live_waiters = self._live_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    @inlineCallbacks
+    def pending(self, group, types=EVENT_TYPES):
+        total = 0
+        for t in types:
+            try:
+                summary = yield self.execute("XPENDING", stream_key(t), group)
+            except txredisapi.ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    continue
+                raise
+            total += int(summary[0])
+        return total
+
+    def remember(self, key: str, value: str, ttl: float) -> Deferred:
+        # NX: a concurrent second writer keeps the first value; PX: the ttl in milliseconds
+        reply = self.execute("SET", mark_key(key), value, "NX", "PX", str(max(int(ttl * 1000), 1)))
+        return reply.addCallback(lambda stored: stored is not None)
+
+    def recall(self, key: str) -> Deferred:
+        return self.execute("GET", mark_key(key))
+
+    def health(self) -> dict[str, Any]:
+        try:
+            self.connection()
+            connected = True
+        except BusUnavailable:
+            connected = False
+        live = self._live
+        return {
+            "kind": self.kind,
+            "url": self.settings.redacted_url(),
+            "ok": connected,
+            "state": "connected" if connected else "unreachable",
+            "live": None if live is None else any(p.connected for p in live.pool),
+        }
+
+
+class RedisConsumer(Consumer):
+    """Reads with XREADGROUP on a connection of its own (the BLOCK must not hold up others)."""
+
+    block_ms = 2000
+
+    def __init__(self, bus: RedisBus, *args: Any, **kwargs: Any):
+        super().__init__(bus, *args, **kwargs)
+        self.bus: RedisBus = bus
+        self._reader: Optional[txredisapi.RedisFactory] = None
+        self._acks: dict[str, list[tuple[str, Deferred]]] = {}
+        self._ack_call: Any = None
+
+    def startService(self) -> None:
+        # a blocking read never times out client-side
+        self._reader = self.bus.connect()
+        super().startService()
+
+    @inlineCallbacks
+    def _prepare(self):
+        while self.running:
+            try:
+                for stream in self.streams:
+                    try:
+                        # from 0: events stored before the group existed are work too
+                        yield self._reader.handler.execute_command(
+                            "XGROUP", "CREATE", stream, self.group, "0", "MKSTREAM")
+                    except txredisapi.ResponseError as exc:
+                        if "BUSYGROUP" not in str(exc):
+                            raise
+                return
+            except txredisapi.ConnectionError as exc:
+                if not self.running:
+                    return
+                log.warn("consumer {name}: Redis not reachable ({error}); retrying",
+                         name=self.consumer_name, error=exc)
+                yield task.deferLater(self.bus.clock, 1.0, lambda: None)
+
+    @inlineCallbacks
+    def _read(self, count):
+        try:
+            reply = yield self._reader.handler.execute_command(
+                "XREADGROUP", "GROUP", self.group, self.consumer_name, "COUNT", str(count),
+                "BLOCK", str(self.block_ms), "STREAMS", *self.streams, *([">"] * len(self.streams)),
+                apply_timeout=False)
+        except txredisapi.ResponseError as exc:
+            if "NOGROUP" in str(exc):  # Redis lost its data (a restart without persistence)
+                raise txredisapi.ConnectionError(str(exc))
+            raise
+        entries = []
+        for stream, items in reply or []:
+            for entry_id, flat in items:
+                entries.append((stream, entry_id, fields(flat).get("event")))
+        return entries
+
+    def _stop_reading(self) -> Deferred:
+        self._flush_acks()
+        reader, self._reader = self._reader, None
+        return reader.disconnect() if reader is not None else defer.succeed(None)
+
+    def _ack(self, stream, entry_id):
+        # acks of one reactor turn share one XACK per stream
+        d = Deferred()
+        self._acks.setdefault(stream, []).append((entry_id, d))
+        if self._ack_call is None:
+            self._ack_call = self.bus.reactor.callLater(0, self._flush_acks)
+        return d
+
+    def _flush_acks(self) -> None:
+        if self._ack_call is not None and self._ack_call.active():
+            self._ack_call.cancel()
+        self._ack_call = None
+        acks, self._acks = self._acks, {}
+        for stream, items in acks.items():
+            result = self.bus.execute("XACK", stream, self.group, *[entry_id for entry_id, _ in items])
+            result.addCallbacks(self._acked, self._not_acked, callbackArgs=(items,), errbackArgs=(items,))
+
+    @staticmethod
+    def _acked(count: Any, items: list[tuple[str, Deferred]]) -> None:
+        for _, d in items:
+            d.callback(1)
+
+    @staticmethod
+    def _not_acked(failure: Failure, items: list[tuple[str, Deferred]]) -> None:
+        for _, d in items:
+            d.errback(failure)
+
+    def _heartbeat(self, keys):
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in keys:
+            by_stream.setdefault(stream, []).append(entry_id)
+        # JUSTID: resets the idle time without counting a delivery
+        return defer.gatherResults(
+            [self.bus.execute("XCLAIM", stream, self.group, self.consumer_name, "0", *ids, "JUSTID")
+             for stream, ids in by_stream.items()], consumeErrors=True)
+
+    @inlineCallbacks
+    def _claim(self, min_idle):
+        claimed = []
+        min_idle_ms = str(int(min_idle * 1000))
+        for stream in self.streams:
+            start = "0-0"
+            while True:
+                reply = yield self.bus.execute("XAUTOCLAIM", stream, self.group, self.consumer_name,
+                                               min_idle_ms, start, "COUNT", "100")
+                start, items = reply[0], reply[1]
+                items = [item for item in items if item]
+                if items:
+                    pending = yield self.bus.execute(
+                        "XPENDING", stream, self.group, items[0][0], items[-1][0], str(len(items)),
+                        self.consumer_name)
+                    counts = {row[0]: int(row[3]) for row in pending}
+                    for entry_id, flat in items:
+                        claimed.append((stream, entry_id, fields(flat).get("event"),
+                                        counts.get(entry_id, 1)))
+                if start == "0-0":
+                    break
+        return claimed
+
+    def _dead_letter(self, stream, entry_id, raw, deliveries, error):
+        fields = self._dead_letter_fields(stream, entry_id, raw, deliveries, error)
+        return self.bus.transaction(
+            ("XADD", DEAD_LETTER_STREAM, "MAXLEN", "~", self.bus._maxlen, "*", *fields),
+            ("XACK", stream, self.group, entry_id))

@@ -1,0 +1,18 @@
+"""Tests build their own bus; this wraps it in the backend the cockpit would have made around it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from twisted.internet import reactor
+
+from cockpit.backends import Backend
+from cockpit.backends.embedded import EmbeddedBackend, MemoryBus
+from cockpit.backends.redis import RedisBackend, RedisBus
+
+
+def backend_for(bus: Any, data_dir: Optional[Path] = None, clock: Any = None) -> Backend:
+    if isinstance(bus, RedisBus):
+        return RedisBackend(bus.settings, clock or reactor, bus=bus)
+    assert isinstance(bus, MemoryBus)
+    return EmbeddedBackend(data_dir, clock or reactor, bus=bus)
