@@ -207,8 +207,12 @@ class Consumer(Service):
     def __init__(self, bus: Bus, group: str, handler: Handler, types: Sequence[str],
                  name: Optional[str] = None, concurrency: int = 64,
                  claim_interval: Optional[float] = None, drain_timeout: float = 10.0,
-                 linger: float = 0.0, decode: Callable[[str], Any] = from_stored):
+                 linger: float = 0.0, decode: Callable[[str], Any] = from_stored,
+                 before_dispatch: Optional[Callable[[], Deferred]] = None):
         self.bus = bus
+        # called after each read and before its entries are handled: whatever the handler's view
+        # must catch up with (changes made before the entries were read) is caught up with then
+        self.before_dispatch = before_dispatch
         # how an entry's stored text becomes what the handler gets (ValueError: it cannot);
         # an event by default, something else for streams of other work (outgoing mail)
         self.decode = decode
@@ -279,6 +283,9 @@ class Consumer(Service):
                 yield task.deferLater(self.bus.clock, 1.0, lambda: None)
                 yield self._prepare()
                 continue
+            if entries and self.before_dispatch is not None:
+                if not (yield self._caught_up()):
+                    break  # stopping: the entries stay pending, for whoever reads next
             for stream, entry_id, raw in entries:
                 self._dispatch(stream, entry_id, raw, 1)
             if self.linger and len(entries) < self.concurrency and self.running:
@@ -289,6 +296,20 @@ class Consumer(Service):
                     break
                 finally:
                     self._lingering = None
+
+    @inlineCallbacks
+    def _caught_up(self):
+        """Fires True once ``before_dispatch`` has succeeded, retrying while it fails; False when stopping."""
+        assert self.before_dispatch is not None
+        while self.running:
+            try:
+                yield self.before_dispatch()
+                return True
+            except Exception as exc:
+                log.warn("consumer {name} cannot bring its view up to date: {error}; retrying",
+                         name=self.consumer_name, error=exc)
+                yield task.deferLater(self.bus.clock, 1.0, lambda: None)
+        return False
 
     def _wait_for_room(self) -> Deferred:
         if len(self.inflight) < self.concurrency:
@@ -379,6 +400,8 @@ class Consumer(Service):
         if self.inflight:
             yield self._heartbeat(list(self.inflight))
         claimed = yield self._claim(self.bus.claim_idle)
+        if claimed and self.before_dispatch is not None:
+            yield self.before_dispatch()
         taken = 0
         for stream, entry_id, raw, deliveries in claimed:
             if (stream, entry_id) in self.inflight:

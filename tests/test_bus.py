@@ -126,6 +126,30 @@ class BusBehaviour:
         return defer.succeed(None)
 
     @inlineCallbacks
+    def test_before_dispatch_runs_after_each_read_and_before_its_entries_are_handled(self):
+        recorder = Recorder()
+        calls = []
+        failures = [RuntimeError("the view cannot be brought up to date yet")]
+        first_call: Deferred = Deferred()
+
+        def catch_up():
+            calls.append(len(recorder.seen))  # how many entries the handler had seen by then
+            if not first_call.called:
+                reactor.callLater(0, first_call.callback, None)
+            if failures:
+                return defer.fail(failures.pop())
+            return defer.succeed(None)
+
+        yield self.bus.publish(alarm(1))
+        self.bus.clock = clock = Clock()  # the retry's wait
+        self.start_consumer(recorder, before_dispatch=catch_up)
+        yield first_call
+        self.assertEqual([], recorder.seen)  # it failed: nothing is handled
+        clock.advance(1.0)
+        yield recorder.wait(1)
+        self.assertEqual([0, 0], calls[:2])  # tried again, and only then the entry went to the handler
+
+    @inlineCallbacks
     def test_consumer_gets_each_event_and_acks_after_handler(self):
         events = [alarm(i) for i in range(5)]
         for event in events:
