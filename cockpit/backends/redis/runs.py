@@ -422,8 +422,9 @@ class RedisRunHistory(RunHistory):
             self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
             return
         if failure.check(BusUnavailable):
-            log.warn("run history: Redis is away as the cockpit stops; {count} runs are not recorded "
-                     "(their events are delivered again)", count=records)
+            if records:
+                log.warn("run history: Redis is away as the cockpit stops; {count} runs are not recorded "
+                         "(their events are delivered again)", count=records)
         else:
             log.failure("run history: cannot write {count} runs", failure, count=records)
         for kind, _, d in batch:
