@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from typing import Any, Optional
 
 import txredisapi
@@ -327,7 +328,7 @@ class RedisRunHistory(RunHistory):
         self.clock = clock
         self.keep_days = keep_days
         self.keep_runs = keep_runs
-        self._queue: list[tuple[str, Run, Deferred]] = []
+        self._queue: deque[tuple[str, Optional[Run], Deferred]] = deque()
         self._writing = False
         self._retry: Any = None
         self._retry_delay = RETRY_FIRST
@@ -354,7 +355,7 @@ class RedisRunHistory(RunHistory):
         self._live.clear()
         while self._writing or self._queue:
             waiting: Deferred = Deferred()
-            self._queue.append(("", Run("", None, "", {}), waiting))  # fires once everything before it is written
+            self._queue.append(("", None, waiting))  # fires once everything before it is written
             self._kick()
             yield waiting
 
@@ -381,10 +382,10 @@ class RedisRunHistory(RunHistory):
         batch, args, size = [], [str(self.keep_runs), "0"], 0
         deadline = repr(self.clock.seconds() + LIVE_TTL)
         while self._queue and len(batch) < BATCH_RUNS and size < BATCH_BYTES:
-            entry = self._queue.pop(0)
+            entry = self._queue.popleft()
             kind, run, _ = entry
             batch.append(entry)
-            if not kind:
+            if run is None:
                 continue
             text = run.to_json() if kind != "F" else ""
             size += len(text)
@@ -402,7 +403,7 @@ class RedisRunHistory(RunHistory):
         _write(self.bus, *args).addCallbacks(self._written, self._write_failed, callbackArgs=(batch,),
                                              errbackArgs=(batch,))
 
-    def _written(self, replies: list, batch: list[tuple[str, Run, Deferred]]) -> None:
+    def _written(self, replies: list, batch: list[tuple[str, Optional[Run], Deferred]]) -> None:
         self._writing = False
         self._retry_delay = RETRY_FIRST
         flags = iter(replies)
@@ -410,12 +411,12 @@ class RedisRunHistory(RunHistory):
             d.callback(bool(int(next(flags))) if kind else None)
         self._kick()
 
-    def _write_failed(self, failure: Failure, batch: list[tuple[str, Run, Deferred]]) -> None:
+    def _write_failed(self, failure: Failure, batch: list[tuple[str, Optional[Run], Deferred]]) -> None:
         self._writing = False
         records = sum(1 for kind, _, _ in batch if kind == "R")
         if failure.check(BusUnavailable) and self.running:
             # Redis is away: try again, in order, rather than lose what completed
-            self._queue[:0] = batch
+            self._queue.extendleft(reversed(batch))
             log.warn("run history: Redis is away ({error}); {count} writes wait for it",
                      error=failure.getErrorMessage(), count=len(self._queue))
             self._retry = self.clock.callLater(self._retry_delay, self._retried)
