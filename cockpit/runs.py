@@ -1,65 +1,45 @@
-"""Run history: every completed action run, in SQLite (through ``twisted.enterprise.adbapi``).
+"""Action runs, and the run history: the interface both backends implement.
 
-A run is written once, when it has completed; runs still going are the robot's to
-report. Writes are grouped: whatever completes while one transaction is being
-committed goes into the next one, so a busy robot pays one commit for many runs.
-``(event_guid, repo, service, action)`` is unique among event-triggered runs: the
-record of a redelivered event's run is refused, and :meth:`RunHistory.completed`
-tells the robot what not to run again.
+A run is recorded once, when it has completed. ``(event_guid, repo, service, action)``
+is unique among the runs of events: the record of a redelivered event's run is refused,
+and :meth:`RunHistory.completed` tells the robot what not to run again. A run still going
+can be shown as ``running`` (:meth:`RunHistory.started`) until its record replaces it.
+
+:class:`cockpit.backends.embedded.runs.SqliteRunHistory` keeps one process's runs in
+SQLite under its data dir; :class:`cockpit.backends.redis.runs.RedisRunHistory` keeps
+those of every process on one Redis. ``Backend.run_history()`` hands out the right one.
 """
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
-from twisted.enterprise import adbapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
-
-log = Logger()
 
 STATES = ("new", "running", "ok", "error", "timeout")
 DONE_STATES = ("ok", "error", "timeout")
 TRIGGER_KINDS = ("event", "rest", "telegram", "recurring", "blueprint")
-_COLUMNS = ("id", "repo", "service", "action", "trigger_kind", "event_type", "event_guid", "state",
-            "started", "ended", "log", "result")
-
-_SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS runs (
-        id TEXT PRIMARY KEY,
-        repo TEXT NOT NULL,
-        service TEXT,
-        action TEXT NOT NULL,
-        trigger_kind TEXT NOT NULL,
-        event_type TEXT,
-        event_guid TEXT,
-        state TEXT NOT NULL,
-        started REAL,
-        ended REAL,
-        log TEXT NOT NULL DEFAULT '',
-        result TEXT)""",
-    # a redelivered event must not leave a second record of the same run
-    """CREATE UNIQUE INDEX IF NOT EXISTS runs_event_once
-        ON runs (event_guid, repo, service, action) WHERE event_guid IS NOT NULL""",
-    "CREATE INDEX IF NOT EXISTS runs_ended ON runs (ended)",
-]
+FILTERS = ("repo", "service", "action", "state", "event_guid")
 
 _sequence = 0
 
 
-def new_run_id() -> str:
+def new_run_id(now: Optional[float] = None) -> str:
     """Sortable by creation time (microseconds, hex), unique across processes."""
     global _sequence
     _sequence = (_sequence + 1) & 0xFFF
-    return f"{int(time.time() * 1_000_000):014x}{_sequence:03x}{os.urandom(3).hex()}"
+    when = time.time() if now is None else now
+    return f"{int(when * 1_000_000):014x}{_sequence:03x}{os.urandom(3).hex()}"
+
+
+def id_bound(when: float) -> str:
+    """The prefix every id made before ``when`` sorts below."""
+    return f"{max(int(when * 1_000_000), 0):014x}"
 
 
 @dataclass
@@ -81,215 +61,72 @@ class Run:
     def event_guid(self) -> Optional[str]:
         return self.trigger.get("event_guid")
 
+    @property
+    def once_key(self) -> tuple[str, str, str]:
+        """What must not complete twice for one event; "" stands for the robot's own service."""
+        return (self.repo, self.service or "", self.action)
+
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "repo": self.repo, "service": self.service, "action": self.action,
                 "state": self.state, "trigger": dict(self.trigger), "started": self.started,
                 "ended": self.ended, "log": self.log, "result": self.result}
 
-    def row(self) -> tuple[Any, ...]:
-        result = None if self.result is None else json.dumps(self.result, default=str)
-        # "" for the robot's own runs: SQLite's unique index would let NULLs repeat
-        return (self.id, self.repo, self.service or "", self.action, self.trigger.get("kind", "rest"),
-                self.trigger.get("event_type"), self.event_guid, self.state, self.started, self.ended,
-                self.log, result)
-
     @classmethod
-    def from_row(cls, row: tuple[Any, ...]) -> "Run":
-        values = dict(zip(_COLUMNS, row))
-        result = values["result"]
-        return cls(values["repo"], values["service"] or None, values["action"],
-                   {"kind": values["trigger_kind"], "event_type": values["event_type"],
-                    "event_guid": values["event_guid"]},
-                   values["id"], values["state"], values["started"], values["ended"], values["log"],
-                   json.loads(result) if result is not None else None)
+    def from_dict(cls, data: dict[str, Any]) -> "Run":
+        return cls(data["repo"], data.get("service"), data["action"], dict(data.get("trigger") or {}),
+                   data["id"], data.get("state", "new"), data.get("started"), data.get("ended"),
+                   data.get("log", ""), data.get("result"))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), default=str)
 
 
-def _open(connection: sqlite3.Connection) -> None:
-    # WAL: readers do not wait for the writer; NORMAL: a committed run survives the process dying
-    connection.execute("PRAGMA journal_mode=WAL")
-    connection.execute("PRAGMA synchronous=NORMAL")
-    connection.execute("PRAGMA busy_timeout=5000")
+def check_filters(filters: dict[str, Optional[str]]) -> dict[str, str]:
+    """The filters that are set; ValueError for a name that is none of FILTERS."""
+    unknown = set(filters) - set(FILTERS)
+    if unknown:
+        raise ValueError(f"runs cannot be filtered by {', '.join(sorted(unknown))}; by {', '.join(FILTERS)} only")
+    return {name: str(value) for name, value in filters.items() if value is not None}
 
 
 class RunHistory(MultiService):
-    """The runs table under the data dir; a service that opens it, prunes it and closes it."""
+    """Where runs are recorded; a service that the robot starts and stops (see the module docstring)."""
 
-    def __init__(self, path: Path, keep_days: float = 30.0, keep_runs: int = 100000,
-                 prune_interval: float = 3600.0, clock: Any = None):
-        super().__init__()
-        self.path = Path(path)
-        self.keep_days = keep_days
-        self.keep_runs = keep_runs
-        self.clock = clock
-        self.pool: Optional[adbapi.ConnectionPool] = None
-        self._ready = False
-        self._open_error: Any = None
-        self._waiters: list[Deferred] = []
-        self._batch: list[tuple[Run, Deferred]] = []
-        self._writing = False
-        pruner = TimerService(prune_interval, self._prune_logged)
-        pruner.clock = clock
-        pruner.setServiceParent(self)
-
-    def startService(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.pool = adbapi.ConnectionPool("sqlite3", str(self.path), check_same_thread=False,
-                                          cp_min=1, cp_max=1, cp_openfun=_open)
-        self.pool.runInteraction(self._create).addCallbacks(self._opened, self._open_failed)
-        super().startService()
-
-    @staticmethod
-    def _create(cursor: Any) -> None:
-        for statement in _SCHEMA:
-            cursor.execute(statement)
-
-    @defer.inlineCallbacks
-    def stopService(self):
-        yield super().stopService()
-        while self._writing or self._batch:
-            yield self._flushed()
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-        self._ready = False
-
-    def _flushed(self) -> Deferred:
-        d: Deferred = Deferred()
-        self._batch.append((None, d))  # type: ignore[arg-type]
-        self._kick()
-        return d
-
-    def _opened(self, _: Any) -> None:
-        self._ready = True
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(None)
-
-    def _open_failed(self, failure: Any) -> None:
-        log.failure("cannot open the run history {path}", failure, path=str(self.path))
-        self._open_error = failure
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.errback(failure)
-
-    def _when_ready(self) -> Deferred:
-        if self._ready:
-            return defer.succeed(None)
-        if self._open_error is not None:
-            return defer.fail(self._open_error)
-        if self.pool is None:
-            return defer.fail(RuntimeError("the run history is not started"))
-        d: Deferred = Deferred()
-        self._waiters.append(d)
-        return d
-
-    # -- writing -----------------------------------------------------------
     def record(self, run: Run) -> Deferred:
-        """Store a completed run; fires True once committed, False if the same event run was already there."""
-        d: Deferred = Deferred()
-        self._batch.append((run, d))
-        self._kick()
-        return d
+        """Store a completed run; fires True once stored, False if refused.
 
-    def _kick(self) -> None:
-        if self._writing or not self._batch or self.pool is None:
-            return
-        batch, self._batch = self._batch, []
-        self._writing = True
-        d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runInteraction(self._insert, [run for run, _ in batch if run]))
-        d.addCallbacks(self._written, self._write_failed, callbackArgs=(batch,), errbackArgs=(batch,))
+        Refused: a run with the same id is recorded, or (a run with an event guid) one of the same
+        ``(event_guid, repo, service, action)``, by whichever process.
+        """
+        raise NotImplementedError
 
-    @staticmethod
-    def _insert(cursor: Any, runs: list[Run]) -> list[bool]:
-        placeholders = ", ".join("?" * len(_COLUMNS))
-        inserted = []
-        for run in runs:
-            cursor.execute(f"INSERT OR IGNORE INTO runs ({', '.join(_COLUMNS)}) VALUES ({placeholders})", run.row())
-            inserted.append(cursor.rowcount == 1)
-        return inserted
+    def started(self, run: Run) -> Deferred:
+        """``run`` started: show it as running until it is recorded or its process is gone; never fails.
 
-    def _written(self, inserted: list[bool], batch: list[tuple[Optional[Run], Deferred]]) -> None:
-        self._writing = False
-        flags = iter(inserted)
-        for run, d in batch:
-            d.callback(next(flags) if run is not None else None)
-        self._kick()
+        Only where other processes read the history: one process knows its own runs.
+        """
+        return defer.succeed(None)
 
-    def _write_failed(self, failure: Any, batch: list[tuple[Optional[Run], Deferred]]) -> None:
-        self._writing = False
-        log.failure("cannot write {count} runs to {path}", failure, count=len(batch), path=str(self.path))
-        for _, d in batch:
-            d.errback(failure)
-        self._kick()
-
-    # -- reading -----------------------------------------------------------
     def completed(self, event_guid: str) -> Deferred:
-        """Fires with the set of (repo, service, action) already recorded for ``event_guid``."""
-        d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runQuery(
-            "SELECT repo, service, action FROM runs WHERE event_guid = ?", (event_guid,)))
-        d.addCallback(lambda rows: {tuple(row) for row in rows})
-        return d
+        """Fires with the set of ``Run.once_key`` already recorded for ``event_guid``."""
+        raise NotImplementedError
 
     def get(self, run_id: str) -> Deferred:
-        """Fires with the Run, or None."""
-        d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runQuery(
-            f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE id = ?", (run_id,)))
-        d.addCallback(lambda rows: Run.from_row(rows[0]) if rows else None)
-        return d
+        """Fires with the Run (recorded, or shown running), or None."""
+        raise NotImplementedError
 
     def list(self, limit: int = 50, before: Optional[str] = None, **filters: Optional[str]) -> Deferred:
-        """Fires with runs newest first; filters: repo, service, action, state, event_guid."""
-        where, params = [], []
-        for name in ("repo", "service", "action", "state", "event_guid"):
-            value = filters.get(name)
-            if value is not None:
-                where.append(f"{name} = ?")
-                params.append(value)
-        if before:
-            where.append("id < ?")
-            params.append(before)
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(int(limit))
-        d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runQuery(sql, tuple(params)))
-        d.addCallback(lambda rows: [Run.from_row(row) for row in rows])
-        return d
+        """Fires with up to ``limit`` runs with ids below ``before``, newest first, those shown running included.
+
+        Filters (None for any): repo, service, action, state, event_guid.
+        """
+        raise NotImplementedError
 
     def count(self, **filters: Optional[str]) -> Deferred:
-        where = [f"{name} = ?" for name, value in filters.items() if value is not None]
-        params = tuple(value for value in filters.values() if value is not None)
-        sql = "SELECT COUNT(*) FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
-        d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runQuery(sql, params))
-        d.addCallback(lambda rows: rows[0][0])
-        return d
+        """Fires with the number of recorded runs that match ``filters`` (those of :meth:`list`)."""
+        raise NotImplementedError
 
-    # -- pruning -----------------------------------------------------------
     def prune(self, now: Optional[float] = None) -> Deferred:
-        """Drop runs that ended more than keep_days ago, then all but the newest keep_runs; fires the count."""
-        cutoff = (now if now is not None else time.time()) - self.keep_days * 86400
-
-        def interaction(cursor: Any) -> int:
-            cursor.execute("DELETE FROM runs WHERE ended < ?", (cutoff,))
-            removed = cursor.rowcount
-            cursor.execute("DELETE FROM runs WHERE id < (SELECT id FROM runs ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                           (self.keep_runs - 1,))
-            return removed + max(cursor.rowcount, 0)
-
-        d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runInteraction(interaction))
-        return d
-
-    def _prune_logged(self) -> Deferred:
-        if self.pool is None:
-            return defer.succeed(None)
-        d = self.prune()
-        d.addCallback(lambda count: count and log.info("pruned {count} old runs", count=count))
-        d.addErrback(lambda f: log.warn("pruning runs failed: {error}", error=f.getErrorMessage()))
-        return d
+        """Drop runs made more than keep_days before ``now`` (the history's clock by default), then all
+        but the newest keep_runs, each with its completion mark; fires with how many went."""
+        raise NotImplementedError

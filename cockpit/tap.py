@@ -110,10 +110,9 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     groups.setServiceParent(top)
     from cockpit.ays import Robot
     from cockpit.ays_api import AysApi
-    from cockpit.runs import RunHistory
     from cockpit.workers import WorkerPool
 
-    history = RunHistory(cfg.data_dir / "runs.sqlite", cfg.ays.keep_days, cfg.ays.keep_runs)
+    history = backend.run_history(reactor, cfg.ays.keep_days, cfg.ays.keep_runs)  # shared on Redis
     pool = WorkerPool(cfg.ays.workers, cfg.ays.action_timeout, reactor, action_memory=cfg.ays.action_memory)
     robot = Robot(cfg.repos_dir, bus, history, pool, clock=reactor, mailer=mailer)
     robot.setName("ays")

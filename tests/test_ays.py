@@ -12,12 +12,13 @@ from twisted.trial.unittest import TestCase
 
 from cockpit.ays import Robot
 from cockpit.backends.embedded import MemoryBus
+from cockpit.backends.embedded.runs import SqliteRunHistory
 from cockpit.backends.redis import RedisBus
 from cockpit.bus import AYS_GROUP, Delivery
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EmailEvent, TelegramEvent
 from cockpit.repos import Invalid, NotFound
-from cockpit.runs import DONE_STATES, RunHistory
+from cockpit.runs import DONE_STATES
 from cockpit.workers import WorkerPool
 from tests.redis_server import shared_server
 
@@ -79,7 +80,7 @@ class RobotCase(TestCase):
     def start_robot(self, clock=None, repos_dir=None, bus=None):
         base = Path(self.mktemp()).absolute()
         bus = bus or self.bus
-        history = RunHistory(base / "runs.sqlite")
+        history = SqliteRunHistory(base / "runs.sqlite", reactor)
         pool = WorkerPool(self.workers, action_timeout=2.0, reactor=reactor)
         robot = Robot(repos_dir or self.repos_dir, bus, history, pool, clock=clock or reactor)
         robot.startService()

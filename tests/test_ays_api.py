@@ -16,7 +16,8 @@ from cockpit import config
 from cockpit.ays import Robot
 from cockpit.ays_api import AysApi
 from cockpit.backends.embedded import MemoryBus
-from cockpit.runs import DONE_STATES, RunHistory
+from cockpit.backends.embedded.runs import SqliteRunHistory
+from cockpit.runs import DONE_STATES
 from cockpit.web import Api
 from cockpit.workers import WorkerPool
 
@@ -55,7 +56,7 @@ class AysApiTests(TestCase):
         self.bus = MemoryBus(clock=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
-        self.robot = Robot(base / "repos", self.bus, RunHistory(base / "runs.sqlite"),
+        self.robot = Robot(base / "repos", self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),
                            WorkerPool(1, action_timeout=5.0, reactor=reactor), clock=reactor)
         self.robot.startService()
         self.addCleanup(self.robot.stopService)

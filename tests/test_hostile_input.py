@@ -17,7 +17,7 @@ from cockpit import config
 from cockpit.ays import Robot
 from cockpit.ays_api import AysApi
 from cockpit.backends.embedded import MemoryBus
-from cockpit.runs import RunHistory
+from cockpit.backends.embedded.runs import SqliteRunHistory
 from cockpit.web import Api
 from cockpit.workers import WorkerPool
 
@@ -41,7 +41,7 @@ class _Site:
         self.bus = MemoryBus(clock=reactor)
         self.bus.startService()
         test.addCleanup(self.bus.stopService)
-        self.robot = Robot(base / "repos", self.bus, RunHistory(base / "runs.sqlite"),
+        self.robot = Robot(base / "repos", self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),
                            WorkerPool(1, action_timeout=5.0, reactor=reactor), clock=reactor)
         self.robot.startService()
         test.addCleanup(self.robot.stopService)

@@ -12,12 +12,12 @@ from twisted.trial.unittest import TestCase
 from cockpit import config, tap
 from cockpit.ays import Robot
 from cockpit.backends.embedded import MemoryBus
+from cockpit.backends.embedded.runs import SqliteRunHistory
 from cockpit.backends.redis import RedisBus
 from cockpit.bus import Delivery
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EcoEvent, TelegramEvent
 from cockpit.repos import RepoStore, ServiceRecord
-from cockpit.runs import RunHistory
 from cockpit.telegram import HELP, NO_REPO, TelegramBot, split_text
 from cockpit.workers import WorkerPool
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer, User
@@ -521,7 +521,7 @@ class EndToEndTests(TestCase):
         self.bus = MemoryBus()
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
-        self.robot = Robot(self.cfg.repos_dir, self.bus, RunHistory(base / "runs.sqlite"),
+        self.robot = Robot(self.cfg.repos_dir, self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),
                            WorkerPool(1, action_timeout=10.0, reactor=reactor), clock=reactor)
         self.robot.startService()
         self.addCleanup(self.robot.stopService)

@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 from cockpit.bus import Bus
 from cockpit.groups import GroupStore
 from cockpit.outbox import Outbox
+from cockpit.runs import RunHistory
 from cockpit.telegram_poll import BotState, Lease
 
 if TYPE_CHECKING:
@@ -44,6 +45,10 @@ class Backend:
         raise NotImplementedError
 
     def outbox(self, history: int = 500) -> Outbox:
+        raise NotImplementedError
+
+    def run_history(self, clock: IReactorTime, keep_days: float = 30.0, keep_runs: int = 100000) -> RunHistory:
+        """The run history, pruned by ``[ays] keep_days`` and ``keep_runs`` on ``clock``."""
         raise NotImplementedError
 
     def bot_state(self, bot_id: str) -> BotState:

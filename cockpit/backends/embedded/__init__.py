@@ -38,6 +38,13 @@ class EmbeddedBackend(Backend):
         return SpoolOutbox(self.data_dir / "mail" if self.data_dir is not None else None, self.reactor,
                            history=history)
 
+    def run_history(self, clock: IReactorTime, keep_days: float = 30.0, keep_runs: int = 100000) -> Any:
+        from cockpit.backends.embedded.runs import SqliteRunHistory
+
+        if self.data_dir is None:
+            raise ValueError("the run history needs a data_dir")
+        return SqliteRunHistory(self.data_dir / "runs.sqlite", clock, keep_days, keep_runs)
+
     def bot_state(self, bot_id: str) -> Any:
         from cockpit.backends.embedded.telegram import FileBotState
 

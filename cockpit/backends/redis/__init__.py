@@ -30,6 +30,11 @@ class RedisBackend(Backend):
 
         return RedisOutbox(self.bus, history=history)
 
+    def run_history(self, clock: IReactorTime, keep_days: float = 30.0, keep_runs: int = 100000) -> Any:
+        from cockpit.backends.redis.runs import RedisRunHistory
+
+        return RedisRunHistory(self.bus, clock, keep_days, keep_runs)
+
     def bot_state(self, bot_id: str) -> Any:
         from cockpit.backends.redis.telegram import RedisBotState
 
