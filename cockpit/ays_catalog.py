@@ -230,6 +230,7 @@ class Catalog(Service):
         self._loading: Optional[Deferred] = None
         self._sleeping: Optional[Deferred] = None
         self._follow_failing = False
+        self._version_waiters: list[tuple[int, Deferred]] = []
         self.reloads = 0  # full loads after the first (the feed did not reach back, or the store lost its data)
 
     # ------------------------------------------------------------------
@@ -291,6 +292,23 @@ class Catalog(Service):
                 service.states[action] = state
         self._forget_own_states(version)
         self._changed()
+        self._moved()
+
+    def _moved(self) -> None:
+        if self._version_waiters:
+            due = [(v, d) for v, d in self._version_waiters if v <= self.position.version]
+            for entry in due:
+                self._version_waiters.remove(entry)
+            for _, d in due:
+                d.callback(self.position.version)
+
+    def when_caught_up(self, version: int) -> Deferred:
+        """Fires once this view has applied the changes up to ``version`` (at once if it has)."""
+        if self.loaded and self.position.version >= version:
+            return defer.succeed(self.position.version)
+        d: Deferred = Deferred(lambda d: self._version_waiters.remove((version, d)))
+        self._version_waiters.append((version, d))
+        return d
 
     def _sleep(self) -> Deferred:
         self._sleeping = task.deferLater(self.clock, RETRY_DELAY, lambda: None)
@@ -382,6 +400,7 @@ class Catalog(Service):
                 self._apply(change, changes.version)
             self.position = Position(entries[-1].id, entries[-1].version)
             self._forget_own_states(changes.version)
+            self._moved()
             if len(entries) < CHANGES_PER_READ:
                 return
 
