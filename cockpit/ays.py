@@ -120,9 +120,11 @@ class Robot(Service):
             d.cancel()
 
     def health(self) -> dict[str, Any]:
-        pool = self.pool.health()
-        return {"ok": self.running and pool["ok"], "loaded": self.ready.called, "repos": len(self.catalog.repos),
-                "active_runs": len(self.active), "workers": pool, "catalog": self.catalog.health()}
+        """ok while running with a pool that works and a catalog that loads."""
+        pool, catalog = self.pool.health(), self.catalog.health()
+        return {"ok": self.running and pool["ok"] and catalog["ok"], "loaded": self.ready.called,
+                "repos": len(self.catalog.repos), "active_runs": len(self.active), "workers": pool,
+                "catalog": catalog}
 
     # ------------------------------------------------------------------
     # events

@@ -230,6 +230,7 @@ class Catalog(Service):
         self._loading: Optional[Deferred] = None
         self._sleeping: Optional[Deferred] = None
         self._follow_failing = False
+        self.load_error: Optional[str] = None  # why the last attempt to load failed, while none has worked
         self._version_waiters: list[tuple[int, Deferred]] = []
         self.reloads = 0  # full loads after the first (the feed did not reach back, or the store lost its data)
 
@@ -247,10 +248,12 @@ class Catalog(Service):
         while self.running:
             try:
                 yield self._lock.run(self._first_load)
+                self.load_error = None
                 break
             except Exception as exc:
                 if not self.running:
                     return
+                self.load_error = str(exc)
                 if not failing:
                     log.warn("the AYS catalog cannot be loaded from {store}: {error}; retrying every {delay} s",
                              store=self.store.describe(), error=exc, delay=RETRY_DELAY)
@@ -345,8 +348,10 @@ class Catalog(Service):
                 yield self._sleep()
 
     def health(self) -> dict[str, Any]:
-        return {"store": self.store.kind, "loaded": self.loaded, "repos": len(self.repos),
-                "version": self.position.version, "reloads": self.reloads}
+        """ok while loaded, or loading; not while the store cannot be loaded (``error`` says why)."""
+        return {"ok": self.load_error is None, "store": self.store.kind, "loaded": self.loaded,
+                "repos": len(self.repos), "version": self.position.version, "reloads": self.reloads,
+                "error": self.load_error}
 
     def flush(self) -> Deferred:
         """Fires once the states set so far are stored."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from twisted.internet import defer, reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -16,7 +17,7 @@ from cockpit.backends.redis import RedisBus
 from cockpit.backends.redis.catalog import CHANGES, IMPORTED, VERSION, RedisCatalogStore, service_key
 from cockpit.config import RedisSection
 from cockpit.repos import Conflict, Invalid, NotFound, RepoStore, ServiceRecord, Unavailable
-from tests.redis_server import shared_server
+from tests.redis_server import free_port, shared_server
 
 SCHEMA = "port = type:int default:22\n"
 SERVICE = "events.email = notify\nrecurring.tick = 5m\n"
@@ -382,6 +383,20 @@ class RedisCatalogTests(CatalogBehaviour, TestCase):
         yield other.sync()
         self.assertEqual(other.get_service("demo", "node!web1")["states"],
                          {"install": "ok", "notify": "ok", "tick": "new"})
+
+    def test_a_catalog_that_cannot_be_loaded_says_why_and_tries_again(self):
+        clock = Clock()
+        unreachable = RedisBus(RedisSection(url=f"redis://127.0.0.1:{free_port()}/0"), clock=clock)
+        catalog = Catalog(self.make_store(unreachable), clock)
+        catalog.startService()
+        self.addCleanup(catalog.stopService)
+        health = catalog.health()
+        self.assertEqual((health["ok"], health["loaded"]), (False, False))
+        self.assertIn("is not reachable", health["error"])
+        self.assertFalse(catalog.ready.called)
+        clock.advance(1.0)  # it tries again, and fails again
+        self.assertIn("is not reachable", catalog.health()["error"])
+        self.assertRaises(Unavailable, catalog.repo_names)
 
     @inlineCallbacks
     def test_a_view_is_current_while_redis_cannot_be_asked(self):

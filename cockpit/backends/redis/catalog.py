@@ -61,6 +61,7 @@ CHANGES = PREFIX + "changes"
 IMPORTED = PREFIX + "imported"
 CHANGES_MAXLEN = 10000
 FEED_BLOCK_MS = 5000  # how long one wait for a change lasts before it is asked again
+DECODE_INLINE = 64 * 1024  # bytes of service records decoded on the reactor thread; more go to a thread
 
 
 def service_key(repo: str, key: str) -> str:
@@ -311,6 +312,18 @@ def _service(repo: str, key: str, flat: Any) -> Optional[ServiceRecord]:
     return record
 
 
+def _services(items: list[tuple[str, str, Any]]) -> list[Optional[ServiceRecord]]:
+    return [_service(repo, key, flat) for repo, key, flat in items]
+
+
+def _decoded_services(items: list[tuple[str, str, Any]]) -> Deferred:
+    """The ServiceRecords of ``(repo, key, hash)``; decoded in a thread when they are big."""
+    size = sum(len(value) for _, _, flat in items for value in (flat or ()) if isinstance(value, str))
+    if size <= DECODE_INLINE:
+        return defer.succeed(_services(items))
+    return threads.deferToThread(_services, items)
+
+
 def _status(value: Any) -> Optional[dict[str, Any]]:
     if value is None:
         return None
@@ -393,18 +406,19 @@ class RedisCatalogStore(CatalogStore):
         templates = {(name, template): files for name, _, tpls, _, _, _ in raw for template, files in tpls.items()}
         self._parsed = {ident: parsed for ident, parsed in self._parsed.items() if ident in templates}
         parsed = yield self._parse(templates, prune=self._loads == 1)
+        records = yield _decoded_services([(name, key, flat) for name, _, _, _, _, services in raw
+                                           for key, flat in services])
         loaded: dict[str, RepoSnapshot] = {}
-        for name, meta, tpls, blueprints, statuses, services in raw:
+        for name, meta, tpls, blueprints, statuses, _ in raw:
             snapshot = RepoSnapshot(name, meta.created if meta else None,
                                     incarnation=meta.incarnation if meta else None)
             for template in tpls:
                 self._place(snapshot, template, parsed[(name, template)])
             snapshot.blueprints = {bp: _status(statuses.get(bp, "")) or dict(NEW_STATUS) for bp in blueprints}
-            for key, flat in services:
-                record = _service(name, key, flat)
-                if record is not None:
-                    snapshot.services[key] = record
             loaded[name] = snapshot
+        for record in records:
+            if record is not None:
+                loaded[record.repo].services[record.key] = record
         return Loaded(Position(last_id, int(version)), loaded)
 
     @staticmethod
@@ -472,6 +486,9 @@ class RedisCatalogStore(CatalogStore):
         templates = {(repo, name): value for _, _, kind, repo, name, latest, value in entries
                      if kind == "template" and latest and value is not None}
         parsed = (yield self._parse(templates)) if templates else {}
+        named = [(repo, name, value) for _, _, kind, repo, name, latest, value in entries
+                 if kind == "service" and latest]
+        records = iter((yield _decoded_services(named)) if named else [])
         out = []
         for entry_id, v, kind, repo, name, latest, value in entries:
             change = Change(entry_id, int(v), kind, repo, name, latest=bool(latest))
@@ -483,7 +500,7 @@ class RedisCatalogStore(CatalogStore):
                 elif kind == "blueprint":
                     change.value = _status(value)
                 elif kind == "service":
-                    change.value = _service(repo, name, value)
+                    change.value = next(records)
             out.append(change)
         return Changes(int(version), out)
 
