@@ -392,10 +392,10 @@ class RedisCatalogTests(CatalogBehaviour, TestCase):
         self.addCleanup(catalog.stopService)
         health = catalog.health()
         self.assertEqual((health["ok"], health["loaded"]), (False, False))
-        self.assertIn("is not reachable", health["error"])
+        self.assertIn("is not running", health["error"])
         self.assertFalse(catalog.ready.called)
         clock.advance(1.0)  # it tries again, and fails again
-        self.assertIn("is not reachable", catalog.health()["error"])
+        self.assertIn("is not running", catalog.health()["error"])
         self.assertRaises(Unavailable, catalog.repo_names)
 
     @inlineCallbacks

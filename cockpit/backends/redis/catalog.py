@@ -43,6 +43,7 @@ from twisted.logger import Logger
 
 from cockpit.ays_catalog import CatalogStore, Change, Changes, Loaded, Position, RepoMeta
 from cockpit.backends.redis.bus import RedisBus
+from cockpit.bus import BusUnavailable
 from cockpit.files import write_atomically
 from cockpit.repos import (NEW_STATUS, Conflict, Invalid, NotFound, RepoSnapshot, RepoStore, ServiceRecord, Template,
                            blueprint_name, check_template_files, load_template)
@@ -372,7 +373,8 @@ class RedisCatalogStore(CatalogStore):
         self._reader: Any = None
         # parsed templates: (repo, name) -> (the files as stored, Template or why it is broken)
         self._parsed: dict[tuple[str, str], tuple[str, Any]] = {}
-        self._batch: list[tuple[str, str, dict[str, str], float, Deferred]] = []
+        # states to write in the next turn: (repo, key) -> (action -> state, updated, who waits)
+        self._batch: dict[tuple[str, str], tuple[dict[str, str], float, list[Deferred]]] = {}
         self._batch_call: Any = None
         self._writing: set[Deferred] = set()
         self._loads = 0
@@ -390,14 +392,26 @@ class RedisCatalogStore(CatalogStore):
         if reader is not None:
             yield reader.disconnect()
 
+    def _connected(self) -> Deferred:
+        """Fires once the bus has its connection: a start waits for it rather than fail at once."""
+        if not self.bus.running:
+            return defer.fail(BusUnavailable(f"the bus to {self.describe()} is not running"))
+        try:
+            self.bus.connection()
+            return defer.succeed(None)
+        except BusUnavailable:
+            return self.bus.when_connected()
+
     def _run(self, script: Script, *args: Any) -> Deferred:
         return script(self.bus, self.cap, *args)
 
     # -- loading -------------------------------------------------------------------
     @inlineCallbacks
     def load(self):
-        if self._loads == 0 and self.import_from is not None:
-            yield self._import()
+        if self._loads == 0:
+            yield self._connected()
+            if self.import_from is not None:
+                yield self._import()
         self._loads += 1
         version, last_id, repos = yield _LOAD_SCRIPT(self.bus)
         raw = []
@@ -607,9 +621,14 @@ class RedisCatalogStore(CatalogStore):
         return version
 
     def set_states(self, repo: str, key: str, states: dict[str, str], updated: float) -> Deferred:
-        # the states set in one reactor turn share one script
+        # the states set in one reactor turn share one script, and one change per service
         d: Deferred = Deferred()
-        self._batch.append((repo, key, dict(states), updated, d))
+        pending = self._batch.get((repo, key))
+        if pending is None:
+            self._batch[(repo, key)] = (dict(states), updated, [d])
+        else:
+            pending[0].update(states)
+            self._batch[(repo, key)] = (pending[0], max(pending[1], updated), pending[2] + [d])
         if self._batch_call is None:
             self._batch_call = self.bus.reactor.callLater(0, self._write_states)
         return d
@@ -618,11 +637,11 @@ class RedisCatalogStore(CatalogStore):
         if self._batch_call is not None and self._batch_call.active():
             self._batch_call.cancel()
         self._batch_call = None
-        batch, self._batch = self._batch, []
+        batch, self._batch = list(self._batch.items()), {}
         if not batch:
             return defer.succeed(None)
         args: list[Any] = []
-        for repo, key, states, updated, _ in batch:
+        for (repo, key), (states, updated, _) in batch:
             args += [repo, key, _number(updated), str(len(states))]
             for action, state in states.items():
                 args += [action, state]
@@ -631,13 +650,15 @@ class RedisCatalogStore(CatalogStore):
 
         def written(versions: list[Any]) -> None:
             self._writing.discard(d)
-            for (_, _, _, _, waiter), version in zip(batch, versions):
-                waiter.callback(int(version) or None)
+            for (_, (_, _, waiters)), version in zip(batch, versions):
+                for waiter in waiters:
+                    waiter.callback(int(version) or None)
 
         def failed(failure: Any) -> None:
             self._writing.discard(d)
-            for repo, key, states, _, waiter in batch:
-                waiter.errback(failure)
+            for _, (_, _, waiters) in batch:
+                for waiter in waiters:
+                    waiter.errback(failure)
 
         d.addCallbacks(written, failed)
         return d
