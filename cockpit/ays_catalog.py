@@ -5,9 +5,10 @@ A :class:`CatalogStore` keeps them: on disk under ``[ays] repos`` in the layout 
 cockpit process on it (:mod:`cockpit.backends.redis.catalog`). Every store call returns a
 Deferred; disk work and big parsing happen in threads.
 
-:class:`Catalog` is this process's view of its store: a cache in memory, which the REST
-API, the chat and the robot read without waiting. Every change made through it goes to the
-store first, then into the cache. A shared store also keeps a change feed: the catalog
+:class:`Catalog` is this process's view of its store: a cache in memory, which the robot
+and the chat read without waiting (the REST API and the Telegram keyboards bring it up to
+date first, :meth:`Catalog.view`). Every change made through it goes to the store first,
+then into the cache. A shared store also keeps a change feed: the catalog
 follows it, applying each change by taking the current value of the object it names, which
 is idempotent. :meth:`Catalog.sync` brings the cache up to every change made before the
 call (the robot's consumer calls it after each read, before it handles what it read); a
@@ -99,10 +100,7 @@ class Loaded:
 
 
 class CatalogStore:
-    """Where the catalog lives. Every method returns a Deferred; the errors are those of cockpit.repos.
-
-    Writes fire with the version of the change they made in the feed (None for a store without one).
-    """
+    """Where the catalog lives. Every method returns a Deferred; the errors are those of cockpit.repos."""
 
     kind = "abstract"
     shared = False  # other processes change it too: the catalog follows its change feed
@@ -171,7 +169,10 @@ class CatalogStore:
         raise NotImplementedError
 
     def set_states(self, repo: str, key: str, states: dict[str, str], updated: float) -> Deferred:
-        """Set some action states of one service, each its own field; nothing happens when it is gone."""
+        """Set some action states of one service, each its own field; nothing happens when it is gone.
+
+        Fires once stored, with the version of the change it made (None: no feed, or the service is gone).
+        """
         raise NotImplementedError
 
 
