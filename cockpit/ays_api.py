@@ -1,8 +1,10 @@
 """The AYS REST routes (DESIGN §5): repositories, templates, blueprints, services, action runs.
 
-Thin: each route validates its input and calls the robot (:class:`cockpit.ays.Robot`).
-The robot's errors map to statuses here, once: NotFound 404, Conflict 409, Invalid 400.
-Mounted with ``api.include(AysApi(robot))``.
+Thin: each route validates its input and calls the catalog (:class:`cockpit.ays_catalog.Catalog`)
+or, for what runs, the robot (:class:`cockpit.ays.Robot`). What the catalog shows is current:
+a read first brings its view up to every change made before it, in any process. Their errors
+map to statuses here, once: NotFound 404, Conflict 409, Invalid 400, Unavailable 503.
+Mounted with ``api.include(AysApi(robot, catalog))``.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from twisted.web.server import Request
 
 from cockpit.openapi import ApiError, Body, Param, Reply, Response, RouteTable
 from cockpit.repos import (BLUEPRINT_INPUT_PATTERN, NAME_PATTERN, REPO_PATTERN, TEMPLATE_FILES, AysError, Conflict,
-                           Invalid, NotFound)
+                           Invalid, NotFound, Unavailable)
 from cockpit.runs import STATES
 
 RunState = Literal["new", "running", "ok", "error", "timeout"]
@@ -176,6 +178,8 @@ class RunQuery(LimitQuery):
 # -- errors -----------------------------------------------------------------------------
 
 def _api_error(exc: AysError) -> ApiError:
+    if isinstance(exc, Unavailable):
+        return ApiError(503, str(exc), {"Retry-After": "5"})
     status = 404 if isinstance(exc, NotFound) else 409 if isinstance(exc, Conflict) else 400
     return ApiError(status, str(exc))
 
@@ -210,51 +214,57 @@ BAD = {400: Response("Invalid input; the message says what")}
 
 
 class AysApi:
-    """The AYS routes, around a robot."""
+    """The AYS routes, around a robot and its catalog (``robot.catalog`` unless given)."""
 
     routes = RouteTable(tag="ays")
 
-    def __init__(self, robot: Any):
+    def __init__(self, robot: Any, catalog: Any = None):
         self.robot = robot
+        self.catalog = catalog if catalog is not None else getattr(robot, "catalog", None)
+
+    def _read(self, read: Callable[[Any], Any]) -> Any:
+        """``read(catalog)`` once the catalog's view is current."""
+        return self.catalog.view().addCallback(read)
 
     # -- repositories -----------------------------------------------------------------------
     @routes.get("/api/repos", summary="List the AYS repositories", query=LimitQuery,
                 responses={200: Response("The repositories, by name", RepoList)})
-    def list_repos(self, request: Request, query: LimitQuery) -> dict[str, Any]:
-        return {"repos": self.robot.list_repos()[:query.limit]}
+    @_translated
+    def list_repos(self, request: Request, query: LimitQuery) -> Any:
+        return self._read(lambda catalog: {"repos": catalog.list_repos()[:query.limit]})
 
     @routes.post("/api/repos", summary="Create a repository", body=NewRepo,
                  responses={201: Response("The new repository", Repo),
                             409: Response("A repository of that name exists"), **BAD})
     @_translated
     def create_repo(self, request: Request, body: NewRepo) -> Any:
-        return self.robot.create_repo(body.name)
+        return self.catalog.create_repo(body.name)
 
     @routes.get("/api/repos/{repo}", summary="One repository", params=REPO,
                 responses={200: Response("The repository", Repo), **NO_REPO})
     @_translated
     def get_repo(self, request: Request, repo: str) -> Any:
-        return self.robot.get_repo(repo)
+        return self._read(lambda catalog: catalog.get_repo(repo))
 
     @routes.delete("/api/repos/{repo}", summary="Delete a repository with everything in it", params=REPO,
                    responses={204: Response("Deleted"), **NO_REPO})
     @_translated
     def delete_repo(self, request: Request, repo: str) -> Any:
-        return self.robot.delete_repo(repo).addCallback(lambda _: Reply(204))
+        return self.catalog.delete_repo(repo).addCallback(lambda _: Reply(204))
 
     # -- templates ---------------------------------------------------------------------------
     @routes.get("/api/repos/{repo}/templates", summary="The repository's service templates", params=REPO,
                 query=LimitQuery, responses={200: Response("The templates, by name", TemplateList), **NO_REPO})
     @_translated
     def list_templates(self, request: Request, repo: str, query: LimitQuery) -> Any:
-        return {"templates": self.robot.list_templates(repo)[:query.limit]}
+        return self._read(lambda catalog: {"templates": catalog.list_templates(repo)[:query.limit]})
 
     @routes.get("/api/repos/{repo}/templates/{name}", summary="One template, with its files", params=TEMPLATE,
                 responses={200: Response("The template", Template),
                            404: Response("No such repository or template")})
     @_translated
     def get_template(self, request: Request, repo: str, name: str) -> Any:
-        return self.robot.get_template(repo, name)
+        return self._read(lambda catalog: catalog.get_template(repo, name))
 
     @routes.put("/api/repos/{repo}/templates/{name}", summary="Create or replace a template's files",
                 params=TEMPLATE, body=TemplateFiles,
@@ -262,7 +272,7 @@ class AysApi:
                            201: Response("The template, created", Template), **NO_REPO, **BAD})
     @_translated
     def put_template(self, request: Request, repo: str, name: str, body: TemplateFiles) -> Any:
-        d = self.robot.put_template(repo, name, body.files)
+        d = self.catalog.put_template(repo, name, body.files)
         return d.addCallback(lambda result: Reply(201 if result[1] else 200, result[0]))
 
     # -- blueprints --------------------------------------------------------------------------
@@ -270,21 +280,21 @@ class AysApi:
                 query=LimitQuery, responses={200: Response("The blueprints, by name", BlueprintList), **NO_REPO})
     @_translated
     def list_blueprints(self, request: Request, repo: str, query: LimitQuery) -> Any:
-        return self.robot.list_blueprints(repo).addCallback(lambda items: {"blueprints": items[:query.limit]})
+        return self._read(lambda catalog: {"blueprints": catalog.list_blueprints(repo)[:query.limit]})
 
     @routes.post("/api/repos/{repo}/blueprints", summary="Add a blueprint", params=REPO, body=NewBlueprint,
                  responses={201: Response("The blueprint", Blueprint),
                             409: Response("A blueprint of that name exists"), **NO_REPO, **BAD})
     @_translated
     def create_blueprint(self, request: Request, repo: str, body: NewBlueprint) -> Any:
-        return self.robot.add_blueprint(repo, body.name, body.content, create=True)
+        return self.catalog.add_blueprint(repo, body.name, body.content, create=True)
 
     @routes.get("/api/repos/{repo}/blueprints/{name}", summary="One blueprint, with its last execution",
                 params=BLUEPRINT, responses={200: Response("The blueprint", Blueprint),
                                              404: Response("No such repository or blueprint")})
     @_translated
     def get_blueprint(self, request: Request, repo: str, name: str) -> Any:
-        return self.robot.get_blueprint(repo, name)
+        return self._read(lambda catalog: catalog.get_blueprint(repo, name))
 
     @routes.put("/api/repos/{repo}/blueprints/{name}", summary="Replace a blueprint's content",
                 params=BLUEPRINT, body=BlueprintContent,
@@ -292,14 +302,14 @@ class AysApi:
                            404: Response("No such repository or blueprint"), **BAD})
     @_translated
     def update_blueprint(self, request: Request, repo: str, name: str, body: BlueprintContent) -> Any:
-        return self.robot.add_blueprint(repo, name, body.content, create=False)
+        return self.catalog.add_blueprint(repo, name, body.content, create=False)
 
     @routes.delete("/api/repos/{repo}/blueprints/{name}", summary="Delete a blueprint (its services stay)",
                    params=BLUEPRINT, responses={204: Response("Deleted"),
                                                 404: Response("No such repository or blueprint")})
     @_translated
     def delete_blueprint(self, request: Request, repo: str, name: str) -> Any:
-        return self.robot.delete_blueprint(repo, name).addCallback(lambda _: Reply(204))
+        return self.catalog.delete_blueprint(repo, name).addCallback(lambda _: Reply(204))
 
     @routes.post("/api/repos/{repo}/blueprints/{name}/execute",
                  summary="Create or update the blueprint's services, then run their install actions in order",
@@ -318,19 +328,19 @@ class AysApi:
                 query=LimitQuery, responses={200: Response("The services, by key", ServiceList), **NO_REPO})
     @_translated
     def list_services(self, request: Request, repo: str, query: LimitQuery) -> Any:
-        return {"services": self.robot.list_services(repo)[:query.limit]}
+        return self._read(lambda catalog: {"services": catalog.list_services(repo)[:query.limit]})
 
     @routes.get("/api/repos/{repo}/services/{role}/{name}", summary="One service", params=SERVICE,
                 responses={200: Response("The service", Service), 404: Response("No such repository or service")})
     @_translated
     def get_service(self, request: Request, repo: str, role: str, name: str) -> Any:
-        return self.robot.get_service(repo, f"{role}!{name}")
+        return self._read(lambda catalog: catalog.get_service(repo, f"{role}!{name}"))
 
     @routes.delete("/api/repos/{repo}/services/{role}/{name}", summary="Delete a service", params=SERVICE,
                    responses={204: Response("Deleted"), 404: Response("No such repository or service")})
     @_translated
     def delete_service(self, request: Request, repo: str, role: str, name: str) -> Any:
-        return self.robot.delete_service(repo, f"{role}!{name}").addCallback(lambda _: Reply(204))
+        return self.catalog.delete_service(repo, f"{role}!{name}").addCallback(lambda _: Reply(204))
 
     @routes.post("/api/repos/{repo}/services/{role}/{name}/actions/{action}",
                  summary="Run one action of a service",
@@ -342,8 +352,11 @@ class AysApi:
     @_translated
     def run_action(self, request: Request, repo: str, role: str, name: str, action: str,
                    body: Optional[ActionArgs] = None) -> Any:
-        run, _ = self.robot.run_action(repo, f"{role}!{name}", action, body.args if body else {})
-        return Reply(202, {"run": run.id})
+        def start(_: Any) -> Reply:
+            run, _ = self.robot.run_action(repo, f"{role}!{name}", action, body.args if body else {})
+            return Reply(202, {"run": run.id})
+
+        return self._read(start)
 
     # -- runs --------------------------------------------------------------------------------
     @routes.get("/api/runs", summary="Run history with logs, newest first (runs still going included)",

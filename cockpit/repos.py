@@ -1,4 +1,4 @@
-"""The AYS repository model, on disk exactly as DESIGN §7 lays it out::
+"""The AYS repository model (names, templates, blueprints, services), and on disk exactly as DESIGN §7 lays it out::
 
     <repos>/<repo>/.ays                               repo metadata (JSON): created, blueprint outcomes
     <repos>/<repo>/blueprints/<name>.yaml             "template__instance: {args}" blocks, in file order
@@ -7,14 +7,15 @@
     <repos>/<repo>/servicetemplates/<tpl>/actions.py  def <action>(service, event): ...
     <repos>/<repo>/services/<role>!<instance>/service.json   its args and its state per action
 
-:class:`RepoStore` does blocking file work: call it from a thread (the robot does,
-through ``deferToThread``). Every write goes to a temporary file that is then renamed
-over the old one, so a crash never leaves half a file. Names are checked against
+:class:`RepoStore` does blocking file work: call it from a thread (the embedded catalog store,
+:mod:`cockpit.backends.embedded.catalog`, does). Every write goes to a temporary file that is
+then renamed over the old one, so a crash never leaves half a file. Names are checked against
 patterns and every path is checked to stay under the repos root.
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -63,6 +64,10 @@ class Invalid(AysError):
     pass
 
 
+class Unavailable(AysError):
+    """The catalog cannot answer now (it is still loading); asking again later may work."""
+
+
 def check_repo_name(name: str) -> str:
     if not isinstance(name, str) or not _REPO.fullmatch(name):
         raise Invalid(f"{name!r} is not a repository name: 1 to 64 letters, digits, spaces, "
@@ -107,18 +112,19 @@ def split_key(key: str) -> tuple[str, str]:
 
 @dataclass
 class Template:
-    """A service template as loaded: its arguments, subscriptions, periods and action names."""
+    """A service template as loaded: its arguments, subscriptions, periods and action names.
+
+    ``digest`` is the sha256 of its ``actions.py``; ``actions_file`` is where a worker loads
+    that file from, set by the store that loaded it (None until then).
+    """
 
     repo: str
     name: str
-    path: Path
     arguments: dict[str, Argument] = field(default_factory=dict)
     spec: ServiceSpec = field(default_factory=ServiceSpec)
     actions: tuple[str, ...] = ()
-
-    @property
-    def actions_path(self) -> Path:
-        return self.path / "actions.py"
+    digest: str = ""
+    actions_file: Optional[Path] = None
 
     def to_dict(self, files: Optional[dict[str, str]] = None) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -177,16 +183,20 @@ class BlueprintEntry:
         return f"{self.template}!{self.instance}"
 
 
+NEW_STATUS = {"state": "new", "error": None, "executed": None}
+
+
 @dataclass
 class RepoSnapshot:
-    """Everything the robot keeps in memory about one repository."""
+    """Everything a process keeps in memory about one repository."""
 
     name: str
-    path: Path
-    meta: dict[str, Any]
-    templates: dict[str, Template]
-    services: dict[str, ServiceRecord]
-    broken: dict[str, str]  # template name -> why it cannot be loaded
+    created: Optional[float]
+    templates: dict[str, Template] = field(default_factory=dict)
+    services: dict[str, ServiceRecord] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)  # template name -> why it cannot be loaded
+    blueprints: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> its last execution
+    incarnation: Optional[str] = None  # what tells it from an older repository of the same name
 
 
 # ---------------------------------------------------------------------------
@@ -248,7 +258,42 @@ def action_names(source: str, filename: str = "actions.py") -> tuple[str, ...]:
                  if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"))
 
 
-def load_template(repo: str, name: str, path: Path, files: dict[str, str]) -> Template:
+def check_template_files(files: Any) -> dict[str, str]:
+    """``files`` as a template's files (name -> text), or Invalid saying what is wrong; bounded by MAX_FILE."""
+    if not isinstance(files, dict) or not files:
+        raise Invalid("files: expected an object of file name -> text, with some of " + ", ".join(TEMPLATE_FILES))
+    for file_name, text in files.items():
+        if file_name not in TEMPLATE_FILES:
+            raise Invalid(f"files: unknown file {file_name!r}: a template has {', '.join(TEMPLATE_FILES)}")
+        if not isinstance(text, str):
+            raise Invalid(f"files.{file_name}: expected the file's text as a string")
+        if len(text) > MAX_FILE or len(check_text(text, f"files.{file_name}")) > MAX_FILE:
+            raise Invalid(f"files.{file_name}: larger than {MAX_FILE} bytes")
+    return files
+
+
+def check_text(text: str, what: str) -> bytes:
+    """``text`` as UTF-8; Invalid when it holds what UTF-8 cannot (a lone surrogate, from JSON's \\ud800)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid(f"{what}: the text holds a lone surrogate, which is not a character") from None
+
+
+def check_blueprint_content(content: Any) -> str:
+    """``content`` as blueprint text that parses; Invalid says why not."""
+    if not isinstance(content, str):
+        raise Invalid("content: expected the blueprint's YAML text as a string")
+    parse_blueprint(content)
+    check_text(content, "content")
+    return content
+
+
+def actions_digest(source: str) -> str:
+    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def load_template(repo: str, name: str, files: dict[str, str]) -> Template:
     """Build a Template from its files' text; Invalid names the file and the problem."""
     try:
         arguments = hrd.schema(files.get("schema.hrd", ""))
@@ -258,12 +303,20 @@ def load_template(repo: str, name: str, path: Path, files: dict[str, str]) -> Te
         spec = hrd.service_spec(files.get("service.hrd", ""))
     except HrdError as exc:
         raise Invalid(f"service.hrd: {exc}") from None
-    actions = action_names(files.get("actions.py", ""))
+    source = files.get("actions.py", "")
+    actions = action_names(source)
     missing = sorted({a for acts in spec.events.values() for a in acts} | set(spec.recurring))
     missing = [a for a in missing if a not in actions]
     if missing:
         raise Invalid(f"service.hrd names action {missing[0]!r}, which actions.py does not define")
-    return Template(repo, name, path, arguments, spec, actions)
+    return Template(repo, name, arguments, spec, actions, actions_digest(source))
+
+
+def service_from_stored(repo: str, data: dict[str, Any]) -> ServiceRecord:
+    """A ServiceRecord from what ``stored()`` gave; KeyError or TypeError when it is not one."""
+    return ServiceRecord(repo, data["role"], data["instance"], data["template"], dict(data.get("args") or {}),
+                         dict(data.get("states") or {}), float(data.get("created") or 0.0),
+                         float(data.get("updated") or 0.0), data.get("blueprint"))
 
 
 # ---------------------------------------------------------------------------
@@ -314,7 +367,7 @@ class RepoStore:
         return sorted(entry.name for entry in self.root.iterdir()
                       if (entry / ".ays").is_file() and _REPO.fullmatch(entry.name))
 
-    def create_repo(self, repo: str) -> dict[str, Any]:
+    def create_repo(self, repo: str, created: Optional[float] = None) -> dict[str, Any]:
         path = self.repo_path(repo)
         self.root.mkdir(parents=True, exist_ok=True)
         try:
@@ -324,7 +377,7 @@ class RepoStore:
                 raise Conflict(f"repository {repo!r} already exists") from None
         for sub in ("blueprints", "servicetemplates", "services"):
             (path / sub).mkdir(exist_ok=True)
-        meta = {"name": repo, "created": time.time(), "blueprints": {}}
+        meta = {"name": repo, "created": time.time() if created is None else created, "blueprints": {}}
         write_atomically(path / ".ays", _json(meta))
         return meta
 
@@ -341,40 +394,71 @@ class RepoStore:
             meta = json.loads((path / ".ays").read_text() or "{}")
         except ValueError:
             meta = {}  # an old or hand-made .ays marker: start the metadata afresh
+        if not isinstance(meta, dict):
+            meta = {}
         meta.setdefault("name", repo)
         meta.setdefault("created", (path / ".ays").stat().st_mtime)
-        meta.setdefault("blueprints", {})
+        if not isinstance(meta.get("blueprints"), dict):
+            meta["blueprints"] = {}
         return meta
 
     def write_meta(self, repo: str, meta: dict[str, Any]) -> None:
         write_atomically(self._existing_repo(repo) / ".ays", _json(meta))
 
     def load_repo(self, repo: str) -> RepoSnapshot:
+        """The repository as the catalog keeps it: templates loaded (or why not), services, blueprints."""
         path = self._existing_repo(repo)
         meta = self.read_meta(repo)
-        templates: dict[str, Template] = {}
-        broken: dict[str, str] = {}
+        snapshot = RepoSnapshot(repo, meta.get("created"))
+        for name, files in self._templates_files(path).items():
+            try:
+                template = load_template(repo, name, files)
+            except Invalid as exc:
+                snapshot.broken[name] = str(exc)
+                continue
+            template.actions_file = path / "servicetemplates" / name / "actions.py"
+            snapshot.templates[name] = template
+        snapshot.services = self._services(repo, path)
+        statuses = meta["blueprints"]
+        snapshot.blueprints = {name: dict(statuses.get(name) or NEW_STATUS) for name in self.list_blueprints(repo)}
+        return snapshot
+
+    def read_repo(self, repo: str) -> dict[str, Any]:
+        """Everything stored for ``repo``, unparsed: ``created``, ``templates`` (name -> files, broken ones
+        too), ``blueprints`` (name -> text), ``statuses`` (name -> status) and ``services`` (ServiceRecords)."""
+        path = self._existing_repo(repo)
+        meta = self.read_meta(repo)
+        blueprints = {}
+        for name in self.list_blueprints(repo):
+            try:
+                blueprints[name] = (path / "blueprints" / name).read_text()
+            except (OSError, UnicodeDecodeError):
+                continue
+        return {"created": meta.get("created"), "templates": self._templates_files(path),
+                "blueprints": blueprints,
+                "statuses": {name: status for name, status in meta["blueprints"].items()
+                             if name in blueprints and isinstance(status, dict)},
+                "services": list(self._services(repo, path).values())}
+
+    def _templates_files(self, path: Path) -> dict[str, dict[str, str]]:
+        templates = {}
         tdir = path / "servicetemplates"
         for entry in sorted(tdir.iterdir()) if tdir.is_dir() else []:
-            if not entry.is_dir() or not _NAME.fullmatch(entry.name) or "__" in entry.name:
-                continue
-            try:
-                templates[entry.name] = load_template(repo, entry.name, entry, self._template_files(entry))
-            except Invalid as exc:
-                broken[entry.name] = str(exc)
+            if entry.is_dir() and _NAME.fullmatch(entry.name) and "__" not in entry.name:
+                templates[entry.name] = self._template_files(entry)
+        return templates
+
+    @staticmethod
+    def _services(repo: str, path: Path) -> dict[str, ServiceRecord]:
         services: dict[str, ServiceRecord] = {}
         sdir = path / "services"
         for entry in sorted(sdir.iterdir()) if sdir.is_dir() else []:
             try:
-                data = json.loads((entry / "service.json").read_text())
-                record = ServiceRecord(repo, data["role"], data["instance"], data["template"],
-                                       data.get("args", {}), data.get("states", {}),
-                                       data.get("created", 0.0), data.get("updated", 0.0),
-                                       data.get("blueprint"))
-            except (OSError, ValueError, KeyError, TypeError):
+                record = service_from_stored(repo, json.loads((entry / "service.json").read_text()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue  # not a service directory (or a torn one from before atomic writes)
             services[record.key] = record
-        return RepoSnapshot(repo, path, meta, templates, services, broken)
+        return services
 
     # -- templates ----------------------------------------------------------
     @staticmethod
@@ -383,7 +467,7 @@ class RepoStore:
         for name in TEMPLATE_FILES:
             try:
                 files[name] = (path / name).read_text()
-            except FileNotFoundError:
+            except (FileNotFoundError, UnicodeDecodeError):
                 pass
         return files
 
@@ -398,17 +482,8 @@ class RepoStore:
         """Replace the template's files with ``files``; fires (template, created)."""
         self._existing_repo(repo)
         path = self.template_path(repo, name)
-        if not isinstance(files, dict) or not files:
-            raise Invalid("files: expected an object of file name -> text, with some of "
-                          + ", ".join(TEMPLATE_FILES))
-        for file_name, text in files.items():
-            if file_name not in TEMPLATE_FILES:
-                raise Invalid(f"files: unknown file {file_name!r}: a template has {', '.join(TEMPLATE_FILES)}")
-            if not isinstance(text, str):
-                raise Invalid(f"files.{file_name}: expected the file's text as a string")
-            if len(text.encode()) > MAX_FILE:
-                raise Invalid(f"files.{file_name}: larger than {MAX_FILE} bytes")
-        template = load_template(repo, name, path, files)  # refuses a broken template before writing
+        check_template_files(files)
+        template = load_template(repo, name, files)  # refuses a broken template before writing
         created = not path.is_dir()
         path.mkdir(parents=True, exist_ok=True)
         for file_name in TEMPLATE_FILES:
@@ -419,6 +494,7 @@ class RepoStore:
                     (path / file_name).unlink()
                 except FileNotFoundError:
                     pass
+        template.actions_file = path / "actions.py"
         return template, created
 
     # -- blueprints ---------------------------------------------------------
@@ -438,9 +514,7 @@ class RepoStore:
         """Store a blueprint (create: it must be new; else: it must exist); fires its name."""
         self._existing_repo(repo)
         path = self.blueprint_path(repo, name)
-        if not isinstance(content, str):
-            raise Invalid("content: expected the blueprint's YAML text as a string")
-        parse_blueprint(content)
+        check_blueprint_content(content)
         if create and path.exists():
             raise Conflict(f"blueprint {path.name!r} already exists in repository {repo!r}; PUT it to change it")
         if not create and not path.exists():
@@ -454,6 +528,21 @@ class RepoStore:
             self.blueprint_path(repo, name).unlink()
         except FileNotFoundError:
             raise NotFound(f"no blueprint {blueprint_name(name)!r} in repository {repo!r}") from None
+        meta = self.read_meta(repo)
+        if meta["blueprints"].pop(blueprint_name(name), None) is not None:
+            self.write_meta(repo, meta)
+
+    def set_blueprint_status(self, repo: str, name: str, status: dict[str, Any]) -> bool:
+        """Record a blueprint's last execution; False (nothing written) when it is gone."""
+        try:
+            meta = self.read_meta(repo)
+        except NotFound:
+            return False
+        if not self.blueprint_path(repo, name).is_file():
+            return False
+        meta["blueprints"][blueprint_name(name)] = status
+        self.write_meta(repo, meta)
+        return True
 
     # -- services -----------------------------------------------------------
     def write_service(self, record: ServiceRecord) -> None:
@@ -461,6 +550,33 @@ class RepoStore:
         if not (self.repo_path(record.repo) / ".ays").is_file():
             return  # the repository was deleted meanwhile: nothing to keep
         write_atomically(path / "service.json", _json(record.stored()))
+
+    def read_service(self, repo: str, key: str) -> Optional[ServiceRecord]:
+        try:
+            return service_from_stored(repo, json.loads((self.service_path(repo, key) / "service.json").read_text()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def put_service(self, record: ServiceRecord) -> ServiceRecord:
+        """Create the service, or change an existing one's template, args and blueprint; its states and
+        creation time stay as they are. Fires with what is stored now."""
+        self._existing_repo(record.repo)
+        old = self.read_service(record.repo, record.key)
+        if old is not None:
+            record = ServiceRecord(record.repo, record.role, record.instance, record.template, record.args,
+                                   old.states, old.created, max(old.updated, record.updated), record.blueprint)
+        self.write_service(record)
+        return record
+
+    def set_service_states(self, repo: str, key: str, states: dict[str, str], updated: float) -> bool:
+        """Set these actions' states of one service (the others stay); False when the service is gone."""
+        record = self.read_service(repo, key)
+        if record is None:
+            return False
+        record.states.update(states)
+        record.updated = max(record.updated, updated)
+        self.write_service(record)
+        return True
 
     def delete_service(self, repo: str, key: str) -> None:
         path = self.service_path(repo, key)

@@ -110,11 +110,16 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     groups.setServiceParent(top)
     from cockpit.ays import Robot
     from cockpit.ays_api import AysApi
+    from cockpit.ays_catalog import Catalog
     from cockpit.workers import WorkerPool
 
+    # before the robot, so that it is stopped after it (and writes the states the robot's last runs set)
+    catalog = Catalog(backend.catalog_store(cfg.repos_dir, cfg.data_dir, reactor), reactor)
+    catalog.setName("ays-catalog")
+    catalog.setServiceParent(top)
     history = backend.run_history(reactor, cfg.ays.keep_days, cfg.ays.keep_runs)  # shared on Redis
     pool = WorkerPool(cfg.ays.workers, cfg.ays.action_timeout, reactor, action_memory=cfg.ays.action_memory)
-    robot = Robot(cfg.repos_dir, bus, history, pool, clock=reactor, mailer=mailer)
+    robot = Robot(catalog, bus, history, pool, clock=reactor, mailer=mailer)
     robot.setName("ays")
     robot.setServiceParent(top)
 
@@ -122,7 +127,7 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     if cfg.bot.token:
         from cockpit.telegram import TelegramBot
 
-        bot = TelegramBot(cfg, backend, reactor)
+        bot = TelegramBot(cfg, backend, reactor, catalog=catalog)
         bot.setName("telegram")
         bot.setServiceParent(top)
 
@@ -134,7 +139,7 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     if parsers is not None:
         services["mail_parsers"] = parsers.health
     api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
-    api.include(AysApi(robot))
+    api.include(AysApi(robot, catalog))
     if not cfg.api.tokens:
         log.warn("[api] tokens is empty: the REST API is open to anyone who can reach it")
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")
@@ -142,4 +147,5 @@ def build(cfg: Config, reactor: Any = None) -> MultiService:
     web.setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]
     top.robot = robot  # type: ignore[attr-defined]
+    top.catalog = catalog  # type: ignore[attr-defined]
     return top

@@ -17,7 +17,6 @@ from __future__ import annotations
 import html
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from twisted.application.service import MultiService
@@ -27,6 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from cockpit import repos as ays_repos
+from cockpit.ays_catalog import Catalog
 from cockpit.bus import Bus, Delivery
 from cockpit.config import Config
 from cockpit.events import AlarmEvent, EcoEvent, Event, TelegramEvent
@@ -218,16 +218,19 @@ def is_allowed(user: dict[str, Any], allowed: Sequence[Union[int, str]]) -> bool
 
 
 class ChatCommands:
-    """Turns updates into events and replies. ``handle_update`` fires once the event is published."""
+    """Turns updates into events and replies. ``handle_update`` fires once the event is published.
+
+    Its keyboards and checks ask ``catalog`` what repositories, blueprints and services there are.
+    """
 
     def __init__(self, api: BotApi, sender: MessageSender, bus: Bus, state: Any,
-                 allowed_users: Sequence[Union[int, str]], repos_dir: Path):
+                 allowed_users: Sequence[Union[int, str]], catalog: Catalog):
         self.api = api
         self.sender = sender
         self.bus = bus
         self.state = state
         self.allowed_users = list(allowed_users)
-        self.repos = ays_repos.RepoStore(repos_dir)
+        self.catalog = catalog
         # a user who said "/blueprint create NAME" and whose YAML comes next: user id -> (repo, name)
         self.awaiting_blueprint: dict[int, tuple[str, Optional[str]]] = {}
         self.published = 0
@@ -332,6 +335,12 @@ class ChatCommands:
         return threads.deferToThread(method, *args)
 
     @inlineCallbacks
+    def _repo_snapshot(self, repo: str):
+        """What the catalog holds of ``repo``, current as of now; NotFound when there is none."""
+        catalog = yield self.catalog.view()
+        return catalog.repo(repo)
+
+    @inlineCallbacks
     def _current_repo(self, chat: Chat):
         repo = yield self.state.current_repo(chat.user_id)
         if not repo:
@@ -385,8 +394,8 @@ class ChatCommands:
                 if (yield self.state.current_repo(chat.user_id)) == name:
                     yield self.state.set_current_repo(chat.user_id, None)
                 return
-            known = yield self._in_thread(self.repos.list_repos)
-            if name not in known:
+            catalog = yield self.catalog.view()
+            if name not in catalog.repo_names():
                 raise CommandError(f"There is no repository {name!r}. /repo list shows them.")
             yield self.state.set_current_repo(chat.user_id, name)
             yield self.reply(chat, f"Now working in repository {name}.")
@@ -395,7 +404,8 @@ class ChatCommands:
 
     @inlineCallbacks
     def _choose_repo(self, chat: Chat, sub: str):
-        known = yield self._in_thread(self.repos.list_repos)
+        catalog = yield self.catalog.view()
+        known = catalog.repo_names()
         if not known:
             raise CommandError("There are no repositories yet: /repo create NAME makes one.")
         yield self.reply(chat, f"Which repository shall I {sub}?", [(r, f"/repo {sub} {r}") for r in known])
@@ -426,7 +436,7 @@ class ChatCommands:
                                  f"Send the blueprint for repository {repo} as a .yaml file, or send "
                                  "/blueprint create NAME with the YAML on the lines below it.")
         elif not name:
-            names = yield self._in_thread(self.repos.list_blueprints, repo)
+            names = sorted((yield self._repo_snapshot(repo)).blueprints)
             if not names:
                 raise CommandError(f"Repository {repo} has no blueprints yet.")
             yield self.reply(chat, f"Which blueprint shall I {sub}?", [(n, f"/blueprint {sub} {n}") for n in names])
@@ -500,7 +510,7 @@ class ChatCommands:
             yield self._choose_action(chat, repo, key)
         elif key.startswith("@"):
             # every service of the role: one event each, so each gets its own run and answer
-            snapshot = yield self._in_thread(self.repos.load_repo, repo)
+            snapshot = yield self._repo_snapshot(repo)
             keys = sorted(k for k, s in snapshot.services.items() if s.role == key[1:])
             if not keys:
                 raise CommandError(f"Repository {repo} has no service of role {key[1:]}.")
@@ -518,7 +528,7 @@ class ChatCommands:
 
     @inlineCallbacks
     def _choose_service(self, chat: Chat, repo: str, sub: str, roles: bool):
-        snapshot = yield self._in_thread(self.repos.load_repo, repo)
+        snapshot = yield self._repo_snapshot(repo)
         keys = sorted(snapshot.services)
         if not keys:
             raise CommandError(f"Repository {repo} has no services yet: /blueprint execute NAME makes them.")
@@ -530,7 +540,7 @@ class ChatCommands:
 
     @inlineCallbacks
     def _choose_action(self, chat: Chat, repo: str, key: str):
-        snapshot = yield self._in_thread(self.repos.load_repo, repo)
+        snapshot = yield self._repo_snapshot(repo)
         if key.startswith("@"):
             records = [s for s in snapshot.services.values() if s.role == key[1:]]
         else:
@@ -667,7 +677,8 @@ class TelegramBot(MultiService):
 
     def __init__(self, cfg: Config, backend: "Backend", reactor: Any = None, http: Any = None,
                  clock: Optional[IReactorTime] = None, lease_ttl: float = 30.0,
-                 notice_gather: float = 2.0, notice_window: float = 60.0, output_max_age: float = 3600.0):
+                 notice_gather: float = 2.0, notice_window: float = 60.0, output_max_age: float = 3600.0,
+                 catalog: Optional[Catalog] = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -683,8 +694,12 @@ class TelegramBot(MultiService):
         self.sender = MessageSender(self.api, clock)
         self.state = backend.bot_state(self.api.bot_id)
         lease = backend.lease(self.api.bot_id, clock, lease_ttl)
-        self.commands = ChatCommands(self.api, self.sender, bus, self.state, cfg.bot.allowed_users,
-                                     cfg.repos_dir)
+        if catalog is None:  # a bot on its own: a view of the catalog of its own, started and stopped with it
+            catalog = Catalog(backend.catalog_store(cfg.repos_dir, cfg.data_dir, clock), clock)
+            catalog.setName("ays-catalog")
+            catalog.setServiceParent(self)
+        self.catalog = catalog
+        self.commands = ChatCommands(self.api, self.sender, bus, self.state, cfg.bot.allowed_users, catalog)
         self.poller = UpdatePoller(self.api, self.state, self.commands.handle_update, clock, lease=lease)
         self.poller.setName("telegram-poller")
         self.poller.setServiceParent(self)

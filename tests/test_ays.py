@@ -77,12 +77,16 @@ class RobotCase(TestCase):
         return MemoryBus()
 
     @inlineCallbacks
-    def start_robot(self, clock=None, repos_dir=None, bus=None):
+    def start_robot(self, clock=None, repos_dir=None, bus=None, catalog=None):
+        """A started robot on ``catalog`` (started here, stopped after the robot), or on a repos directory."""
         base = Path(self.mktemp()).absolute()
         bus = bus or self.bus
         history = SqliteRunHistory(base / "runs.sqlite", reactor)
         pool = WorkerPool(self.workers, action_timeout=2.0, reactor=reactor)
-        robot = Robot(repos_dir or self.repos_dir, bus, history, pool, clock=clock or reactor)
+        if catalog is not None:
+            catalog.startService()
+            self.addCleanup(catalog.stopService)
+        robot = Robot(catalog or repos_dir or self.repos_dir, bus, history, pool, clock=clock or reactor)
         robot.startService()
         self.addCleanup(robot.stopService)
         yield robot.ready
@@ -101,10 +105,10 @@ class RobotCase(TestCase):
     @inlineCallbacks
     def make_repo(self, robot=None, service_hrd=SERVICE, blueprint="node__web1:\n  port: 2222\n"):
         robot = robot or self.robot
-        yield robot.create_repo("demo")
-        yield robot.put_template("demo", "node", {"schema.hrd": SCHEMA, "service.hrd": service_hrd,
-                                                  "actions.py": ACTIONS})
-        yield robot.add_blueprint("demo", "main.yaml", blueprint)
+        yield robot.catalog.create_repo("demo")
+        yield robot.catalog.put_template("demo", "node", {"schema.hrd": SCHEMA, "service.hrd": service_hrd,
+                                                          "actions.py": ACTIONS})
+        yield robot.catalog.add_blueprint("demo", "main.yaml", blueprint)
         runs, finished = yield robot.execute_blueprint("demo", "main.yaml")
         done = yield finished
         return runs, done
@@ -117,48 +121,49 @@ class BlueprintTests(RobotCase):
         self.assertEqual([(r.service, r.action, r.state) for r in done], [("node!web1", "install", "ok")])
         self.assertEqual(runs[0].id, done[0].id)
         self.assertIn("installing node!web1 port 2222", done[0].log)
-        service = self.robot.get_service("demo", "node!web1")
+        service = self.robot.catalog.get_service("demo", "node!web1")
         self.assertEqual(service["args"], {"name": "web", "port": 2222})
         self.assertEqual(service["states"]["install"], "ok")
         self.assertEqual(service["events"], {"email": ["notify", "escalate"]})
-        blueprint = yield self.robot.get_blueprint("demo", "main")
+        blueprint = yield self.robot.catalog.get_blueprint("demo", "main")
         self.assertEqual((blueprint["state"], blueprint["error"]), ("ok", None))
         recorded = yield self.robot.get_run(done[0].id)
         self.assertEqual((recorded["state"], recorded["trigger"]["kind"]), ("ok", "blueprint"))
-        yield self.robot._flush_states()
+        yield self.robot.catalog.flush()
         on_disk = json.loads((self.repos_dir / "demo" / "services" / "node!web1" / "service.json").read_text())
         self.assertEqual(on_disk["states"]["install"], "ok")
 
     @inlineCallbacks
     def test_failing_blueprint_is_kept_with_its_error(self):
         yield self.make_repo()
-        yield self.robot.add_blueprint("demo", "bad", "nope__x: {}\n")
+        yield self.robot.catalog.add_blueprint("demo", "bad", "nope__x: {}\n")
         error = yield self.assertFailure(self.robot.execute_blueprint("demo", "bad"), Invalid)
         self.assertIn("no template 'nope'", str(error))
-        blueprint = yield self.robot.get_blueprint("demo", "bad.yaml")
+        blueprint = yield self.robot.catalog.get_blueprint("demo", "bad.yaml")
         self.assertEqual(blueprint["state"], "error")
         self.assertIn("no template 'nope'", blueprint["error"])
         self.assertTrue((self.repos_dir / "demo" / "blueprints" / "bad.yaml").is_file())
 
     @inlineCallbacks
     def test_missing_required_argument_fails_the_blueprint_clearly(self):
-        yield self.robot.create_repo("demo")
-        yield self.robot.put_template("demo", "node", {"schema.hrd": "host = required\n", "actions.py": ACTIONS})
-        yield self.robot.add_blueprint("demo", "main", "node__a: {}\n")
+        yield self.robot.catalog.create_repo("demo")
+        yield self.robot.catalog.put_template("demo", "node", {"schema.hrd": "host = required\n",
+                                                               "actions.py": ACTIONS})
+        yield self.robot.catalog.add_blueprint("demo", "main", "node__a: {}\n")
         error = yield self.assertFailure(self.robot.execute_blueprint("demo", "main"), Invalid)
         self.assertEqual(str(error), "blueprint block node__a: argument 'host' is required")
 
     @inlineCallbacks
     def test_failed_install_stops_the_installs_after_it(self):
-        yield self.robot.create_repo("demo")
-        yield self.robot.put_template("demo", "node", {"actions.py": "def install(service):\n    1/0\n"})
-        yield self.robot.add_blueprint("demo", "main", "node__a:\nnode__b:\n")
+        yield self.robot.catalog.create_repo("demo")
+        yield self.robot.catalog.put_template("demo", "node", {"actions.py": "def install(service):\n    1/0\n"})
+        yield self.robot.catalog.add_blueprint("demo", "main", "node__a:\nnode__b:\n")
         runs, finished = yield self.robot.execute_blueprint("demo", "main")
         done = yield finished
         self.assertEqual([(r.service, r.state) for r in done], [("node!a", "error"), ("node!b", "error")])
         self.assertIn("ZeroDivisionError", done[0].log)
         self.assertIn("not started: the install of node!a ended in error", done[1].log)
-        blueprint = yield self.robot.get_blueprint("demo", "main")
+        blueprint = yield self.robot.catalog.get_blueprint("demo", "main")
         self.assertEqual((blueprint["state"], blueprint["error"]), ("error", "the install of node!a ended in error"))
 
     @inlineCallbacks
@@ -172,8 +177,8 @@ class BlueprintTests(RobotCase):
         yield self.make_repo()
         yield self.robot.stopService()
         robot = yield self.start_robot()
-        self.assertEqual(robot.get_service("demo", "node!web1")["states"]["install"], "ok")
-        self.assertEqual(robot.subscribers("EMAIL")[0].service, "node!web1")
+        self.assertEqual(robot.catalog.get_service("demo", "node!web1")["states"]["install"], "ok")
+        self.assertEqual(robot.catalog.subscribers("EMAIL")[0].service, "node!web1")
 
 
 class WaitingTests(RobotCase):
@@ -208,10 +213,9 @@ class WaitingTests(RobotCase):
 
     @inlineCallbacks
     def test_waiters_are_cancelled_when_the_robot_stops(self):
-        never, reloaded = self.robot.when_run(lambda run: False), self.robot.when_reloaded()
+        never = self.robot.when_run(lambda run: False)
         yield self.robot.stopService()
         self.failureResultOf(never, defer.CancelledError)
-        self.failureResultOf(reloaded, defer.CancelledError)
 
 
 class EventTests(RobotCase):
@@ -246,7 +250,7 @@ class EventTests(RobotCase):
         yield self.make_repo(service_hrd="events.alarm = hold\n",
                              blueprint="node__web1:\n  port: 1\n")
         # the hold action needs to know its release file: give it through the service args
-        self.robot.repos["demo"].services["node!web1"].args["release"] = str(release)
+        self.robot.catalog.repos["demo"].services["node!web1"].args["release"] = str(release)
         event = AlarmEvent(service="node!web1", msg="x")
         running = self.robot.when_run(lambda run: run.action == "hold" and run.state == "running")
         acknowledged = self.robot.consumer.when_handled(self.robot.consumer.handled + 1)
@@ -317,7 +321,7 @@ class EventTests(RobotCase):
 
         self.assertEqual((yield command("repo.create", name="env du-conv2")), "Repository env du-conv2 created.")
         self.assertIn("already exists", (yield command("repo.create", name="env du-conv2")))
-        yield self.robot.put_template("env du-conv2", "node", {"actions.py": ACTIONS})
+        yield self.robot.catalog.put_template("env du-conv2", "node", {"actions.py": ACTIONS})
         self.assertIn("Blueprint 1_nodes.yaml stored",
                       (yield command("bp.create", name="1_nodes.yaml", content="node__cpu1:\n  port: 1\n")))
         reply = yield command("bp.execute", name="1_nodes.yaml")
@@ -331,16 +335,22 @@ class EventTests(RobotCase):
 
     @inlineCallbacks
     def test_change_made_by_another_process_is_picked_up(self):
-        clock = Clock()
-        other = yield self.start_robot(clock=clock, repos_dir=self.repos_dir)
-        # both robots share one Redis connection, so its commands run in the order they are sent: after
-        # this, the other robot's first look at the generation (made as it started) has its answer
-        yield self.bus.execute("PING")
-        yield self.make_repo()  # each change bumps the generation
+        from cockpit.ays_catalog import Catalog
+        from cockpit.backends.redis.catalog import RedisCatalogStore
+
+        def redis_catalog(follow=True):
+            base = Path(self.mktemp()).absolute()
+            return Catalog(RedisCatalogStore(self.bus, base / "actions", reactor), reactor, follow=follow)
+
+        mine = redis_catalog()
+        robot = yield self.start_robot(catalog=mine)
+        other = redis_catalog(follow=False)  # it learns of changes only when it asks
+        other.startService()
+        self.addCleanup(other.stopService)
+        yield other.ready
+        yield self.make_repo(robot)
         self.assertNotIn("demo", other.repos)
-        reloaded = other.when_reloaded()
-        clock.advance(other.tick)  # its next look sees the bumps
-        yield reloaded
+        yield other.sync()
         self.assertEqual(sorted(other.repos["demo"].services), ["node!web1"])
         self.assertEqual(other.subscribers("email")[0].service, "node!web1")
 

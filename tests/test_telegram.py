@@ -17,7 +17,7 @@ from cockpit.backends.redis import RedisBus
 from cockpit.bus import Delivery
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EcoEvent, TelegramEvent
-from cockpit.repos import RepoStore, ServiceRecord
+from cockpit.repos import ServiceRecord
 from cockpit.telegram import HELP, NO_REPO, TelegramBot, split_text
 from cockpit.workers import WorkerPool
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer, User
@@ -88,13 +88,15 @@ class BotCase(TestCase):
     def replies(self, chat: int = ALICE.id) -> list[str]:
         return [m["visible"] for m in self.fake.sent_to(chat)]
 
-    def make_repo(self, name: str = "demo", services: tuple[str, ...] = ()) -> None:
-        store = RepoStore(self.cfg.repos_dir)
-        store.create_repo(name)
-        store.put_template(name, "node", {"schema.hrd": SCHEMA, "actions.py": ACTIONS})
-        for key in services:
-            role, instance = key.split("!")
-            store.write_service(ServiceRecord(name, role, instance, "node", {"port": 22}))
+    @inlineCallbacks
+    def make_repo(self, name: str = "demo", services: tuple[str, ...] = ()):
+        """A repository with a template and ``services``, made through the bot's catalog."""
+        catalog = self.bot.catalog
+        yield catalog.ready
+        yield catalog.create_repo(name)
+        yield catalog.put_template(name, "node", {"schema.hrd": SCHEMA, "actions.py": ACTIONS})
+        yield catalog.put_services(name, [ServiceRecord(name, *key.split("!"), "node", {"port": 22})
+                                          for key in services])
 
 
 class CommandTests(BotCase):
@@ -111,7 +113,7 @@ class CommandTests(BotCase):
 
     @inlineCallbacks
     def test_each_command_becomes_its_action(self):
-        self.make_repo("demo", services=("node!n1", "node!n2", "db!main"))
+        yield self.make_repo("demo", services=("node!n1", "node!n2", "db!main"))
         yield self.say("/repo select demo")
         commands = [
             ("/repo list", "repo.list", {}),
@@ -137,7 +139,7 @@ class CommandTests(BotCase):
 
     @inlineCallbacks
     def test_at_role_means_every_service_of_that_role(self):
-        self.make_repo("demo", services=("node!n1", "node!n2", "db!main"))
+        yield self.make_repo("demo", services=("node!n1", "node!n2", "db!main"))
         yield self.say("/repo select demo")
         yield self.say("/service execute @node monitor")
         events = yield self.inputs()
@@ -169,7 +171,7 @@ class CommandTests(BotCase):
 
     @inlineCallbacks
     def test_bad_names_are_answered_and_make_no_event(self):
-        self.make_repo()
+        yield self.make_repo()
         yield self.say("/repo select demo")
         yield self.say("/repo create ../etc")
         yield self.say("/service show nobang")
@@ -180,7 +182,7 @@ class CommandTests(BotCase):
 
     @inlineCallbacks
     def test_pasted_blueprint_becomes_bp_create(self):
-        self.make_repo()
+        yield self.make_repo()
         yield self.say("/repo select demo")
         yield self.say("/blueprint create nodes\nnode__n1:\n  port: 2222\n")
         [event] = yield self.inputs()
@@ -189,7 +191,7 @@ class CommandTests(BotCase):
 
     @inlineCallbacks
     def test_blueprint_yaml_can_follow_in_the_next_message(self):
-        self.make_repo()
+        yield self.make_repo()
         yield self.say("/repo select demo")
         yield self.say("/blueprint create nodes")
         self.assertIn("paste its YAML", self.replies()[-1])
@@ -199,7 +201,7 @@ class CommandTests(BotCase):
 
     @inlineCallbacks
     def test_broken_blueprint_yaml_is_answered_with_its_line(self):
-        self.make_repo()
+        yield self.make_repo()
         yield self.say("/repo select demo")
         yield self.say("/blueprint create nodes\nnode__n1:\n  port: [1\n")
         self.assertIn("not valid YAML at line", self.replies()[-1])
@@ -209,7 +211,7 @@ class CommandTests(BotCase):
     def test_yaml_bomb_pasted_or_sent_as_a_file_is_refused_with_why(self):
         from tests.test_hostile_input import alias_bomb
 
-        self.make_repo()
+        yield self.make_repo()
         yield self.say("/repo select demo")
         bomb = "node__n1:\n" + "".join("  " + line + "\n" for line in alias_bomb(9).splitlines())
         yield self.say("/blueprint create nodes\n" + bomb)
@@ -224,7 +226,7 @@ class CommandTests(BotCase):
 
     @inlineCallbacks
     def test_blueprint_sent_as_a_file_is_downloaded_and_created(self):
-        self.make_repo()
+        yield self.make_repo()
         yield self.say("/repo select demo")
         self.fake.document(ALICE, "cluster.yaml", b"node__n1:\n  port: 2200\n")
         self.updates += 1
@@ -236,7 +238,7 @@ class CommandTests(BotCase):
 
     @inlineCallbacks
     def test_a_file_that_is_not_yaml_is_refused(self):
-        self.make_repo()
+        yield self.make_repo()
         yield self.say("/repo select demo")
         self.fake.document(ALICE, "photo.jpg", b"\xff\xd8", mime_type="image/jpeg")
         self.updates += 1
@@ -300,8 +302,8 @@ class KeyboardTests(BotCase):
 
     @inlineCallbacks
     def test_select_keyboard_lists_the_repos_on_disk(self):
-        self.make_repo("alpha")
-        self.make_repo("beta")
+        yield self.make_repo("alpha")
+        yield self.make_repo("beta")
         yield self.say("/repo select")
         sent = self.fake.sent[-1]
         self.assertEqual([b["callback_data"] for row in sent["reply_markup"]["inline_keyboard"] for b in row],
@@ -312,7 +314,7 @@ class KeyboardTests(BotCase):
 
     @inlineCallbacks
     def test_service_execute_picks_service_then_action_from_keyboards(self):
-        self.make_repo("demo", services=("node!n1", "node!n2"))
+        yield self.make_repo("demo", services=("node!n1", "node!n2"))
         yield self.say("/repo select demo")
         yield self.say("/service execute")
         services = [b["callback_data"] for row in self.fake.sent[-1]["reply_markup"]["inline_keyboard"]
@@ -526,7 +528,9 @@ class EndToEndTests(TestCase):
         self.robot.startService()
         self.addCleanup(self.robot.stopService)
         yield self.robot.ready
-        self.bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), reactor)  # its own pooled treq client, on a real port
+        # its own pooled treq client, on a real port; the robot's catalog, as the cockpit hands it over
+        self.bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), reactor,
+                               catalog=self.robot.catalog)
         self.bot.startService()
         self.addCleanup(self.bot.stopService)
 
@@ -547,7 +551,7 @@ class EndToEndTests(TestCase):
         self.assertEqual(answer, "Repository demo created.")
         self.assertTrue((self.cfg.repos_dir / "demo" / ".ays").is_file())
         # templates come over the REST API; the robot's own call stands in for it here
-        yield self.robot.put_template("demo", "node", {"schema.hrd": SCHEMA, "actions.py": ACTIONS})
+        yield self.robot.catalog.put_template("demo", "node", {"schema.hrd": SCHEMA, "actions.py": ACTIONS})
         answer = yield self.reply_to(document=("cluster.yaml", b"node__n1:\n  port: 2200\nnode__n2: {}\n"))
         self.assertEqual(answer, "Blueprint cluster.yaml stored in demo.")
         answer = yield self.reply_to("/blueprint execute cluster")
@@ -566,7 +570,7 @@ class EndToEndTests(TestCase):
         self.assertIn("no repository yet", (yield self.reply_to("/repo list")))
         yield self.reply_to("/repo create demo")
         self.assertEqual("Repositories:\n- demo", (yield self.reply_to("/repo list")))
-        yield self.robot.put_template("demo", "node", {"schema.hrd": SCHEMA, "actions.py": ACTIONS})
+        yield self.robot.catalog.put_template("demo", "node", {"schema.hrd": SCHEMA, "actions.py": ACTIONS})
         yield self.reply_to(document=("cluster.yaml", b"node__n1:\n  port: 2200\n"))
         self.assertIn("- cluster.yaml (new)", (yield self.reply_to("/blueprint list")))
         self.assertIn("node__n1:", (yield self.reply_to("/blueprint show cluster")))

@@ -1,8 +1,8 @@
 """The one boundary of shared state: what cockpit processes share, behind interfaces with two implementations.
 
 A :class:`Backend` hands out every piece of state that several processes must see alike:
-the bus, the event groups, the outgoing mail, the Telegram bot's state, lease and notice
-counts (and, through the bus, marks such as the recurring actions' claims). There are
+the bus, the AYS catalog, the event groups, the outgoing mail, the Telegram bot's state,
+lease and notice counts (and, through the bus, marks such as the recurring actions' claims). There are
 two: :class:`cockpit.backends.redis.RedisBackend`, shared by every process on one
 Redis, and :class:`cockpit.backends.embedded.EmbeddedBackend`, inside one process, on
 its ``data_dir``. :func:`make_backend` picks one, once, where the service tree is built;
@@ -10,11 +10,12 @@ everything else talks to the interfaces. No module outside this package sends a 
 command.
 
 The interfaces live with the domain they serve: :class:`cockpit.bus.Bus`,
-:class:`cockpit.groups.GroupStore`, :class:`cockpit.outbox.Outbox`,
+:class:`cockpit.ays_catalog.CatalogStore`, :class:`cockpit.groups.GroupStore`, :class:`cockpit.outbox.Outbox`,
 :class:`cockpit.telegram_poll.BotState` and :class:`cockpit.telegram_poll.Lease`.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -27,6 +28,7 @@ from cockpit.runs import RunHistory
 from cockpit.telegram_poll import BotState, Lease
 
 if TYPE_CHECKING:
+    from cockpit.ays_catalog import CatalogStore
     from cockpit.config import Config
     from cockpit.telegram import NoticeBatcher
 
@@ -40,6 +42,11 @@ class Backend:
 
     def __init__(self, bus: Bus):
         self.bus = bus
+
+    def catalog_store(self, repos_dir: Path, data_dir: Path, clock: IReactorTime) -> "CatalogStore":
+        """Where the AYS catalog lives: ``repos_dir`` on disk, or Redis (which imports ``repos_dir`` the
+        first time it finds repositories there); ``data_dir`` holds what this process keeps for itself."""
+        raise NotImplementedError
 
     def group_store(self) -> GroupStore:
         raise NotImplementedError

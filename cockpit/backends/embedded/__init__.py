@@ -27,6 +27,11 @@ class EmbeddedBackend(Backend):
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.reactor = reactor
 
+    def catalog_store(self, repos_dir: Path, data_dir: Path, clock: IReactorTime) -> Any:
+        from cockpit.backends.embedded.catalog import DiskCatalogStore
+
+        return DiskCatalogStore(repos_dir, clock)
+
     def group_store(self) -> Any:
         from cockpit.backends.embedded.groups import MemoryGroupStore
 

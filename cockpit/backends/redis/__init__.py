@@ -1,6 +1,7 @@
 """Every piece of shared state on one Redis: several cockpit processes, on several machines, see it alike."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from twisted.internet.defer import Deferred
@@ -19,6 +20,11 @@ class RedisBackend(Backend):
 
     def __init__(self, settings: RedisSection, reactor: Any, bus: Optional[RedisBus] = None):
         super().__init__(bus if bus is not None else RedisBus(settings, clock=reactor, reactor=reactor))
+
+    def catalog_store(self, repos_dir: Path, data_dir: Path, clock: IReactorTime) -> Any:
+        from cockpit.backends.redis.catalog import RedisCatalogStore
+
+        return RedisCatalogStore(self.bus, Path(data_dir) / "actions", clock, import_from=repos_dir)
 
     def group_store(self) -> Any:
         from cockpit.backends.redis.groups import RedisGroupStore
