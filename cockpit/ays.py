@@ -203,6 +203,7 @@ class Robot(Service):
         def started() -> None:
             run.state, run.started = "running", self.clock.seconds()
             self._set_state(run)
+            self.history.started(run)  # shown as running by every process that shares the history
             self._offer(run)
 
         d = self.pool.submit(job, on_start=started)
@@ -282,6 +283,8 @@ class Robot(Service):
         def found(run: Optional[Run]) -> Run:
             if run is None:
                 raise NotFound(f"no run {run_id!r}")
+            if run.state not in DONE_STATES:  # going on in another process: not this robot's to wait for
+                raise NotFound(f"run {run_id!r} is still going in another cockpit process")
             return run
 
         return self.history.get(run_id).addCallback(found)
