@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cockpit.backends.resp import EXEC, MULTI, CommandProtocol, encode_command, fields
+from cockpit.backends.resp import EXEC, MULTI, CommandProtocol, Handshake, encode_command, fields
 from cockpit.bus import (DEAD_LETTER_STREAM, Bus, BusUnavailable, Consumer, mark_key, entry_order,
                          parse_before, stream_key)
 from cockpit.config import RedisSection
@@ -26,7 +26,7 @@ from cockpit.events import EVENT_TYPES, Event, from_stored
 
 log = Logger()
 
-class _LiveProtocol(txredisapi.SubscriberProtocol):
+class _LiveProtocol(Handshake, txredisapi.SubscriberProtocol):
     def connectionMade(self):
         d = super().connectionMade()
         # subscriptions do not survive a reconnect: make them on every connection
@@ -93,16 +93,12 @@ class RedisBus(Bus):
         and a blocking read waits as long as it asked to.
         """
         c = self._conn
-        # no SELECT for database 0, where a connection starts anyway: txredisapi stops
-        # reconnecting for good when a connection drops in the middle of its SELECT
+        # no SELECT for database 0, where a connection starts anyway
         factory = txredisapi.RedisFactory(
             self.settings.redacted_url(), c["db"] or None, 1, isLazy=True,
             password=c["password"], username=c["username"], convertNumbers=False)
         factory.protocol = CommandProtocol
-        # a failed AUTH or SELECT fails this Deferred, which nobody else waits on; the
-        # reconnecting connection reports its state through health
-        factory.deferred.addErrback(lambda f: log.warn("Redis at {url}: {error}", url=self.settings.redacted_url(),
-                                                       error=f.getErrorMessage()))
+        factory.redacted_url = self.settings.redacted_url()
         self._tune(factory)
         factory.startConnecting(self._endpoint())
         return factory
@@ -112,6 +108,9 @@ class RedisBus(Bus):
         # come back quickly after a Redis restart; ingress refuses meanwhile
         factory.initialDelay = 0.2
         factory.maxDelay = 2.0
+        # fails when Redis refuses the handshake, which says why in the log; the connection
+        # reports its state through health
+        factory.deferred.addErrback(lambda f: None)
 
     def startService(self) -> None:
         super().startService()
@@ -142,6 +141,7 @@ class RedisBus(Bus):
             factory.password, factory.username = c["password"], c["username"]
             factory.convertNumbers = False
             factory.bus = self
+            factory.redacted_url = self.settings.redacted_url()
             self._tune(factory)
             factory.startConnecting(self._endpoint())
             self._live = factory
