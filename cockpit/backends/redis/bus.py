@@ -4,7 +4,10 @@
 - ``XADD ckpt.<type> MAXLEN ~ N * event <json>`` for the durable log,
   both in one MULTI/EXEC;
 - consumer groups (``ays``) read with XREADGROUP, reclaim with XAUTOCLAIM, and
-  move an entry delivered too often to the stream ``ckpt.dead``.
+  move an entry delivered too often to the stream ``ckpt.dead``;
+- every consumer beats: ``SET ckpt.consumer.<group>.<consumer> PX <consumer_timeout>``. The
+  entries of a consumer whose key has lapsed are claimed by another consumer of its group, which
+  then removes it from the group (``XGROUP DELCONSUMER``), both in one script.
 """
 from __future__ import annotations
 
@@ -25,6 +28,76 @@ from cockpit.config import RedisSection
 from cockpit.events import EVENT_TYPES, Event, from_stored
 
 log = Logger()
+
+CONSUMER_PREFIX = "ckpt.consumer."
+
+
+def heartbeat_key(group: str, consumer: str) -> str:
+    """The key a consumer keeps alive while it lives: ``ckpt.consumer.<group>.<consumer>``."""
+    return f"{CONSUMER_PREFIX}{group}.{consumer}"
+
+
+# Beat; then, when asked to judge, claim the entries of the group's consumers whose heartbeat
+# has lapsed and delete each one once it holds none: the check, the claim and the delete are
+# one step, so no entry is dropped with a consumer (DELCONSUMER forgets what it held).
+# KEYS: the streams. ARGV: group, this consumer, heartbeat key prefix, ttl ms, judge (1/0), limit.
+# Returns {stream, id, deliveries, fields} per entry claimed.
+_BEAT = """
+local group, me, prefix = ARGV[1], ARGV[2], ARGV[3]
+redis.call('SET', prefix .. me, '1', 'PX', ARGV[4])
+if ARGV[5] ~= '1' then return {} end
+local limit = tonumber(ARGV[6])
+local taken = {}
+for _, stream in ipairs(KEYS) do
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, group)
+  if ok then
+    for _, info in ipairs(consumers) do
+      local name, pending
+      for i = 1, #info, 2 do
+        if info[i] == 'name' then name = info[i + 1] elseif info[i] == 'pending' then pending = info[i + 1] end
+      end
+      if name ~= me and redis.call('EXISTS', prefix .. name) == 0 then
+        if pending > 0 and #taken < limit then
+          local ids, counts = {}, {}
+          for _, row in ipairs(redis.call('XPENDING', stream, group, '-', '+', limit - #taken, name)) do
+            ids[#ids + 1] = row[1]
+            counts[row[1]] = row[4]
+          end
+          local claimed = {}
+          for _, entry in ipairs(redis.call('XCLAIM', stream, group, me, 0, unpack(ids))) do
+            if entry then
+              claimed[entry[1]] = true
+              taken[#taken + 1] = {stream, entry[1], counts[entry[1]] + 1, entry[2]}
+            end
+          end
+          for _, id in ipairs(ids) do
+            -- trimmed from the stream: nothing left to hand out
+            if not claimed[id] then redis.call('XACK', stream, group, id) end
+          end
+          pending = #redis.call('XPENDING', stream, group, '-', '+', 1, name)
+        end
+        if pending == 0 then redis.call('XGROUP', 'DELCONSUMER', stream, group, name) end
+      end
+    end
+  end
+end
+return taken
+"""
+
+# End this consumer's heartbeat and leave the group on each stream where it holds nothing.
+# KEYS: the streams. ARGV: group, this consumer, its heartbeat key. Returns the streams it stays on.
+_LEAVE = """
+redis.call('DEL', ARGV[3])
+local stays = 0
+for _, stream in ipairs(KEYS) do
+  local ok, rows = pcall(redis.call, 'XPENDING', stream, ARGV[1], '-', '+', 1, ARGV[2])
+  if ok then
+    if #rows == 0 then redis.call('XGROUP', 'DELCONSUMER', stream, ARGV[1], ARGV[2]) else stays = stays + 1 end
+  end
+end
+return stays
+"""
+
 
 class _LiveProtocol(Handshake, txredisapi.SubscriberProtocol):
     def connectionMade(self):
@@ -55,6 +128,7 @@ class RedisBus(Bus):
     def __init__(self, settings: RedisSection, clock: Optional[IReactorTime] = None,
                  reactor: Any = None):
         super().__init__(settings.stream_maxlen, settings.max_deliveries, settings.claim_idle, clock)
+        self.consumer_timeout = settings.consumer_timeout
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -397,7 +471,9 @@ class RedisConsumer(Consumer):
     def __init__(self, bus: RedisBus, *args: Any, **kwargs: Any):
         super().__init__(bus, *args, **kwargs)
         self.bus: RedisBus = bus
+        self.heartbeat_key = heartbeat_key(self.group, self.consumer_name)
         self._reader: Optional[txredisapi.RedisFactory] = None
+        self._reader_id: Optional[str] = None
         self._acks: dict[str, list[tuple[str, Deferred]]] = {}
         self._ack_call: Any = None
 
@@ -418,15 +494,16 @@ class RedisConsumer(Consumer):
                     except txredisapi.ResponseError as exc:
                         if "BUSYGROUP" not in str(exc):
                             raise
+                # a stop cuts the blocking read short with CLIENT UNBLOCK, which names the connection
+                self._reader_id = str((yield self._reader.handler.execute_command("CLIENT", "ID")))
                 return
             except txredisapi.ConnectionError as exc:
                 if not self.running:
                     return
                 log.warn("consumer {name}: Redis not reachable ({error}); retrying",
                          name=self.consumer_name, error=exc)
-                yield task.deferLater(self.bus.clock, 1.0, lambda: None)
+                yield self._pause(1.0)
 
-    @inlineCallbacks
     def _read(self, count):
         try:
             reply = yield self._reader.handler.execute_command(
@@ -443,10 +520,27 @@ class RedisConsumer(Consumer):
                 entries.append((stream, entry_id, fields(flat).get("event")))
         return entries
 
+    def _interrupt_read(self) -> Deferred:
+        if self._reader is None or self._reader_id is None:
+            return self._stop_reading()  # not reading yet: nothing handed out can be lost
+        # like a BLOCK that timed out: the read comes back empty, unless entries are on their way
+        return self.bus.execute("CLIENT", "UNBLOCK", self._reader_id)
+
     def _stop_reading(self) -> Deferred:
         self._flush_acks()
         reader, self._reader = self._reader, None
         return reader.disconnect() if reader is not None else defer.succeed(None)
+
+    def _beat(self, judge, limit):
+        d = self.bus.execute("EVAL", _BEAT, str(len(self.streams)), *self.streams, self.group, self.consumer_name,
+                             heartbeat_key(self.group, ""), str(int(self.bus.consumer_timeout * 1000)),
+                             "1" if judge else "0", str(limit))
+        return d.addCallback(lambda rows: [(stream, entry_id, fields(flat).get("event"), int(deliveries))
+                                           for stream, entry_id, deliveries, flat in rows or []])
+
+    def _leave(self):
+        return self.bus.execute("EVAL", _LEAVE, str(len(self.streams)), *self.streams, self.group,
+                                self.consumer_name, self.heartbeat_key).addCallback(int)
 
     def _ack(self, stream, entry_id):
         # acks of one reactor turn share one XACK per stream
@@ -475,7 +569,7 @@ class RedisConsumer(Consumer):
         for _, d in items:
             d.errback(failure)
 
-    def _heartbeat(self, keys):
+    def _touch(self, keys):
         by_stream: dict[str, list[str]] = {}
         for stream, entry_id in keys:
             by_stream.setdefault(stream, []).append(entry_id)
