@@ -299,7 +299,7 @@ class Consumer(Service):
             log.warn("consumer {name}: its read did not come back in {seconds} s; closing its connection",
                      name=self.consumer_name, seconds=self.stop_read_timeout)
             yield self._stop_reading()
-        if self._busy:
+        while self._busy:  # a beat under way may yet hand out what it claimed
             yield defer.DeferredList(list(self._busy))
         if self.inflight and self.drain_timeout > 0:
             # running handlers finish and their entries are acknowledged; what does not finish in
@@ -323,8 +323,8 @@ class Consumer(Service):
                          "the other consumers take them over", name=self.consumer_name, streams=left,
                          group=self.group)
 
-    def _within(self, d: Deferred, seconds: float, cancel: bool = False) -> Deferred:
-        """Fires True once ``d`` has fired, or False after ``seconds`` (then cancelling ``d`` if asked)."""
+    def _within(self, d: Deferred, seconds: float) -> Deferred:
+        """Fires True once ``d`` has fired, or False after ``seconds`` on the bus's clock."""
         done: Deferred = Deferred()
         timer: list[Any] = []
 
@@ -335,14 +335,9 @@ class Consumer(Service):
                 done.callback(True)
             return result
 
-        def late() -> None:
-            done.callback(False)
-            if cancel:
-                d.cancel()
-
         d.addBoth(fired)
         if not done.called:
-            timer.append(self.bus.clock.callLater(seconds, late))
+            timer.append(self.bus.clock.callLater(seconds, done.callback, False))
         return done
 
     def _pause(self, seconds: float) -> Deferred:

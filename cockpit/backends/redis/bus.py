@@ -467,6 +467,7 @@ class RedisConsumer(Consumer):
     """Reads with XREADGROUP on a connection of its own (the BLOCK must not hold up others)."""
 
     block_ms = 2000
+    unblock_tries = 20  # CLIENT UNBLOCKs a stop sends, 50 ms apart, before it waits for the BLOCK to end
 
     def __init__(self, bus: RedisBus, *args: Any, **kwargs: Any):
         super().__init__(bus, *args, **kwargs)
@@ -474,6 +475,7 @@ class RedisConsumer(Consumer):
         self.heartbeat_key = heartbeat_key(self.group, self.consumer_name)
         self._reader: Optional[txredisapi.RedisFactory] = None
         self._reader_id: Optional[str] = None
+        self._reading = False
         self._acks: dict[str, list[tuple[str, Deferred]]] = {}
         self._ack_call: Any = None
 
@@ -505,6 +507,7 @@ class RedisConsumer(Consumer):
                 yield self._pause(1.0)
 
     def _read(self, count):
+        self._reading = True
         try:
             reply = yield self._reader.handler.execute_command(
                 "XREADGROUP", "GROUP", self.group, self.consumer_name, "COUNT", str(count),
@@ -514,17 +517,26 @@ class RedisConsumer(Consumer):
             if "NOGROUP" in str(exc):  # Redis lost its data (a restart without persistence)
                 raise txredisapi.ConnectionError(str(exc))
             raise
+        finally:
+            self._reading = False
         entries = []
         for stream, items in reply or []:
             for entry_id, flat in items:
                 entries.append((stream, entry_id, fields(flat).get("event")))
         return entries
 
-    def _interrupt_read(self) -> Deferred:
+    @inlineCallbacks
+    def _interrupt_read(self):
         if self._reader is None or self._reader_id is None:
-            return self._stop_reading()  # not reading yet: nothing handed out can be lost
+            yield self._stop_reading()  # not reading yet: nothing handed out can be lost
+            return
         # like a BLOCK that timed out: the read comes back empty, unless entries are on their way
-        return self.bus.execute("CLIENT", "UNBLOCK", self._reader_id)
+        for _ in range(self.unblock_tries):
+            if not self._reading or int((yield self.bus.execute("CLIENT", "UNBLOCK", self._reader_id))):
+                return
+            # not blocked: its reply is on the way, or Redis has yet to see the read (it came on
+            # the other connection after this UNBLOCK)
+            yield task.deferLater(self.bus.reactor, 0.05, lambda: None)  # the network's time, as the watchdog's
 
     def _stop_reading(self) -> Deferred:
         self._flush_acks()
