@@ -431,11 +431,13 @@ class Consumer(Service):
                          name=self.consumer_name, error=exc)
                 yield self._pause(1.0)
 
-    def _wait_for_room(self) -> Deferred:
-        if len(self.inflight) < self.concurrency:
-            return defer.succeed(None)
-        self._room = Deferred()
-        return self._room
+    @inlineCallbacks
+    def _wait_for_room(self):
+        # taken-over and reclaimed entries come on top of what was read: one release need not
+        # make room, and a read for a negative count would take everything (Redis: no COUNT)
+        while self.running and len(self.inflight) >= self.concurrency:
+            self._room = Deferred()
+            yield self._room
 
     def _dispatch(self, stream: str, entry_id: str, raw: Optional[str], deliveries: int) -> None:
         key = (stream, entry_id)

@@ -31,10 +31,12 @@ class Recorder:
         self.hold = hold
         self.seen: list[tuple[str, int]] = []
         self.held: list[Deferred] = []
+        self.peak = 0  # the most entries it had in hand at once
         self._waiting: list[tuple[int, Deferred]] = []
 
     def __call__(self, event, delivery):
         self.seen.append((event.guid, delivery.deliveries))
+        self.peak = max(self.peak, 1 + sum(1 for d in self.held if not d.called))
         for want, d in list(self._waiting):
             if len(self.seen) >= want:
                 self._waiting.remove((want, d))
@@ -265,6 +267,30 @@ class BusBehaviour:
         self.assertEqual(sorted(e.guid for e in events), sorted(g for g, _ in survivor.seen))
         yield self.settle()
         self.assertEqual(0, (yield self.bus.pending(AYS_GROUP)))
+
+    @inlineCallbacks
+    def test_a_consumer_holding_more_than_its_concurrency_reads_only_once_it_has_room(self):
+        for i in range(6):
+            yield self.bus.publish(alarm(i))
+        first = Recorder(hold=True)
+        leaving = self.start_consumer(first, name="first", concurrency=4)
+        yield first.wait(4)
+        yield leaving.stopService()  # leaves its four pending
+        second = Recorder(hold=True)
+        consumer = self.start_consumer(second, name="second", concurrency=2)
+        yield second.wait(2)
+        yield consumer.reclaim()  # the four come on top of what it holds (or took over already)
+        yield second.wait(4)
+        held_at_most = second.peak
+        for i in range(4):
+            yield self.bus.publish(alarm(10 + i))
+        released = 0
+        while released < 10:
+            yield second.wait(released + 1)
+            second.held[released].callback(None)
+            released += 1
+            yield consumer.when_handled(released)
+        self.assertLessEqual(second.peak, max(held_at_most, 2))  # no read while it held too many
 
     @inlineCallbacks
     def test_two_consumers_of_one_group_share_the_work(self):
