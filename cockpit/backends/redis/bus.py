@@ -473,6 +473,7 @@ class RedisConsumer(Consumer):
         super().__init__(bus, *args, **kwargs)
         self.bus: RedisBus = bus
         self.heartbeat_key = heartbeat_key(self.group, self.consumer_name)
+        self._heartbeat_prefix = heartbeat_key(self.group, "")  # the script adds each consumer's name
         self._reader: Optional[txredisapi.RedisFactory] = None
         self._reader_id: Optional[str] = None
         self._reading = False
@@ -545,7 +546,7 @@ class RedisConsumer(Consumer):
 
     def _beat(self, judge, limit):
         d = self.bus.execute("EVAL", _BEAT, str(len(self.streams)), *self.streams, self.group, self.consumer_name,
-                             heartbeat_key(self.group, ""), str(int(self.bus.consumer_timeout * 1000)),
+                             self._heartbeat_prefix, str(int(self.bus.consumer_timeout * 1000)),
                              "1" if judge else "0", str(limit))
         return d.addCallback(lambda rows: [(stream, entry_id, fields(flat).get("event"), int(deliveries))
                                            for stream, entry_id, deliveries, flat in rows or []])
