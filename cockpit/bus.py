@@ -104,6 +104,9 @@ class Bus(Service):
 
     kind = "abstract"
     remote = False  # whether a read costs a round trip: consumers then read in larger batches
+    # seconds a consumer may go without a heartbeat before the others take over its entries;
+    # None where all consumers live in this one process and cannot die alone
+    consumer_timeout: Optional[float] = None
 
     def __init__(self, stream_maxlen: int = 100000, max_deliveries: int = 5,
                  claim_idle: float = 60.0, clock: Optional[IReactorTime] = None):
@@ -196,13 +199,27 @@ def mark_key(key: str) -> str:
 
 _TAKEN: Deferred = defer.succeed(None)
 
+# beats per consumer_timeout: a beat may be late or lost a few times before the others judge
+BEATS_PER_TIMEOUT = 5
+TAKEOVER_BATCH = 200  # entries taken over from dead consumers per round trip
+
 
 def _consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class Consumer(Service):
-    """The delivery logic both buses share; subclasses only talk to their storage."""
+    """The delivery logic both buses share; subclasses only talk to their storage.
+
+    On a bus shared by several processes (``bus.consumer_timeout`` set) a consumer beats every
+    ``consumer_timeout / 5`` seconds; at each beat it takes over the entries of the consumers of
+    its group whose heartbeat has lapsed, and removes them from the group. A stop drains what was
+    handed out, acknowledges it, then leaves the group (or, with entries still unfinished, ends its
+    heartbeat so that the others take them at once).
+    """
+
+    # seconds a stop waits for the read under way to come back before cutting its connection
+    stop_read_timeout = 5.0
 
     def __init__(self, bus: Bus, group: str, handler: Handler, types: Sequence[str],
                  name: Optional[str] = None, concurrency: int = 64,
@@ -223,6 +240,7 @@ class Consumer(Service):
         self.consumer_name = name or _consumer_name()
         self.concurrency = concurrency
         self.claim_interval = claim_interval or max(bus.claim_idle / 3, 0.05)
+        self.beat_interval = bus.consumer_timeout / BEATS_PER_TIMEOUT if bus.consumer_timeout else None
         self.drain_timeout = drain_timeout
         # after a read that did not fill the room, wait this long before the next one: fewer,
         # larger reads for consumers to whom a few milliseconds do not matter
@@ -233,6 +251,14 @@ class Consumer(Service):
         self._room: Optional[Deferred] = None
         self._loop: Optional[Deferred] = None
         self._reclaimer: Optional[task.LoopingCall] = None
+        self._beater: Optional[task.LoopingCall] = None
+        self._beats_since: Optional[float] = None  # when the current unbroken run of beats began
+        self._beat_failed = False  # whether a beat has failed since the start
+        self._busy: set[Deferred] = set()  # beats, reclaims and hand-outs under way: a stop waits for them
+        self._pauses: set[Deferred] = set()
+        self._drain_waiters: list[Deferred] = []
+        self._ready = False
+        self._ready_waiters: list[Deferred] = []
         self.handled = 0  # entries handled and acknowledged since the start
         self._handled_waiters: list[tuple[int, Deferred]] = []
 
@@ -244,32 +270,110 @@ class Consumer(Service):
         self._reclaimer = task.LoopingCall(self._reclaim_logged)
         self._reclaimer.clock = self.bus.clock
         self._reclaimer.start(self.claim_interval, now=False)
+        if self.beat_interval is not None:
+            self._beater = task.LoopingCall(self._beat_logged)
+            self._beater.clock = self.bus.clock
+            self._beater.start(self.beat_interval, now=False)
 
     @inlineCallbacks
     def stopService(self):
         super().stopService()
-        if self._reclaimer and self._reclaimer.running:
-            self._reclaimer.stop()
+        for timer in (self._reclaimer, self._beater):
+            if timer is not None and timer.running:
+                timer.stop()
         if self._lingering is not None:
             self._lingering.cancel()
-        yield self._stop_reading()
+        for pause in list(self._pauses):
+            pause.cancel()
+        room, self._room = self._room, None
+        if room is not None:
+            room.callback(None)
+        # the read under way comes back now; what it brings is handled like the rest
+        try:
+            yield self._interrupt_read()
+        except Exception as exc:
+            log.warn("consumer {name} cannot interrupt its read ({error}); closing its connection",
+                     name=self.consumer_name, error=exc)
+            yield self._stop_reading()
+        if self._loop is not None and not (yield self._within(self._loop, self.stop_read_timeout)):
+            log.warn("consumer {name}: its read did not come back in {seconds} s; closing its connection",
+                     name=self.consumer_name, seconds=self.stop_read_timeout)
+            yield self._stop_reading()
+        while self._busy:  # a beat under way may yet hand out what it claimed
+            yield defer.DeferredList(list(self._busy))
         if self.inflight and self.drain_timeout > 0:
-            # let running handlers finish and ack; what does not finish stays pending for others
-            pending = defer.DeferredList([d for d in self.inflight.values() if d is not _TAKEN],
-                                         consumeErrors=True)
-            timeout = self.bus.clock.callLater(self.drain_timeout, pending.cancel)
-            try:
-                yield pending
-            except defer.CancelledError:
-                log.warn("consumer {name} stopped with {count} entries unfinished; they will be reclaimed",
-                         name=self.consumer_name, count=len(self.inflight))
-            if timeout.active():
-                timeout.cancel()
+            # running handlers finish and their entries are acknowledged; what does not finish in
+            # time stays pending, for the others
+            if not (yield self._within(self._drained(), self.drain_timeout)):
+                log.warn("consumer {name} stopped with {count} entries unfinished; they are left to "
+                         "the other consumers of {group}", name=self.consumer_name, count=len(self.inflight),
+                         group=self.group)
+                for d in list(self.inflight.values()):
+                    if d is not _TAKEN:
+                        d.cancel()
+        yield self._stop_reading()
+        try:
+            left = yield self._leave()
+        except Exception as exc:
+            log.warn("consumer {name} could not leave its group {group} ({error}); the others remove it "
+                     "once its heartbeat lapses", name=self.consumer_name, group=self.group, error=exc)
+        else:
+            if left:
+                log.info("consumer {name} left entries pending on {streams} stream(s) of {group}; "
+                         "the other consumers take them over", name=self.consumer_name, streams=left,
+                         group=self.group)
+
+    def _within(self, d: Deferred, seconds: float) -> Deferred:
+        """Fires True once ``d`` has fired, or False after ``seconds`` on the bus's clock."""
+        done: Deferred = Deferred()
+        timer: list[Any] = []
+
+        def fired(result: Any) -> Any:
+            if timer and timer[0].active():
+                timer[0].cancel()
+            if not done.called:
+                done.callback(True)
+            return result
+
+        d.addBoth(fired)
+        if not done.called:
+            timer.append(self.bus.clock.callLater(seconds, done.callback, False))
+        return done
+
+    def _pause(self, seconds: float) -> Deferred:
+        """Fires after ``seconds``, or at once when the consumer stops."""
+        d = task.deferLater(self.bus.clock, seconds, lambda: None)
+        self._pauses.add(d)
+        d.addErrback(lambda f: f.trap(defer.CancelledError))
+        d.addBoth(lambda _: self._pauses.discard(d))
+        return d
+
+    def _busy_with(self, d: Deferred) -> Deferred:
+        self._busy.add(d)
+
+        def done(result: Any) -> Any:
+            self._busy.discard(d)
+            return result
+
+        return d.addBoth(done)
 
     # -- delivery -----------------------------------------------------------
+    def when_ready(self) -> Deferred:
+        """Fires once the consumer is about to read: its group exists and its first beat is in."""
+        if self._ready:
+            return defer.succeed(None)
+        d: Deferred = Deferred(lambda d: self._ready_waiters.remove(d))
+        self._ready_waiters.append(d)
+        return d
+
     @inlineCallbacks
     def _run(self):
-        yield self._prepare()
+        yield self._get_ready()
+        if self.running:
+            self._ready = True
+            waiters, self._ready_waiters = self._ready_waiters, []
+            for d in waiters:
+                d.callback(None)
         while self.running:
             yield self._wait_for_room()
             if not self.running:
@@ -280,12 +384,13 @@ class Consumer(Service):
                 if not self.running:
                     break
                 log.warn("consumer {name} cannot read: {error}; retrying", name=self.consumer_name, error=exc)
-                yield task.deferLater(self.bus.clock, 1.0, lambda: None)
-                yield self._prepare()
+                yield self._pause(1.0)
+                yield self._get_ready()
                 continue
             if entries and self.before_dispatch is not None:
                 if not (yield self._caught_up()):
                     break  # stopping: the entries stay pending, for whoever reads next
+            # entries read while stopping are handled too: they were handed to this consumer
             for stream, entry_id, raw in entries:
                 self._dispatch(stream, entry_id, raw, 1)
             if self.linger and len(entries) < self.concurrency and self.running:
@@ -298,24 +403,41 @@ class Consumer(Service):
                     self._lingering = None
 
     @inlineCallbacks
+    def _get_ready(self):
+        yield self._prepare()
+        # the first beat comes before the first read: until then the others take this consumer for dead
+        while self.running and self.beat_interval is not None:
+            try:
+                yield self.take_over()
+                return
+            except Exception as exc:
+                log.warn("consumer {name} cannot beat: {error}; retrying", name=self.consumer_name, error=exc)
+                yield self._pause(1.0)
+
+    @inlineCallbacks
     def _caught_up(self):
         """Fires True once ``before_dispatch`` has succeeded, retrying while it fails; False when stopping."""
         assert self.before_dispatch is not None
-        while self.running:
+        while True:
             try:
                 yield self.before_dispatch()
                 return True
             except Exception as exc:
+                if not self.running:
+                    log.warn("consumer {name} stops before its view is up to date ({error}); what it read "
+                             "stays pending", name=self.consumer_name, error=exc)
+                    return False
                 log.warn("consumer {name} cannot bring its view up to date: {error}; retrying",
                          name=self.consumer_name, error=exc)
-                yield task.deferLater(self.bus.clock, 1.0, lambda: None)
-        return False
+                yield self._pause(1.0)
 
-    def _wait_for_room(self) -> Deferred:
-        if len(self.inflight) < self.concurrency:
-            return defer.succeed(None)
-        self._room = Deferred()
-        return self._room
+    @inlineCallbacks
+    def _wait_for_room(self):
+        # taken-over and reclaimed entries come on top of what was read: one release need not
+        # make room, and a read for a negative count would take everything (Redis: no COUNT)
+        while self.running and len(self.inflight) >= self.concurrency:
+            self._room = Deferred()
+            yield self._room
 
     def _dispatch(self, stream: str, entry_id: str, raw: Optional[str], deliveries: int) -> None:
         key = (stream, entry_id)
@@ -383,6 +505,18 @@ class Consumer(Service):
         room, self._room = self._room, None
         if room is not None:
             room.callback(None)
+        if not self.inflight and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def _drained(self) -> Deferred:
+        """Fires once nothing is in flight: every entry handed out is acknowledged, or failed."""
+        if not self.inflight:
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self._drain_waiters.append(d)
+        return d
 
     # -- reclaiming ---------------------------------------------------------
     def _reclaim_logged(self) -> Deferred:
@@ -391,28 +525,80 @@ class Consumer(Service):
                                         name=self.consumer_name, error=f.getErrorMessage()))
         return d
 
-    @inlineCallbacks
-    def reclaim(self):
+    def reclaim(self) -> Deferred:
         """Take over entries idle past ``claim_idle``; dead-letter those delivered too often.
 
         Fires with the number of entries taken over.
         """
+        return self._busy_with(self._reclaim())
+
+    @inlineCallbacks
+    def _reclaim(self):
         if self.inflight:
-            yield self._heartbeat(list(self.inflight))
+            yield self._touch(list(self.inflight))
         claimed = yield self._claim(self.bus.claim_idle)
-        if claimed and self.before_dispatch is not None:
-            yield self.before_dispatch()
+        return self._hand_out(claimed)
+
+    def _beat_logged(self) -> Deferred:
+        d = self.take_over()
+        d.addErrback(lambda f: log.warn("consumer {name}: heartbeat failed: {error}",
+                                        name=self.consumer_name, error=f.getErrorMessage()))
+        return d
+
+    def take_over(self) -> Deferred:
+        """Beat; then take over the entries of this group's consumers whose heartbeat has lapsed,
+        and remove those consumers from the group. Fires with the number of entries taken over
+        (0 on a bus inside one process, where there are no heartbeats)."""
+        if self.beat_interval is None:
+            return defer.succeed(0)
+        return self._busy_with(self._take_over())
+
+    @inlineCallbacks
+    def _take_over(self):
+        timeout = self.bus.consumer_timeout
+        assert timeout is not None
+        now = self.bus.clock.seconds()
+        # After a failed beat (Redis away, or this process cut off from it) the others' beats may
+        # have lapsed as well as this one's: they are judged once they have all had a whole
+        # timeout to beat again, so that the first consumer back does not take all for dead.
+        judge = self.running and (not self._beat_failed or (
+            self._beats_since is not None and now - self._beats_since >= timeout))
         taken = 0
+        while True:
+            try:
+                claimed = yield self._beat(judge, TAKEOVER_BATCH)
+            except Exception:
+                self._beat_failed = True
+                self._beats_since = None
+                raise
+            if self._beats_since is None:
+                self._beats_since = now
+            if claimed:
+                log.info("consumer {name} took over {count} entries of {group} from consumers whose "
+                         "heartbeat lapsed", name=self.consumer_name, count=len(claimed), group=self.group)
+            taken += self._hand_out(claimed)
+            if len(claimed) < TAKEOVER_BATCH:
+                return taken
+
+    def _hand_out(self, claimed: list[tuple[str, str, Optional[str], int]]) -> int:
+        """Hand claimed entries to the handler (or to ``ckpt.dead``); returns how many were new here."""
+        fresh = [entry for entry in claimed if (entry[0], entry[1]) not in self.inflight]
+        if fresh:
+            self._busy_with(self._dispatch_claimed(fresh)).addErrback(
+                lambda f: log.failure("consumer {name}: handing out claimed entries failed", f,
+                                      name=self.consumer_name))
+        return len(fresh)
+
+    @inlineCallbacks
+    def _dispatch_claimed(self, claimed: list[tuple[str, str, Optional[str], int]]):
+        if self.before_dispatch is not None and not (yield self._caught_up()):
+            return  # stopping: they stay pending, for the others once this consumer has left
         for stream, entry_id, raw, deliveries in claimed:
-            if (stream, entry_id) in self.inflight:
-                continue
-            taken += 1
             if deliveries > self.bus.max_deliveries:
                 error = self._last_error.pop((stream, entry_id), "handler kept failing")
                 self._dead_letter_logged(stream, entry_id, raw, deliveries, error)
             else:
                 self._dispatch(stream, entry_id, raw, deliveries)
-        return taken
 
     def _dead_letter_logged(self, stream: str, entry_id: str, raw: Optional[str],
                             deliveries: int, error: str) -> None:
@@ -442,7 +628,27 @@ class Consumer(Service):
     def _ack(self, stream: str, entry_id: str) -> Deferred:
         raise NotImplementedError
 
-    def _heartbeat(self, keys: list[tuple[str, str]]) -> Deferred:
+    def _interrupt_read(self) -> Deferred:
+        """Make the read under way (if any) come back now, with whatever it has."""
+        raise NotImplementedError
+
+    def _touch(self, keys: list[tuple[str, str]]) -> Deferred:
+        """Reset the idle time of entries this consumer holds, so that ``claim_idle`` does not take them."""
+        raise NotImplementedError
+
+    def _beat(self, judge: bool, limit: int) -> Deferred:
+        """Refresh this consumer's heartbeat; with ``judge``, then claim up to ``limit`` entries of the
+        group's consumers whose heartbeat has lapsed and remove those that hold no more.
+
+        Fires with ``[(stream, id, raw, deliveries)]`` now owned by this consumer.
+        """
+        raise NotImplementedError
+
+    def _leave(self) -> Deferred:
+        """End the heartbeat and leave the group on every stream where nothing is pending.
+
+        Fires with the number of streams on which entries stay pending (for the others to take).
+        """
         raise NotImplementedError
 
     def _claim(self, min_idle: float) -> Deferred:

@@ -38,6 +38,9 @@ class RedisSection(Section):
     max_deliveries: Annotated[int, Field(gt=0)] = 5  # then the entry moves to ckpt.dead
     claim_idle: Annotated[float, Field(gt=0)] = 60.0  # seconds before a pending entry is reclaimed
     timeout: Annotated[float, Field(gt=0)] = 5.0  # seconds to wait for a reply before giving up
+    # seconds a consumer may go without a heartbeat (it beats every fifth of it) before the
+    # others take over its entries and remove it from its group
+    consumer_timeout: Annotated[float, Field(ge=1)] = 10.0
 
     @field_validator("url")
     @classmethod

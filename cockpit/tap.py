@@ -6,6 +6,8 @@ import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -40,6 +42,23 @@ class Options(usage.Options):
         self.cockpit_config = cfg
 
 
+class ServiceTree(MultiService):
+    """Services started in the order they were added and stopped in reverse, one at a time.
+
+    Twisted's MultiService stops its services all at once: the bus, started first, would close
+    while the consumers still drain. Here each service stops once the one after it has stopped.
+    """
+
+    @inlineCallbacks
+    def stopService(self):
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(service.stopService)
+            except Exception:
+                log.failure("stopping {service} failed", service=service.name or repr(service))
+
+
 class CleanExit(Service):
     """SIGTERM is how systemd asks for a stop: shut down and exit 0, not 128+15."""
 
@@ -59,7 +78,7 @@ class CleanExit(Service):
         self.reactor.callFromThread(self.reactor.stop)
 
 
-def makeService(options: Any, reactor: Any = None) -> MultiService:
+def makeService(options: Any, reactor: Any = None) -> ServiceTree:
     cfg: Config = getattr(options, "cockpit_config", None) or config_module.load(options["config"])
     if reactor is None:
         from twisted.internet import reactor
@@ -68,15 +87,15 @@ def makeService(options: Any, reactor: Any = None) -> MultiService:
     return top
 
 
-def build(cfg: Config, reactor: Any = None) -> MultiService:
+def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     """Wire the service tree for ``cfg``; nothing else happens here."""
     if reactor is None:
         from twisted.internet import reactor
-    top = MultiService()
+    top = ServiceTree()
     backend = make_backend(cfg, reactor)  # Redis or embedded: chosen here, once
     bus = backend.bus
     bus.setName("bus")
-    bus.setServiceParent(top)  # first in, so it is stopped last
+    bus.setServiceParent(top)  # first in, so it is stopped last, once every consumer has left
 
     from cockpit.smtp import IncomingMailFactory, MailSender
     from cockpit.store import Store

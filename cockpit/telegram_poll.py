@@ -187,19 +187,31 @@ class UpdatePoller(Service):
         return min(self.backoff_start * 2 ** (self._failures - 1), self.backoff_cap)
 
     @inlineCallbacks
-    def _run(self):
+    def _read_state(self, load: bool):
+        """Fires True once the offset has been read (and the state loaded, if asked); False when stopping."""
         while self.running:
             try:
-                yield self.state.load()
+                if load:
+                    yield self.state.load()
+                    load = False
                 self.offset = yield self.state.offset()
-                break
+                self._failures = 0
+                return True
             except Exception as exc:
                 log.warn("cannot read the Telegram bot's state ({error}); retrying", error=exc)
                 yield self._wait(self._backoff(), "state unreadable")
-        self._failures = 0
+        return False
+
+    @inlineCallbacks
+    def _run(self):
+        # with a lease, the offset is read each time it is taken: whoever held it before moved it on
+        if not (yield self._read_state(load=True)):
+            return  # stopped before the state could be read
         while self.running:
             if self.lease is not None and not self.lease.held:
                 if not (yield self._take_lease()):
+                    continue
+                if not (yield self._read_state(load=False)):
                     continue
             try:
                 self.attempts += 1
@@ -236,8 +248,8 @@ class UpdatePoller(Service):
                 log.info("the Telegram API answers again")
             self._failures = 0
             for update in updates or []:
-                if not self.running:
-                    break
+                if not self.running or (self.lease is not None and not self.lease.held):
+                    break  # the rest are for whoever polls next, from the stored offset
                 yield self._handle(update)
 
     @inlineCallbacks

@@ -5,7 +5,7 @@ import json
 import signal
 
 import txredisapi
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
@@ -13,7 +13,7 @@ from twisted.trial.unittest import TestCase
 
 from cockpit.backends.embedded import MemoryBus
 from cockpit.backends.redis import RedisBus
-from cockpit.bus import AYS_GROUP, BusUnavailable, cursor, stream_key
+from cockpit.bus import AYS_GROUP, BEATS_PER_TIMEOUT, BusUnavailable, cursor, stream_key
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EmailEvent, GenericEvent
 from tests.redis_server import RedisServer, shared_server
@@ -31,10 +31,12 @@ class Recorder:
         self.hold = hold
         self.seen: list[tuple[str, int]] = []
         self.held: list[Deferred] = []
+        self.peak = 0  # the most entries it had in hand at once
         self._waiting: list[tuple[int, Deferred]] = []
 
     def __call__(self, event, delivery):
         self.seen.append((event.guid, delivery.deliveries))
+        self.peak = max(self.peak, 1 + sum(1 for d in self.held if not d.called))
         for want, d in list(self._waiting):
             if len(self.seen) >= want:
                 self._waiting.remove((want, d))
@@ -191,6 +193,27 @@ class BusBehaviour:
         return self.bus.recent(limit=1)
 
     @inlineCallbacks
+    def test_a_stop_under_load_acknowledges_every_entry_handed_out(self):
+        for i in range(300):
+            yield self.bus.publish(alarm(i))
+        handed: list[str] = []
+
+        def handler(event, delivery):
+            handed.append(event.guid)
+            return task.deferLater(reactor, 0, lambda: None)  # an action that takes a moment
+
+        consumer = self.start_consumer(handler, concurrency=16, drain_timeout=10)
+        yield consumer.when_handled(50)
+        yield consumer.stopService()
+        self.assertLess(len(handed), 300)  # it stopped in the middle of the work
+        self.assertEqual(len(handed), consumer.handled)  # what it was handed, it finished and acknowledged
+        self.assertEqual(0, (yield self.bus.pending(AYS_GROUP)))
+        yield self.stopped_cleanly(consumer)
+
+    def stopped_cleanly(self, consumer):
+        return defer.succeed(None)
+
+    @inlineCallbacks
     def test_failed_handler_is_redelivered_on_reclaim(self):
         yield self.bus.publish(alarm())
         recorder = Recorder(fail=True)
@@ -244,6 +267,30 @@ class BusBehaviour:
         self.assertEqual(sorted(e.guid for e in events), sorted(g for g, _ in survivor.seen))
         yield self.settle()
         self.assertEqual(0, (yield self.bus.pending(AYS_GROUP)))
+
+    @inlineCallbacks
+    def test_a_consumer_holding_more_than_its_concurrency_reads_only_once_it_has_room(self):
+        for i in range(6):
+            yield self.bus.publish(alarm(i))
+        first = Recorder(hold=True)
+        leaving = self.start_consumer(first, name="first", concurrency=4)
+        yield first.wait(4)
+        yield leaving.stopService()  # leaves its four pending
+        second = Recorder(hold=True)
+        consumer = self.start_consumer(second, name="second", concurrency=2)
+        yield second.wait(2)
+        yield consumer.reclaim()  # the four come on top of what it holds (or took over already)
+        yield second.wait(4)
+        held_at_most = second.peak
+        for i in range(4):
+            yield self.bus.publish(alarm(10 + i))
+        released = 0
+        while released < 10:
+            yield second.wait(released + 1)
+            second.held[released].callback(None)
+            released += 1
+            yield consumer.when_handled(released)
+        self.assertLessEqual(second.peak, max(held_at_most, 2))  # no read while it held too many
 
     @inlineCallbacks
     def test_two_consumers_of_one_group_share_the_work(self):
@@ -348,6 +395,21 @@ class RedisBusTests(BusBehaviour, TestCase):
         return self.bus.when_live()
 
     @inlineCallbacks
+    def stopped_cleanly(self, consumer):
+        self.assertEqual({}, (yield consumers_of(self.bus, AYS_GROUP)))  # it left its group
+        self.assertEqual(0, (yield self.bus.execute("EXISTS", consumer.heartbeat_key)))
+
+    @inlineCallbacks
+    def test_a_stop_cuts_a_blocked_read_short(self):
+        consumer = self.start_consumer(Recorder())
+        consumer.block_ms = 3_600_000  # this test would time out if the stop waited for the read
+        yield self.bus.publish(alarm(1))
+        yield consumer.when_handled(1)
+        yield self.settle()  # the consumer is blocked in its next read by now
+        yield consumer.stopService()
+        self.assertEqual({}, (yield consumers_of(self.bus, AYS_GROUP)))
+
+    @inlineCallbacks
     def test_published_event_is_on_the_channel_and_in_the_stream(self):
         received = Deferred()
 
@@ -388,6 +450,187 @@ class RedisBusTests(BusBehaviour, TestCase):
         self.assertIn("WRONGTYPE", str(failure))
         entry_id = yield accepted
         self.assertIn(entry_id, self.redis.command("XRANGE", "ckpt.alarm", "-", "+"))
+
+
+def consumers_of(bus, group, types=None):
+    """Fires with ``{consumer: pending}`` of ``group``, summed over the streams of ``types``."""
+    @inlineCallbacks
+    def collect():
+        found: dict[str, int] = {}
+        for t in types or ("email", "telegram", "alarm", "eco", "generic"):
+            try:
+                rows = yield bus.execute("XINFO", "CONSUMERS", stream_key(t), group)
+            except txredisapi.ResponseError:
+                continue  # no such stream or group
+            for row in rows:
+                info = dict(zip(row[::2], row[1::2]))
+                found[info["name"]] = found.get(info["name"], 0) + int(info["pending"])
+        return found
+    return collect()
+
+
+@inlineCallbacks
+def crash(consumer):
+    """What a killed process leaves of its consumer: entries pending, a heartbeat key until it lapses."""
+    for timer in (consumer._beater, consumer._reclaimer):
+        if timer is not None and timer.running:
+            timer.stop()
+    consumer.running = False
+    yield consumer._stop_reading()
+
+
+class RedisTakeoverTests(TestCase):
+    """Heartbeats: two consumers of one group on two connections, as two processes would have them,
+    each beating on a Clock of its own."""
+
+    timeout = 20
+
+    def setUp(self):
+        self.redis = shared_server()
+        self.redis.flush()
+
+    @inlineCallbacks
+    def make_bus(self, **settings):
+        clock = Clock()
+        # a long claim_idle: what is taken over here is taken through heartbeats alone
+        bus = RedisBus(RedisSection(url=self.redis.url, claim_idle=3600, **settings), clock=clock, reactor=reactor)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        yield bus.when_connected()
+        return bus
+
+    @inlineCallbacks
+    def start(self, bus, handler, name, **options):
+        consumer = bus.consumer(AYS_GROUP, handler, name=name, types=["alarm"], drain_timeout=0, **options)
+        consumer.block_ms = 100
+        consumer.startService()
+        self.addCleanup(lambda: consumer.stopService() if consumer.running else None)
+        yield consumer.when_ready()
+        return consumer
+
+    def pttl(self, key):
+        return int(self.redis.command("PTTL", key).split()[-1])
+
+    @inlineCallbacks
+    def publish(self, bus, count):
+        for i in range(count):
+            yield bus.publish(alarm(i))
+
+    @inlineCallbacks
+    def test_a_consumer_beats_on_its_clock_and_its_heartbeat_lives_consumer_timeout(self):
+        bus = yield self.make_bus(consumer_timeout=10)
+        consumer = yield self.start(bus, Recorder(), "beating")
+        self.assertEqual("ckpt.consumer.ays.beating", consumer.heartbeat_key)
+        self.assertTrue(9000 < self.pttl(consumer.heartbeat_key) <= 10000)
+        self.redis.command("PEXPIRE", consumer.heartbeat_key, "3000")
+        bus.clock.advance(consumer.beat_interval)  # 2 s: a fifth of the timeout
+        yield bus.execute("PING")  # after the beat's round trip
+        self.assertTrue(9000 < self.pttl(consumer.heartbeat_key) <= 10000)
+
+    @inlineCallbacks
+    def test_entries_of_a_consumer_whose_heartbeat_lapsed_are_taken_at_the_next_beat_and_it_leaves_the_group(self):
+        doomed_bus = yield self.make_bus()
+        survivor_bus = yield self.make_bus()
+        yield self.publish(doomed_bus, 6)
+        doomed = yield self.start(doomed_bus, Recorder(hold=True), "doomed", concurrency=4)
+        survivor_seen = Recorder()
+        survivor = yield self.start(survivor_bus, survivor_seen, "survivor")
+        yield survivor_seen.wait(2)
+        yield crash(doomed)
+        self.assertEqual({"doomed": 4, "survivor": 0}, (yield consumers_of(survivor_bus, AYS_GROUP)))
+        # while its heartbeat lives, what it holds is its own
+        self.assertEqual(0, (yield survivor.take_over()))
+        # its heartbeat lapses (Redis expires the key consumer_timeout after the last beat)
+        self.redis.command("DEL", doomed.heartbeat_key)
+        survivor_bus.clock.advance(survivor.beat_interval)
+        yield survivor_seen.wait(6)
+        self.assertEqual([2, 2, 2, 2], [n for _, n in survivor_seen.seen[2:]])  # a second delivery each
+        yield survivor_bus.execute("PING")  # the acknowledgements have been written
+        self.assertEqual({"survivor": 0}, (yield consumers_of(survivor_bus, AYS_GROUP)))
+        self.assertEqual(0, (yield survivor_bus.pending(AYS_GROUP)))
+
+    @inlineCallbacks
+    def test_a_dead_consumer_with_nothing_pending_is_removed_from_its_group(self):
+        bus = yield self.make_bus()
+        yield bus.execute("XGROUP", "CREATE", stream_key("alarm"), AYS_GROUP, "0", "MKSTREAM")
+        yield bus.execute("XGROUP", "CREATECONSUMER", stream_key("alarm"), AYS_GROUP, "gone-long-ago")
+        self.assertIn("gone-long-ago", (yield consumers_of(bus, AYS_GROUP)))
+        yield self.start(bus, Recorder(), "alive")  # its first beat judges the others
+        self.assertNotIn("gone-long-ago", (yield consumers_of(bus, AYS_GROUP)))
+
+    @inlineCallbacks
+    def test_a_slow_consumer_keeps_beating_and_keeps_its_entries(self):
+        slow_bus = yield self.make_bus()
+        other_bus = yield self.make_bus()
+        yield self.publish(slow_bus, 1)
+        slow_handler = Recorder(hold=True)  # a long action
+        slow = yield self.start(slow_bus, slow_handler, "slow")
+        yield slow_handler.wait(1)
+        other_seen = Recorder()
+        other = yield self.start(other_bus, other_seen, "other")
+        for _ in range(3 * 5):  # three timeouts' worth of beats on both sides
+            self.redis.command("PEXPIRE", slow.heartbeat_key, "1000")  # each beat must renew it
+            slow_bus.clock.advance(slow.beat_interval)
+            yield slow_bus.execute("PING")
+            self.assertGreater(self.pttl(slow.heartbeat_key), 9000)
+            other_bus.clock.advance(other.beat_interval)
+            self.assertEqual(0, (yield other.take_over()))
+        self.assertEqual([], other_seen.seen)
+        slow_handler.held[0].callback(None)
+        yield slow.when_handled(1)
+        self.assertEqual(0, (yield other_bus.pending(AYS_GROUP)))
+
+    @inlineCallbacks
+    def test_after_its_beat_failed_a_consumer_gives_the_others_a_whole_timeout_to_beat_again(self):
+        first_bus = yield self.make_bus()
+        late_bus = yield self.make_bus()
+        yield self.publish(late_bus, 2)
+        late_handler = Recorder(hold=True)
+        late = yield self.start(late_bus, late_handler, "late")
+        yield late_handler.wait(2)
+        first_seen = Recorder()
+        first = yield self.start(first_bus, first_seen, "first")
+        # cut off from Redis for so long that every heartbeat in it lapsed; the first one back
+        # must not take the others for dead before they could beat again
+        first_bus.connection().transport.loseConnection()
+        yield first_bus.when_disconnected()
+        yield self.assertFailure(first.take_over(), BusUnavailable)
+        self.redis.command("DEL", late.heartbeat_key)
+        yield first_bus.when_connected()
+        for _ in range(BEATS_PER_TIMEOUT):
+            first_bus.clock.advance(first.beat_interval)
+            yield first_bus.execute("PING")  # after the beat's round trip
+        late_bus.clock.advance(late.beat_interval)  # back in time
+        yield late_bus.execute("PING")
+        first_bus.clock.advance(first.beat_interval)  # a whole timeout of beats: now it judges
+        yield first_bus.execute("PING")
+        self.assertEqual([], first_seen.seen)
+        # the late one dies for good now: the next beat takes its entries
+        yield crash(late)
+        self.redis.command("DEL", late.heartbeat_key)
+        first_bus.clock.advance(first.beat_interval)
+        yield first_seen.wait(2)
+        self.assertNotIn("late", (yield consumers_of(first_bus, AYS_GROUP)))
+
+    @inlineCallbacks
+    def test_a_stop_with_unfinished_entries_ends_the_heartbeat_and_the_others_take_them_at_once(self):
+        leaving_bus = yield self.make_bus()
+        staying_bus = yield self.make_bus()
+        yield self.publish(leaving_bus, 3)
+        held = Recorder(hold=True)
+        leaving = yield self.start(leaving_bus, held, "leaving")
+        yield held.wait(3)
+        staying_seen = Recorder()
+        staying = yield self.start(staying_bus, staying_seen, "staying")
+        yield leaving.stopService()  # drain_timeout 0: the three are left pending
+        self.assertEqual("0", self.redis.command("EXISTS", leaving.heartbeat_key).split()[-1])
+        self.assertEqual(3, (yield consumers_of(staying_bus, AYS_GROUP))["leaving"])  # still holds them
+        staying_bus.clock.advance(staying.beat_interval)  # its next beat, not claim_idle later
+        yield staying_seen.wait(3)
+        yield staying_bus.execute("PING")
+        self.assertEqual({"staying": 0}, (yield consumers_of(staying_bus, AYS_GROUP)))
+        self.assertEqual(0, (yield staying_bus.pending(AYS_GROUP)))
+        self.flushLoggedErrors(defer.CancelledError)
 
 
 class RedisFaultTests(TestCase):

@@ -321,6 +321,33 @@ class RedisPollerTests(RedisHarness, TestCase):
         self.assertEqual(self.fake.conflicts, 0)
 
     @inlineCallbacks
+    def test_a_standby_that_takes_the_lease_polls_from_the_stored_offset(self):
+        pollers, handlers = [], []
+        for _ in range(2):
+            bus = yield self.redis_bus()
+            handlers.append(Recorder())
+            pollers.append(self.poller(state=RedisBotState(bus, "123456"), lease=RedisLease(bus, "123456", self.clock),
+                                       handler=handlers[-1]))
+        standby = [next_wait(p) for p in pollers]
+        for p in pollers:
+            p.startService()
+        _, seconds = yield defer.DeferredList(standby, fireOnOneCallback=True).addCallback(lambda r: r[0])
+        holder, other = sorted(pollers, key=lambda p: -p.attempts)
+        self.assertIsNone(other.offset)  # what it read at its start
+        ids = [self.fake.message(ALICE, f"/help {n}")["update_id"] for n in range(3)]
+        yield holder.when_handled(3)
+        # it stops before its next poll could confirm them to Telegram: only the stored offset says
+        # they are done
+        yield holder.stopService()
+        polls = self.fake.count("getUpdates")
+        self.clock.advance(seconds)
+        yield self.fake.wait_for("getUpdates", polls + 1)
+        self.assertEqual(self.fake.calls[-1][1]["offset"], ids[-1] + 1)
+        later = self.fake.message(ALICE, "/help later")["update_id"]
+        yield other.when_handled(1)
+        self.assertEqual(handlers[pollers.index(other)].ids, [later])  # none of the holder's again
+
+    @inlineCallbacks
     def test_a_poller_that_loses_its_lease_stops_polling(self):
         bus = yield self.redis_bus()
         lease = RedisLease(bus, "123456", self.clock)

@@ -8,6 +8,60 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import txredisapi
+from twisted.internet import defer
+from twisted.logger import Logger
+
+log = Logger()
+
+# error replies that a Redis still starting (or too busy) gives: worth another connection
+_PASSING_ERRORS = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "ERR max number of clients")
+
+
+class Handshake:
+    """AUTH and SELECT on each new connection; only a refusal by Redis stops the reconnecting.
+
+    txredisapi's own handshake stops reconnecting for good whatever goes wrong, a connection
+    that a restarting Redis drops in the middle of AUTH or SELECT included. Mixed in before a
+    txredisapi protocol class, whose factory carries ``redacted_url``.
+    """
+
+    @defer.inlineCallbacks
+    def connectionMade(self):
+        step = "AUTH"
+        try:
+            if self.password is not None:
+                yield self.auth(self.password, self.username)
+            if self.dbid is not None:
+                step = "SELECT"
+                yield self.select(self.dbid)
+        except txredisapi.ResponseError as exc:
+            if str(exc).startswith(_PASSING_ERRORS):
+                self._handshake_failed(step, exc, final=False)
+            else:
+                self._handshake_failed(step, exc, final=True)
+            return
+        except Exception as exc:  # the connection went away under the handshake
+            self._handshake_failed(step, exc, final=False)
+            return
+        self.connected = 1
+        self._ready = True
+        waiting, self._waiting_for_connect = self._waiting_for_connect, []
+        for d in waiting:
+            d.callback(self)
+
+    def _handshake_failed(self, step: str, error: Exception, final: bool) -> None:
+        url = getattr(self.factory, "redacted_url", "Redis")
+        if final:
+            # a wrong password or a database that does not exist: no new connection changes that
+            log.error("Redis at {url} refused {step}: {error}; not reconnecting: fix [redis] url and restart",
+                      url=url, step=step, error=error)
+            self.factory.stopTrying()
+            self.factory.connectionError(f"Redis refused {step}: {error}")
+        else:
+            log.warn("Redis at {url}: the connection failed during {step} ({error}); reconnecting",
+                     url=url, step=step, error=error)
+        self.transport.loseConnection()
+
 
 def fields(flat: Optional[list]) -> dict[str, str]:
     if not flat:
@@ -28,7 +82,7 @@ def encode_command(args: Sequence[Any]) -> bytes:
 
 
 if txredisapi.hiredis is not None:
-    class CommandProtocol(txredisapi.HiredisProtocol):
+    class CommandProtocol(Handshake, txredisapi.HiredisProtocol):
         """Replies parsed and decoded by hiredis in C, handed on as they are.
 
         txredisapi's own transaction bookkeeping and per-element conversion are skipped:
@@ -50,7 +104,8 @@ if txredisapi.hiredis is not None:
                 deliver(reply)
                 reply = gets()
 else:  # pragma: no cover - hiredis is a dependency; this keeps a broken install working
-    CommandProtocol = txredisapi.RedisProtocol
+    class CommandProtocol(Handshake, txredisapi.RedisProtocol):  # type: ignore[no-redef]
+        pass
 
 
 MULTI = b"*1\r\n$5\r\nMULTI\r\n"

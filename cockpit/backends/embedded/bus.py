@@ -195,10 +195,17 @@ class MemoryConsumer(Consumer):
             yield self._waiting
             self._waiting = None
 
-    def _stop_reading(self):
+    def _interrupt_read(self):
         if self._waiting is not None:
             self._waiting.cancel()
         return defer.succeed(None)
+
+    def _stop_reading(self):
+        return defer.succeed(None)
+
+    def _leave(self):
+        # one process: no heartbeat to end, and no one else to leave entries to
+        return defer.succeed(0)
 
     def _ack(self, stream, entry_id):
         group = self.bus._stream(stream).groups.get(self.group)
@@ -206,7 +213,7 @@ class MemoryConsumer(Consumer):
             group.pending.pop(entry_id, None)
         return defer.succeed(1)
 
-    def _heartbeat(self, keys):
+    def _touch(self, keys):
         now = self.bus.clock.seconds()
         for stream, entry_id in keys:
             pending = self.bus._stream(stream).groups[self.group].pending.get(entry_id)

@@ -4,7 +4,10 @@
 - ``XADD ckpt.<type> MAXLEN ~ N * event <json>`` for the durable log,
   both in one MULTI/EXEC;
 - consumer groups (``ays``) read with XREADGROUP, reclaim with XAUTOCLAIM, and
-  move an entry delivered too often to the stream ``ckpt.dead``.
+  move an entry delivered too often to the stream ``ckpt.dead``;
+- every consumer beats: ``SET ckpt.consumer.<group>.<consumer> PX <consumer_timeout>``. The
+  entries of a consumer whose key has lapsed are claimed by another consumer of its group, which
+  then removes it from the group (``XGROUP DELCONSUMER``), both in one script.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from cockpit.backends.resp import EXEC, MULTI, CommandProtocol, encode_command, fields
+from cockpit.backends.resp import EXEC, MULTI, CommandProtocol, Handshake, encode_command, fields
 from cockpit.bus import (DEAD_LETTER_STREAM, Bus, BusUnavailable, Consumer, mark_key, entry_order,
                          parse_before, stream_key)
 from cockpit.config import RedisSection
@@ -26,7 +29,77 @@ from cockpit.events import EVENT_TYPES, Event, from_stored
 
 log = Logger()
 
-class _LiveProtocol(txredisapi.SubscriberProtocol):
+CONSUMER_PREFIX = "ckpt.consumer."
+
+
+def heartbeat_key(group: str, consumer: str) -> str:
+    """The key a consumer keeps alive while it lives: ``ckpt.consumer.<group>.<consumer>``."""
+    return f"{CONSUMER_PREFIX}{group}.{consumer}"
+
+
+# Beat; then, when asked to judge, claim the entries of the group's consumers whose heartbeat
+# has lapsed and delete each one once it holds none: the check, the claim and the delete are
+# one step, so no entry is dropped with a consumer (DELCONSUMER forgets what it held).
+# KEYS: the streams. ARGV: group, this consumer, heartbeat key prefix, ttl ms, judge (1/0), limit.
+# Returns {stream, id, deliveries, fields} per entry claimed.
+_BEAT = """
+local group, me, prefix = ARGV[1], ARGV[2], ARGV[3]
+redis.call('SET', prefix .. me, '1', 'PX', ARGV[4])
+if ARGV[5] ~= '1' then return {} end
+local limit = tonumber(ARGV[6])
+local taken = {}
+for _, stream in ipairs(KEYS) do
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', stream, group)
+  if ok then
+    for _, info in ipairs(consumers) do
+      local name, pending
+      for i = 1, #info, 2 do
+        if info[i] == 'name' then name = info[i + 1] elseif info[i] == 'pending' then pending = info[i + 1] end
+      end
+      if name ~= me and redis.call('EXISTS', prefix .. name) == 0 then
+        if pending > 0 and #taken < limit then
+          local ids, counts = {}, {}
+          for _, row in ipairs(redis.call('XPENDING', stream, group, '-', '+', limit - #taken, name)) do
+            ids[#ids + 1] = row[1]
+            counts[row[1]] = row[4]
+          end
+          local claimed = {}
+          for _, entry in ipairs(redis.call('XCLAIM', stream, group, me, 0, unpack(ids))) do
+            if entry then
+              claimed[entry[1]] = true
+              taken[#taken + 1] = {stream, entry[1], counts[entry[1]] + 1, entry[2]}
+            end
+          end
+          for _, id in ipairs(ids) do
+            -- trimmed from the stream: nothing left to hand out
+            if not claimed[id] then redis.call('XACK', stream, group, id) end
+          end
+          pending = #redis.call('XPENDING', stream, group, '-', '+', 1, name)
+        end
+        if pending == 0 then redis.call('XGROUP', 'DELCONSUMER', stream, group, name) end
+      end
+    end
+  end
+end
+return taken
+"""
+
+# End this consumer's heartbeat and leave the group on each stream where it holds nothing.
+# KEYS: the streams. ARGV: group, this consumer, its heartbeat key. Returns the streams it stays on.
+_LEAVE = """
+redis.call('DEL', ARGV[3])
+local stays = 0
+for _, stream in ipairs(KEYS) do
+  local ok, rows = pcall(redis.call, 'XPENDING', stream, ARGV[1], '-', '+', 1, ARGV[2])
+  if ok then
+    if #rows == 0 then redis.call('XGROUP', 'DELCONSUMER', stream, ARGV[1], ARGV[2]) else stays = stays + 1 end
+  end
+end
+return stays
+"""
+
+
+class _LiveProtocol(Handshake, txredisapi.SubscriberProtocol):
     def connectionMade(self):
         d = super().connectionMade()
         # subscriptions do not survive a reconnect: make them on every connection
@@ -55,6 +128,7 @@ class RedisBus(Bus):
     def __init__(self, settings: RedisSection, clock: Optional[IReactorTime] = None,
                  reactor: Any = None):
         super().__init__(settings.stream_maxlen, settings.max_deliveries, settings.claim_idle, clock)
+        self.consumer_timeout = settings.consumer_timeout
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
@@ -93,16 +167,12 @@ class RedisBus(Bus):
         and a blocking read waits as long as it asked to.
         """
         c = self._conn
-        # no SELECT for database 0, where a connection starts anyway: txredisapi stops
-        # reconnecting for good when a connection drops in the middle of its SELECT
+        # no SELECT for database 0, where a connection starts anyway
         factory = txredisapi.RedisFactory(
             self.settings.redacted_url(), c["db"] or None, 1, isLazy=True,
             password=c["password"], username=c["username"], convertNumbers=False)
         factory.protocol = CommandProtocol
-        # a failed AUTH or SELECT fails this Deferred, which nobody else waits on; the
-        # reconnecting connection reports its state through health
-        factory.deferred.addErrback(lambda f: log.warn("Redis at {url}: {error}", url=self.settings.redacted_url(),
-                                                       error=f.getErrorMessage()))
+        factory.redacted_url = self.settings.redacted_url()
         self._tune(factory)
         factory.startConnecting(self._endpoint())
         return factory
@@ -112,6 +182,9 @@ class RedisBus(Bus):
         # come back quickly after a Redis restart; ingress refuses meanwhile
         factory.initialDelay = 0.2
         factory.maxDelay = 2.0
+        # fails when Redis refuses the handshake, which says why in the log; the connection
+        # reports its state through health
+        factory.deferred.addErrback(lambda f: None)
 
     def startService(self) -> None:
         super().startService()
@@ -142,6 +215,7 @@ class RedisBus(Bus):
             factory.password, factory.username = c["password"], c["username"]
             factory.convertNumbers = False
             factory.bus = self
+            factory.redacted_url = self.settings.redacted_url()
             self._tune(factory)
             factory.startConnecting(self._endpoint())
             self._live = factory
@@ -393,11 +467,16 @@ class RedisConsumer(Consumer):
     """Reads with XREADGROUP on a connection of its own (the BLOCK must not hold up others)."""
 
     block_ms = 2000
+    unblock_tries = 20  # CLIENT UNBLOCKs a stop sends, 50 ms apart, before it waits for the BLOCK to end
 
     def __init__(self, bus: RedisBus, *args: Any, **kwargs: Any):
         super().__init__(bus, *args, **kwargs)
         self.bus: RedisBus = bus
+        self.heartbeat_key = heartbeat_key(self.group, self.consumer_name)
+        self._heartbeat_prefix = heartbeat_key(self.group, "")  # the script adds each consumer's name
         self._reader: Optional[txredisapi.RedisFactory] = None
+        self._reader_id: Optional[str] = None
+        self._reading = False
         self._acks: dict[str, list[tuple[str, Deferred]]] = {}
         self._ack_call: Any = None
 
@@ -418,16 +497,18 @@ class RedisConsumer(Consumer):
                     except txredisapi.ResponseError as exc:
                         if "BUSYGROUP" not in str(exc):
                             raise
+                # a stop cuts the blocking read short with CLIENT UNBLOCK, which names the connection
+                self._reader_id = str((yield self._reader.handler.execute_command("CLIENT", "ID")))
                 return
             except txredisapi.ConnectionError as exc:
                 if not self.running:
                     return
                 log.warn("consumer {name}: Redis not reachable ({error}); retrying",
                          name=self.consumer_name, error=exc)
-                yield task.deferLater(self.bus.clock, 1.0, lambda: None)
+                yield self._pause(1.0)
 
-    @inlineCallbacks
     def _read(self, count):
+        self._reading = True
         try:
             reply = yield self._reader.handler.execute_command(
                 "XREADGROUP", "GROUP", self.group, self.consumer_name, "COUNT", str(count),
@@ -437,16 +518,42 @@ class RedisConsumer(Consumer):
             if "NOGROUP" in str(exc):  # Redis lost its data (a restart without persistence)
                 raise txredisapi.ConnectionError(str(exc))
             raise
+        finally:
+            self._reading = False
         entries = []
         for stream, items in reply or []:
             for entry_id, flat in items:
                 entries.append((stream, entry_id, fields(flat).get("event")))
         return entries
 
+    @inlineCallbacks
+    def _interrupt_read(self):
+        if self._reader is None or self._reader_id is None:
+            yield self._stop_reading()  # not reading yet: nothing handed out can be lost
+            return
+        # like a BLOCK that timed out: the read comes back empty, unless entries are on their way
+        for _ in range(self.unblock_tries):
+            if not self._reading or int((yield self.bus.execute("CLIENT", "UNBLOCK", self._reader_id))):
+                return
+            # not blocked: its reply is on the way, or Redis has yet to see the read (it came on
+            # the other connection after this UNBLOCK)
+            yield task.deferLater(self.bus.reactor, 0.05, lambda: None)  # the network's time, as the watchdog's
+
     def _stop_reading(self) -> Deferred:
         self._flush_acks()
         reader, self._reader = self._reader, None
         return reader.disconnect() if reader is not None else defer.succeed(None)
+
+    def _beat(self, judge, limit):
+        d = self.bus.execute("EVAL", _BEAT, str(len(self.streams)), *self.streams, self.group, self.consumer_name,
+                             self._heartbeat_prefix, str(int(self.bus.consumer_timeout * 1000)),
+                             "1" if judge else "0", str(limit))
+        return d.addCallback(lambda rows: [(stream, entry_id, fields(flat).get("event"), int(deliveries))
+                                           for stream, entry_id, deliveries, flat in rows or []])
+
+    def _leave(self):
+        return self.bus.execute("EVAL", _LEAVE, str(len(self.streams)), *self.streams, self.group,
+                                self.consumer_name, self.heartbeat_key).addCallback(int)
 
     def _ack(self, stream, entry_id):
         # acks of one reactor turn share one XACK per stream
@@ -475,7 +582,7 @@ class RedisConsumer(Consumer):
         for _, d in items:
             d.errback(failure)
 
-    def _heartbeat(self, keys):
+    def _touch(self, keys):
         by_stream: dict[str, list[str]] = {}
         for stream, entry_id in keys:
             by_stream.setdefault(stream, []).append(entry_id)
