@@ -40,6 +40,7 @@ from cockpit.repos import NEW_STATUS, Invalid, NotFound, RepoSnapshot, ServiceRe
 log = Logger()
 
 CHANGES_PER_READ = 1000  # feed entries applied per round trip when catching up
+LOAD_WAIT = 10.0  # seconds a request made right after the start waits for the first load
 RETRY_DELAY = 1.0  # seconds between attempts to load, or to follow a feed that cannot be read
 
 
@@ -233,6 +234,7 @@ class Catalog(Service):
         self._follow_failing = False
         self.load_error: Optional[str] = None  # why the last attempt to load failed, while none has worked
         self._version_waiters: list[tuple[int, Deferred]] = []
+        self._load_waiters: list[Deferred] = []
         self.reloads = 0  # full loads after the first (the feed did not reach back, or the store lost its data)
 
     # ------------------------------------------------------------------
@@ -263,6 +265,10 @@ class Catalog(Service):
         if not self.running:
             return
         self.ready.callback(None)
+        waiters, self._load_waiters = self._load_waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
         if self.store.shared and self.follow:
             self._following = self._follow()
 
@@ -381,14 +387,32 @@ class Catalog(Service):
             result.value if isinstance(result, Failure) else None))
         return waiting
 
+    def when_loaded(self, timeout: float = LOAD_WAIT) -> Deferred:
+        """Fires once the first load is done: a request that comes right after the start waits for it,
+        for ``timeout`` seconds at most, then fails with Unavailable."""
+        if self.loaded:
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self._load_waiters.append(d)
+
+        def too_late() -> None:
+            if not d.called:
+                self._load_waiters.remove(d)
+                d.errback(Unavailable("the AYS catalog is still loading; try again in a moment"
+                                      + (f" ({self.load_error})" if self.load_error else "")))
+
+        call = self.clock.callLater(timeout, too_late)
+        return d.addBoth(lambda result: (call.cancel() if call.active() else None, result)[1])
+
     def view(self) -> Deferred:
         """Fires with this catalog once it is current; current as it is when the store cannot be asked
-        (nobody can change it then), and Unavailable before it is loaded."""
-        if not self.loaded:
-            return defer.fail(Unavailable("the AYS catalog is still loading; try again in a moment"))
-        d = self.sync()
-        d.addErrback(lambda f: f.trap(BusUnavailable))
-        return d.addCallback(lambda _: self)
+        (nobody can change it then). Right after the start, once it is loaded (:meth:`when_loaded`)."""
+        def current(_: Any) -> Deferred:
+            d = self.sync()
+            d.addErrback(lambda f: f.trap(BusUnavailable))
+            return d.addCallback(lambda _: self)
+
+        return self.when_loaded().addCallback(current)
 
     @inlineCallbacks
     def _catch_up(self):
@@ -608,16 +632,14 @@ class Catalog(Service):
     # changing (through the store, then the cache)
     # ------------------------------------------------------------------
     def _change(self, work: Callable[[], Deferred]) -> Deferred:
-        """Run ``work`` holding the lock, this view first brought up to date (Unavailable before the load)."""
-        self.repo_names()
-
+        """Run ``work`` holding the lock, this view first brought up to date (once it is loaded)."""
         @inlineCallbacks
         def locked():
             if self.store.shared:  # so that checks against the view see what other processes did
                 yield self._catch_up()
             return (yield work())
 
-        return self._lock.run(locked)
+        return self.when_loaded().addCallback(lambda _: self._lock.run(locked))
 
     def create_repo(self, name: str) -> Deferred:
         """Fires with the new repository's summary; Conflict when it exists."""

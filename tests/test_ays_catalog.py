@@ -232,11 +232,26 @@ class CatalogBehaviour:
         catalog = yield self.restarted()
         self.assertEqual(catalog.repo("demo").templates["node"].actions_file.read_text(), ACTIONS)
 
-    def test_a_catalog_not_loaded_yet_says_so(self):
-        catalog = Catalog(self.make_store(), reactor)
-        self.assertRaises(Unavailable, catalog.create_repo, "demo")
+    def test_a_catalog_not_loaded_in_time_says_so(self):
+        from cockpit.ays_catalog import LOAD_WAIT
+
+        clock = Clock()
+        catalog = Catalog(self.make_store(), clock)  # never started: never loaded
         self.assertRaises(Unavailable, catalog.repo_names)
-        self.failureResultOf(catalog.view(), Unavailable)
+        created, viewed = catalog.create_repo("demo"), catalog.view()
+        self.assertNoResult(created)
+        clock.advance(LOAD_WAIT)
+        self.assertIn("still loading", str(self.failureResultOf(created, Unavailable).value))
+        self.failureResultOf(viewed, Unavailable)
+
+    @inlineCallbacks
+    def test_a_change_asked_for_while_the_catalog_loads_waits_for_the_load(self):
+        catalog = Catalog(self.make_store(), reactor)
+        catalog.startService()
+        self.addCleanup(catalog.stopService)
+        repo = yield catalog.create_repo("early")  # asked before the first load is done
+        self.assertEqual("early", repo["name"])
+        self.assertEqual(["early"], (yield catalog.view()).repo_names())
 
 
 class DiskCatalogTests(CatalogBehaviour, TestCase):

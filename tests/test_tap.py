@@ -166,7 +166,8 @@ def spawn_cockpit(test: TestCase, data: str, extra: str = "") -> tuple[Twistd, o
 @inlineCallbacks
 def subscribe_a_slow_service(api: str):
     """A repository whose service runs a short action for every alarm (README "## AYS")."""
-    yield (yield treq.post(f"{api}/repos", json={"name": "demo"}, persistent=False)).content()
+    response = yield treq.post(f"{api}/repos", json={"name": "demo"}, persistent=False)
+    assert response.code == 201, (response.code, (yield response.text()))
     files = {"service.hrd": "events.alarm =\n    handle,\n",
              "actions.py": "import time\n\ndef handle(service, event):\n    time.sleep(0.01)\n"}
     yield (yield treq.put(f"{api}/repos/demo/templates/slow", json={"files": files}, persistent=False)).content()
@@ -174,7 +175,7 @@ def subscribe_a_slow_service(api: str):
                            persistent=False)).content()
     response = yield treq.post(f"{api}/repos/demo/blueprints/main.yaml/execute", persistent=False)
     yield response.content()
-    assert response.code == 202, response.code
+    assert response.code == 202, (response.code, (yield response.text()))
 
 
 class Load:
