@@ -260,6 +260,9 @@ class Consumer(Service):
         self._ready = False
         self._ready_waiters: list[Deferred] = []
         self.handled = 0  # entries handled and acknowledged since the start
+        # handled, but the acknowledgement could not be sent (the bus was away): sent again at the
+        # next beat or reclaim, rather than handled again by whoever claims the entry
+        self.owed_acks: set[tuple[str, str]] = set()
         self._handled_waiters: list[tuple[int, Deferred]] = []
 
     # -- lifetime ---------------------------------------------------------
@@ -311,6 +314,7 @@ class Consumer(Service):
                 for d in list(self.inflight.values()):
                     if d is not _TAKEN:
                         d.cancel()
+        yield self._send_owed_acks()
         yield self._stop_reading()
         try:
             left = yield self._leave()
@@ -466,7 +470,36 @@ class Consumer(Service):
     def _handler_done(self, _: Any, key: tuple[str, str]) -> None:
         acked = self._ack(*key)
         self.inflight[key] = acked
-        acked.addCallbacks(self._handled, self._failed, callbackArgs=(key,), errbackArgs=(key,))
+        acked.addCallbacks(self._handled, self._ack_failed, callbackArgs=(key,), errbackArgs=(key,))
+
+    def _ack_failed(self, failure: Failure, key: tuple[str, str]) -> None:
+        if not failure.check(BusUnavailable):
+            return self._failed(failure, key)
+        if not self.owed_acks:
+            log.warn("consumer {name}: cannot acknowledge what it handled ({error}); it will when the bus is back",
+                     name=self.consumer_name, error=failure.getErrorMessage())
+        self.owed_acks.add(key)
+        self._release(key)
+        return None
+
+    def _send_owed_acks(self) -> Deferred:
+        """Acknowledge again what was handled while the bus was away; fires when tried."""
+        owed = [key for key in self.owed_acks if key not in self.inflight]
+        if not owed:
+            return defer.succeed(None)
+
+        def acked(_: Any, key: tuple[str, str]) -> None:
+            if key in self.owed_acks:
+                self.owed_acks.discard(key)
+                self.handled += 1
+                if self._handled_waiters:
+                    self._wake_handled()
+
+        sent = [self._ack(*key).addCallback(acked, key) for key in owed]
+        d = defer.gatherResults(sent, consumeErrors=True)
+        d.addCallback(lambda _: log.info("consumer {name}: acknowledged {count} entries handled while the bus "
+                                         "was away", name=self.consumer_name, count=len(owed)))
+        return d.addErrback(lambda _: None)  # still away: the next beat tries again
 
     def _handled(self, _: Any, key: tuple[str, str]) -> None:
         self._last_error.pop(key, None)
@@ -534,6 +567,7 @@ class Consumer(Service):
 
     @inlineCallbacks
     def _reclaim(self):
+        yield self._send_owed_acks()
         if self.inflight:
             yield self._touch(list(self.inflight))
         claimed = yield self._claim(self.bus.claim_idle)
@@ -573,6 +607,8 @@ class Consumer(Service):
                 raise
             if self._beats_since is None:
                 self._beats_since = now
+            if self.owed_acks:
+                yield self._send_owed_acks()
             if claimed:
                 log.info("consumer {name} took over {count} entries of {group} from consumers whose "
                          "heartbeat lapsed", name=self.consumer_name, count=len(claimed), group=self.group)
@@ -582,7 +618,8 @@ class Consumer(Service):
 
     def _hand_out(self, claimed: list[tuple[str, str, Optional[str], int]]) -> int:
         """Hand claimed entries to the handler (or to ``ckpt.dead``); returns how many were new here."""
-        fresh = [entry for entry in claimed if (entry[0], entry[1]) not in self.inflight]
+        fresh = [entry for entry in claimed if (entry[0], entry[1]) not in self.inflight
+                 and (entry[0], entry[1]) not in self.owed_acks]
         if fresh:
             self._busy_with(self._dispatch_claimed(fresh)).addErrback(
                 lambda f: log.failure("consumer {name}: handing out claimed entries failed", f,

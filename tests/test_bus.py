@@ -707,3 +707,40 @@ class RedisFaultTests(TestCase):
         yield self.bus.publish(event)
         yield recorder.wait(2)
         self.assertEqual(event.guid, recorder.seen[1][0])
+
+
+class RedisAwayAckTests(TestCase):
+    """What a consumer handled while Redis was away is acknowledged once it is back, not handled again."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_an_acknowledgement_that_failed_is_sent_at_the_next_beat_and_nothing_is_handled_twice(self):
+        server = RedisServer().start()
+        self.addCleanup(server.cleanup)
+        server.command("CONFIG", "SET", "save", "3600 1")  # it saves its data as it stops, and reads it back
+        clock = Clock()
+        bus = RedisBus(RedisSection(url=server.url), clock=clock, reactor=reactor)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        yield bus.when_connected()
+        yield bus.publish(alarm(1))
+        recorder = Recorder(hold=True)
+        consumer = bus.consumer(AYS_GROUP, recorder, types=["alarm"], drain_timeout=0)
+        consumer.block_ms = 100
+        consumer.startService()
+        self.addCleanup(lambda: consumer.stopService() if consumer.running else None)
+        yield recorder.wait(1)
+        server.stop()
+        yield bus.when_disconnected()
+        recorder.held[0].callback(None)  # handled while Redis is away: the acknowledgement cannot go
+        yield task.deferLater(reactor, 0, lambda: None)  # acknowledgements leave at the end of the turn
+        self.assertEqual(1, len(consumer.owed_acks))
+        server.start()
+        yield bus.when_connected()
+        self.assertEqual(1, (yield bus.pending(AYS_GROUP, ["alarm"])))
+        yield consumer.take_over()  # its next beat
+        self.assertEqual(set(), consumer.owed_acks)
+        self.assertEqual(0, (yield bus.pending(AYS_GROUP, ["alarm"])))
+        yield consumer.reclaim()
+        self.assertEqual(1, len(recorder.seen))  # never handed out again
