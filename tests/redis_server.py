@@ -29,7 +29,8 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
+        # further redis-server options, e.g. "--appendonly", "yes" for a server that keeps its data
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             raise RedisServerError(
@@ -39,6 +40,7 @@ class RedisServer:
         self.dir = tempfile.mkdtemp(prefix="cockpit-redis-")
         self.process: Optional[subprocess.Popen] = None
         self.output: list[str] = []
+        self.options = options
 
     @property
     def url(self) -> str:
@@ -50,7 +52,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir, "--loglevel", "notice",
-             "--protected-mode", "yes"],
+             "--protected-mode", "yes", *self.options],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         buffered = b""
@@ -90,6 +92,13 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would end it: only what it had written to disk is kept."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
     def command(self, *args: str) -> str:
         """Run ``redis-cli`` against this server (for assertions from outside the code under test)."""
