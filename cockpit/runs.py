@@ -101,7 +101,8 @@ class RunHistory(MultiService):
         raise NotImplementedError
 
     def started(self, run: Run) -> Deferred:
-        """``run`` started: show it as running until it is recorded or its process is gone; never fails.
+        """``run`` started: show it as running (once it has gone on a moment) until it is recorded or its
+        process is gone; never fails.
 
         Only where other processes read the history: one process knows its own runs.
         """

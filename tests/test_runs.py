@@ -32,6 +32,15 @@ def ids(runs) -> list[str]:
     return [run.id for run in runs]
 
 
+def shown(history, run) -> defer.Deferred:
+    """``history.started(run)``, and the history's clock past the moment a run still going is shown."""
+    from cockpit.backends.redis.runs import LIVE_AFTER
+
+    d = history.started(run)
+    history.clock.advance(LIVE_AFTER)
+    return d
+
+
 class HistoryBehaviour:
     """What every run history does; a subclass says how to make one and how to wait for its timers' work."""
 
@@ -217,7 +226,7 @@ class HistoryBehaviour:
     def test_started_run_is_replaced_by_its_record(self):
         run = run_at(T0)
         run.state, run.ended, run.log, run.result = "running", None, "", None
-        self.assertIsNone((yield self.history.started(run)))
+        self.assertIsNone((yield shown(self.history, run)))
         run.state, run.ended, run.log = "ok", T0 + 1, "done\n"
         self.assertTrue((yield self.history.record(run)))
         self.assertEqual([(r.id, r.state) for r in (yield self.history.list())], [(run.id, "ok")])
@@ -344,7 +353,7 @@ class SharedRedisHistoryTests(RedisCase):
         other, _ = yield self.other_process()
         run = run_at(T0, repo="live")
         run.state, run.ended = "running", None
-        yield self.history.started(run)
+        yield shown(self.history, run)
         self.assertEqual([(r.id, r.state) for r in (yield other.list())], [(run.id, "running")])
         self.assertEqual(ids((yield other.list(state="running", repo="live"))), [run.id])
         self.assertEqual((yield other.list(state="ok")), [])
@@ -359,12 +368,29 @@ class SharedRedisHistoryTests(RedisCase):
                                               "ckpt.runs.state.ok", "ckpt.runs.done.g1"]))
 
     @inlineCallbacks
+    def test_a_run_over_before_it_is_shown_writes_its_record_alone(self):
+        from cockpit.backends.redis.runs import LIVE_AFTER
+
+        other, _ = yield self.other_process()
+        run = run_at(T0)
+        run.state, run.ended = "running", None
+        shown = self.history.started(run)
+        self.assertEqual((yield other.list()), [])  # not shown yet
+        run.state, run.ended = "ok", T0 + 0.1
+        yield self.history.record(run)
+        self.assertIsNone((yield shown))
+        self.clock.advance(LIVE_AFTER)
+        yield self.settle(self.history)
+        self.assertEqual([(r.id, r.state) for r in (yield other.list())], [(run.id, "ok")])
+        self.assertNotIn("ckpt.runs.live", self.keys())
+
+    @inlineCallbacks
     def test_started_run_refused_at_its_record_leaves_nothing_shown(self):
         other, _ = yield self.other_process()
         yield other.record(run_at(T0))
         again = run_at(T0 + 1)
         again.state = "running"
-        yield self.history.started(again)
+        yield shown(self.history, again)
         again.state = "ok"
         self.assertFalse((yield self.history.record(again)))
         self.assertEqual((yield other.get(again.id)), None)
@@ -375,7 +401,7 @@ class SharedRedisHistoryTests(RedisCase):
         other, other_clock = yield self.other_process()
         run = run_at(T0)
         run.state = "running"
-        yield self.history.started(run)  # and then this process dies: its clock never moves again
+        yield shown(self.history, run)  # and then this process dies: its clock never moves again
         other_clock.advance(LIVE_TTL - 1)
         self.assertEqual(ids((yield other.list())), [run.id])
         other_clock.advance(2)
@@ -390,7 +416,7 @@ class SharedRedisHistoryTests(RedisCase):
         other, other_clock = yield self.other_process()
         run = run_at(T0)
         run.state = "running"
-        yield self.history.started(run)
+        yield shown(self.history, run)
         for _ in range(int(3 * LIVE_TTL / LIVE_RENEW)):
             self.clock.advance(LIVE_RENEW)
             other_clock.advance(LIVE_RENEW)
@@ -402,7 +428,7 @@ class SharedRedisHistoryTests(RedisCase):
         other, _ = yield self.other_process()
         run = run_at(T0)
         run.state = "running"
-        yield self.history.started(run)
+        yield shown(self.history, run)
         yield self.history.stopService()
         self.assertEqual((yield other.list()), [])
         self.assertEqual(self.keys(), [])

@@ -27,7 +27,9 @@ keep_runs / SCAN_STEP calls. ``event_guid`` reads the event's marks instead (a f
 filter reads all of ``ckpt.runs``, and each page also reads every live run (bounded by the
 runs in progress in all processes).
 
-A run in progress is shown until it is recorded; its process renews it every
+A run in progress is shown once it has gone on for ``LIVE_AFTER`` seconds (most runs are
+over sooner, and a record written for each would double what a busy robot writes), until
+it is recorded; its process renews it every
 ``LIVE_RENEW`` seconds, and a run of a process that died stops showing ``LIVE_TTL`` after
 its last renewal. Deadlines are on the writer's clock: processes on several machines need
 clocks that agree to within a few seconds.
@@ -62,6 +64,7 @@ LIVE_KEY = "ckpt.runs.live"
 
 SCAN_STEP = 1000  # ids one script call examines for a filtered page
 PRUNE_STEP = 500  # runs one script call prunes
+LIVE_AFTER = 0.5  # seconds a run goes on before it is shown as running to every process
 LIVE_RENEW = 10.0  # seconds
 LIVE_TTL = 3 * LIVE_RENEW
 BATCH_RUNS = 256  # records one script call writes...
@@ -334,6 +337,7 @@ class RedisRunHistory(RunHistory):
         self._retry_delay = RETRY_FIRST
         self._prune_retry: Any = None
         self._live: dict[str, Run] = {}  # shown running by this process, not recorded yet
+        self._to_show: dict[str, tuple[Any, Deferred]] = {}  # started, to be shown if still going
         for interval, work in ((prune_interval, self._prune_logged), (LIVE_RENEW, self._renew_logged)):
             timer = TimerService(interval, work)
             timer.clock = clock
@@ -349,6 +353,10 @@ class RedisRunHistory(RunHistory):
             if call is not None and call.active():
                 call.cancel()
         self._retry = self._prune_retry = None
+        for call, shown in self._to_show.values():
+            call.cancel()
+            shown.callback(None)
+        self._to_show.clear()
         yield super().stopService()
         for run in self._live.values():  # never recorded: the pool stopped before they ended
             self._queue.append(("F", run, Deferred()))
@@ -362,11 +370,22 @@ class RedisRunHistory(RunHistory):
     # -- writing -----------------------------------------------------------
     def record(self, run: Run) -> Deferred:
         self._live.pop(run.id, None)
+        waiting = self._to_show.pop(run.id, None)
+        if waiting is not None:  # over before it was shown: only its record is written
+            waiting[0].cancel()
+            waiting[1].callback(None)
         return self._enqueue("R", run)
 
     def started(self, run: Run) -> Deferred:
+        """Show ``run`` as running, if it still is ``LIVE_AFTER`` seconds from now; fires once shown (or not)."""
+        shown: Deferred = Deferred()
+        self._to_show[run.id] = (self.clock.callLater(LIVE_AFTER, self._show, run), shown)
+        return shown
+
+    def _show(self, run: Run) -> None:
+        _, shown = self._to_show.pop(run.id)
         self._live[run.id] = run
-        return self._enqueue("L", run).addCallback(lambda _: None)
+        self._enqueue("L", run).addCallback(lambda _: None).chainDeferred(shown)
 
     def _enqueue(self, kind: str, run: Run) -> Deferred:
         d: Deferred = Deferred()
