@@ -15,8 +15,7 @@ raise the errors of :mod:`cockpit.repos` (NotFound, Conflict, Invalid).
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -53,13 +52,9 @@ class Robot(Service):
     repositories directory: the robot then keeps an embedded catalog of its own there.
     """
 
-    def __init__(self, catalog: Union[Catalog, Path, str], bus: Bus, history: RunHistory, pool: WorkerPool, *,
+    def __init__(self, catalog: Catalog, bus: Bus, history: RunHistory, pool: WorkerPool, *,
                  clock: IReactorTime, tick: float = 1.0, concurrency: int = 256, mailer: Any = None):
-        self._own_catalog = not isinstance(catalog, Catalog)
-        if not isinstance(catalog, Catalog):
-            from cockpit.backends.embedded.catalog import DiskCatalogStore
-
-            catalog = Catalog(DiskCatalogStore(Path(catalog), clock), clock)
+        self._own_catalog = False  # a catalog not yet started when the robot starts is the robot's to run
         self.catalog = catalog
         self.bus = bus
         self.history = history
@@ -85,7 +80,8 @@ class Robot(Service):
         super().startService()
         self.history.startService()
         self.pool.startService()
-        if self._own_catalog:
+        if not self.catalog.running:
+            self._own_catalog = True
             self.catalog.startService()
         self.catalog.ready.addCallbacks(self._catalog_ready, lambda f: None)
 

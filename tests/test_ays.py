@@ -21,6 +21,7 @@ from cockpit.repos import Invalid, NotFound
 from cockpit.runs import DONE_STATES
 from cockpit.workers import WorkerPool
 from tests.redis_server import shared_server
+from tests.wiring import disk_catalog
 
 SCHEMA = "name = type:str default:'web'\nport = type:int default:22\n"
 SERVICE = "events.email =\n    notify,\n    escalate,\n"
@@ -86,7 +87,7 @@ class RobotCase(TestCase):
         if catalog is not None:
             catalog.startService()
             self.addCleanup(catalog.stopService)
-        robot = Robot(catalog or repos_dir or self.repos_dir, bus, history, pool, clock=clock or reactor)
+        robot = Robot(catalog or disk_catalog(repos_dir or self.repos_dir, clock), bus, history, pool, clock=clock or reactor)
         robot.startService()
         self.addCleanup(robot.stopService)
         yield robot.ready

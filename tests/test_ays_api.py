@@ -20,6 +20,7 @@ from cockpit.backends.embedded.runs import SqliteRunHistory
 from cockpit.runs import DONE_STATES
 from cockpit.web import Api
 from cockpit.workers import WorkerPool
+from tests.wiring import disk_catalog
 
 SERVICE_HRD = "events.email =\n    notify,\n    escalate,\n"
 SCHEMA_HRD = "port = type:int default:22\n"
@@ -56,7 +57,7 @@ class AysApiTests(TestCase):
         self.bus = MemoryBus(clock=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
-        self.robot = Robot(base / "repos", self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),
+        self.robot = Robot(disk_catalog(base / "repos"), self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),
                            WorkerPool(1, action_timeout=5.0, reactor=reactor), clock=reactor)
         self.robot.startService()
         self.addCleanup(self.robot.stopService)

@@ -20,6 +20,7 @@ from cockpit.backends.embedded import MemoryBus
 from cockpit.backends.embedded.runs import SqliteRunHistory
 from cockpit.web import Api
 from cockpit.workers import WorkerPool
+from tests.wiring import disk_catalog
 
 
 def alias_bomb(levels: int, key: str = "a") -> str:
@@ -41,7 +42,7 @@ class _Site:
         self.bus = MemoryBus(clock=reactor)
         self.bus.startService()
         test.addCleanup(self.bus.stopService)
-        self.robot = Robot(base / "repos", self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),
+        self.robot = Robot(disk_catalog(base / "repos"), self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),
                            WorkerPool(1, action_timeout=5.0, reactor=reactor), clock=reactor)
         self.robot.startService()
         test.addCleanup(self.robot.stopService)

@@ -15,7 +15,7 @@ from cockpit.events import EmailEvent
 from cockpit.workers import WorkerPool
 from tests.redis_server import shared_server
 from tests.test_ays import ACTIONS, SERVICE
-from tests.wiring import backend_for
+from tests.wiring import backend_for, disk_catalog
 
 
 class RobotsSharingRunsTests(TestCase):
@@ -28,7 +28,7 @@ class RobotsSharingRunsTests(TestCase):
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
         history = backend_for(bus).run_history(reactor)
-        robot = Robot(self.repos_dir, bus, history, WorkerPool(1, action_timeout=5.0, reactor=reactor),
+        robot = Robot(disk_catalog(self.repos_dir), bus, history, WorkerPool(1, action_timeout=5.0, reactor=reactor),
                       clock=reactor)
         robot.startService()
         self.addCleanup(robot.stopService)

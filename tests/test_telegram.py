@@ -23,7 +23,7 @@ from cockpit.workers import WorkerPool
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer, User
 from tests.redis_server import shared_server
 from tests.test_telegram_api import TOKEN, real_client
-from tests.wiring import backend_for
+from tests.wiring import backend_for, disk_catalog
 
 ALICE = User(1001, "alice", "Alice")
 BOB = User(2002, "bob", "Bob")  # not allowed
@@ -523,7 +523,7 @@ class EndToEndTests(TestCase):
         self.bus = MemoryBus()
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
-        self.robot = Robot(self.cfg.repos_dir, self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),
+        self.robot = Robot(disk_catalog(self.cfg.repos_dir), self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),
                            WorkerPool(1, action_timeout=10.0, reactor=reactor), clock=reactor)
         self.robot.startService()
         self.addCleanup(self.robot.stopService)

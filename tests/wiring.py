@@ -11,6 +11,14 @@ from cockpit.backends.embedded import EmbeddedBackend, MemoryBus
 from cockpit.backends.redis import RedisBackend, RedisBus
 
 
+def disk_catalog(repos_dir: Path, clock: Any = None) -> Any:
+    """The embedded catalog on ``repos_dir`` (DESIGN §7's layout), not started."""
+    from cockpit.ays_catalog import Catalog
+    from cockpit.backends.embedded.catalog import DiskCatalogStore
+
+    return Catalog(DiskCatalogStore(Path(repos_dir), clock or reactor), clock or reactor)
+
+
 def backend_for(bus: Any, data_dir: Optional[Path] = None, clock: Any = None) -> Backend:
     if isinstance(bus, RedisBus):
         return RedisBackend(bus.settings, clock or reactor, bus=bus)
