@@ -1,8 +1,6 @@
 """The plugin and the process: what an operator sees when starting and stopping the cockpit."""
 from __future__ import annotations
 
-import os
-import signal
 import tempfile
 
 import treq
@@ -14,7 +12,7 @@ from twisted.trial.unittest import TestCase
 
 from cockpit import config
 from cockpit.tap import ServiceTree, build
-from tests.cockpits import ROOT, TWISTD, Twistd
+from tests.cockpits import ROOT, spawn_cockpit
 
 
 class PluginTests(TestCase):
@@ -89,25 +87,10 @@ class ProcessTests(TestCase):
 
     @inlineCallbacks
     def test_twistd_starts_says_where_it_listens_and_exits_0_on_sigterm(self):
-        data = tempfile.mkdtemp()
-        path = os.path.join(data, "config.toml")
-        with open(path, "w") as handle:
-            handle.write(f'[cockpit]\ndata_dir = "{data}"\n[api]\nport = 0\n[mail]\nport = 0\n')
-        proc = Twistd()
-        transport = reactor.spawnProcess(
-            proc, TWISTD, [TWISTD, "-n", "--pidfile=", "cockpit", "--config", path],
-            env={**os.environ, "PYTHONPATH": str(ROOT)}, path=data)
-        def kill_if_running():
-            # an assertion that fails below must not leave a cockpit running
-            if not proc.ended.called:
-                transport.signalProcess("KILL")
-                return proc.ended
-        self.addCleanup(kill_if_running)
-        port = yield proc.listening
-        response = yield treq.get(f"http://127.0.0.1:{port}/api/health", persistent=False)
+        cockpit = yield spawn_cockpit(self).started()
+        response = yield treq.get(f"{cockpit.api}/health", persistent=False)
         self.assertEqual(200, response.code)
         yield response.content()
-        transport.signalProcess(signal.SIGTERM)
-        code = yield proc.ended
-        self.assertEqual(0, code, proc.output.decode(errors="replace"))
-        self.assertNotIn(b"Traceback", proc.output)
+        code = yield cockpit.stop()
+        self.assertEqual(0, code, cockpit.log)
+        self.assertNotIn("Traceback", cockpit.log)
