@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="cockpit",
@@ -8,7 +8,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["cockpit", "twisted.plugins"],
+    packages=[*find_packages(include=["cockpit", "cockpit.*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["cockpit_plugin.py"]},
     install_requires=[
         "twisted[tls]>=24.3",
