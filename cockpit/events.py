@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
     BaseModel,
+    model_validator,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -128,12 +130,38 @@ class EcoEvent(Event):
     occurence: int = Field(default=1, ge=0, le=2**63 - 1)
     tags: Union[str, list[str]] = ""
 
-    def fingerprint(self) -> str:
-        """Groups repeats of one error condition: same app, kind, place and message."""
-        key = "\x00".join(str(part) for part in (
-            self.app_name, self.eco_type, self.category, self.func_filename,
-            self.func_name, self.line_nbr, self.error_msg))
-        return hashlib.sha256(key.encode()).hexdigest()[:32]
+    fingerprint: str = Field(default="", max_length=200, description=(
+        "What groups repeats of this error condition: the sender's own when given; else, for an eco "
+        "posted with its own guid, that guid; else made from app_name, eco_type, func_filename, "
+        "func_name, line_nbr and error_msg with numbers, hex ids and uuids masked."))
+
+    @model_validator(mode="after")
+    def _grouped(self) -> "EcoEvent":
+        if not self.fingerprint:
+            # Jumpscale's error conditions carry their own guid, which is their identity
+            self.fingerprint = self.guid if "guid" in self.model_fields_set else self.default_fingerprint()
+        return self
+
+    def default_fingerprint(self) -> str:
+        """The default grouping (DESIGN §10): same app, kind, place, and message once its numbers are masked."""
+        return fingerprint_of(self.app_name, self.eco_type, self.func_filename, self.func_name,
+                              str(self.line_nbr), mask_variables(self.error_msg))
+
+
+_VARIABLE = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"  # a uuid
+    r"|\b0[xX][0-9a-fA-F]+\b"  # 0x1f3a
+    r"|\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{8,}\b"  # a hex id: digits and letters
+    r"|\d+(?:\.\d+)?")  # a number
+
+
+def mask_variables(message: str) -> str:
+    """``message`` with its numbers, hex ids and uuids replaced by ``<n>``: what varies between repeats."""
+    return _VARIABLE.sub("<n>", message)
+
+
+def fingerprint_of(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 SERVICE_KEY = r"^[^!\s]+![^!\s]+$"
@@ -144,13 +172,20 @@ PATTERN_NAMES = {  # patterns, in words for errors
 
 
 class AlarmEvent(Event):
-    """A monitoring alarm about one service."""
+    """A monitoring alarm about one service; the optional fields come from monitoring systems (DESIGN §10)."""
 
     type: Literal["alarm"] = "alarm"
     service: str = Field(pattern=SERVICE_KEY,
                          description="The service the alarm is about, as role!instance.")
     method: str = ""
     msg: str = ""
+    status: Literal["firing", "resolved"] = Field(
+        "firing", description="firing, or resolved: a resolved alarm resolves its group.")
+    severity: str = Field("", max_length=100, description="critical, warning, info, ... as the sender says.")
+    labels: dict[str, str] = Field({}, description="The sender's labels (Alertmanager's, say).")
+    annotations: dict[str, str] = Field({}, description="The sender's annotations: summary, description, ...")
+    fingerprint: str = Field("", max_length=200, description="The sender's id of the alert; it groups repeats.")
+    url: str = Field("", max_length=2000, description="Where the alert comes from (Alertmanager's generatorURL).")
 
 
 class TelegramEvent(Event):

@@ -66,7 +66,7 @@ def alarm_group_id(event: AlarmEvent) -> str:
 def group_update(event: Event) -> tuple[str, str, int, int, Optional[str], dict[str, Any]]:
     """(kind, id, time, count, state or None, latest fields) of what ``event`` adds to its group."""
     if isinstance(event, EcoEvent):
-        fingerprint = event.fingerprint()
+        fingerprint = event.fingerprint
         data = event.to_dict()
         for name in ("type", "epoch", "source", "state", "occurence", "last_time", "close_time"):
             data.pop(name, None)

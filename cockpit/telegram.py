@@ -563,7 +563,7 @@ def notice_key(event: Event) -> Optional[tuple[str, ...]]:
     if isinstance(event, AlarmEvent):
         return ("alarm", event.service, event.method, event.msg)
     if isinstance(event, EcoEvent):
-        return ("eco", event.fingerprint())
+        return ("eco", event.fingerprint)
     return None
 
 

@@ -133,5 +133,25 @@ class ModelTests(TestCase):
         a = EcoEvent(app_name="app", func_name="f", line_nbr=3, error_msg="boom", occurence=1)
         b = EcoEvent(app_name="app", func_name="f", line_nbr=3, error_msg="boom", occurence=7)
         c = EcoEvent(app_name="app", func_name="f", line_nbr=4, error_msg="boom")
-        self.assertEqual(a.fingerprint(), b.fingerprint())
-        self.assertNotEqual(a.fingerprint(), c.fingerprint())
+        self.assertEqual(a.fingerprint, b.fingerprint)
+        self.assertNotEqual(a.fingerprint, c.fingerprint)
+
+    def test_eco_fingerprint_masks_numbers_hex_ids_and_uuids_in_the_message(self):
+        def eco(message):
+            return EcoEvent(app_name="app", func_name="f", line_nbr=3, error_msg=message).fingerprint
+
+        self.assertEqual(eco("timeout after 30 s on job 12"), eco("timeout after 4.5 s on job 907"))
+        self.assertEqual(eco("no row 762d6f24-8b50-4e46-8cb6-fa6d0f56f1fd"), eco("no row 0d3c1f8e-3a5e-4c62-9d2b-5b1f3c0d7a41"))
+        self.assertEqual(eco("bad pointer 0x7f3a10"), eco("bad pointer 0xdeadbeef"))
+        self.assertEqual(eco("commit 3f2a9c1d8e not found"), eco("commit 9be0a47c11 not found"))
+        self.assertNotEqual(eco("disk full"), eco("disk gone"))
+
+    def test_eco_fingerprint_is_the_senders_then_its_own_guid_then_the_default(self):
+        given = events.from_data({"type": "eco", "fingerprint": "mine", "guid": "g-1"})
+        self.assertEqual("mine", given.fingerprint)
+        by_guid = events.from_data({"type": "eco", "guid": "762d6f24-8b50-4e46-8cb6-fa6d0f56f1fd"})
+        self.assertEqual("762d6f24-8b50-4e46-8cb6-fa6d0f56f1fd", by_guid.fingerprint)
+        made = events.from_data({"type": "eco", "error_msg": "x"})
+        self.assertEqual(made.default_fingerprint(), made.fingerprint)
+        for event in (given, by_guid, made):  # what the bus hands back keeps it
+            self.assertEqual(event.fingerprint, events.from_stored(event.to_json()).fingerprint)
