@@ -151,6 +151,16 @@ class AysSection(Section):
     keep_runs: Annotated[int, Field(gt=0)] = 100000  # run history: at most this many runs are kept
 
 
+class GroupsSection(Section):
+    keep_days: Annotated[float, Field(gt=0)] = 30.0  # closed and resolved groups are pruned after this
+    samples: Annotated[int, Field(gt=0, le=1000)] = 20  # latest occurrences kept per group
+
+
+class SentrySection(Section):
+    keys: list[str] = []  # accepted DSN keys (the public key before the @); empty: Sentry ingest is refused
+    projects: dict[str, str] = {}  # project id -> name, the eco's app_name
+
+
 class Config(Section):
     cockpit: CockpitSection = CockpitSection()
     redis: Optional[RedisSection] = None  # absent: the embedded in-process bus
@@ -158,6 +168,8 @@ class Config(Section):
     mail: MailSection = MailSection()
     bot: BotSection = BotSection()
     ays: AysSection = AysSection()
+    groups: GroupsSection = GroupsSection()
+    sentry: SentrySection = SentrySection()
     source: str = Field(default="(embedded defaults)", exclude=True)
 
     @property
