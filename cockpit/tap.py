@@ -124,7 +124,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
 
     from cockpit.groups import EventGroups
 
-    groups = EventGroups(bus, backend.group_store())
+    groups = EventGroups(bus, backend.group_store(reactor, cfg.groups.samples), reactor, cfg.groups.keep_days)
     groups.setName("groups")
     groups.setServiceParent(top)
     from cockpit.ays import Robot

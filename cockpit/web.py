@@ -34,7 +34,7 @@ from cockpit.config import ApiSection, Config
 from cockpit.decode import DecodeError
 from cockpit.events import EVENT_TYPES, GUID_PATTERN, AnyEvent, EventError
 from cockpit.examples import SEED_YAML
-from cockpit.groups import AlarmGroupList, EcoGroupList
+from cockpit.groups_api import GroupsApi
 from cockpit.smtp import OutgoingMail
 from cockpit.openapi import (DOCS_CSP, JSON, ApiError, Body, Param, Reply, Response, Route, RouteTable,
                              docs_asset, document)
@@ -528,11 +528,6 @@ class LimitQuery(BaseModel):
     limit: int = Field(50, ge=1, le=1000, description="At most this many.")
 
 
-class GroupQuery(LimitQuery):
-    before: Optional[str] = Field(None, pattern=r"^[0-9]+:[0-9a-f]{1,64}$",
-                                  description="Paging: the `next` of the previous page.")
-
-
 class Delivery(BaseModel):
     """What the relay has done with one mail."""
 
@@ -621,7 +616,8 @@ class Api:
 
     ``services`` maps a name to a callable reporting that part's state (for /api/health);
     ``store`` offers ``resource()`` (mounted at /store/); ``mailer`` offers ``send(mail)``
-    and ``deliveries(limit)``; ``groups`` offers ``ecos(limit, before)`` and ``alarms(...)``.
+    and ``deliveries(limit)``; ``groups`` is the
+    :class:`cockpit.groups.EventGroups` served under /api/ecos and /api/alarms.
     """
 
     routes = RouteTable(tag="events")
@@ -647,6 +643,7 @@ class Api:
         self.app = Klein()
         self.app.handle_errors(Exception)(self._error)
         self.include(self)
+        self.include(GroupsApi(groups))
 
     # -- the mechanism ---------------------------------------------------------------
     def include(self, provider: Any, routes: Optional[RouteTable] = None) -> None:
@@ -1031,31 +1028,3 @@ class Api:
             return defer.succeed({"mails": []})
         # the records are in Redis or the spool: they come back later
         return self.mailer.deliveries(query.limit).addCallback(lambda mails: {"mails": mails})
-
-    # -- grouped conditions ----------------------------------------------------------------
-    @routes.get("/api/ecos", summary="Error conditions grouped by fingerprint, most recent first",
-                tags=("groups",), query=GroupQuery,
-                responses={200: Response("The eco groups", EcoGroupList),
-                           503: Response("The groups cannot be read now")})
-    async def ecos(self, request: Request, query: GroupQuery) -> dict[str, Any]:
-        return await self._group_page("ecos", query)
-
-    @routes.get("/api/alarms", summary="Alarms grouped by service and method, most recent first",
-                tags=("groups",), query=GroupQuery,
-                responses={200: Response("The alarm groups", AlarmGroupList),
-                           503: Response("The groups cannot be read now")})
-    async def alarms(self, request: Request, query: GroupQuery) -> dict[str, Any]:
-        return await self._group_page("alarms", query)
-
-    async def _group_page(self, kind: str, query: GroupQuery) -> dict[str, Any]:
-        """One page of ``kind`` ("ecos" or "alarms"), as ``{kind: [...], "next": cursor}``."""
-        try:
-            groups, after = await getattr(self._groups(), kind)(query.limit, query.before)
-        except ValueError as exc:
-            raise ApiError(400, str(exc)) from None
-        return {kind: groups, "next": after}
-
-    def _groups(self) -> Any:
-        if self.groups is None:
-            raise ApiError(503, "this cockpit does not keep event groups")
-        return self.groups

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import json as _json
 
 import txredisapi
 import treq
@@ -42,7 +43,9 @@ class Client:
     def get(self, path: str) -> Deferred:
         return treq.get(self.base + path.removeprefix("http://cockpit"), persistent=False)
 
-    def post(self, path: str, data: bytes, headers: dict) -> Deferred:
+    def post(self, path: str, data: bytes = b"", headers=None, json=None) -> Deferred:
+        if json is not None:
+            data, headers = _json.dumps(json).encode(), {"Content-Type": ["application/json"]}
         return treq.post(self.base + path.removeprefix("http://cockpit"), data, headers=headers,
                          persistent=False)
 
@@ -207,7 +210,7 @@ class GroupsBehaviour:
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         yield self.ready()
-        self.groups = EventGroups(self.bus, backend_for(self.bus).group_store(), drain_timeout=0)
+        self.groups = EventGroups(self.bus, backend_for(self.bus).group_store(reactor), reactor, drain_timeout=0)
         self.groups.startService()
         self.addCleanup(self.groups.stopService)
         self.api = Api(config.from_dict({}), self.bus, groups=self.groups)
@@ -238,7 +241,8 @@ class GroupsBehaviour:
         code, page = yield self.get("/api/ecos")
         self.assertEqual(200, code)
         [repeated, other] = page["ecos"]
-        self.assertEqual(("boom", 3, 100, 200, "ALERT"), (repeated["error_msg"], repeated["occurence"],
+        # a repeat leaves the group NEW: ALERT means that it was notified
+        self.assertEqual(("boom", 3, 100, 200, "NEW"), (repeated["error_msg"], repeated["occurence"],
                                                           repeated["first_time"], repeated["last_time"],
                                                           repeated["state"]))
         self.assertEqual(("other", 1, "NEW"), (other["error_msg"], other["occurence"], other["state"]))
@@ -278,6 +282,50 @@ class GroupsBehaviour:
         self.assertEqual(["node!n6"], seen[:1])
 
     @inlineCallbacks
+    def test_fifty_identical_ecos_posted_at_once_make_one_group_of_fifty(self):
+        eco = {"app_name": "shop", "eco_type": "KeyError", "func_name": "pay", "line_nbr": 7}
+        counted = self.groups.consumer.handled + 50
+        responses = yield defer.gatherResults([post(self.client, "eco", {**eco, "error_msg": f"order {n} lost"})
+                                               for n in range(50)])
+        self.assertEqual([202] * 50, [r.code for r in responses])
+        yield defer.gatherResults([r.json() for r in responses])
+        yield self.groups.consumer.when_handled(counted)
+        code, page = yield self.get("/api/ecos")
+        self.assertEqual((200, [50]), (code, [g["occurence"] for g in page["ecos"]]))
+
+    @inlineCallbacks
+    def test_one_group_its_samples_and_its_lifecycle_over_http(self):
+        yield self.publish_all(("alarm", {"service": "node!a", "method": "disk", "msg": "full"}))
+        _, page = yield self.get("/api/alarms")
+        group_id = page["alarms"][0]["id"]
+        code, group = yield self.get(f"/api/alarms/{group_id}")
+        self.assertEqual((200, "firing", ["full"]), (code, group["state"], [s["msg"] for s in group["samples"]]))
+        response = yield self.client.post(f"http://cockpit/api/alarms/{group_id}/ack", json={"by": "alice"})
+        acked = yield response.json()
+        self.assertEqual((200, "alice"), (response.code, acked["acked"]["by"]))
+        response = yield self.client.post(f"http://cockpit/api/alarms/{group_id}/close")
+        self.assertEqual((200, "closed"), (response.code, (yield response.json())["state"]))
+        code, page = yield self.get("/api/alarms?state=closed")
+        self.assertEqual((200, [group_id]), (code, [g["id"] for g in page["alarms"]]))
+        code, page = yield self.get("/api/alarms?state=firing&sort=count")
+        self.assertEqual((200, []), (code, page["alarms"]))
+
+    @inlineCallbacks
+    def test_unknown_groups_actions_and_filters_get_a_sentence(self):
+        for path, status, words in (("/api/ecos/" + "0" * 32, 404, "no eco group"),
+                                    ("/api/ecos/nothex", 404, "32 hex digits"),
+                                    ("/api/alarms?state=NEW", 400, "state"),
+                                    ("/api/ecos?sort=size", 400, "sort")):
+            code, reply = yield self.get(path)
+            self.assertEqual(status, code, path)
+            self.assertIn(words, reply["error"])
+        response = yield self.client.post(f"http://cockpit/api/ecos/{'0' * 32}/snooze")
+        self.assertEqual(404, response.code)
+        self.assertIn("ack, close or reopen", (yield response.json())["error"])
+        response = yield self.client.post(f"http://cockpit/api/ecos/{'0' * 32}/ack", json={"who": "x"})
+        self.assertEqual(400, response.code)
+
+    @inlineCallbacks
     def test_malformed_before_is_400(self):
         code, page = yield self.get("/api/ecos?before=yesterday")
         self.assertEqual(400, code)
@@ -314,7 +362,7 @@ class RedisGroupsTests(GroupsBehaviour, TestCase):
         other_bus.startService()
         self.addCleanup(other_bus.stopService)
         yield other_bus.when_connected()
-        other = EventGroups(other_bus, backend_for(other_bus).group_store(), drain_timeout=0)
+        other = EventGroups(other_bus, backend_for(other_bus).group_store(reactor), reactor, drain_timeout=0)
         other.consumer.block_ms = 100
         other.startService()
         self.addCleanup(other.stopService)

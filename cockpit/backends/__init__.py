@@ -48,7 +48,8 @@ class Backend:
         first time it finds repositories there); ``data_dir`` holds what this process keeps for itself."""
         raise NotImplementedError
 
-    def group_store(self) -> GroupStore:
+    def group_store(self, clock: IReactorTime, samples: int = 20) -> GroupStore:
+        """The eco and alarm groups, keeping ``[groups] samples`` occurrences each."""
         raise NotImplementedError
 
     def outbox(self, history: int = 500) -> Outbox:

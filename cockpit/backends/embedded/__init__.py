@@ -32,10 +32,10 @@ class EmbeddedBackend(Backend):
 
         return DiskCatalogStore(repos_dir, clock)
 
-    def group_store(self) -> Any:
+    def group_store(self, clock: IReactorTime, samples: int = 20) -> Any:
         from cockpit.backends.embedded.groups import MemoryGroupStore
 
-        return MemoryGroupStore()
+        return MemoryGroupStore(clock, samples)
 
     def outbox(self, history: int = 500) -> Any:
         from cockpit.backends.embedded.outbox import SpoolOutbox

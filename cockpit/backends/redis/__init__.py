@@ -26,10 +26,10 @@ class RedisBackend(Backend):
 
         return RedisCatalogStore(self.bus, Path(data_dir) / "actions", clock, import_from=repos_dir)
 
-    def group_store(self) -> Any:
+    def group_store(self, clock: IReactorTime, samples: int = 20) -> Any:
         from cockpit.backends.redis.groups import RedisGroupStore
 
-        return RedisGroupStore(self.bus)
+        return RedisGroupStore(self.bus, clock, samples)
 
     def outbox(self, history: int = 500) -> Any:
         from cockpit.backends.redis.outbox import RedisOutbox

@@ -1,7 +1,18 @@
 """Event groups in Redis, shared by every cockpit process on it.
 
-``ckpt.group.<kind>.<id>`` (hash), ``ckpt.groups.<kind>`` (sorted set of ids by last_time),
-``ckpt.group.seen.<guid>`` (a day-long marker that makes a redelivered event count once).
+Keys (``<kind>`` is ``eco`` or ``alarm``):
+
+- ``ckpt.group.<kind>.<id>``: the group (hash: first_time, last_time, count, state, data, reopened,
+  ended_at, ended_time, acked_by, acked_at);
+- ``ckpt.group.<kind>.<id>.samples``: its latest occurrences (list, newest first);
+- ``ckpt.groups.<kind>`` and ``ckpt.groups.<kind>.count``: every group's id by last_time and by count
+  (sorted sets), and ``ckpt.groups.<kind>.state.<state>`` and ``...state.<state>.count`` the same
+  for the groups in one state; ``ckpt.groups.<kind>.ended``: the ended ones by when they ended;
+- ``ckpt.group.seen.<guid>``: a day-long marker that makes a redelivered event count once.
+
+Every change is one Lua script, so concurrent reports never split a group and a list never sees
+a group half moved. The rules are those of :func:`cockpit.groups.transition`, which the embedded
+backend runs; both pass the same tests.
 """
 from __future__ import annotations
 
@@ -12,49 +23,146 @@ from typing import Any, Optional
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 
 from cockpit.backends.redis.bus import RedisBus
 from cockpit.events import Event
-from cockpit.groups import SEEN_TTL, GroupStore, group_cursor, group_update, parse_group_cursor, present_group
+from cockpit.groups import (PRUNE_BATCH, SEEN_TTL, GroupStore, group_cursor, occurrence, parse_group_cursor,
+                            present_group, sort_field)
 
+# The shared part of the scripts: a group's state change, and its place in the indexes.
+_COMMON = """
+local OPEN = {eco = 'NEW', alarm = 'firing'}
+local ENDED = {CLOSED = true, resolved = true, closed = true}
 
-# Events counted in one reactor turn share one EVAL. ARGV: ttl, then 8 values per event:
-# group hash, sorted set, seen marker, id, time, count, state ("" for none), data.
+local function transition(kind, state, reported, t, last, ended_time)
+  if kind == 'eco' then
+    if reported == 'CLOSED' then return 'CLOSED' end
+    if not state then return reported end
+    if state == 'CLOSED' then
+      if not ended_time or t > ended_time then return 'NEW' end
+      return 'CLOSED'
+    end
+    if reported == 'ALERT' then return 'ALERT' end
+    return state
+  end
+  if reported == 'resolved' then
+    if not state then return 'resolved' end
+    if state == 'firing' and t >= last then return 'resolved' end
+    return state
+  end
+  if not state or state == 'firing' then return 'firing' end
+  if not ended_time or t > ended_time then return 'firing' end
+  return state
+end
+
+-- move group `g` (id `id`, kind `kind`, index prefix `ix`) from `old` (false: new) to `new`
+local function enter(g, ix, kind, id, old, new, ended_time, now)
+  if old and old ~= new then
+    redis.call('ZREM', ix .. '.state.' .. old, id)
+    redis.call('ZREM', ix .. '.state.' .. old .. '.count', id)
+  end
+  redis.call('HSET', g, 'state', new)
+  if ENDED[new] then
+    if not (old and ENDED[old]) then
+      redis.call('HSET', g, 'ended_at', now, 'ended_time', ended_time)
+      redis.call('ZADD', ix .. '.ended', now, id)
+    end
+  elseif old then
+    if ENDED[old] then
+      redis.call('HINCRBY', g, 'reopened', 1)
+      redis.call('ZREM', ix .. '.ended', id)
+    end
+    if new == OPEN[kind] then redis.call('HDEL', g, 'ended_at', 'ended_time', 'acked_by', 'acked_at') end
+  end
+end
+
+local function index(g, ix, id, state)
+  local t, count = redis.call('HGET', g, 'last_time'), redis.call('HGET', g, 'count')
+  redis.call('ZADD', ix, t, id)
+  redis.call('ZADD', ix .. '.count', count, id)
+  redis.call('ZADD', ix .. '.state.' .. state, t, id)
+  redis.call('ZADD', ix .. '.state.' .. state .. '.count', count, id)
+end
+"""
+
+# Events counted in one reactor turn share one EVALSHA. ARGV: seen ttl, samples kept, now, then
+# 9 values per event: kind, id, seen marker, time, count, reported state, data, sample, ("" spare).
 # (Keys travel in ARGV: a batch names keys the caller cannot list up front; one Redis, no cluster.)
-_RECORD = """
+_RECORD = _COMMON + """
+local ttl, keep, now = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local out = {}
-for i = 2, #ARGV, 8 do
-  local group, zset, seen = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local id, t, count, state, data = ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
-  if not redis.call('SET', seen, '1', 'NX', 'EX', ARGV[1]) then
+for i = 4, #ARGV, 9 do
+  local kind, id, seen = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local t, count, reported, data, sample = tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  if not redis.call('SET', seen, '1', 'NX', 'EX', ttl) then
     table.insert(out, 0)
-  elseif redis.call('EXISTS', group) == 0 then
-    redis.call('HSET', group, 'id', id, 'first_time', t, 'last_time', t, 'count', count, 'data', data)
-    if state ~= '' then redis.call('HSET', group, 'state', state) end
-    redis.call('ZADD', zset, t, id)
-    table.insert(out, 1)
   else
-    redis.call('HINCRBY', group, 'count', count)
-    if t < tonumber(redis.call('HGET', group, 'first_time')) then
-      redis.call('HSET', group, 'first_time', t)
+    local g, ix = 'ckpt.group.' .. kind .. '.' .. id, 'ckpt.groups.' .. kind
+    local old = redis.call('HGET', g, 'state')
+    local last = t
+    local ended_time = false
+    if not old then
+      redis.call('HSET', g, 'id', id, 'first_time', t, 'last_time', t, 'count', count, 'data', data)
+    else
+      last = tonumber(redis.call('HGET', g, 'last_time'))
+      ended_time = tonumber(redis.call('HGET', g, 'ended_time') or '')
+      if kind == 'eco' or reported == 'firing' then redis.call('HINCRBY', g, 'count', count) end
+      if t < tonumber(redis.call('HGET', g, 'first_time')) then redis.call('HSET', g, 'first_time', t) end
     end
-    if t >= tonumber(redis.call('HGET', group, 'last_time')) then
-      redis.call('HSET', group, 'last_time', t, 'data', data)
-      redis.call('ZADD', zset, t, id)
-    end
-    if state ~= '' then
-      redis.call('HSET', group, 'state', state == 'CLOSED' and 'CLOSED' or 'ALERT')
-    end
+    local new = transition(kind, old, reported, t, last, ended_time)
+    if t >= last then redis.call('HSET', g, 'last_time', t, 'data', data) end
+    redis.call('LPUSH', g .. '.samples', sample)
+    redis.call('LTRIM', g .. '.samples', 0, keep - 1)
+    if new ~= old then enter(g, ix, kind, id, old, new, t, now) end
+    index(g, ix, id, new)
     table.insert(out, 1)
   end
 end
 return out
 """
 
-# KEYS: sorted set. ARGV: hash key prefix, limit, cursor time ("" from the top), cursor id.
-# Ties on last_time are ordered by id, as the sorted set orders them.
-_RECORD_SHA = hashlib.sha1(_RECORD.encode()).hexdigest()
+# ARGV: kind, id, action (ack, close, reopen), who, now. Returns the group and its samples, or nil.
+_ACT = _COMMON + """
+local kind, id, action, by, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local g, ix = 'ckpt.group.' .. kind .. '.' .. id, 'ckpt.groups.' .. kind
+local old = redis.call('HGET', g, 'state')
+if not old then return nil end
+if action == 'ack' then
+  redis.call('HSET', g, 'acked_by', by, 'acked_at', now)
+elseif action == 'close' and not ENDED[old] then
+  local closed = kind == 'eco' and 'CLOSED' or 'closed'
+  enter(g, ix, kind, id, old, closed, redis.call('HGET', g, 'last_time'), now)
+  index(g, ix, id, closed)
+elseif action == 'reopen' and ENDED[old] then
+  enter(g, ix, kind, id, old, OPEN[kind], '', now)
+  index(g, ix, id, OPEN[kind])
+end
+return {redis.call('HGETALL', g), redis.call('LRANGE', g .. '.samples', 0, -1)}
+"""
 
+# ARGV: kind, ended before, at most. Removes the groups and their samples; returns how many.
+_PRUNE = """
+local kind = ARGV[1]
+local ix = 'ckpt.groups.' .. kind
+local ids = redis.call('ZRANGEBYSCORE', ix .. '.ended', '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(ids) do
+  local g = 'ckpt.group.' .. kind .. '.' .. id
+  local state = redis.call('HGET', g, 'state')
+  if state then
+    redis.call('ZREM', ix .. '.state.' .. state, id)
+    redis.call('ZREM', ix .. '.state.' .. state .. '.count', id)
+  end
+  redis.call('ZREM', ix, id)
+  redis.call('ZREM', ix .. '.count', id)
+  redis.call('ZREM', ix .. '.ended', id)
+  redis.call('DEL', g, g .. '.samples')
+end
+return #ids
+"""
+
+# KEYS: the sorted set. ARGV: hash key prefix, limit, cursor score ("" from the top), cursor id.
+# Ties on the score are ordered by id, as the sorted set orders them. Returns {score, hash} pairs.
 _PAGE = """
 local limit = tonumber(ARGV[2])
 local ids
@@ -73,26 +181,43 @@ else
 end
 local out = {}
 for _, id in ipairs(ids) do
-  table.insert(out, redis.call('HGETALL', ARGV[1] .. id))
+  table.insert(out, {redis.call('ZSCORE', KEYS[1], id), redis.call('HGETALL', ARGV[1] .. id)})
 end
 return out
 """
 
+_SCRIPTS = {name: (script, hashlib.sha1(script.encode()).hexdigest())
+            for name, script in (("record", _RECORD), ("act", _ACT), ("prune", _PRUNE), ("page", _PAGE))}
+
+
+def _pairs(flat: list) -> dict[str, Any]:
+    return dict(zip(flat[::2], flat[1::2]))
+
 
 class RedisGroupStore(GroupStore):
-    prefix = "ckpt.group."
-
-    def __init__(self, bus: RedisBus):
+    def __init__(self, bus: RedisBus, clock: IReactorTime, samples: int = 20):
+        super().__init__(clock, samples)
         self.bus = bus
         self._batch: list[tuple[list[str], Deferred]] = []
         self._flush_call: Any = None
 
+    def _run(self, name: str, keys: list[str], args: list[str]) -> Deferred:
+        """EVALSHA spares sending and hashing the script each time; EVAL (re)loads it when Redis lacks it."""
+        script, sha = _SCRIPTS[name]
+
+        def load(failure: Any) -> Any:
+            failure.trap(txredisapi.ResponseError)
+            if "NOSCRIPT" not in failure.getErrorMessage():
+                return failure
+            return self.bus.execute("EVAL", script, str(len(keys)), *keys, *args)
+
+        return self.bus.execute("EVALSHA", sha, str(len(keys)), *keys, *args).addErrback(load)
+
     def record(self, event: Event) -> Deferred:
-        kind, group_id, when, count, state, data = group_update(event)
+        seen = occurrence(event)
         d: Deferred = Deferred()
-        self._batch.append(([f"{self.prefix}{kind}.{group_id}", f"ckpt.groups.{kind}",
-                             f"{self.prefix}seen.{event.guid}", group_id, str(when), str(count),
-                             state or "", json.dumps(data)], d))
+        self._batch.append(([seen.kind, seen.id, f"ckpt.group.seen.{event.guid}", str(seen.time), str(seen.count),
+                             seen.reported, json.dumps(seen.data), json.dumps(seen.sample), ""], d))
         if self._flush_call is None:
             self._flush_call = self.bus.reactor.callLater(0, self._flush)
         return d
@@ -100,10 +225,8 @@ class RedisGroupStore(GroupStore):
     def _flush(self) -> None:
         self._flush_call = None
         batch, self._batch = self._batch, []
-        args = [value for values, _ in batch for value in values]
-        d = self.bus.execute("EVALSHA", _RECORD_SHA, "0", str(SEEN_TTL), *args)
-        # EVALSHA spares sending and hashing the script each time; EVAL (re)loads it when Redis lacks it
-        d.addErrback(self._load_script, args)
+        args = [str(SEEN_TTL), str(self.samples), repr(self.clock.seconds())]
+        args += [value for values, _ in batch for value in values]
 
         def counted(replies: list) -> None:
             for (_, waiting), reply in zip(batch, replies):
@@ -113,27 +236,43 @@ class RedisGroupStore(GroupStore):
             for _, waiting in batch:
                 waiting.errback(failure)
 
-        d.addCallbacks(counted, failed)
+        self._run("record", [], args).addCallbacks(counted, failed)
 
-    def _load_script(self, failure: Any, args: list[str]) -> Deferred:
-        failure.trap(txredisapi.ResponseError)
-        if "NOSCRIPT" not in failure.getErrorMessage():
-            return failure
-        return self.bus.execute("EVAL", _RECORD, "0", str(SEEN_TTL), *args)
-
-    def page(self, kind: str, limit: int, before: Optional[str]) -> Deferred:
+    def page(self, kind: str, limit: int, before: Optional[str], state: Optional[str] = None,
+             sort: str = "last_time") -> Deferred:
         try:
             bound = parse_group_cursor(before)
         except ValueError as exc:
             return defer.fail(exc)
-        time, group_id = bound if bound is not None else ("", "")
-        d = self.bus.execute("EVAL", _PAGE, "1", f"ckpt.groups.{kind}", f"{self.prefix}{kind}.",
-                             str(limit), str(time), group_id)
+        score, group_id = bound if bound is not None else ("", "")
+        index = f"ckpt.groups.{kind}" + (f".state.{state}" if state else "")
+        index += ".count" if sort_field(sort) == "count" else ""
+        d = self._run("page", [index], [f"ckpt.group.{kind}.", str(limit), str(score), group_id])
 
         def present(replies: list) -> tuple[list[dict[str, Any]], Optional[str]]:
-            groups = [dict(zip(flat[::2], flat[1::2])) for flat in replies or [] if flat]
-            chosen = groups[:limit]
-            after = group_cursor(chosen[-1]) if len(groups) > limit else None
-            return [present_group(kind, g) for g in chosen], after
+            found = [(score, _pairs(flat)) for score, flat in replies or [] if flat]
+            chosen = found[:limit]
+            after = group_cursor(chosen[-1][0], chosen[-1][1]["id"]) if len(found) > limit else None
+            return [present_group(kind, group) for _, group in chosen], after
 
         return d.addCallback(present)
+
+    def get(self, kind: str, group_id: str) -> Deferred:
+        key = f"ckpt.group.{kind}.{group_id}"
+        d = self.bus.execute("HGETALL", key)
+
+        def samples(flat: Any) -> Any:
+            if not flat:
+                return None
+            group = _pairs(flat) if isinstance(flat, list) else flat
+            return self.bus.execute("LRANGE", f"{key}.samples", "0", "-1").addCallback(
+                lambda found: present_group(kind, group, found))
+
+        return d.addCallback(samples)
+
+    def act(self, kind: str, group_id: str, action: str, by: str) -> Deferred:
+        d = self._run("act", [], [kind, group_id, action, by, repr(self.clock.seconds())])
+        return d.addCallback(lambda reply: present_group(kind, _pairs(reply[0]), reply[1]) if reply else None)
+
+    def prune(self, kind: str, ended_before: float) -> Deferred:
+        return self._run("prune", [], [kind, repr(ended_before), str(PRUNE_BATCH)]).addCallback(int)
