@@ -66,6 +66,7 @@ class Robot(Service):
         self.tick = tick
         self.concurrency = concurrency
         self.active: dict[str, Run] = {}
+        self.executing: dict[tuple[str, str], Deferred] = {}  # (repo, blueprint) -> its status recorded
         self._running_keys: dict[tuple[Any, ...], Deferred] = {}
         self.chat = ChatWork(self)
         self.recurring = RecurringActions(catalog, bus, clock, self._start_recurring, self._recurring_busy, tick)
@@ -356,7 +357,23 @@ class Robot(Service):
         for run in runs:
             self.active[run.id] = run
         finished = self._install_in_order(repo, name, runs)
+        self.executing[(repo, name)] = finished
+        finished.addBoth(self._executed, repo, name, finished)
         return runs, finished
+
+    def _executed(self, result: Any, repo: str, name: str, finished: Deferred) -> Any:
+        if self.executing.get((repo, name)) is finished:
+            del self.executing[(repo, name)]
+        return result
+
+    def when_executed(self, repo: str, name: str) -> Deferred:
+        """Fires once the blueprint's execution going on in this process has recorded its status."""
+        going = self.executing.get((repo, model.blueprint_name(name)))
+        if going is None:
+            return defer.succeed(None)
+        done: Deferred = Deferred()
+        going.addBoth(lambda result: (done.callback(None), result)[1])
+        return done
 
     @inlineCallbacks
     def _install_in_order(self, repo: str, name: str, runs: list[Run]):

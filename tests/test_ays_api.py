@@ -118,6 +118,7 @@ class AysApiTests(TestCase):
         self.assertEqual(template["schema"]["port"]["default"], 22)
         _, repos = yield self.call("GET", "/api/repos", expect=200)
         self.assertEqual([r["name"] for r in repos["repos"]], ["demo"])
+        yield self.robot.when_executed("demo", "main")  # its status is written after the last run
         _, blueprint = yield self.call("GET", "/api/repos/demo/blueprints/main", expect=200)
         self.assertEqual(blueprint["state"], "ok")
 
