@@ -47,6 +47,7 @@ DEFAULT_VARIABLE = re.compile(r"^\{\{\s*default\s*\}\}$")
 _EVENT_ID = re.compile(r"^[0-9a-fA-F]{32}$")
 _ITEM_TYPE = re.compile(r"^[a-z0-9_.-]{1,40}$")
 _COUNTED_TYPES = 32  # distinct ignored item types counted by name; further ones count as "other"
+MAX_CODINGS = 3  # codings one body may be wrapped in ("gzip, br", say)
 _CHUNK = 65536  # bytes of compressed input handed to a decompressor at a time
 
 
@@ -65,7 +66,10 @@ def content_encodings(value: Optional[str]) -> list[str]:
         if coding not in ENCODINGS and coding != "x-gzip":
             raise ApiError(415, f"Content-Encoding {coding!r} is not supported: send gzip, deflate, br "
                                 "or identity")
-    return [("gzip" if coding == "x-gzip" else coding) for coding in codings if coding != "identity"]
+    codings = [("gzip" if coding == "x-gzip" else coding) for coding in codings if coding != "identity"]
+    if len(codings) > MAX_CODINGS:
+        raise ApiError(415, f"Content-Encoding lists {len(codings)} codings: at most {MAX_CODINGS} are taken")
+    return codings
 
 
 def inflate(raw: bytes, codings: list[str], limit: int) -> bytes:
@@ -463,17 +467,17 @@ class Ingest:
     reply_id: Optional[str] = None
 
 
-def _store_body(data: bytes) -> bytes:
-    """The JSON of a /store/ body; old clients (raven) send it zlib-compressed and base64-encoded."""
-    if data.lstrip()[:1] in (b"{", b""):
-        return data
+def _raven_body(data: bytes) -> Optional[bytes]:
+    """What base64 text decodes to (raven clients send zlib of the JSON so), or None for anything else."""
     import base64
     import binascii
 
+    if data.lstrip()[:1] in (b"{", b"["):
+        return None
     try:
         return base64.b64decode(data.strip(), validate=True)
     except binascii.Error:
-        raise ApiError(400, "the body is neither a JSON event nor base64 text of one") from None
+        return None
 
 
 class SentryAccepted(BaseModel):
@@ -507,12 +511,13 @@ class SentryApi:
         self._keys = [key.encode() for key in config.sentry.keys]
         self.counts: Counter[str] = Counter()
         self.ignored_types: Counter[str] = Counter()
+        self.encodings: Counter[str] = Counter()  # requests accepted, by Content-Encoding
 
     def health(self) -> dict[str, Any]:
         return {"ok": True, "enabled": bool(self._keys), "events": self.counts["events"],
                 "check_ins": self.counts["check_ins"], "attachments": self.counts["attachments"],
                 "ignored": sum(self.ignored_types.values()), "ignored_types": dict(self.ignored_types),
-                "refused": self.counts["refused"]}
+                "refused": self.counts["refused"], "encodings": dict(self.encodings)}
 
     # -- the DSN key -------------------------------------------------------------------
     def _dsn_key(self, request: Request, raw: bytes) -> None:
@@ -562,7 +567,9 @@ class SentryApi:
                  responses={200: Response("Accepted; the id of the event", SentryAccepted),
                             401: Response("No DSN key, or not one of [sentry] keys"),
                             404: Response("The project is not a project id"),
-                            413: Response("The body is larger than [api] max_body, once inflated")})
+                            413: Response("The body is larger than [api] max_body, once inflated"),
+                            503: Response("The bus cannot take the event now, or its attachments cannot be "
+                                          "stored: refused rather than pretended")})
     async def envelope(self, request: Request, project: str, query: SentryQuery, body: bytes) -> dict[str, Any]:
         return await self._ingest(request, project, body, self._read_envelope)
 
@@ -579,7 +586,9 @@ class SentryApi:
                  responses={200: Response("Accepted; the id of the event", SentryAccepted),
                             401: Response("No DSN key, or not one of [sentry] keys"),
                             404: Response("The project is not a project id"),
-                            413: Response("The body is larger than [api] max_body, once inflated")})
+                            413: Response("The body is larger than [api] max_body, once inflated"),
+                            503: Response("The bus cannot take the event now, or its attachments cannot be "
+                                          "stored: refused rather than pretended")})
     async def store_event(self, request: Request, project: str, query: SentryQuery, body: bytes) -> dict[str, Any]:
         return await self._ingest(request, project, body, self._read_store)
 
@@ -613,6 +622,7 @@ class SentryApi:
         self.counts["events"] += len(published)
         self.counts["check_ins"] += found.check_ins
         self.counts["attachments"] += len(found.attachments)
+        self.encodings[", ".join(codings) or "identity"] += 1
         for kind in found.ignored:
             name = kind if _ITEM_TYPE.match(kind) else "other"
             if name not in self.ignored_types and len(self.ignored_types) >= _COUNTED_TYPES:
@@ -658,9 +668,16 @@ class SentryApi:
 
     def _read_store(self, raw: bytes, codings: list[str], project: str, now: float) -> Ingest:
         """Inflate and map the event of a /store/ body; pure, so it may run in a thread."""
-        body = _store_body(self._inflated(raw, codings))
-        if not body.lstrip().startswith(b"{"):  # raven: zlib inside the base64
-            body = self._inflated(body, ["deflate"])
+        body = self._inflated(raw, codings)
+        decoded = _raven_body(body)
+        if decoded is not None:
+            try:
+                body = decoded if decoded.lstrip()[:1] == b"{" else self._inflated(decoded, ["deflate"])
+            except ApiError as exc:
+                if exc.status != 400:
+                    raise
+                raise ApiError(400, "the body is neither a JSON event nor base64 of a zlib-compressed one "
+                                    "(as raven clients send)") from None
         event = _json_object(body, "the event")
         data = self._validated(event, project, now, "the event")
         return Ingest(ecos=[data], reply_id=data["guid"])
