@@ -540,9 +540,11 @@ class SentryApi:
         except ApiError:
             self.counts["refused"] += 1
             raise
-        # SDKs that send binary envelopes (a browser's, Node's) label them with nothing
+        # SDKs that send binary envelopes (a browser's, Node's) label them with nothing: a body
+        # with no label is what the endpoint takes
         if not request.getHeader(b"content-type"):
-            request.requestHeaders.setRawHeaders(b"content-type", [ENVELOPE.encode()])
+            label = ENVELOPE if request.path.endswith(b"/envelope/") else JSON
+            request.requestHeaders.setRawHeaders(b"content-type", [label.encode()])
 
     # -- the routes ----------------------------------------------------------------------
     @routes.post("/sentry/api/{project}/envelope/", summary="Sentry SDK envelopes: each error becomes an eco",
