@@ -427,7 +427,7 @@ def eco_data(event: dict[str, Any], project: str, app_name: str, now: float, whe
         "code": read.text(chosen.get("context_line"), "frame.context_line").strip(),
         "backtrace": "\n\n".join(blocks),
         "tags": _tags(read, event.get("tags")),
-        "extra": extra,  # made text once the attachments are known
+        "extra": extra,  # data: made text by the caller, with the attachments' links
     }
     data["fingerprint"] = _fingerprint(read, event.get("fingerprint"), data)
     return data
@@ -460,7 +460,7 @@ def _fingerprint(read: _Reader, value: Any, data: dict[str, Any]) -> str:
 class Ingest:
     """What one request holds: the ecos' data, the attachments, and what else came."""
 
-    ecos: list[dict[str, Any]] = field(default_factory=list)
+    ecos: list[tuple[EcoEvent, dict[str, Any]]] = field(default_factory=list)  # each eco, and its extra
     attachments: list[tuple[str, str, bytes]] = field(default_factory=list)  # (filename, content type, data)
     check_ins: int = 0
     ignored: list[str] = field(default_factory=list)  # item types
@@ -496,7 +496,13 @@ class SentryQuery(BaseModel):
 
 
 class SentryApi:
-    """The Sentry ingest routes; ``health()`` counts what came (for /api/health)."""
+    """The Sentry ingest routes; ``health()`` counts what came (for /api/health).
+
+    When the bus cannot take an event the answer is 503, as everywhere ingress refuses what it
+    cannot store. sentry-python drops an envelope on any answer but 2xx, 429 included, and a 429
+    would also make it drop everything else for Retry-After seconds: no status keeps the event
+    in the SDK, so the one that says what happened is given.
+    """
 
     routes = RouteTable(tag="sentry")
 
@@ -604,18 +610,20 @@ class SentryApi:
             codings = content_encodings(header_text(request, "Content-Encoding"))
             now = self.clock.seconds()
             reactor = getattr(getattr(request, "site", None), "reactor", None)
-            if (codings or len(raw) > Api.thread_parse_over) and hasattr(reactor, "getThreadPool"):
-                # inflating and parsing may take a while: not on the reactor thread
+            # inflating (raven's base64 of zlib too) and parsing may take a while: not on the reactor thread
+            if (codings or len(raw) > Api.thread_parse_over or raw.lstrip()[:1] != b"{") \
+                    and hasattr(reactor, "getThreadPool"):
                 found = await threads.deferToThreadPool(reactor, reactor.getThreadPool(), read, raw, codings,
                                                         project, now)
             else:
                 found = read(raw, codings, project, now)
             links = await self._store_attachments(found.attachments)
             published = []
-            for data in found.ecos:
-                if links:
-                    data["extra"]["attachments"] = links
-                published.append(self._eco(data))
+            for eco, extra in found.ecos:
+                if links:  # text made here; the rest of the eco was validated with the body
+                    eco = eco.model_copy(update={"extra": json.dumps({**extra, "attachments": links},
+                                                                     ensure_ascii=False)})
+                published.append(eco)
             for event in published:
                 await self.bus.publish(event)
         except (ApiError, EventError, BusUnavailable):
@@ -635,11 +643,6 @@ class SentryApi:
                      count=len(published), guid=published[0].guid)
         return {"id": found.reply_id}
 
-    @staticmethod
-    def _eco(data: dict[str, Any]) -> events.Event:
-        data = {**data, "extra": json.dumps(data["extra"], ensure_ascii=False) if data["extra"] else ""}
-        return events.from_data(data, "eco")
-
     def _inflated(self, raw: bytes, codings: list[str]) -> bytes:
         try:
             return inflate(raw, codings, self.max_body)
@@ -657,9 +660,9 @@ class SentryApi:
             where = f"envelope item {index} ({item.type[:40]})"
             if item.type == "event":
                 event = _json_object(item.payload, where)
-                data = self._validated(event, project, now, where, found.reply_id)
-                found.ecos.append(data)
-                found.reply_id = found.reply_id or data["guid"]
+                eco = self._validated(event, project, now, where, found.reply_id)
+                found.ecos.append(eco)
+                found.reply_id = found.reply_id or eco[0].guid
             elif item.type == "attachment":
                 found.attachments.append(_attachment(item, index, where))
             elif item.type == "check_in":
@@ -681,21 +684,26 @@ class SentryApi:
                 raise ApiError(400, "the body is neither a JSON event nor base64 of a zlib-compressed one "
                                     "(as raven clients send)") from None
         event = _json_object(body, "the event")
-        data = self._validated(event, project, now, "the event")
-        return Ingest(ecos=[data], reply_id=data["guid"])
+        eco = self._validated(event, project, now, "the event")
+        return Ingest(ecos=[eco], reply_id=eco[0].guid)
 
     def _validated(self, event: dict[str, Any], project: str, now: float, where: str,
-                   guid: Optional[str] = None) -> dict[str, Any]:
+                   guid: Optional[str] = None) -> tuple[EcoEvent, dict[str, Any]]:
+        """The eco of a Sentry event, and its extra as data; refused here, before any file is stored."""
         data = eco_data(event, project, self.projects.get(project, project), now, where, guid)
+        extra = data["extra"]
+        data["extra"] = json.dumps(extra, ensure_ascii=False) if extra else ""
         try:
-            self._eco(data)  # refused here, in the thread, rather than after its files are stored
+            eco = events.from_data(data, "eco")
         except EventError as exc:
             raise ApiError(400, f"{where}: {str(exc).removeprefix('invalid event: ')}") from None
-        return data
+        assert isinstance(eco, EcoEvent)
+        return eco, extra
 
     async def _store_attachments(self, attachments: list[tuple[str, str, bytes]]) -> dict[str, str]:
         """Store each attachment (off the reactor); ``{filename: url}``, a repeated name numbered."""
         links: dict[str, str] = {}
+        used: dict[str, int] = {}  # how many times a name came: numbering stays linear in their count
         if not attachments:
             return links
         if self.store is None:
@@ -707,10 +715,10 @@ class SentryApi:
                 log.warn("a Sentry attachment could not be stored: {error}", error=str(exc))
                 raise ApiError(503, "the attachments cannot be stored right now; try again later",
                                {"Retry-After": "5"}) from None
-            name, n = filename, 1
+            name = filename
             while name in links:
-                n += 1
-                name = f"{filename} ({n})"
+                used[filename] = used.get(filename, 1) + 1
+                name = f"{filename} ({used[filename]})"
             links[name] = stored.url
         return links
 

@@ -372,19 +372,22 @@ class IngestTests(TestCase):
                         ({"type": "attachment", "length": len(dump), "filename": "core.dmp",
                           "content_type": "application/octet-stream", "attachment_type": "event.minidump"}, dump),
                         ({"type": "attachment", "length": len(log), "filename": "../logs/app.log",
-                          "content_type": "text/plain"}, log))
+                          "content_type": "text/plain"}, log),
+                        ({"type": "attachment", "length": 4, "filename": "app.log"}, b"more"))
         yield self.post_ok(body)
         [eco] = yield self.ecos()
-        links = json.loads(eco.extra)["attachments"]
-        self.assertEqual({"core.dmp", "app.log"}, set(links))
-        for name, content in (("core.dmp", dump), ("app.log", log)):
+        extra = json.loads(eco.extra)
+        self.assertEqual("prod", extra["environment"])
+        links = extra["attachments"]
+        self.assertEqual({"core.dmp", "app.log", "app.log (2)"}, set(links))
+        for name, content in (("core.dmp", dump), ("app.log", log), ("app.log (2)", b"more")):
             url = links[name]
             self.assertTrue(url.startswith("http://cockpit.example/store/attachments/"), url)
             response = yield treq.get(self.server.base + urlsplit(url).path, persistent=False)
             self.assertEqual(200, response.code)
             self.assertEqual(content, (yield response.content()))
-            self.assertIn(name.encode(), response.headers.getRawHeaders(b"Content-Disposition")[0])
-        self.assertEqual(2, self.server.sentry.health()["attachments"])
+            self.assertIn(name.split(" ")[0].encode(), response.headers.getRawHeaders(b"Content-Disposition")[0])
+        self.assertEqual(3, self.server.sentry.health()["attachments"])
 
     @inlineCallbacks
     def test_an_attachment_alone_is_stored_and_counted(self):
