@@ -379,9 +379,10 @@ def eco_data(event: dict[str, Any], project: str, app_name: str, now: float, whe
     """
     read = _Reader(where)
     exceptions = read.values(event.get("exception"), "exception")
-    last = read.obj(exceptions[-1], f"exception.values[{len(exceptions) - 1}]") if exceptions else {}
-    eco_type = read.text(last.get("type"), "exception.type")
-    value = read.text(last.get("value"), "exception.value")
+    last_path = f"exception.values[{len(exceptions) - 1}]"
+    last = read.obj(exceptions[-1], last_path) if exceptions else {}
+    eco_type = read.text(last.get("type"), last_path + ".type")
+    value = read.text(last.get("value"), last_path + ".value")
     if exceptions:
         error_msg = f"{eco_type}: {value}" if eco_type and value else (eco_type or value)
     else:
@@ -398,14 +399,17 @@ def eco_data(event: dict[str, Any], project: str, app_name: str, now: float, whe
         text = read.text(entry.get("value"), path + ".value")
         blocks.append("\n".join(["Traceback (most recent call last):", *_frame_lines(read, frames, path + ".stacktrace"),
                                  f"{kind}: {text}" if kind and text else (kind or text)]))
-    if not exceptions:  # a message with a stack: the event's own, or the thread's that was current
+    if not exceptions:  # a message with a stack: the event's own, else a thread's (the crashed or current first)
         frames = _frames(read, event.get("stacktrace"), "stacktrace")
         path = "stacktrace"
-        for n, thread in enumerate(read.values(event.get("threads"), "threads")):
+        threads_ = [(n, read.obj(thread, f"threads.values[{n}]"))
+                    for n, thread in enumerate(read.values(event.get("threads"), "threads"))]
+        threads_.sort(key=lambda pair: not (pair[1].get("crashed") is True or pair[1].get("current") is True))
+        for n, thread in threads_:
             if frames:
                 break
             path = f"threads.values[{n}].stacktrace"
-            frames = _frames(read, read.obj(thread, f"threads.values[{n}]").get("stacktrace"), path)
+            frames = _frames(read, thread.get("stacktrace"), path)
         if frames:
             blocks.append("\n".join(["Stack (most recent call last):", *_frame_lines(read, frames, path)]))
     # frames of the last exception (the one raised): the last in-app frame, else the last
@@ -420,11 +424,11 @@ def eco_data(event: dict[str, Any], project: str, app_name: str, now: float, whe
         else guid or uuid.uuid4().hex,
         "epoch": int(event_epoch(event["timestamp"], where) if event.get("timestamp") is not None else now),
         "app_name": app_name, "eco_type": eco_type, "error_msg": error_msg,
-        "func_name": read.text(chosen.get("function"), "frame.function"),
-        "func_filename": (read.text(chosen.get("filename"), "frame.filename")
-                          or read.text(chosen.get("abs_path"), "frame.abs_path")),
-        "line_nbr": read.integer(chosen.get("lineno"), "frame.lineno"),
-        "code": read.text(chosen.get("context_line"), "frame.context_line").strip(),
+        "func_name": read.text(chosen.get("function"), "the frame's function"),
+        "func_filename": (read.text(chosen.get("filename"), "the frame's filename")
+                          or read.text(chosen.get("abs_path"), "the frame's abs_path")),
+        "line_nbr": read.integer(chosen.get("lineno"), "the frame's lineno"),
+        "code": read.text(chosen.get("context_line"), "the frame's context_line").strip(),
         "backtrace": "\n\n".join(blocks),
         "tags": _tags(read, event.get("tags")),
         "extra": extra,  # data: made text by the caller, with the attachments' links

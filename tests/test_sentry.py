@@ -163,6 +163,7 @@ class IngestTests(TestCase):
         self.assertEqual(1, self.server.sentry.health()["check_ins"])
 
     def test_the_framing_reads_what_the_sdk_writes(self):
+        require_sdk(self)
         from sentry_sdk.envelope import Envelope, Item, PayloadRef
 
         sdk = Envelope(headers={"event_id": EVENT_ID})
@@ -323,7 +324,8 @@ class IngestTests(TestCase):
             exception=[{"type": "OSError", "value": "", "stacktrace": {"frames": frames}}]))))
         yield self.post_ok(envelope({"event_id": "a" * 32}, event_item({
             "logentry": {"message": "disk %s full", "formatted": "disk /var full"}, "level": "warning",
-            "threads": {"values": [{"id": 1, "stacktrace": {"frames": FRAMES[:2]}}]}})),
+            "threads": {"values": [{"id": 1, "stacktrace": {"frames": FRAMES[:1]}},
+                                   {"id": 2, "current": True, "stacktrace": {"frames": FRAMES[:2]}}]}})),
             path="/sentry/api/8/envelope/")
         first, second = yield self.ecos()
         # an uppercase uuid with dashes, a float timestamp, tags as pairs, no in-app frame: the last frame
