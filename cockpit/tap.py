@@ -159,6 +159,11 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
         services["mail_parsers"] = parsers.health
     api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
     api.include(AysApi(robot, catalog))
+    from cockpit.sentry import SentryApi
+
+    sentry = SentryApi(cfg, bus, store, reactor)
+    api.include(sentry)
+    services["sentry"] = sentry.health  # the Api holds this dict: it reports what is added to it
     if not cfg.api.tokens:
         log.warn("[api] tokens is empty: the REST API is open to anyone who can reach it")
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")
