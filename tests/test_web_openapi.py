@@ -63,7 +63,9 @@ class DocumentTests(TestCase):
     def test_section_5_routes_of_this_module_are_there(self):
         for method, path in [("get", "/api/health"), ("get", "/api/events"), ("get", "/api/events/live"),
                              ("post", "/api/webhooks/github"), ("post", "/api/mail"), ("get", "/api/ecos"),
-                             ("get", "/api/alarms"), ("get", "/api/openapi.json"), ("get", "/api/docs"),
+                             ("get", "/api/alarms"), ("get", "/api/ecos/{id}"), ("get", "/api/alarms/{id}"),
+                             ("post", "/api/ecos/{id}/{action}"), ("post", "/api/alarms/{id}/{action}"),
+                             ("get", "/api/openapi.json"), ("get", "/api/docs"),
                              ("get", "/store/{space}/{aa}/{bb}/{hash}"), ("get", "/")]:
             self.assertIn(method, self.doc["paths"].get(path, {}), path)
         for event_type in ("email", "telegram", "alarm", "eco", "generic"):
