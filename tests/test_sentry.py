@@ -590,9 +590,9 @@ class SdkTests(TestCase):
     def test_the_same_exception_twice_is_one_eco_group_of_two(self):
         yield self.run_app()
         group = yield self.one_group(2)
-        self.assertEqual(("billing", "ValueError: card declined for order 1", "charge", "ValueError", 2),
+        self.assertEqual(("billing", "ValueError: card declined for order 1", "charge", "ValueError", 2, "NEW"),
                          (group["app_name"], group["error_msg"], group["func_name"], group["eco_type"],
-                          group["occurence"]))
+                          group["occurence"], group["state"]))
         self.assertTrue(group["func_filename"].endswith("shop.py"), group["func_filename"])
         self.assertIn('raise ValueError(f"card declined for order {order}")', group["backtrace"])
         health = yield self.sentry_health()
