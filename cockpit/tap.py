@@ -127,6 +127,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     groups = EventGroups(bus, backend.group_store())
     groups.setName("groups")
     groups.setServiceParent(top)
+    from cockpit.alertmanager import AlertmanagerApi
     from cockpit.ays import Robot
     from cockpit.ays_api import AysApi
     from cockpit.ays_catalog import Catalog
@@ -159,6 +160,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
         services["mail_parsers"] = parsers.health
     api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
     api.include(AysApi(robot, catalog))
+    api.include(AlertmanagerApi(bus))
     if not cfg.api.tokens:
         log.warn("[api] tokens is empty: the REST API is open to anyone who can reach it")
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")
