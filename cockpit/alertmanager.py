@@ -294,8 +294,11 @@ class AlertmanagerApi:
             for failure in failures:
                 if not failure.check(BusUnavailable):  # a refusal by Redis, say: the retry may get through
                     log.failure("an alert could not be published", failure)
-            raise BusUnavailable(f"{len(failures)} of {len(body)} alerts could not be published "
-                                 f"({failures[0].getErrorMessage()}); the rest are")
+            error = failures[0].getErrorMessage()
+            if len(failures) == len(body):
+                raise BusUnavailable(f"none of the {len(body)} alerts could be published ({error})")
+            raise BusUnavailable(f"{len(failures)} of {len(body)} alerts could not be published ({error}); "
+                                 "the others are, and a retry does not publish them again")
         published = sum(1 for _, result in outcomes if result)
         return {"alarms": len(body), "published": published, "duplicates": len(body) - published}
 
@@ -315,7 +318,7 @@ class AlertmanagerApi:
 
     def _release(self, failure: Failure, alarm: Alarm) -> Deferred:
         def kept(release_failure: Failure) -> None:
-            log.warn("the claim of alert {guid} could not be released ({error}); it is, before the next body",
+            log.warn("the claim of alert {guid} could not be released ({error}); it will be, before the next body is taken",
                      guid=alarm.event.guid, error=release_failure.getErrorMessage())
             self.owed_releases.add(alarm.claim)
 

@@ -342,7 +342,7 @@ class BusDownTests(TestCase):
         self.bus.down = True
         code, reply = yield self.server.post(body())
         self.assertEqual(503, code)
-        self.assertIn("the bus cannot take it now: 1 of 1 alerts could not be published", reply["error"])
+        self.assertIn("the bus cannot take it now: none of the 1 alerts could be published", reply["error"])
         key = "ckpt.alertmanager." + uuid.UUID(self.guid(ALERT["fingerprint"])).hex
         self.assertIsNone((yield self.bus.recall(key)))
         self.bus.down = False
