@@ -318,8 +318,8 @@ class AlertmanagerApi:
 
     def _release(self, failure: Failure, alarm: Alarm) -> Deferred:
         def kept(release_failure: Failure) -> None:
-            log.warn("the claim of alert {guid} could not be released ({error}); it will be, before the next body is taken",
-                     guid=alarm.event.guid, error=release_failure.getErrorMessage())
+            log.warn("the claim of alert {guid} could not be released ({error}); it will be, before the next "
+                     "body is taken", guid=alarm.event.guid, error=release_failure.getErrorMessage())
             self.owed_releases.add(alarm.claim)
 
         d = self.bus.forget(alarm.claim).addErrback(kept)
