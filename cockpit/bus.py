@@ -190,6 +190,10 @@ class Bus(Service):
         """Fires with the value remembered under ``key``, or None (never stored, or its ttl has passed)."""
         raise NotImplementedError
 
+    def forget(self, key: str) -> Deferred:
+        """Drop what is remembered under ``key``, so the next ``remember`` stores; fires True if it held one."""
+        raise NotImplementedError
+
 
 def mark_key(key: str) -> str:
     if not key.startswith(STREAM_PREFIX):

@@ -127,6 +127,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     groups = EventGroups(bus, backend.group_store(reactor, cfg.groups.samples), reactor, cfg.groups.keep_days)
     groups.setName("groups")
     groups.setServiceParent(top)
+    from cockpit.alertmanager import AlertmanagerApi
     from cockpit.ays import Robot
     from cockpit.ays_api import AysApi
     from cockpit.ays_catalog import Catalog
@@ -159,6 +160,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
         services["mail_parsers"] = parsers.health
     api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
     api.include(AysApi(robot, catalog))
+    api.include(AlertmanagerApi(bus))
     from cockpit.sentry import SentryApi
 
     sentry = SentryApi(cfg, bus, store, reactor)

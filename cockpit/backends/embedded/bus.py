@@ -155,6 +155,10 @@ class MemoryBus(Bus):
             return defer.succeed(None)
         return defer.succeed(held[0])
 
+    def forget(self, key: str) -> Deferred:
+        held = self._marks.pop(mark_key(key), None)
+        return defer.succeed(held is not None and held[1] > self.clock.seconds())
+
     def wait_for_entries(self) -> Deferred:
         d = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
         self._waiters.append(d)

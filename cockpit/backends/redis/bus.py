@@ -447,6 +447,9 @@ class RedisBus(Bus):
     def recall(self, key: str) -> Deferred:
         return self.execute("GET", mark_key(key))
 
+    def forget(self, key: str) -> Deferred:
+        return self.execute("DEL", mark_key(key)).addCallback(lambda removed: removed == 1)
+
     def health(self) -> dict[str, Any]:
         try:
             self.connection()
