@@ -91,8 +91,10 @@ class Cockpit:
         return self.proc.output.decode(errors="replace")
 
 
-def spawn_cockpit(test: TestCase, data: Optional[str] = None, extra: str = "", name: str = "") -> Cockpit:
-    """A real ``twistd -n cockpit`` on ``data`` (a new directory by default), ``extra`` added to its config.
+def spawn_cockpit(test: TestCase, data: Optional[str] = None, extra: str = "", name: str = "",
+                  api: str = "") -> Cockpit:
+    """A real ``twistd -n cockpit`` on ``data`` (a new directory by default), ``extra`` added to its config
+    and ``api`` to its ``[api]`` section.
 
     Killed at the end of the test if it still runs. ``started()`` fires once it listens.
     ``name`` is in the environment of its processes, its action workers' too, as
@@ -101,7 +103,7 @@ def spawn_cockpit(test: TestCase, data: Optional[str] = None, extra: str = "", n
     data = data or tempfile.mkdtemp(prefix="cockpit-")
     path = os.path.join(data, "config.toml")
     with open(path, "w") as handle:
-        handle.write(f'[cockpit]\ndata_dir = "{data}"\n[api]\nport = 0\n[mail]\nport = 0\n{extra}')
+        handle.write(f'[cockpit]\ndata_dir = "{data}"\n[api]\nport = 0\n{api}\n[mail]\nport = 0\n{extra}')
     proc = Twistd()
     transport = reactor.spawnProcess(
         proc, TWISTD, [TWISTD, "-n", "--pidfile=", "cockpit", "--config", path],

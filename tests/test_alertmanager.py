@@ -28,7 +28,7 @@ from cockpit.backends.redis import RedisBus
 from cockpit.bus import BusUnavailable
 from cockpit.config import RedisSection
 from cockpit.web import Api
-from tests.cockpits import ROOT, TWISTD, Cockpit, Twistd, eventually
+from tests.cockpits import Cockpit, eventually, spawn_cockpit
 from tests.redis_server import RedisServer, free_port, shared_server
 
 TOKEN = "am-token"
@@ -550,28 +550,8 @@ receivers:
 
 
 def spawn_cockpit_with_token(test: TestCase, extra: str = "") -> Cockpit:
-    """A real ``twistd -n cockpit`` whose [api] takes TOKEN (spawn_cockpit's extra comes after [api])."""
-    data = tempfile.mkdtemp(prefix="cockpit-")
-    path = os.path.join(data, "config.toml")
-    with open(path, "w") as handle:
-        handle.write(f'[cockpit]\ndata_dir = "{data}"\n[api]\nport = 0\ntokens = ["{TOKEN}"]\n'
-                     f'[mail]\nport = 0\n{extra}')
-    proc = Twistd()
-    transport = reactor.spawnProcess(proc, TWISTD, [TWISTD, "-n", "--pidfile=", "cockpit", "--config", path],
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)}, path=data)
-
-    def kill_if_running() -> Optional[Deferred]:
-        if proc.ended.called:
-            return None
-        try:
-            transport.signalProcess("KILL")
-        except ProcessExitedAlready:
-            pass
-        return proc.ended
-
-    test.addCleanup(kill_if_running)
-    test.addCleanup(shutil.rmtree, data, True)
-    return Cockpit(proc, transport, data)
+    """A real ``twistd -n cockpit`` whose [api] takes TOKEN."""
+    return spawn_cockpit(test, extra=extra, api=f'tokens = ["{TOKEN}"]')
 
 
 @inlineCallbacks
@@ -632,6 +612,16 @@ class RealAlertmanagerTests(TestCase):
         self.assertEqual([("firing", 1714564800), ("resolved", 1714565100)],
                          [(e["status"], e["epoch"]) for e in events])
         self.assertEqual(1, len({e["fingerprint"] for e in events}))
+
+        @inlineCallbacks
+        def resolved_group():
+            code, page = yield authorized("GET", f"{cockpit.api}/alarms")
+            groups = [g for g in page["alarms"] if g["state"] == "resolved"]
+            return groups or None
+
+        [group] = yield eventually(resolved_group, timeout=20, what="the alarm group resolved")
+        self.assertEqual(("DiskFull", "node!web1:9100", 1, 1714564800, 1714565100),
+                         (group["method"], group["service"], group["count"], group["first_time"], group["last_time"]))
 
     @inlineCallbacks
     def test_two_alertmanagers_sending_the_same_alert_publish_it_once(self):
