@@ -97,11 +97,10 @@ def _inflate_one(raw: bytes, coding: str, limit: int) -> bytes:
         raise ApiError(400, f"the body is not valid {coding} data (Content-Encoding: {coding}): {exc}") from None
 
 
-def _inflate_zlib(inflater: Any, raw: bytes, limit: int, coding: str) -> bytes:
-    out = bytearray()
-    data = raw
+def _inflate_into(out: bytearray, inflater: Any, data: bytes, limit: int, coding: str) -> None:
+    """Inflate one zlib stream (or gzip member) into ``out``, never more than one byte past ``limit``."""
     while True:
-        # never more than one byte past the limit: a bomb stops here, not once inflated
+        # a bomb stops here, not once inflated
         piece = inflater.decompress(data, limit + 1 - len(out))
         out += piece
         if len(out) > limit:
@@ -111,6 +110,11 @@ def _inflate_zlib(inflater: Any, raw: bytes, limit: int, coding: str) -> bytes:
             break
     if not inflater.eof:
         raise ApiError(400, f"the body's {coding} data is cut short (Content-Encoding: {coding})")
+
+
+def _inflate_zlib(inflater: Any, raw: bytes, limit: int, coding: str) -> bytes:
+    out = bytearray()
+    _inflate_into(out, inflater, raw, limit, coding)
     if inflater.unused_data.strip(b"\0\r\n \t"):
         raise ApiError(400, f"the body has bytes after the end of its {coding} data")
     return bytes(out)
@@ -121,17 +125,7 @@ def _inflate_gzip(raw: bytes, limit: int) -> bytes:
     rest = raw
     while True:  # a gzip file may hold several members, one after another
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        data = rest
-        while True:
-            piece = inflater.decompress(data, limit + 1 - len(out))
-            out += piece
-            if len(out) > limit:
-                raise TooLarge()
-            data = inflater.unconsumed_tail
-            if inflater.eof or (not data and not piece):
-                break
-        if not inflater.eof:
-            raise ApiError(400, "the body's gzip data is cut short (Content-Encoding: gzip)")
+        _inflate_into(out, inflater, rest, limit, "gzip")
         rest = inflater.unused_data
         if not rest.startswith(b"\x1f\x8b"):
             if rest.strip(b"\0\r\n \t"):
