@@ -106,16 +106,17 @@ class ChatWork:
             done = yield d
             return f"{key} {done.action}: {done.state}" + (f"\n{done.log[-3000:]}" if done.log else "")
         run.repo = repo = self._repo(args)
-        if action == "bp.create":
-            blueprint = yield catalog.add_blueprint(repo, str(args.get("name", "")), args.get("content"),
-                                                    create=not args.get("replace"))
-            return f"Blueprint {blueprint['name']} stored in {repo}."
-        if action == "bp.execute":
-            _, finished = yield self.robot.execute_blueprint(repo, str(args.get("name", "")), trig)
+        if action in ("bp.create", "bp.execute"):
+            name = model.blueprint_name(str(args.get("name", "")))
+            said = f"Blueprint {name} executed in {repo}."
+            if action == "bp.create":
+                # as the original bot's /blueprint add: a blueprint sent from the chat is stored and executed
+                yield catalog.add_blueprint(repo, name, args.get("content"), create=not args.get("replace"))
+                said = f"Blueprint {name} stored in {repo} and executed."
+            _, finished = yield self.robot.execute_blueprint(repo, name, trig)
             done = yield finished
             lines = [f"{r.service} install: {r.state}" for r in done]
-            return f"Blueprint {model.blueprint_name(str(args.get('name', '')))} executed in {repo}." + (
-                "\n" + "\n".join(lines) if lines else " No service has an install action.")
+            return said + ("\n" + "\n".join(lines) if lines else " No service has an install action.")
         if action == "bp.list":
             blueprints = catalog.list_blueprints(repo)
             return ((f"Blueprints in {repo}:\n" + "\n".join(

@@ -171,8 +171,8 @@ HELP = """Commands:
 /repo select NAME: work in repository NAME
 /repo delete NAME: delete a repository
 /blueprint list, /blueprint show NAME
-/blueprint create NAME, with the YAML on the lines below (or send a .yaml file)
-/blueprint execute NAME, /blueprint delete NAME
+/blueprint create NAME, with the YAML on the lines below (or send a .yaml file): store and execute it
+/blueprint execute NAME: run it again, /blueprint delete NAME
 /service list [ROLE], /service show KEY
 /service execute KEY ACTION: KEY is role!instance; @role means every service of that role
 /help: this list

@@ -323,8 +323,9 @@ class EventTests(RobotCase):
         self.assertEqual((yield command("repo.create", name="env du-conv2")), "Repository env du-conv2 created.")
         self.assertIn("already exists", (yield command("repo.create", name="env du-conv2")))
         yield self.robot.catalog.put_template("env du-conv2", "node", {"actions.py": ACTIONS})
-        self.assertIn("Blueprint 1_nodes.yaml stored",
-                      (yield command("bp.create", name="1_nodes.yaml", content="node__cpu1:\n  port: 1\n")))
+        reply = yield command("bp.create", name="1_nodes.yaml", content="node__cpu1:\n  port: 1\n")
+        self.assertIn("Blueprint 1_nodes.yaml stored in env du-conv2 and executed.", reply)
+        self.assertIn("node!cpu1 install: ok", reply)
         reply = yield command("bp.execute", name="1_nodes.yaml")
         self.assertIn("node!cpu1 install: ok", reply)
         reply = yield command("service.execute", name="node!cpu1", action="tick")

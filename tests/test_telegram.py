@@ -553,8 +553,13 @@ class EndToEndTests(TestCase):
         # templates come over the REST API; the robot's own call stands in for it here
         yield self.robot.catalog.put_template("demo", "node", {"schema.hrd": SCHEMA, "actions.py": ACTIONS})
         answer = yield self.reply_to(document=("cluster.yaml", b"node__n1:\n  port: 2200\nnode__n2: {}\n"))
-        self.assertEqual(answer, "Blueprint cluster.yaml stored in demo.")
-        answer = yield self.reply_to("/blueprint execute cluster")
+        # stored and executed, as the original bot's /blueprint add did
+        self.assertIn("Blueprint cluster.yaml stored in demo and executed.", answer)
+        self.assertIn("node!n1 install: ok", answer)
+        self.assertIn("node!n2 install: ok", answer)
+        runs = yield self.robot.list_runs(service="node!n1", action="install")
+        self.assertEqual([("ok", "telegram")], [(r["state"], r["trigger"]["kind"]) for r in runs])
+        answer = yield self.reply_to("/blueprint execute cluster")  # again
         self.assertIn("Blueprint cluster.yaml executed in demo.", answer)
         self.assertIn("node!n1 install: ok", answer)
         self.assertEqual(sorted(p.name for p in (self.cfg.repos_dir / "demo" / "services").iterdir()),
@@ -571,8 +576,8 @@ class EndToEndTests(TestCase):
         yield self.reply_to("/repo create demo")
         self.assertEqual("Repositories:\n- demo", (yield self.reply_to("/repo list")))
         yield self.robot.catalog.put_template("demo", "node", {"schema.hrd": SCHEMA, "actions.py": ACTIONS})
-        yield self.reply_to(document=("cluster.yaml", b"node__n1:\n  port: 2200\n"))
-        self.assertIn("- cluster.yaml (new)", (yield self.reply_to("/blueprint list")))
+        self.assertIn("node!n1 install: ok", (yield self.reply_to("/blueprint create cluster\nnode__n1:\n  port: 2200\n")))
+        self.assertIn("- cluster.yaml (ok)", (yield self.reply_to("/blueprint list")))
         self.assertIn("node__n1:", (yield self.reply_to("/blueprint show cluster")))
         yield self.reply_to("/blueprint execute cluster")
         self.assertIn("- node!n1 install: ok", (yield self.reply_to("/service list")))
