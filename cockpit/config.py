@@ -161,6 +161,11 @@ class SentrySection(Section):
     projects: dict[str, str] = {}  # project id -> name, the eco's app_name
 
 
+class NotifySection(Section):
+    repeat: Annotated[float, Field(ge=60)] = 14400.0  # seconds before an open, unacked group is notified again
+    mail_to: list[str] = []  # notices by mail too, through [mail.relay], to these addresses
+
+
 class Config(Section):
     cockpit: CockpitSection = CockpitSection()
     redis: Optional[RedisSection] = None  # absent: the embedded in-process bus
@@ -170,6 +175,7 @@ class Config(Section):
     ays: AysSection = AysSection()
     groups: GroupsSection = GroupsSection()
     sentry: SentrySection = SentrySection()
+    notify: NotifySection = NotifySection()
     source: str = Field(default="(embedded defaults)", exclude=True)
 
     @property

@@ -69,6 +69,7 @@ class _Group(BaseModel):
     acked: Optional[Acked] = Field(None, description="Who acked it and when; null when it is not acked.")
     ended_at: Optional[float] = Field(None, description="When it was closed or resolved; null while open.")
     reopened: int = Field(0, description="How often it opened again after it ended.")
+    notices: int = Field(0, description="How many notices it has sent.")
 
 
 class EcoGroup(_Group):
@@ -174,6 +175,17 @@ def transition(kind: str, state: Optional[str], reported: str, time: int, last_t
     return "firing" if ended_time is None or time > ended_time else state
 
 
+def notice_of(kind: str, old: Optional[str], new: str) -> Optional[str]:
+    """Why a group that went from ``old`` (None: new) to ``new`` owes a notice, if it does."""
+    if old is None:
+        return None if new in ENDED[kind] else "opened"
+    if old in ENDED[kind] and new not in ENDED[kind]:
+        return "reopened"
+    if new in ENDED[kind] and old not in ENDED[kind]:
+        return "resolved"
+    return None
+
+
 def present_group(kind: str, group: dict[str, Any], samples: Optional[list[Any]] = None) -> dict[str, Any]:
     """The REST form of a group as a store keeps it (a dict of strings, in Redis)."""
     data = group.get("data", {})
@@ -188,6 +200,7 @@ def present_group(kind: str, group: dict[str, Any], samples: Optional[list[Any]]
     ended = group.get("ended_at")
     out["ended_at"] = float(ended) if ended not in (None, "") else None
     out["reopened"] = int(group.get("reopened") or 0)
+    out["notices"] = int(group.get("notices") or 0)
     if kind == "eco":
         out["close_time"] = int(float(ended)) if out["state"] == "CLOSED" and out["ended_at"] else None
     if samples is not None:
@@ -246,6 +259,24 @@ class GroupStore:
 
     def prune(self, kind: str, ended_before: float) -> Deferred:
         """Remove up to PRUNE_BATCH groups of ``kind`` that ended before then; fires with how many."""
+        raise NotImplementedError
+
+    # A group's notice is due when it opens, reopens or resolves (the change that does it makes it
+    # due, in the same atomic step), and again every ``repeat`` while it is open and nobody acked it.
+    # An ack or a close stops the repeats. ``claim_notices`` leases what is due to one caller, so
+    # that every process may send notices and each goes out once; a caller that dies leaves it to
+    # the next one after ``lease`` seconds.
+    def claim_notices(self, lease: float, limit: int = 100) -> Deferred:
+        """Fires with ``[(kind, group, reason)]``: the notices due now, leased to this caller."""
+        raise NotImplementedError
+
+    def noticed(self, kind: str, group_id: str, reason: str, sent: bool, repeat: float) -> Deferred:
+        """A claimed notice was ``sent`` (an eco NEW turns ALERT; a repeat is due after ``repeat``),
+        or held back (silenced: no repeat). A newer reason that came meanwhile stays due."""
+        raise NotImplementedError
+
+    def notice_due(self, kind: str, group_id: str, reason: str) -> Deferred:
+        """Make an open group's notice due now (a silence over it ended); fires False if it is not open."""
         raise NotImplementedError
 
 

@@ -35,6 +35,8 @@ class Options(usage.Options):
                     check_endpoint(spec)
                 except ValueError as exc:
                     raise ConfigError(f"{cfg.source}: [{section}] listen: {exc}") from None
+            if cfg.notify.mail_to and cfg.mail.relay is None:
+                raise ConfigError(f"{cfg.source}: [notify] mail_to: notices by mail need a [mail.relay]")
         except ConfigError as exc:
             # one line and a non-zero exit; twistd would print its whole usage for a UsageError
             sys.stderr.write(f"cockpit: {exc}\n")
@@ -143,15 +145,31 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     robot.setName("ays")
     robot.setServiceParent(top)
 
+    silences = None
     bot = None
     if cfg.bot.token:
         from cockpit.telegram import TelegramBot
 
-        bot = TelegramBot(cfg, backend, reactor, catalog=catalog)
+        bot = TelegramBot(cfg, backend, reactor, catalog=catalog, groups=groups.store, silences=silences)
         bot.setName("telegram")
         bot.setServiceParent(top)
 
+    from cockpit.notices import MailChannel, Notifier
+
+    channels: list[Any] = []
+    if bot is not None and cfg.bot.notify_chats:
+        channels.append(bot.notices)
+    if cfg.notify.mail_to and mailer is not None:  # without a relay, start-up has stopped already
+        channels.append(MailChannel(mailer, cfg.notify.mail_to))
+    notifier = None
+    if channels:  # with nowhere to send them, notices stay due and ecos stay NEW
+        notifier = Notifier(groups.store, channels, reactor, cfg.notify.repeat, silences=silences)
+        notifier.setName("notices")
+        notifier.setServiceParent(top)
+
     services = {"groups": groups.health, "ays": robot.health}
+    if notifier is not None:
+        services["notices"] = notifier.health
     if bot is not None:
         services["telegram"] = bot.health
     if mailer is not None:

@@ -5,22 +5,24 @@
   for the AYS robot, and answers what it can itself (``/start``, ``/help``, keyboards).
 - :class:`MessageSender` sends plain text with parse mode HTML: escaped, split under Telegram's
   4096 characters at line boundaries, waiting out 429s.
-- :class:`NoticeBatcher` turns alarm and eco events into short notices to ``[bot] notify_chats``;
-  repeats within a window become one notice with a count.
-- :class:`TelegramBot` wires them: the long-poller (``cockpit.telegram_poll``), a consumer of
-  output events (group ``telegram``) and one of alarms and ecos (group ``telegram.notify``).
+- :class:`TelegramNotices` sends the notices of :mod:`cockpit.notices` to ``[bot] notify_chats``,
+  with the buttons Ack, Close and Silence 1h; a tap changes the group and edits the notice.
+- :class:`TelegramBot` wires them: the long-poller (``cockpit.telegram_poll``) and a consumer of
+  output events (group ``telegram``).
 
 Client: ``cockpit.telegram_api``; polling, state and lease: ``cockpit.telegram_poll``.
 """
 from __future__ import annotations
 
 import html
+import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 from twisted.application.service import MultiService
-from twisted.internet import defer, task, threads
+from twisted.internet import task, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -29,7 +31,7 @@ from cockpit import repos as ays_repos
 from cockpit.ays_catalog import Catalog
 from cockpit.bus import Bus, Delivery
 from cockpit.config import Config
-from cockpit.events import AlarmEvent, EcoEvent, Event, TelegramEvent
+from cockpit.events import Event, TelegramEvent
 from cockpit.telegram_api import ApiUnreachable, BadToken, BotApi, RetryAfter, TelegramError
 from cockpit.telegram_poll import UpdatePoller
 
@@ -41,8 +43,9 @@ log = Logger()
 MAX_MESSAGE = 4096  # characters of text after entity parsing, as Telegram counts them
 MAX_CALLBACK_DATA = 64  # bytes
 MAX_BUTTONS = 48
+SILENCE_SECONDS = 3600.0  # what a notice's "Silence 1h" silences its group for
+LIST_GROUPS = 10  # groups /ecos and /alarms show
 OUTPUT_GROUP = "telegram"
-NOTIFY_GROUP = "telegram.notify"
 # a uuid5 namespace: an update's event guid is derived from (bot, update_id), so an update
 # published again after a crash carries the same guid and the robot does not run it twice
 UPDATE_NAMESPACE = uuid.UUID("5b0c1f8e-3f7a-4c57-9a57-6f1b4d1c7e21")
@@ -175,6 +178,7 @@ HELP = """Commands:
 /blueprint execute NAME: run it again, /blueprint delete NAME
 /service list [ROLE], /service show KEY
 /service execute KEY ACTION: KEY is role!instance; @role means every service of that role
+/ecos, /alarms: the open error conditions and the firing alarms, with their buttons
 /help: this list
 Without a name, /repo, /blueprint and /service offer buttons."""
 
@@ -224,8 +228,12 @@ class ChatCommands:
     """
 
     def __init__(self, api: BotApi, sender: MessageSender, bus: Bus, state: Any,
-                 allowed_users: Sequence[Union[int, str]], catalog: Catalog):
+                 allowed_users: Sequence[Union[int, str]], catalog: Catalog, groups: Any = None,
+                 silences: Any = None, clock: Optional[IReactorTime] = None):
         self.api = api
+        self.groups = groups  # the GroupStore the notices' buttons and /ecos, /alarms act on
+        self.silences = silences
+        self.clock = clock
         self.sender = sender
         self.bus = bus
         self.state = state
@@ -284,6 +292,10 @@ class ChatCommands:
         user = query.get("from") or {}
         message = query.get("message") or {}
         chat = self._chat(update_id, user, message.get("chat") or {"id": user.get("id")})
+        data = query.get("data")
+        if isinstance(data, str) and data.startswith("g:"):
+            yield self._group_button(query, user, chat, data)
+            return
         # answered in any case: the user's client shows a spinner until it is
         yield self._best_effort(self.api.answer_callback_query(str(query.get("id"))), "answerCallbackQuery")
         if not (yield self._allowed(user, chat)):
@@ -292,9 +304,84 @@ class ChatCommands:
             # a keyboard is used once: take it off so an old button cannot be tapped again
             yield self._best_effort(self.api.remove_keyboard(chat.chat_id, message["message_id"]),
                                     "editMessageReplyMarkup")
-        data = query.get("data")
         if isinstance(data, str) and data.startswith("/"):
             yield self._guarded(chat, self.command(chat, data))
+
+    @inlineCallbacks
+    def _group_button(self, query: dict[str, Any], user: dict[str, Any], chat: Chat, data: str):
+        """Ack, Close or Silence 1h tapped on a notice: the same as the REST calls, by this user."""
+        query_id = str(query.get("id"))
+        if not is_allowed(user, self.allowed_users):
+            log.info("refused a button from Telegram user {user_id} (@{username}): not in [bot] allowed_users",
+                     user_id=chat.user_id, username=chat.username)
+            yield self._best_effort(self.api.answer_callback_query(query_id, NOT_ALLOWED), "answerCallbackQuery")
+            return
+        found = GROUP_BUTTON.match(data)
+        if found is None or self.groups is None:
+            yield self._best_effort(self.api.answer_callback_query(query_id, "This button is no longer valid."),
+                                    "answerCallbackQuery")
+            return
+        letter, kind, group_id = found.group(1), LETTER_KIND[found.group(2)], found.group(3)
+        who = f"@{chat.username}" if chat.username else f"telegram:{chat.user_id}"
+        try:
+            if letter == "s":
+                if self.silences is None:
+                    raise CommandError("Silences are not kept by this cockpit.")
+                from cockpit.silences import NewSilence
+
+                yield self.silences.add(NewSilence(matchers={"id": group_id}, duration=SILENCE_SECONDS,
+                                                   comment="from a Telegram notice", created_by=who),
+                                        self._now())
+                group = yield self.groups.get(kind, group_id)
+            else:
+                group = yield self.groups.act(kind, group_id, "ack" if letter == "a" else "close", who)
+            if group is None:
+                raise CommandError("That group is gone (it ended long ago).")
+        except CommandError as exc:
+            yield self._best_effort(self.api.answer_callback_query(query_id, str(exc)), "answerCallbackQuery")
+            return
+        except Exception as exc:  # the store is away: say so, the user can tap again
+            log.warn("a {kind} group button could not be carried out: {error}", kind=kind, error=exc)
+            yield self._best_effort(self.api.answer_callback_query(query_id, "The cockpit cannot do that now; "
+                                                                   "try again in a moment."), "answerCallbackQuery")
+            return
+        done = f"{DID[letter]} by {who} at {time.strftime('%H:%M UTC', time.gmtime(self._now()))}"
+        yield self._best_effort(self.api.answer_callback_query(query_id, done), "answerCallbackQuery")
+        message = query.get("message") or {}
+        if message.get("message_id") is not None and isinstance(message.get("text"), str):
+            text = f"{message['text']}\n\n{done}"[:MAX_MESSAGE]
+            yield self._best_effort(self.api.edit_message_text(
+                chat.chat_id, message["message_id"], html.escape(text, quote=False),
+                reply_markup=group_buttons(kind, group) or {"inline_keyboard": []}), "editMessageText")
+
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else time.time()
+
+    @inlineCallbacks
+    def _open_groups(self, chat: Chat, kind: str):
+        """/ecos and /alarms: the open groups, latest first, each with its buttons."""
+        from cockpit.notices import OPEN_STATES, notice_text
+
+        if self.groups is None:
+            yield self.reply(chat, "This cockpit keeps no groups.")
+            return
+        found = []
+        for state in OPEN_STATES[kind]:
+            page, _ = yield self.groups.page(kind, LIST_GROUPS + 1, None, state)
+            found += page
+        found.sort(key=lambda g: (g["last_time"], g["id"]), reverse=True)
+        if not found:
+            yield self.reply(chat, "No open error conditions." if kind == "eco" else "No alarm is firing.")
+            return
+        for group in found[:LIST_GROUPS]:
+            try:
+                yield self.sender.send(chat.chat_id, notice_text(kind, group, "repeat"), group_buttons(kind, group))
+            except TelegramError as exc:
+                log.warn("could not reply to chat {chat}: {error}", chat=chat.chat_id, error=exc)
+                return
+        if len(found) > LIST_GROUPS:
+            yield self.reply(chat, f"And more: the {LIST_GROUPS} latest are above. GET /api/"
+                                   f"{kind}s?state=... lists them all.")
 
     @staticmethod
     def _best_effort(d: Deferred, what: str) -> Deferred:
@@ -366,6 +453,8 @@ class ChatCommands:
             yield self._blueprint(chat, args, rest)
         elif name == "service":
             yield self._service(chat, args)
+        elif name in ("ecos", "alarms"):
+            yield self._open_groups(chat, name[:-1])
         else:
             yield self.reply(chat, f"I do not know /{name}. /help lists what I can do.")
 
@@ -558,100 +647,47 @@ class ChatCommands:
 # notices
 # ---------------------------------------------------------------------------
 
-def notice_key(event: Event) -> Optional[tuple[str, ...]]:
-    """What makes two alarms (service, method, msg) or two ecos (fingerprint) the same."""
-    if isinstance(event, AlarmEvent):
-        return ("alarm", event.service, event.method, event.msg)
-    if isinstance(event, EcoEvent):
-        return ("eco", event.fingerprint)
-    return None
+GROUP_BUTTON = re.compile(r"^g:([acs]):([ea]):([0-9a-f]{32})$")
+KIND_LETTER = {"eco": "e", "alarm": "a"}
+LETTER_KIND = {"e": "eco", "a": "alarm"}
+DID = {"a": "Acked", "c": "Closed", "s": "Silenced for 1 h"}
+NOT_ALLOWED = "Only the cockpit's allowed users can do that."
 
 
-def notice_text(event: Event) -> str:
-    if isinstance(event, AlarmEvent):
-        what = f": {event.method}" if event.method else ""
-        return f"Alarm on {event.service}{what}: {event.msg}".rstrip(": ")
-    if isinstance(event, EcoEvent):
-        where = f" ({event.func_filename}:{event.line_nbr})" if event.func_filename else ""
-        return f"Error in {event.app_name or 'an application'}: {event.error_msg or event.eco_type}{where}"
-    return f"{event.type} event {event.guid}"
+def group_buttons(kind: str, group: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Ack, Close and Silence 1h for an open group. The callback data names the group (under 64 bytes);
+    what the buttons act on is the group itself, kept by the cockpit."""
+    if group.get("state") in ("resolved", "closed", "CLOSED"):
+        return None
+    ref = f"{KIND_LETTER[kind]}:{group['id']}"
+    return inline_keyboard([("Ack", f"g:a:{ref}"), ("Close", f"g:c:{ref}"), ("Silence 1h", f"g:s:{ref}")],
+                           columns=3)
 
 
-@dataclass
-class _Notice:
-    text: str
-    count: int
-    timer: Any = None
+class TelegramNotices:
+    """The Telegram channel of :class:`cockpit.notices.Notifier`: each notice to every ``notify_chats``.
 
-
-class NoticeBatcher:
-    """Sends one notice per distinct alarm or eco, and counts its repeats instead of sending them.
-
-    The first occurrence is sent after ``gather`` seconds (with the count of repeats so far);
-    repeats after that are summed up once per ``window`` seconds while they go on.
+    A chat that refuses it (blocked the bot, does not exist) is logged and skipped; a Bot API that
+    cannot be reached fails the notice, which is tried again.
     """
 
-    def __init__(self, send: Callable[[str], Deferred], clock: IReactorTime,
-                 gather: float = 2.0, window: float = 60.0):
-        self.send = send
-        self.clock = clock
-        self.gather = gather
-        self.window = window
-        self.notices: dict[tuple[str, ...], _Notice] = {}
-        self.sent = 0
-        self._sending: set[Deferred] = set()
+    def __init__(self, sender: "MessageSender", chats: Sequence[Any]):
+        self.sender = sender
+        self.chats = list(chats)
 
-    def add(self, event: Event) -> None:
-        key = notice_key(event)
-        if key is None:
-            return
-        notice = self.notices.get(key)
-        if notice is not None:
-            notice.count += 1
-            return
-        notice = self.notices[key] = _Notice(notice_text(event), 1)
-        notice.timer = self.clock.callLater(self.gather, self._flush, key, True)
+    @inlineCallbacks
+    def notify(self, kind: str, group: dict[str, Any], reason: str):
+        from cockpit.notices import notice_text
 
-    def _flush(self, key: tuple[str, ...], first: bool) -> None:
-        self._say(key, first)
-
-    def _say(self, key: tuple[str, ...], first: bool) -> None:
-        notice = self.notices.get(key)
-        if notice is None:  # stopped meanwhile
-            return
-        if notice.count == 0:
-            del self.notices[key]  # quiet for a whole window: the next one is news again
-            self._forget(key)
-            return
-        if first:
-            text = notice.text if notice.count == 1 else f"{notice.text} (×{notice.count})"
-        else:
-            minutes = f"{self.window / 60:g} min" if self.window >= 60 else f"{self.window:g} s"
-            text = f"{notice.text} (×{notice.count} more in the last {minutes})"
-        notice.count = 0
-        notice.timer = self.clock.callLater(self.window, self._flush, key, False)
-        self._keep(key)
-        self.sent += 1
-        d = self.send(text)
-        self._sending.add(d)
-        d.addErrback(lambda f: None if f.check(defer.CancelledError) else
-                     log.warn("could not send a notice: {error}", error=f.getErrorMessage()))
-        d.addBoth(lambda _: self._sending.discard(d))
-
-    def _keep(self, key: tuple[str, ...]) -> None:
-        """This process still speaks for ``key`` for another window."""
-
-    def _forget(self, key: tuple[str, ...]) -> None:
-        """This process no longer speaks for ``key``."""
-
-    def stop(self) -> None:
-        """Forget what is gathered and abandon notices being sent."""
-        for notice in self.notices.values():
-            if notice.timer is not None and notice.timer.active():
-                notice.timer.cancel()
-        self.notices.clear()
-        for d in list(self._sending):
-            d.cancel()
+        text, keyboard = notice_text(kind, group, reason), group_buttons(kind, group)
+        for chat in self.chats:
+            try:
+                yield self.sender.send(chat, text, keyboard)
+            except (ApiUnreachable, RetryAfter):
+                raise
+            except TelegramError as exc:
+                log.warn("notice for {kind} group {id} refused by chat {chat}: {error}", kind=kind,
+                         id=group["id"], chat=chat, error=exc)
 
 
 # ---------------------------------------------------------------------------
@@ -677,8 +713,8 @@ class TelegramBot(MultiService):
 
     def __init__(self, cfg: Config, backend: "Backend", reactor: Any = None, http: Any = None,
                  clock: Optional[IReactorTime] = None, lease_ttl: float = 30.0,
-                 notice_gather: float = 2.0, notice_window: float = 60.0, output_max_age: float = 3600.0,
-                 catalog: Optional[Catalog] = None):
+                 output_max_age: float = 3600.0, catalog: Optional[Catalog] = None,
+                 groups: Any = None, silences: Any = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor
@@ -699,7 +735,8 @@ class TelegramBot(MultiService):
             catalog.setName("ays-catalog")
             catalog.setServiceParent(self)
         self.catalog = catalog
-        self.commands = ChatCommands(self.api, self.sender, bus, self.state, cfg.bot.allowed_users, catalog)
+        self.commands = ChatCommands(self.api, self.sender, bus, self.state, cfg.bot.allowed_users, catalog,
+                                     groups=groups, silences=silences, clock=clock)
         self.poller = UpdatePoller(self.api, self.state, self.commands.handle_update, clock, lease=lease)
         self.poller.setName("telegram-poller")
         self.poller.setServiceParent(self)
@@ -709,12 +746,7 @@ class TelegramBot(MultiService):
         self.output.setName("telegram-output")
         self.output.setServiceParent(self)
         self.notify_chats = list(cfg.bot.notify_chats)
-        self.notices = backend.notice_batcher(self._notify, clock, notice_gather, notice_window)
-        self.notify_consumer = None
-        if self.notify_chats:
-            self.notify_consumer = bus.consumer(NOTIFY_GROUP, self._notice, types=["alarm", "eco"])
-            self.notify_consumer.setName("telegram-notices")
-            self.notify_consumer.setServiceParent(self)
+        self.notices = TelegramNotices(self.sender, self.notify_chats)
         if not cfg.bot.allowed_users:
             log.warn("[bot] allowed_users is empty: the Telegram bot refuses every command")
 
@@ -725,7 +757,6 @@ class TelegramBot(MultiService):
     @inlineCallbacks
     def stopService(self):
         yield super().stopService()
-        self.notices.stop()
         yield self.api.close()
 
     def health(self) -> dict[str, Any]:
@@ -769,12 +800,3 @@ class TelegramBot(MultiService):
             return None
         buttons = [(str(b[0]), str(b[1])) for b in rows if isinstance(b, (list, tuple)) and len(b) == 2]
         return inline_keyboard(buttons) if buttons else None
-
-    # -- notices ----------------------------------------------------------------
-    def _notice(self, event: Event, delivery: Delivery) -> Optional[Deferred]:
-        # counted (in Redis, with several processes) before the entry is acknowledged
-        return self.notices.add(event)
-
-    def _notify(self, text: str) -> Deferred:
-        sends = [self.sender.send(chat, text) for chat in self.notify_chats]
-        return defer.gatherResults(sends, consumeErrors=True).addErrback(lambda f: f.value.subFailure)

@@ -248,6 +248,17 @@ class BotApi:
             params["text"] = text
         return self.call("answerCallbackQuery", params)
 
+    def edit_message_text(self, chat_id: Any, message_id: int, text: str, parse_mode: Optional[str] = "HTML",
+                          reply_markup: Optional[dict[str, Any]] = None) -> Deferred:
+        """Replace the text (and keyboard) of a message the bot sent."""
+        params: dict[str, Any] = {"chat_id": chat_id, "message_id": message_id, "text": text,
+                                  "link_preview_options": {"is_disabled": True}}
+        if parse_mode:
+            params["parse_mode"] = parse_mode
+        if reply_markup is not None:
+            params["reply_markup"] = reply_markup
+        return self.call("editMessageText", params)
+
     def remove_keyboard(self, chat_id: Any, message_id: int) -> Deferred:
         """Take the inline keyboard off a message the bot sent (editMessageReplyMarkup)."""
         return self.call("editMessageReplyMarkup", {"chat_id": chat_id, "message_id": message_id,

@@ -12,7 +12,9 @@ and keeps Telegram's rules where the cockpit depends on them:
 - ``sendMessage`` checks ``parse_mode`` HTML (unknown tags and bare ``<`` are refused, as
   Telegram does) and the 4096-character limit on the text after entity parsing; messages
   sent are recorded with the text a user would see.
-- ``answerCallbackQuery``, ``editMessageReplyMarkup``, ``getFile`` and file download.
+- ``answerCallbackQuery`` (with its optional ``text``), ``editMessageText`` (the same checks as
+  ``sendMessage``, and "message is not modified" when nothing changes), ``editMessageReplyMarkup``,
+  ``getFile`` and file download.
 - a wrong token gets 401; ``fail_next()`` makes a method answer 429 with ``retry_after``
   (or any other error) on demand.
 
@@ -465,6 +467,39 @@ class FakeTelegram(Resource):
                                 "query ID is invalid")
         self.answered.append(params)
         return True
+
+    def _api_editMessageText(self, request: Request, params: dict[str, Any]) -> Any:
+        try:
+            key = (int(params.get("chat_id")), int(params.get("message_id")))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ApiError(400, "Bad Request: message to edit not found") from None
+        message = self.messages.get(key)
+        if message is None:
+            raise ApiError(400, "Bad Request: message to edit not found")
+        text = params.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(400, "Bad Request: message text is empty")
+        parse_mode = params.get("parse_mode")
+        if parse_mode is not None and parse_mode not in ("HTML", "Markdown", "MarkdownV2"):
+            raise ApiError(400, "Bad Request: unsupported parse_mode")
+        shown = visible_text(text) if parse_mode == "HTML" else text
+        if len(shown) > MAX_TEXT:
+            raise ApiError(400, "Bad Request: MESSAGE_TOO_LONG")
+        markup = params.get("reply_markup")
+        if markup is not None:
+            self._check_markup(markup)
+        new_markup = markup if markup and markup.get("inline_keyboard") else None
+        if shown == message.get("text") and new_markup == message.get("reply_markup"):
+            raise ApiError(400, "Bad Request: message is not modified: specified new message content "
+                                "and reply markup are exactly the same as a current content and reply "
+                                "markup of the message")
+        message["text"] = shown
+        if new_markup is not None:
+            message["reply_markup"] = new_markup
+        else:
+            message.pop("reply_markup", None)
+        self.edited.append({**params, "visible": shown})
+        return message
 
     def _api_editMessageReplyMarkup(self, request: Request, params: dict[str, Any]) -> Any:
         try:

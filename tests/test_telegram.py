@@ -16,7 +16,7 @@ from cockpit.backends.embedded.runs import SqliteRunHistory
 from cockpit.backends.redis import RedisBus
 from cockpit.bus import Delivery
 from cockpit.config import RedisSection
-from cockpit.events import AlarmEvent, EcoEvent, TelegramEvent
+from cockpit.events import TelegramEvent
 from cockpit.repos import ServiceRecord
 from cockpit.telegram import HELP, NO_REPO, TelegramBot, split_text
 from cockpit.workers import WorkerPool
@@ -402,56 +402,6 @@ class OutputTests(BotCase):
         self.assertEqual(split_text("short"), ["short"])
 
 
-class NoticeTests(BotCase):
-    def alarm(self, msg: str = "disk full") -> AlarmEvent:
-        return AlarmEvent(service="node!n1", method="monitor", msg=msg)
-
-    def notices_sent(self):
-        """Fires when the notices being sent have been answered (before the Clock moves on)."""
-        return defer.DeferredList(list(self.bot.notices._sending))
-
-    @inlineCallbacks
-    def test_ten_identical_alarms_within_a_second_make_one_notice_with_a_count(self):
-        for _ in range(10):
-            yield self.bus.publish(self.alarm())
-            self.clock.advance(0.1)
-        self.assertEqual(self.bot.sender.attempts, 0)  # gathered, not sent one by one
-        self.clock.advance(2)
-        yield self.notices_sent()
-        self.assertEqual(self.replies(OPS_CHAT), ["Alarm on node!n1: monitor: disk full (×10)"])
-        self.clock.advance(60)  # a quiet window: nothing more to say
-        self.assertEqual(self.bot.sender.attempts, 1)
-        self.assertEqual(self.bot.notices.notices, {})
-
-    @inlineCallbacks
-    def test_a_flood_that_goes_on_is_summed_up_once_per_window(self):
-        yield self.bus.publish(self.alarm())
-        self.clock.advance(2)
-        yield self.notices_sent()
-        for _ in range(50):
-            yield self.bus.publish(self.alarm())
-            self.clock.advance(1)
-        self.clock.advance(10)
-        yield self.notices_sent()
-        self.assertEqual(self.replies(OPS_CHAT),
-                         ["Alarm on node!n1: monitor: disk full",
-                          "Alarm on node!n1: monitor: disk full (×50 more in the last 1 min)"])
-
-    @inlineCallbacks
-    def test_different_alarms_and_ecos_are_separate_notices(self):
-        yield self.bus.publish(self.alarm("disk full"))
-        yield self.bus.publish(self.alarm("cpu hot"))
-        eco = dict(app_name="shop", eco_type="python", error_msg="ZeroDivisionError", func_filename="cart.py",
-                   line_nbr=12)
-        yield self.bus.publish(EcoEvent(**eco))
-        yield self.bus.publish(EcoEvent(**eco))  # same fingerprint
-        self.clock.advance(2)
-        yield self.notices_sent()
-        self.assertEqual(sorted(self.replies(OPS_CHAT)),
-                         ["Alarm on node!n1: monitor: cpu hot", "Alarm on node!n1: monitor: disk full",
-                          "Error in shop: ZeroDivisionError (cart.py:12) (×2)"])
-
-
 class TwoProcessTests(TestCase):
     """Two cockpit processes (two buses, one Redis) with one token."""
 
@@ -582,55 +532,3 @@ class EndToEndTests(TestCase):
         yield self.reply_to("/blueprint execute cluster")
         self.assertIn("- node!n1 install: ok", (yield self.reply_to("/service list")))
         self.assertIn('"port": 2200', (yield self.reply_to("/service show node!n1")))
-
-
-class SharedNoticeTests(TestCase):
-    """Notices counted in Redis: several processes, one notice between them."""
-
-    timeout = 20
-
-    @inlineCallbacks
-    def setUp(self):
-        from cockpit.backends.redis.telegram import RedisNoticeBatcher
-
-        redis = shared_server()
-        redis.flush()
-        self.clock = Clock()
-        self.sent: list[str] = []
-        self.batchers = []
-        for _ in range(2):  # two cockpit processes: a bus and a batcher each
-            bus = RedisBus(RedisSection(url=redis.url))
-            bus.startService()
-            self.addCleanup(bus.stopService)
-            yield bus.when_connected()
-            batcher = RedisNoticeBatcher(self.say, self.clock, bus, gather=2.0, window=60.0)
-            self.addCleanup(batcher.stop)
-            self.batchers.append(batcher)
-
-    def say(self, text: str):
-        self.sent.append(text)
-        return defer.succeed(None)
-
-    @inlineCallbacks
-    def advance(self, seconds: float):
-        self.clock.advance(seconds)
-        for batcher in self.batchers:
-            yield defer.DeferredList(list(batcher.flushing))
-
-    @inlineCallbacks
-    def test_ten_identical_alarms_over_two_processes_make_one_notice_with_a_count(self):
-        alarm = AlarmEvent(service="node!n1", method="monitor", msg="disk full")
-        for n in range(10):
-            yield self.batchers[n % 2].add(alarm)
-        yield self.advance(2)
-        self.assertEqual(["Alarm on node!n1: monitor: disk full (×10)"], self.sent)
-        for n in range(4):  # the flood goes on, through both processes
-            yield self.batchers[n % 2].add(alarm)
-        yield self.advance(60)
-        self.assertEqual("Alarm on node!n1: monitor: disk full (×4 more in the last 1 min)", self.sent[-1])
-        yield self.advance(60)  # a quiet window: nothing more, and the next one is news again
-        self.assertEqual(2, len(self.sent))
-        yield self.batchers[0].bus.execute("PING")  # its release of the notice has been done
-        yield self.batchers[1].add(alarm)
-        yield self.advance(2)
-        self.assertEqual(["Alarm on node!n1: monitor: disk full"], self.sent[2:])

@@ -1,8 +1,8 @@
 """The one boundary of shared state: what cockpit processes share, behind interfaces with two implementations.
 
 A :class:`Backend` hands out every piece of state that several processes must see alike:
-the bus, the AYS catalog, the event groups, the outgoing mail, the Telegram bot's state,
-lease and notice counts (and, through the bus, marks such as the recurring actions' claims). There are
+the bus, the AYS catalog, the event groups (and their due notices), the outgoing mail, the
+Telegram bot's state and lease (and, through the bus, marks such as the recurring actions' claims). There are
 two: :class:`cockpit.backends.redis.RedisBackend`, shared by every process on one
 Redis, and :class:`cockpit.backends.embedded.EmbeddedBackend`, inside one process, on
 its ``data_dir``. :func:`make_backend` picks one, once, where the service tree is built;
@@ -16,9 +16,8 @@ The interfaces live with the domain they serve: :class:`cockpit.bus.Bus`,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from cockpit.bus import Bus
@@ -30,7 +29,6 @@ from cockpit.telegram_poll import BotState, Lease
 if TYPE_CHECKING:
     from cockpit.ays_catalog import CatalogStore
     from cockpit.config import Config
-    from cockpit.telegram import NoticeBatcher
 
 __all__ = ["Backend", "Bus", "GroupStore", "Outbox", "BotState", "Lease", "make_backend"]
 
@@ -64,10 +62,6 @@ class Backend:
 
     def lease(self, bot_id: str, clock: IReactorTime, ttl: float) -> Optional[Lease]:
         """The polling lease of a bot token; None where one process is all there is."""
-        raise NotImplementedError
-
-    def notice_batcher(self, send: Callable[[str], Deferred], clock: IReactorTime, gather: float,
-                       window: float) -> "NoticeBatcher":
         raise NotImplementedError
 
 

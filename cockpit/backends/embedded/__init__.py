@@ -6,9 +6,8 @@ restart (outgoing mail, the bot's offset) is written under ``data_dir``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from cockpit.backends import Backend
@@ -60,8 +59,3 @@ class EmbeddedBackend(Backend):
     def lease(self, bot_id: str, clock: IReactorTime, ttl: float) -> None:
         return None  # one process: nobody to share the token with
 
-    def notice_batcher(self, send: Callable[[str], Deferred], clock: IReactorTime, gather: float,
-                       window: float) -> Any:
-        from cockpit.telegram import NoticeBatcher
-
-        return NoticeBatcher(send, clock, gather=gather, window=window)

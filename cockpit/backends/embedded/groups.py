@@ -9,8 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from cockpit.events import Event
-from cockpit.groups import (ENDED, OPEN, PRUNE_BATCH, GroupStore, group_cursor, occurrence, parse_group_cursor,
-                            present_group, sort_field, transition)
+from cockpit.groups import (ENDED, OPEN, PRUNE_BATCH, GroupStore, group_cursor, notice_of, occurrence,
+                            parse_group_cursor, present_group, sort_field, transition)
 
 
 class MemoryGroupStore(GroupStore):
@@ -20,6 +20,7 @@ class MemoryGroupStore(GroupStore):
         super().__init__(clock, samples)
         self.groups: dict[str, dict[str, dict[str, Any]]] = {"eco": {}, "alarm": {}}
         self.seen: "OrderedDict[str, None]" = OrderedDict()  # the latest guids counted
+        self.due: dict[tuple[str, str], float] = {}  # (kind, id) -> when its notice is due
 
     def record(self, event: Event) -> Deferred:
         if event.guid in self.seen:
@@ -46,7 +47,14 @@ class MemoryGroupStore(GroupStore):
         group["samples"].appendleft(seen.sample)
         if new != old:
             self._enter(seen.kind, group, new, seen.time)
+            reason = notice_of(seen.kind, old, new)
+            if reason:
+                self._due(seen.kind, group, reason, self.clock.seconds())
         return defer.succeed(True)
+
+    def _due(self, kind: str, group: dict[str, Any], reason: str, at: float) -> None:
+        group["notice"] = reason
+        self.due[(kind, group["id"])] = at
 
     def _enter(self, kind: str, group: dict[str, Any], state: str, ended_time: int) -> None:
         old, group["state"] = group["state"], state
@@ -86,11 +94,14 @@ class MemoryGroupStore(GroupStore):
             return defer.succeed(None)
         if action == "ack":
             group["acked_by"], group["acked_at"] = by, self.clock.seconds()
+            self.due.pop((kind, group_id), None)  # an ack stops the repeats
         elif action == "close":
             if group["state"] not in ENDED[kind]:
                 self._enter(kind, group, "CLOSED" if kind == "eco" else "closed", group["last_time"])
+                self.due.pop((kind, group_id), None)
         elif group["state"] in ENDED[kind]:  # reopen
             self._enter(kind, group, OPEN[kind], group["last_time"])
+            self._due(kind, group, "reopened", self.clock.seconds())
         return self.get(kind, group_id)
 
     def prune(self, kind: str, ended_before: float) -> Deferred:
@@ -98,4 +109,50 @@ class MemoryGroupStore(GroupStore):
                if g["state"] in ENDED[kind] and g.get("ended_at", ended_before) < ended_before][:PRUNE_BATCH]
         for gid in old:
             del self.groups[kind][gid]
+            self.due.pop((kind, gid), None)
         return defer.succeed(len(old))
+
+    def claim_notices(self, lease: float, limit: int = 100) -> Deferred:
+        now = self.clock.seconds()
+        out = []
+        for (kind, gid), at in sorted(self.due.items(), key=lambda item: item[1])[:limit]:
+            if at > now:
+                break
+            group = self.groups[kind].get(gid)
+            if group is None or not group.get("notice"):
+                del self.due[(kind, gid)]
+                continue
+            self.due[(kind, gid)] = now + lease
+            out.append((kind, present_group(kind, group), group["notice"]))
+        return defer.succeed(out)
+
+    def noticed(self, kind: str, group_id: str, reason: str, sent: bool, repeat: float) -> Deferred:
+        group = self.groups[kind].get(group_id)
+        if group is None:
+            self.due.pop((kind, group_id), None)
+            return defer.succeed(None)
+        if not sent:
+            if group.get("notice") == reason:
+                group["notice"] = "held"
+                self.due.pop((kind, group_id), None)
+            return defer.succeed(None)
+        now = self.clock.seconds()
+        group["notified_at"] = now
+        group["notices"] = group.get("notices", 0) + 1
+        if group["state"] == "NEW":
+            self._enter(kind, group, "ALERT", group["last_time"])
+        if group.get("notice") != reason:
+            return defer.succeed(None)
+        if group["state"] not in ENDED[kind] and not group.get("acked_by"):
+            self._due(kind, group, "repeat", now + repeat)
+        else:
+            group["notice"] = "sent"
+            self.due.pop((kind, group_id), None)
+        return defer.succeed(None)
+
+    def notice_due(self, kind: str, group_id: str, reason: str) -> Deferred:
+        group = self.groups[kind].get(group_id)
+        if group is None or group["state"] in ENDED[kind]:
+            return defer.succeed(False)
+        self._due(kind, group, reason, self.clock.seconds())
+        return defer.succeed(True)

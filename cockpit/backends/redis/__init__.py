@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from cockpit.backends import Backend
@@ -51,8 +50,3 @@ class RedisBackend(Backend):
 
         return RedisLease(self.bus, bot_id, clock, ttl=ttl)
 
-    def notice_batcher(self, send: Callable[[str], Deferred], clock: IReactorTime, gather: float,
-                       window: float) -> Any:
-        from cockpit.backends.redis.telegram import RedisNoticeBatcher
-
-        return RedisNoticeBatcher(send, clock, self.bus, gather=gather, window=window)

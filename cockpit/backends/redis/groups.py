@@ -77,6 +77,20 @@ local function enter(g, ix, kind, id, old, new, ended_time, now)
   end
 end
 
+-- a notice is due for group `g` now: `reason` says why (opened, reopened, resolved, repeat, ...)
+local function due(g, kind, id, reason, at)
+  redis.call('HSET', g, 'notice', reason)
+  redis.call('ZADD', 'ckpt.notices.due', at, kind .. ':' .. id)
+end
+
+local function notice_of(old, new)
+  if not old then
+    if not ENDED[new] then return 'opened' end
+  elseif ENDED[old] and not ENDED[new] then return 'reopened'
+  elseif ENDED[new] and not ENDED[old] then return 'resolved' end
+  return false
+end
+
 local function index(g, ix, id, state)
   local t, count = redis.call('HGET', g, 'last_time'), redis.call('HGET', g, 'count')
   redis.call('ZADD', ix, t, id)
@@ -114,7 +128,11 @@ for i = 4, #ARGV, 9 do
     if t >= last then redis.call('HSET', g, 'last_time', t, 'data', data) end
     redis.call('LPUSH', g .. '.samples', sample)
     redis.call('LTRIM', g .. '.samples', 0, keep - 1)
-    if new ~= old then enter(g, ix, kind, id, old, new, t, now) end
+    if new ~= old then
+      enter(g, ix, kind, id, old, new, t, now)
+      local reason = notice_of(old, new)
+      if reason then due(g, kind, id, reason, now) end
+    end
     index(g, ix, id, new)
     table.insert(out, 1)
   end
@@ -130,13 +148,16 @@ local old = redis.call('HGET', g, 'state')
 if not old then return nil end
 if action == 'ack' then
   redis.call('HSET', g, 'acked_by', by, 'acked_at', now)
+  redis.call('ZREM', 'ckpt.notices.due', kind .. ':' .. id)  -- an ack stops the repeats
 elseif action == 'close' and not ENDED[old] then
   local closed = kind == 'eco' and 'CLOSED' or 'closed'
   enter(g, ix, kind, id, old, closed, redis.call('HGET', g, 'last_time'), now)
   index(g, ix, id, closed)
+  redis.call('ZREM', 'ckpt.notices.due', kind .. ':' .. id)
 elseif action == 'reopen' and ENDED[old] then
   enter(g, ix, kind, id, old, OPEN[kind], '', now)
   index(g, ix, id, OPEN[kind])
+  due(g, kind, id, 'reopened', now)
 end
 return {redis.call('HGETALL', g), redis.call('LRANGE', g .. '.samples', 0, -1)}
 """
@@ -157,8 +178,74 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', ix .. '.count', id)
   redis.call('ZREM', ix .. '.ended', id)
   redis.call('DEL', g, g .. '.samples')
+  redis.call('ZREM', 'ckpt.notices.due', kind .. ':' .. id)
 end
 return #ids
+"""
+
+# ARGV: now, lease, at most. The notices due by now, each leased to this caller (its time moved to now + lease,
+# so that a process that dies while sending leaves it to another). Returns {member, reason, group} triples.
+_CLAIM = """
+local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {}
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', 'ckpt.notices.due', '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))) do
+  local kind, id = string.match(member, '^(%a+):(%x+)$')
+  local g = 'ckpt.group.' .. (kind or '') .. '.' .. (id or '')
+  local reason = kind and redis.call('HGET', g, 'notice')
+  if reason then
+    redis.call('ZADD', 'ckpt.notices.due', now + lease, member)
+    table.insert(out, {member, reason, redis.call('HGETALL', g)})
+  else
+    redis.call('ZREM', 'ckpt.notices.due', member)
+  end
+end
+return out
+"""
+
+# ARGV: kind, id, the reason of the notice sent (or "" when it was held back), now, repeat (seconds).
+# A notice sent: an eco that was NEW is ALERT now; an open group nobody acked is due again after `repeat`.
+# A notice held back (silenced) is not repeated. Either way, a newer reason set meanwhile is left due.
+_NOTICED = _COMMON + """
+local kind, id, sent, now, every = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local g, ix, member = 'ckpt.group.' .. kind .. '.' .. id, 'ckpt.groups.' .. kind, kind .. ':' .. id
+local state = redis.call('HGET', g, 'state')
+local reason = redis.call('HGET', g, 'notice')
+if not state then
+  redis.call('ZREM', 'ckpt.notices.due', member)
+  return 0
+end
+if sent == '' then
+  if reason == ARGV[6] then
+    redis.call('HSET', g, 'notice', 'held')
+    redis.call('ZREM', 'ckpt.notices.due', member)
+  end
+  return 1
+end
+redis.call('HSET', g, 'notified_at', now)
+redis.call('HINCRBY', g, 'notices', 1)
+if state == 'NEW' then
+  enter(g, ix, kind, id, 'NEW', 'ALERT', '', now)
+  index(g, ix, id, 'ALERT')
+  state = 'ALERT'
+end
+if reason ~= sent then return 1 end
+if not ENDED[state] and not redis.call('HGET', g, 'acked_by') then
+  due(g, kind, id, 'repeat', now + every)
+else
+  redis.call('HSET', g, 'notice', 'sent')
+  redis.call('ZREM', 'ckpt.notices.due', member)
+end
+return 1
+"""
+
+# ARGV: kind, id, reason, now. An open group gets a notice now (a silence over it ended, say).
+_DUE = _COMMON + """
+local kind, id = ARGV[1], ARGV[2]
+local g = 'ckpt.group.' .. kind .. '.' .. id
+local state = redis.call('HGET', g, 'state')
+if not state or ENDED[state] then return 0 end
+due(g, kind, id, ARGV[3], ARGV[4])
+return 1
 """
 
 # KEYS: the sorted set. ARGV: hash key prefix, limit, cursor score ("" from the top), cursor id.
@@ -187,7 +274,8 @@ return out
 """
 
 _SCRIPTS = {name: (script, hashlib.sha1(script.encode()).hexdigest())
-            for name, script in (("record", _RECORD), ("act", _ACT), ("prune", _PRUNE), ("page", _PAGE))}
+            for name, script in (("record", _RECORD), ("act", _ACT), ("prune", _PRUNE), ("page", _PAGE),
+                                         ("claim", _CLAIM), ("noticed", _NOTICED), ("due", _DUE))}
 
 
 def _pairs(flat: list) -> dict[str, Any]:
@@ -276,3 +364,24 @@ class RedisGroupStore(GroupStore):
 
     def prune(self, kind: str, ended_before: float) -> Deferred:
         return self._run("prune", [], [kind, repr(ended_before), str(PRUNE_BATCH)]).addCallback(int)
+
+    # -- notices -----------------------------------------------------------------------
+    def claim_notices(self, lease: float, limit: int = 100) -> Deferred:
+        d = self._run("claim", [], [repr(self.clock.seconds()), repr(lease), str(limit)])
+
+        def present(replies: list) -> list[tuple[str, dict[str, Any], str]]:
+            out = []
+            for member, reason, flat in replies or []:
+                kind = member.partition(":")[0]
+                out.append((kind, present_group(kind, _pairs(flat)), reason))
+            return out
+
+        return d.addCallback(present)
+
+    def noticed(self, kind: str, group_id: str, reason: str, sent: bool, repeat: float) -> Deferred:
+        return self._run("noticed", [], [kind, group_id, reason if sent else "", repr(self.clock.seconds()),
+                                         repr(repeat), reason])
+
+    def notice_due(self, kind: str, group_id: str, reason: str) -> Deferred:
+        return self._run("due", [], [kind, group_id, reason, repr(self.clock.seconds())]).addCallback(
+            lambda n: bool(int(n)))
