@@ -258,3 +258,52 @@ class ButtonTests(BotCase):
     def test_the_bot_hands_its_telegram_channel_to_the_notifier(self):
         self.assertIsInstance(self.bot, TelegramBot)
         self.assertEqual([OPS_CHAT], self.bot.notices.chats)
+
+
+class MailNoticeTests(TestCase):
+    """Notices by mail to [notify] mail_to, through a MailSender to the local relay the mail tests use."""
+
+    timeout = 20
+
+    @inlineCallbacks
+    def test_a_notice_arrives_by_mail_through_the_relay(self):
+        from email import message_from_bytes, policy
+        from pathlib import Path
+
+        from cockpit.backends.embedded.outbox import SpoolOutbox
+        from cockpit.config import RelaySection
+        from cockpit.notices import MailChannel
+        from cockpit.smtp import MailSender
+        from tests.test_mail_send import ClockedReactor, RelaySink
+        from tests.test_smtp import self_signed_cert
+
+        cert = self_signed_cert(Path(self.mktemp()), host="localhost")
+        sink = RelaySink(cert)
+        listening = reactor.listenTCP(0, sink.factory(), interface="127.0.0.1")
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in sink.protocols
+                                 if p.transport is not None and not p.transport.disconnected])
+        self.addCleanup(listening.stopListening)
+        clock = Clock()
+        clock.advance(1_800_000_000)
+        relay = RelaySection(host="localhost", port=listening.getHost().port, username="cockpit", password="relaypw",
+                             starttls=True, sender="cockpit@cockpit.test", ca_cert=str(cert), timeout=10.0)
+        mailer = MailSender(relay, ClockedReactor(clock), hostname="cockpit.test",
+                            outbox=SpoolOutbox(None, ClockedReactor(clock)))
+        mailer.startService()
+        self.addCleanup(mailer.stopService)
+        bus = MemoryBus(clock=clock)
+        store = backend_for(bus).group_store(clock)
+        notifier = Notifier(store, [MailChannel(mailer, ["oncall@example.org"])], clock)
+        yield store.record(AlarmEvent(**FIRING, epoch=1_800_000_000))
+        arrived = sink.wait()
+        yield notifier.tick()
+        yield arrived
+        [record] = yield mailer.deliveries(1)
+        outcome = yield mailer.next_outcome(record["id"])  # the relay's session is over
+        self.assertEqual("sent", outcome["state"])
+        [(recipient, raw)] = sink.messages
+        message = message_from_bytes(raw, policy=policy.default)
+        self.assertEqual(("oncall@example.org", "[cockpit] 🔥 Firing: HighLoad on node!web1"),
+                         (recipient, message["Subject"]))
+        self.assertIn("load is high\nseverity: critical\n1 time since 2027-01-15", message.get_content())
+        self.assertEqual(1, notifier.sent)
