@@ -107,6 +107,13 @@ class CommandLineTests(TestCase):
                          result.stderr.strip().splitlines())
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 
+    def test_mail_notices_without_a_relay_exit_2_with_one_line(self):
+        path = write('[notify]\nmail_to = ["oncall@example.org"]\n')
+        self.addCleanup(os.unlink, path)
+        result = self.twistd("cockpit", "--config", path)
+        self.assertEqual((2, [f"cockpit: {path}: [notify] mail_to: notices by mail need a [mail.relay]"]),
+                         (result.returncode, result.stderr.strip().splitlines()))
+
     def test_help_lists_the_config_option(self):
         result = self.twistd("cockpit", "--help")
         self.assertEqual(0, result.returncode)

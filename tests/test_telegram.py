@@ -455,7 +455,13 @@ class WiringTests(TestCase):
         self.assertIsNone(bot.poller.lease)  # the embedded bus: no lease needed
         self.assertEqual(bot.api.api_url, "https://api.telegram.org")
         self.assertIn("telegram", top.api.services)
-        return bot.api.close()
+        self.assertNotIn("notices", [s.name for s in top])  # no notify_chats: nowhere to send notices
+        with_chats = tap.build(config.from_dict({"cockpit": {"data_dir": base}, **listen,
+                                                 "bot": {"token": TOKEN, "notify_chats": [OPS_CHAT]}}), reactor)
+        notifier = with_chats.getServiceNamed("notices")
+        self.assertEqual([with_chats.getServiceNamed("telegram").notices], notifier.channels)
+        self.assertIn("notices", with_chats.api.services)
+        return defer.gatherResults([bot.api.close(), with_chats.getServiceNamed("telegram").api.close()])
 
 
 class EndToEndTests(TestCase):
