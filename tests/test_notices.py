@@ -307,3 +307,45 @@ class MailNoticeTests(TestCase):
                          (recipient, message["Subject"]))
         self.assertIn("load is high\nseverity: critical\n1 time since 2027-01-15", message.get_content())
         self.assertEqual(1, notifier.sent)
+
+
+class EndToEndTests(TestCase):
+    """A real ``twistd`` cockpit on Redis, the local fake of the Bot API, and the REST API."""
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_an_alarm_posted_over_rest_is_noticed_and_acked_from_the_chat(self):
+        from tests.cockpits import call, eventually, spawn_cockpit
+        from tests.fake_telegram import FakeTelegram, FakeTelegramServer
+        from tests.test_telegram_api import TOKEN
+
+        redis = shared_server()
+        redis.flush()
+        fake = FakeTelegram(TOKEN, clock=reactor)
+        telegram = FakeTelegramServer(fake).start()
+        self.addCleanup(telegram.stop)
+        cockpit = yield spawn_cockpit(self, extra=f'[redis]\nurl = "{redis.url}"\n[bot]\ntoken = "{TOKEN}"\n'
+                                                  f'api_url = "{telegram.url}"\nallowed_users = [{ALICE.id}]\n'
+                                                  f'notify_chats = [{OPS_CHAT}]\n').started()
+        code, _ = yield call("POST", f"{cockpit.api}/events/alarm", FIRING)
+        self.assertEqual(202, code)
+        for n in range(20):  # repeats: no further notice
+            yield call("POST", f"{cockpit.api}/events/alarm", FIRING)
+        yield fake.wait_for("sendMessage", 1)
+        [notice] = fake.sent_to(OPS_CHAT)
+        ack = notice["reply_markup"]["inline_keyboard"][0][0]
+        self.assertEqual("Ack", ack["text"])
+        fake.callback(ALICE, notice["message"], ack["callback_data"])
+        yield fake.wait_for("editMessageText", 1)
+        group_id = ack["callback_data"].rsplit(":", 1)[1]
+
+        @inlineCallbacks
+        def counted():
+            code, group = yield call("GET", f"{cockpit.api}/alarms/{group_id}")
+            return group if code == 200 and group["count"] == 21 else None
+
+        group = yield eventually(counted, timeout=20, what="the 21 alarms counted")
+        self.assertEqual(("@alice", "firing"), (group["acked"]["by"], group["state"]))
+        self.assertIn("Acked by @alice", fake.messages[(OPS_CHAT, notice["message_id"])]["text"])
+        self.assertEqual(1, len(fake.sent_to(OPS_CHAT)))
