@@ -158,7 +158,9 @@ class Bus(Service):
 
         The entry is acknowledged when the handler's result (or Deferred) succeeds.
         A failed or abandoned entry is reclaimed after ``claim_idle`` seconds and moves
-        to ``ckpt.dead`` after ``max_deliveries`` deliveries.
+        to ``ckpt.dead`` after ``max_deliveries`` deliveries; on a shared bus, one whose
+        handler failed with BusUnavailable is handed out again at the first beat that gets
+        through.
         """
         raise NotImplementedError
 
@@ -217,9 +219,13 @@ class Consumer(Service):
 
     On a bus shared by several processes (``bus.consumer_timeout`` set) a consumer beats every
     ``consumer_timeout / 5`` seconds; at each beat it takes over the entries of the consumers of
-    its group whose heartbeat has lapsed, and removes them from the group. A stop drains what was
-    handed out, acknowledges it, then leaves the group (or, with entries still unfinished, ends its
-    heartbeat so that the others take them at once).
+    its group whose heartbeat has lapsed, and removes them from the group. After the bus failed it
+    (a read, a beat or a claim cut off, or a handler failing with BusUnavailable), the first beat that
+    gets through also takes back what the group holds for this consumer and nobody here handles: a
+    delivery whose reply the failure took, an entry whose handler met the bus away. They would
+    otherwise wait ``claim_idle`` for a reclaim. A stop drains what was handed out, acknowledges it,
+    then leaves the group (or, with entries still unfinished, ends its heartbeat so that the others
+    take them at once).
     """
 
     # seconds a stop waits for the read under way to come back before cutting its connection
@@ -258,6 +264,10 @@ class Consumer(Service):
         self._beater: Optional[task.LoopingCall] = None
         self._beats_since: Optional[float] = None  # when the current unbroken run of beats began
         self._beat_failed = False  # whether a beat has failed since the start
+        # whether the group may hold entries for this consumer that nobody here handles: set when
+        # the bus fails it, cleared by the beat that takes them back
+        self._lost_track = False
+        self._catching_up: set[tuple[str, str]] = set()  # read or claimed, waiting for before_dispatch
         self._busy: set[Deferred] = set()  # beats, reclaims and hand-outs under way: a stop waits for them
         self._pauses: set[Deferred] = set()
         self._drain_waiters: list[Deferred] = []
@@ -392,11 +402,12 @@ class Consumer(Service):
                 if not self.running:
                     break
                 log.warn("consumer {name} cannot read: {error}; retrying", name=self.consumer_name, error=exc)
+                self._lost_track = True  # Redis may have delivered what it read before the connection went
                 yield self._pause(1.0)
                 yield self._get_ready()
                 continue
             if entries and self.before_dispatch is not None:
-                if not (yield self._caught_up()):
+                if not (yield self._caught_up([(stream, entry_id) for stream, entry_id, _ in entries])):
                     break  # stopping: the entries stay pending, for whoever reads next
             # entries read while stopping are handled too: they were handed to this consumer
             for stream, entry_id, raw in entries:
@@ -423,8 +434,19 @@ class Consumer(Service):
                 yield self._pause(1.0)
 
     @inlineCallbacks
-    def _caught_up(self):
-        """Fires True once ``before_dispatch`` has succeeded, retrying while it fails; False when stopping."""
+    def _caught_up(self, keys: list[tuple[str, str]]):
+        """Fires True once ``before_dispatch`` has succeeded, retrying while it fails; False when stopping.
+
+        Meanwhile the entries of ``keys`` are held here, waiting for it.
+        """
+        self._catching_up.update(keys)
+        try:
+            return (yield self._catch_up())
+        finally:
+            self._catching_up.difference_update(keys)
+
+    @inlineCallbacks
+    def _catch_up(self):
         assert self.before_dispatch is not None
         while True:
             try:
@@ -530,8 +552,13 @@ class Consumer(Service):
     def _failed(self, failure: Failure, key: tuple[str, str]) -> None:
         self._last_error[key] = failure.getErrorMessage()[:500]
         if failure.check(BusUnavailable):
-            log.warn("consumer {name}: cannot acknowledge {stream} {id} ({error}); it stays pending",
-                     name=self.consumer_name, stream=key[0], id=key[1], error=failure.getErrorMessage())
+            # the bus, not the entry, failed: handled again once the bus is back (while stopping,
+            # it stays pending for whoever comes next)
+            if self.running:
+                self._lost_track = True
+            log.warn("consumer {name}: handling {stream} {id} met the bus away ({error}); it stays pending "
+                     "and is handed out again once the bus is back", name=self.consumer_name, stream=key[0],
+                     id=key[1], error=failure.getErrorMessage())
         else:
             log.failure("consumer {name}: handling {stream} {id} failed; it stays pending",
                         failure, name=self.consumer_name, stream=key[0], id=key[1])
@@ -557,10 +584,12 @@ class Consumer(Service):
 
     # -- reclaiming ---------------------------------------------------------
     def _reclaim_logged(self) -> Deferred:
-        d = self.reclaim()
-        d.addErrback(lambda f: log.warn("consumer {name}: reclaim failed: {error}",
-                                        name=self.consumer_name, error=f.getErrorMessage()))
-        return d
+        return self.reclaim().addErrback(self._reclaim_failed)
+
+    def _reclaim_failed(self, failure: Failure) -> None:
+        self._lost_track = True  # a claim whose reply was lost leaves its entries with this consumer
+        log.warn("consumer {name}: reclaim failed: {error}", name=self.consumer_name,
+                 error=failure.getErrorMessage())
 
     def reclaim(self) -> Deferred:
         """Take over entries idle past ``claim_idle``; dead-letter those delivered too often.
@@ -608,6 +637,7 @@ class Consumer(Service):
             except Exception:
                 self._beat_failed = True
                 self._beats_since = None
+                self._lost_track = True  # what a beat claims is lost with its reply
                 raise
             if self._beats_since is None:
                 self._beats_since = now
@@ -618,12 +648,36 @@ class Consumer(Service):
                          "heartbeat lapsed", name=self.consumer_name, count=len(claimed), group=self.group)
             taken += self._hand_out(claimed)
             if len(claimed) < TAKEOVER_BATCH:
-                return taken
+                break
+        if self._lost_track and self.running:
+            taken += yield self._take_back()
+        return taken
+
+    @inlineCallbacks
+    def _take_back(self):
+        """Claim again, and hand out, what the group holds for this consumer and nobody here handles."""
+        self._lost_track = False
+        try:
+            claimed = yield self._claim_own(self._held())
+        except Exception as exc:
+            self._lost_track = True
+            log.warn("consumer {name} cannot take back what {group} holds for it ({error}); the next beat "
+                     "tries again", name=self.consumer_name, group=self.group, error=exc)
+            return 0
+        taken = self._hand_out(claimed)
+        if taken:
+            log.info("consumer {name} took back {count} entries of {group} it held while the bus was away",
+                     name=self.consumer_name, count=taken, group=self.group)
+        return taken
+
+    def _held(self) -> set[tuple[str, str]]:
+        """The entries this consumer has in hand: handled, owed an acknowledgement, or waiting to be handled."""
+        return self.inflight.keys() | self.owed_acks | self._catching_up
 
     def _hand_out(self, claimed: list[tuple[str, str, Optional[str], int]]) -> int:
         """Hand claimed entries to the handler (or to ``ckpt.dead``); returns how many were new here."""
-        fresh = [entry for entry in claimed if (entry[0], entry[1]) not in self.inflight
-                 and (entry[0], entry[1]) not in self.owed_acks]
+        held = self._held()
+        fresh = [entry for entry in claimed if entry[:2] not in held]
         if fresh:
             self._busy_with(self._dispatch_claimed(fresh)).addErrback(
                 lambda f: log.failure("consumer {name}: handing out claimed entries failed", f,
@@ -632,7 +686,7 @@ class Consumer(Service):
 
     @inlineCallbacks
     def _dispatch_claimed(self, claimed: list[tuple[str, str, Optional[str], int]]):
-        if self.before_dispatch is not None and not (yield self._caught_up()):
+        if self.before_dispatch is not None and not (yield self._caught_up([entry[:2] for entry in claimed])):
             return  # stopping: they stay pending, for the others once this consumer has left
         for stream, entry_id, raw, deliveries in claimed:
             if deliveries > self.bus.max_deliveries:
@@ -694,6 +748,11 @@ class Consumer(Service):
 
     def _claim(self, min_idle: float) -> Deferred:
         """Fires with ``[(stream, id, raw, deliveries)]`` now owned by this consumer."""
+        raise NotImplementedError
+
+    def _claim_own(self, held: set[tuple[str, str]]) -> Deferred:
+        """Claim anew the entries pending for this consumer, except ``held`` (they stay as they are);
+        fires with ``[(stream, id, raw, deliveries)]``. Only a bus with heartbeats is asked."""
         raise NotImplementedError
 
     def _dead_letter(self, stream: str, entry_id: str, raw: str, deliveries: int, error: str) -> Deferred:

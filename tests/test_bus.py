@@ -744,3 +744,133 @@ class RedisAwayAckTests(TestCase):
         self.assertEqual(0, (yield bus.pending(AYS_GROUP, ["alarm"])))
         yield consumer.reclaim()
         self.assertEqual(1, len(recorder.seen))  # never handed out again
+
+
+def within(d: Deferred, seconds: float, what: str) -> Deferred:
+    """``d``, failed with a sentence instead of left waiting when it has not fired after ``seconds``."""
+    def late(failure):
+        failure.trap(defer.TimeoutError)
+        raise AssertionError(f"{what} did not come within {seconds} s")
+
+    return d.addTimeout(seconds, reactor).addErrback(late)
+
+
+class RedisOutageRecoveryTests(TestCase):
+    """After Redis crashed and came back, what it holds for a consumer that the consumer does not
+    handle is handed out again at once, not ``claim_idle`` later (when only a reclaim finds it)."""
+
+    timeout = 30
+
+    def setUp(self):
+        # a crash keeps what Redis acknowledged, as in a deployment that must lose nothing
+        self.redis = RedisServer("--appendonly", "yes", "--appendfsync", "always").start()
+        self.addCleanup(self.redis.cleanup)
+
+    @inlineCallbacks
+    def make_bus(self, clock=reactor):
+        bus = RedisBus(RedisSection(url=self.redis.url, claim_idle=60.0, consumer_timeout=1.0),
+                       clock=clock, reactor=reactor)
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        yield bus.when_connected()
+        return bus
+
+    @inlineCallbacks
+    def start(self, bus, handler):
+        consumer = bus.consumer(AYS_GROUP, handler, types=["alarm"], drain_timeout=0)
+        consumer.block_ms = 100
+        consumer.startService()
+        self.addCleanup(lambda: consumer.stopService() if consumer.running else None)
+        yield consumer.when_ready()
+        return consumer
+
+    @inlineCallbacks
+    def test_an_entry_whose_handler_met_redis_down_is_handed_out_again_at_the_first_beat_after_it_is_back(self):
+        clock = Clock()  # beats and reclaims only when this test says
+        bus = yield self.make_bus(clock)
+        held = Recorder(hold=True)
+        consumer = yield self.start(bus, held)
+        yield bus.publish(alarm(1))
+        yield held.wait(1)
+        self.redis.kill()
+        yield bus.when_disconnected()
+        # as the robot's lookup of the runs already done fails while Redis is down
+        held.held[0].errback(BusUnavailable("Redis is not reachable"))
+        self.redis.start()
+        yield bus.when_connected()
+        yield consumer.take_over()  # its first beat since Redis is back
+        self.assertEqual(2, len(held.seen), "the entry was not handed out again at the first beat")
+        self.assertEqual([1, 2], [deliveries for _, deliveries in held.seen])
+        held.held[1].callback(None)
+        yield held.wait(2)
+        yield bus.execute("PING")  # after its acknowledgement's round trip
+        self.assertEqual(0, (yield bus.pending(AYS_GROUP, ["alarm"])))
+
+    @inlineCallbacks
+    def test_an_entry_the_bus_refused_to_its_handler_is_handed_out_again_at_the_next_beat(self):
+        clock = Clock()
+        bus = yield self.make_bus(clock)
+        held = Recorder(hold=True)
+        consumer = yield self.start(bus, held)
+        yield bus.publish(alarm(1))
+        yield held.wait(1)
+        held.held[0].errback(BusUnavailable("Redis refused the write"))  # Redis itself stays up
+        yield consumer.take_over()
+        self.assertEqual([1, 2], [deliveries for _, deliveries in held.seen])
+        held.held[1].callback(None)
+        yield held.wait(2)
+        yield bus.execute("PING")
+        self.assertEqual(0, (yield bus.pending(AYS_GROUP, ["alarm"])))
+
+    @inlineCallbacks
+    def test_entries_a_crash_delivered_to_a_consumer_without_its_reply_are_handled_once_redis_is_back(self):
+        bus = yield self.make_bus()
+        recorder = Recorder()
+        consumer = yield self.start(bus, recorder)
+        yield bus.publish(alarm(1))
+        yield recorder.wait(1)
+        self.redis.kill()
+        self.redis.start()
+        # Redis wrote the delivery to its log but died before the reply left: the entry is pending
+        # for the consumer, which never got it
+        lost = alarm(2)
+        self.redis.command("XADD", stream_key("alarm"), "*", "event", lost.to_json().decode())
+        delivered = self.redis.command("XREADGROUP", "GROUP", AYS_GROUP, consumer.consumer_name,
+                                       "COUNT", "10", "STREAMS", stream_key("alarm"), ">")
+        self.assertIn(lost.guid, delivered)
+        yield within(recorder.wait(2), 10.0, "the entry delivered without its reply")
+        self.assertEqual([(lost.guid, 2)], recorder.seen[1:])
+        yield bus.execute("PING")
+        self.assertEqual(0, (yield bus.pending(AYS_GROUP, ["alarm"])))
+
+    @inlineCallbacks
+    def test_entries_waiting_for_the_handlers_view_are_not_taken_back_from_under_it(self):
+        clock = Clock()
+        bus = yield self.make_bus(clock)
+        gate, asked = Deferred(), Deferred()
+
+        def before_dispatch():
+            if asked.called:
+                return defer.succeed(None)
+            asked.callback(None)
+            return gate  # the view catches up only when this test says
+
+        recorder = Recorder()
+        consumer = bus.consumer(AYS_GROUP, recorder, types=["alarm"], drain_timeout=0,
+                                before_dispatch=before_dispatch)
+        consumer.block_ms = 100
+        consumer.startService()
+        self.addCleanup(lambda: consumer.stopService() if consumer.running else None)
+        yield consumer.when_ready()
+        yield bus.publish(alarm(1))
+        yield asked  # read, and waiting for the view to catch up
+        self.redis.kill()
+        yield bus.when_disconnected()
+        yield self.assertFailure(consumer.take_over(), BusUnavailable)
+        self.redis.start()
+        yield bus.when_connected()
+        yield consumer.take_over()  # takes back what nobody here has in hand: not this entry
+        self.assertEqual([], recorder.seen)
+        gate.callback(None)
+        yield recorder.wait(1)
+        self.assertEqual([1], [deliveries for _, deliveries in recorder.seen])

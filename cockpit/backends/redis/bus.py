@@ -30,6 +30,7 @@ from cockpit.events import EVENT_TYPES, Event, from_stored
 log = Logger()
 
 CONSUMER_PREFIX = "ckpt.consumer."
+OWN_PAGE = 100  # entries of its own a consumer looks at per round trip when it takes them back
 
 
 def heartbeat_key(group: str, consumer: str) -> str:
@@ -615,6 +616,38 @@ class RedisConsumer(Consumer):
                                         counts.get(entry_id, 1)))
                 if start == "0-0":
                     break
+        return claimed
+
+    @inlineCallbacks
+    def _claim_own(self, held):
+        claimed = []
+        for stream in self.streams:
+            start = "-"
+            while True:
+                try:
+                    rows = yield self.bus.execute("XPENDING", stream, self.group, start, "+", str(OWN_PAGE),
+                                                  self.consumer_name)
+                except txredisapi.ResponseError as exc:
+                    if "NOGROUP" in str(exc):  # Redis lost its data: nothing is pending
+                        break
+                    raise
+                counts = {row[0]: int(row[3]) for row in rows if (stream, row[0]) not in held}
+                if counts:
+                    # min-idle 0: this consumer's own entries, whatever their idle time; a delivery is counted
+                    entries = yield self.bus.execute("XCLAIM", stream, self.group, self.consumer_name, "0",
+                                                     *counts)
+                    found = set()
+                    for entry in entries or []:
+                        if entry:
+                            entry_id, flat = entry
+                            found.add(entry_id)
+                            claimed.append((stream, entry_id, fields(flat).get("event"), counts[entry_id] + 1))
+                    gone = [entry_id for entry_id in counts if entry_id not in found]
+                    if gone:  # trimmed from the stream: nothing left to hand out
+                        yield self.bus.execute("XACK", stream, self.group, *gone)
+                if len(rows) < OWN_PAGE:
+                    break
+                start = "(" + rows[-1][0]
         return claimed
 
     def _dead_letter(self, stream, entry_id, raw, deliveries, error):
