@@ -65,3 +65,8 @@ class EmbeddedBackend(Backend):
         from cockpit.telegram import NoticeBatcher
 
         return NoticeBatcher(send, clock, gather=gather, window=window)
+
+    def heartbeats(self, clock: IReactorTime) -> Any:
+        from cockpit.backends.embedded.heartbeats import MemoryHeartbeatStore
+
+        return MemoryHeartbeatStore(clock)

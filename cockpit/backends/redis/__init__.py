@@ -56,3 +56,8 @@ class RedisBackend(Backend):
         from cockpit.backends.redis.telegram import RedisNoticeBatcher
 
         return RedisNoticeBatcher(send, clock, self.bus, gather=gather, window=window)
+
+    def heartbeats(self, clock: IReactorTime) -> Any:
+        from cockpit.backends.redis.heartbeats import RedisHeartbeatStore
+
+        return RedisHeartbeatStore(self.bus, clock)
