@@ -189,7 +189,8 @@ class _Rules:
         self.assertEqual([], (yield self.alarms()))
         yield self.advance(2)
         [alarm] = yield self.alarms()
-        self.assertEqual(("no heartbeat for 10 s", guid("backup", START + 15, START + 5)), (alarm["msg"], alarm["guid"]))
+        self.assertEqual(("no heartbeat for 10 s", guid("backup", START + 15, START + 5)),
+                         (alarm["msg"], alarm["guid"]))
         yield self.heartbeats.beat("backup", MAX_TIMEOUT * 10)  # bounded
         self.assertEqual(MAX_TIMEOUT, (yield self.listed())["backup"]["timeout"])
 
@@ -355,7 +356,8 @@ class RedisRulesTests(_Rules, TestCase):
 TOKEN = "hb-token"
 
 
-def heartbeat_api(store: Any = None, bus: Any = None, clock: Any = None, **api: Any) -> tuple[Heartbeats, Api, StubTreq]:
+def heartbeat_api(store: Any = None, bus: Any = None, clock: Any = None,
+                  **api: Any) -> tuple[Heartbeats, Api, StubTreq]:
     """An Api with the heartbeat routes (and the Sentry ones, whose check-ins beat), its token TOKEN."""
     clock = clock or Clock()
     bus = bus if bus is not None else MemoryBus(clock=clock)
