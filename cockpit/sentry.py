@@ -31,6 +31,7 @@ from cockpit.bus import Bus, BusUnavailable
 from cockpit.config import Config
 from cockpit.decode import DecodeError
 from cockpit.events import EcoEvent, EventError
+from cockpit.heartbeats import NAME as HEARTBEAT_NAME, Heartbeats, clamp_timeout
 from cockpit.openapi import JSON, ApiError, Body, Param, Response, RouteTable
 from cockpit.web import Api, header_text
 
@@ -454,6 +455,55 @@ def _fingerprint(read: _Reader, value: Any, data: dict[str, Any]) -> str:
 # What an envelope (or a store body) comes to
 # ---------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class CheckIn:
+    """A ``check_in`` item: it beats the heartbeat named by its monitor (DESIGN §11)."""
+
+    monitor: str
+    status: str  # in_progress, ok or error
+    timeout: Optional[float]  # from an interval schedule and its margin; None: the heartbeat's own
+
+
+_CHECK_IN_STATUSES = ("in_progress", "ok", "error")
+_SCHEDULE_UNITS = {"minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400,
+                   "year": 365 * 86400}
+_DEFAULT_MARGIN = 1  # minutes: Sentry's own default for checkin_margin
+
+
+def _number(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+        return None
+    return float(value)
+
+
+def check_in_timeout(config: Any) -> Optional[float]:
+    """Seconds a monitor with an interval schedule may take: the interval and its margin; None for any
+    other schedule (a crontab's next run is not worked out here)."""
+    if not isinstance(config, dict) or not isinstance(config.get("schedule"), dict):
+        return None
+    schedule = config["schedule"]
+    value, unit = _number(schedule.get("value")), schedule.get("unit")
+    if schedule.get("type") != "interval" or not value or unit not in _SCHEDULE_UNITS:
+        return None
+    margin = _number(config.get("checkin_margin"))
+    return value * _SCHEDULE_UNITS[unit] + (_DEFAULT_MARGIN if margin is None else margin) * 60
+
+
+def _check_in(payload: bytes, where: str) -> Optional[CheckIn]:
+    """The check-in of an item, None when it names no monitor; ApiError (400) for one that is not a check-in."""
+    data = _json_object(payload, where)
+    monitor, status = data.get("monitor_slug"), data.get("status")
+    if monitor is None:
+        return None
+    if not isinstance(monitor, str) or not HEARTBEAT_NAME.match(monitor):
+        raise ApiError(400, f"{where}: monitor_slug is 1 to 100 letters, digits, '.', '_' or '-', "
+                            f"got {str(monitor)[:100]!r}")
+    if status not in _CHECK_IN_STATUSES:
+        raise ApiError(400, f"{where}: status is in_progress, ok or error, got {str(status)[:40]!r}")
+    timeout = check_in_timeout(data.get("monitor_config"))
+    return CheckIn(monitor, status, clamp_timeout(timeout) if timeout is not None else None)
+
+
 @dataclass
 class Ingest:
     """What one request holds: the ecos' data, the attachments, and what else came."""
@@ -461,6 +511,7 @@ class Ingest:
     ecos: list[tuple[EcoEvent, dict[str, Any]]] = field(default_factory=list)  # each eco, and its extra
     attachments: list[tuple[str, str, bytes]] = field(default_factory=list)  # (filename, content type, data)
     check_ins: int = 0
+    beats: list[CheckIn] = field(default_factory=list)  # the check-ins that name a monitor
     ignored: list[str] = field(default_factory=list)  # item types
     reply_id: Optional[str] = None
 
@@ -504,7 +555,9 @@ class SentryApi:
 
     routes = RouteTable(tag="sentry")
 
-    def __init__(self, config: Config, bus: Bus, store: Any = None, clock: Optional[IReactorTime] = None):
+    def __init__(self, config: Config, bus: Bus, store: Any = None, clock: Optional[IReactorTime] = None,
+                 heartbeats: Optional[Heartbeats] = None):
+        self.heartbeats = heartbeats  # check-ins beat its heartbeats; None: they are only counted
         if clock is None:
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock = clock
@@ -558,8 +611,9 @@ class SentryApi:
                              "one of `[sentry] keys`; `[api] tokens` do not apply. The body may be gzip, "
                              "deflate, br or plain (`Content-Encoding`), within `[api] max_body` once inflated. "
                              "Each `event` item becomes an eco with `source: sentry`; `attachment` items go "
-                             "to the store and are linked from that eco's `extra`; `check_in` items are "
-                             "counted; other items are accepted and ignored. 503 when the bus cannot take "
+                             "to the store and are linked from that eco's `extra`; a `check_in` item "
+                             "beats the heartbeat its `monitor_slug` names (`error` fires its alarm at once); "
+                             "other items are accepted and ignored. 503 when the bus cannot take "
                              "the events: the SDK drops an event on any answer but 2xx, and a cockpit "
                              "that cannot store an event says so rather than pretend.",
                  auth=False, verify=_dsn_key,
@@ -624,6 +678,8 @@ class SentryApi:
                 published.append(eco)
             for event in published:
                 await self.bus.publish(event)
+            for check_in in found.beats if self.heartbeats is not None else ():
+                await self.heartbeats.check_in(check_in.monitor, check_in.status, check_in.timeout)
         except (ApiError, EventError, BusUnavailable):
             self.counts["refused"] += 1
             raise
@@ -665,6 +721,9 @@ class SentryApi:
                 found.attachments.append(_attachment(item, index, where))
             elif item.type == "check_in":
                 found.check_ins += 1
+                check_in = _check_in(item.payload, where)
+                if check_in is not None:
+                    found.beats.append(check_in)
             else:
                 found.ignored.append(item.type)
         return found

@@ -129,6 +129,11 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     groups = EventGroups(bus, backend.group_store(reactor, cfg.groups.samples), reactor, cfg.groups.keep_days)
     groups.setName("groups")
     groups.setServiceParent(top)
+    from cockpit.heartbeats import Heartbeats, HeartbeatsApi
+
+    heartbeats = Heartbeats(backend.heartbeats(reactor), bus, reactor)  # checked once across the cluster
+    heartbeats.setName("heartbeats")
+    heartbeats.setServiceParent(top)
     from cockpit.alertmanager import AlertmanagerApi
     from cockpit.ays import Robot
     from cockpit.ays_api import AysApi
@@ -170,6 +175,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     services = {"groups": groups.health, "ays": robot.health}
     if notifier is not None:
         services["notices"] = notifier.health
+    services["heartbeats"] = heartbeats.health
     if bot is not None:
         services["telegram"] = bot.health
     if mailer is not None:
@@ -179,9 +185,10 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
     api.include(AysApi(robot, catalog))
     api.include(AlertmanagerApi(bus))
+    api.include(HeartbeatsApi(heartbeats))
     from cockpit.sentry import SentryApi
 
-    sentry = SentryApi(cfg, bus, store, reactor)
+    sentry = SentryApi(cfg, bus, store, reactor, heartbeats=heartbeats)
     api.include(sentry)
     services["sentry"] = sentry.health  # the Api holds this dict: it reports what is added to it
     if not cfg.api.tokens:

@@ -29,6 +29,7 @@ from cockpit.telegram_poll import BotState, Lease
 if TYPE_CHECKING:
     from cockpit.ays_catalog import CatalogStore
     from cockpit.config import Config
+    from cockpit.heartbeats import HeartbeatStore
 
 __all__ = ["Backend", "Bus", "GroupStore", "Outbox", "BotState", "Lease", "make_backend"]
 
@@ -62,6 +63,10 @@ class Backend:
 
     def lease(self, bot_id: str, clock: IReactorTime, ttl: float) -> Optional[Lease]:
         """The polling lease of a bot token; None where one process is all there is."""
+        raise NotImplementedError
+
+    def heartbeats(self, clock: IReactorTime) -> "HeartbeatStore":
+        """The heartbeats and their deadlines, checked once across every process that shares them."""
         raise NotImplementedError
 
 

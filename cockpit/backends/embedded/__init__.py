@@ -59,3 +59,7 @@ class EmbeddedBackend(Backend):
     def lease(self, bot_id: str, clock: IReactorTime, ttl: float) -> None:
         return None  # one process: nobody to share the token with
 
+    def heartbeats(self, clock: IReactorTime) -> Any:
+        from cockpit.backends.embedded.heartbeats import MemoryHeartbeatStore
+
+        return MemoryHeartbeatStore(clock)

@@ -50,3 +50,7 @@ class RedisBackend(Backend):
 
         return RedisLease(self.bus, bot_id, clock, ttl=ttl)
 
+    def heartbeats(self, clock: IReactorTime) -> Any:
+        from cockpit.backends.redis.heartbeats import RedisHeartbeatStore
+
+        return RedisHeartbeatStore(self.bus, clock)
