@@ -72,9 +72,17 @@ class Cockpit:
 
     @inlineCallbacks
     def started(self):
+        """Fires once it listens and its bus is connected (until then it answers 503, as it should)."""
         port = yield self.proc.listening
         self.api = f"http://127.0.0.1:{port}/api"
         self.smtp_port = self.proc.smtp_port
+
+        @inlineCallbacks
+        def bus_up():
+            _, health = yield call("GET", f"{self.api}/health")
+            return bool(health and health["bus"].get("ok"))
+
+        yield eventually(bus_up, timeout=30, interval=0.05, what="its bus connected")
         return self
 
     def signal(self, name: str) -> None:
