@@ -166,6 +166,10 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     sentry = SentryApi(cfg, bus, store, reactor)
     api.include(sentry)
     services["sentry"] = sentry.health  # the Api holds this dict: it reports what is added to it
+    from cockpit.silences import SilencesApi
+
+    silences = backend.silences(reactor)
+    api.include(SilencesApi(silences, reactor))
     if not cfg.api.tokens:
         log.warn("[api] tokens is empty: the REST API is open to anyone who can reach it")
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")
@@ -174,4 +178,5 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     top.api = api  # type: ignore[attr-defined]
     top.robot = robot  # type: ignore[attr-defined]
     top.catalog = catalog  # type: ignore[attr-defined]
+    top.silences = silences  # type: ignore[attr-defined]
     return top

@@ -30,6 +30,7 @@ from cockpit.telegram_poll import BotState, Lease
 if TYPE_CHECKING:
     from cockpit.ays_catalog import CatalogStore
     from cockpit.config import Config
+    from cockpit.silences import SilenceStore
     from cockpit.telegram import NoticeBatcher
 
 __all__ = ["Backend", "Bus", "GroupStore", "Outbox", "BotState", "Lease", "make_backend"]
@@ -68,6 +69,10 @@ class Backend:
 
     def notice_batcher(self, send: Callable[[str], Deferred], clock: IReactorTime, gather: float,
                        window: float) -> "NoticeBatcher":
+        raise NotImplementedError
+
+    def silences(self, clock: IReactorTime) -> "SilenceStore":
+        """The silences (maintenance windows, DESIGN §11)."""
         raise NotImplementedError
 
 

@@ -65,3 +65,8 @@ class EmbeddedBackend(Backend):
         from cockpit.telegram import NoticeBatcher
 
         return NoticeBatcher(send, clock, gather=gather, window=window)
+
+    def silences(self, clock: IReactorTime) -> Any:
+        from cockpit.backends.embedded.silences import MemorySilenceStore
+
+        return MemorySilenceStore(clock)

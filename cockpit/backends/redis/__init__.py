@@ -56,3 +56,8 @@ class RedisBackend(Backend):
         from cockpit.backends.redis.telegram import RedisNoticeBatcher
 
         return RedisNoticeBatcher(send, clock, self.bus, gather=gather, window=window)
+
+    def silences(self, clock: IReactorTime) -> Any:
+        from cockpit.backends.redis.silences import RedisSilenceStore
+
+        return RedisSilenceStore(self.bus, clock)
