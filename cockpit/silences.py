@@ -96,17 +96,19 @@ def describe(exc: ValidationError) -> str:
     if kind == "json_invalid":
         return f"the body is not JSON: {error['msg'].removeprefix('Invalid JSON: ')}"
     if not loc:
-        return str(error.get("ctx", {}).get("error", error["msg"])) if kind == "value_error" else error["msg"]
-    name = str(loc[0])
+        if kind == "value_error":
+            return str(error.get("ctx", {}).get("error", error["msg"]))
+        return "the body must be a JSON object with matchers, and ends or duration"
+    name = str(loc[0])[:100]
     if name == "matchers" and len(loc) == 3:
         return (f"matchers: {str(loc[1])[:100]!r} is not a field or label name (a letter or _, then up to 99 "
                 "letters, digits, _ . or -)")
     if name == "matchers" and len(loc) == 2:
-        return f"matchers.{loc[1]}: a glob is text of 1 to {MAX_GLOB} characters"
+        return f"matchers.{str(loc[1])[:100]}: a glob is text of 1 to {MAX_GLOB} characters"
     if name == "matchers" and kind in ("too_short", "too_long"):
         return f"matchers: give 1 to {MAX_MATCHERS} matchers"
     if kind == "extra_forbidden":
-        return f"{name[:100]}: unknown field (give matchers, starts, ends or duration, comment, created_by)"
+        return f"{name}: unknown field (give matchers, starts, ends or duration, comment, created_by)"
     if kind == "missing":
         return f"{name}: field required"
     return f"{name}: {error['msg']}"
