@@ -216,6 +216,25 @@ class RedisStoreTests(StoreBehaviour, TestCase):
         self.assertEqual([], (yield self.store.active(T0 + 1)))
 
     @inlineCallbacks
+    def test_an_expire_that_meets_a_concurrent_one_keeps_the_first_end(self):
+        other = yield self.other_store()
+        silence = yield self.store.add(new(), T0)
+        execute = self.bus.execute
+
+        def racing(*args):
+            d = execute(*args)
+            if args[0] != "HGET":
+                return d
+            self.bus.execute = execute  # once: between this read and its write, the other process expires it
+            return d.addCallback(lambda raw: other.expire(silence["id"], T0 + 5).addCallback(lambda _: raw))
+
+        self.bus.execute = racing
+        expired = yield self.store.expire(silence["id"], T0 + 10)
+        self.assertEqual((T0 + 5, "expired"), (expired["ends"], expired["state"]))
+        self.assertEqual([T0 + 5], [s["ends"] for s in (yield self.store.claim_ended(T0 + 10))])
+        self.assertEqual([], (yield other.claim_ended(T0 + 10)))
+
+    @inlineCallbacks
     def test_the_keys_are_the_documented_ones_and_are_emptied_by_the_cleanup(self):
         silence = yield self.store.add(new(duration=100), T0)
         self.assertIn(silence["id"], self.redis.command("HKEYS", "ckpt.silences"))

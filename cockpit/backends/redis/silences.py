@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from cockpit.backends.redis.bus import RedisBus
 from cockpit.backends.redis.catalog import Script
 from cockpit.silences import (KEEP_EXPIRED, PRUNE_BATCH, NewSilence, SilenceStore, create, expired_copy,
-                              newest_first, present)
+                              newest_first, present, state)
 
 SILENCES = "ckpt.silences"
 ENDS = "ckpt.silences.ends"
@@ -43,13 +43,13 @@ end
 """
 
 # ARGV: the cutoff. Returns every silence's JSON.
-_list = Script(_COMMON + """
+_LIST = Script(_COMMON + """
 prune(ARGV[1])
 return redis.call('HVALS', S)
 """)
 
 # ARGV: now. Returns the JSON of each silence not ended at now (the caller drops the pending ones).
-_active = Script(_COMMON + """
+_ACTIVE = Script(_COMMON + """
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', ENDS, '(' .. ARGV[1], '+inf')) do
   local raw = redis.call('HGET', S, id)
@@ -59,7 +59,7 @@ return out
 """)
 
 # ARGV: now, the cutoff. Moves each silence ended at now to the claimed set; returns their JSON.
-_claim = Script(_COMMON + """
+_CLAIM = Script(_COMMON + """
 local out = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', ENDS, '-inf', ARGV[1])) do
   redis.call('ZADD', ENDED, redis.call('ZSCORE', ENDS, id), id)
@@ -73,7 +73,7 @@ return out
 
 # ARGV: id, the JSON read, the JSON ended, its end, "1" when it never started. Writes it unless the silence
 # changed since it was read: nil when it is gone, 0 when it changed, 1 when written.
-_expire = Script(_COMMON + """
+_EXPIRE = Script(_COMMON + """
 local id = ARGV[1]
 local raw = redis.call('HGET', S, id)
 if not raw then return nil end
@@ -90,7 +90,11 @@ return 1
 
 
 def _loaded(replies: Any, now: float) -> list[dict[str, Any]]:
-    return [present(json.loads(raw), now) for raw in replies or []]
+    # one parse for them all: ``active`` runs every second in every process
+    silences = json.loads("[" + ",".join(replies or []) + "]")
+    for silence in silences:
+        silence["state"] = state(silence, now)
+    return silences
 
 
 class RedisSilenceStore(SilenceStore):
@@ -110,17 +114,22 @@ class RedisSilenceStore(SilenceStore):
         return d.addCallback(lambda _: present(silence, now))
 
     def list(self, now: float) -> Deferred:
-        d = _list(self.bus, repr(now - KEEP_EXPIRED))
+        d = _LIST(self.bus, repr(now - KEEP_EXPIRED))
         return d.addCallback(lambda replies: newest_first(_loaded(replies, now)))
 
     def active(self, now: float) -> Deferred:
-        d = _active(self.bus, repr(now))
+        d = _ACTIVE(self.bus, repr(now))
         return d.addCallback(lambda replies: [s for s in _loaded(replies, now) if s["starts"] <= now])
 
     def claim_ended(self, now: float) -> Deferred:
-        return _claim(self.bus, repr(now), repr(now - KEEP_EXPIRED)).addCallback(_loaded, now)
+        return _CLAIM(self.bus, repr(now), repr(now - KEEP_EXPIRED)).addCallback(_loaded, now)
 
-    def expire(self, silence_id: str, now: float, attempt: int = 0) -> Deferred:
+    def expire(self, silence_id: str, now: float) -> Deferred:
+        return self._expire(silence_id, now, 0)
+
+    def _expire(self, silence_id: str, now: float, attempt: int) -> Deferred:
+        """Read, end, write unless it changed in between (then read again)."""
+
         def write(raw: Optional[str]) -> Any:
             if raw is None:
                 return None
@@ -128,7 +137,7 @@ class RedisSilenceStore(SilenceStore):
             ended, never_started = expired_copy(silence, now)
             if ended is silence:
                 return present(silence, now)
-            d = _expire(self.bus, silence_id, raw, json.dumps(ended), repr(ended["ends"]),
+            d = _EXPIRE(self.bus, silence_id, raw, json.dumps(ended), repr(ended["ends"]),
                         "1" if never_started else "0")
             return d.addCallback(written, ended)
 
@@ -139,6 +148,6 @@ class RedisSilenceStore(SilenceStore):
                 return present(ended, now)
             if attempt + 1 >= self.retries:
                 raise RuntimeError(f"silence {silence_id} kept changing while it was expired")
-            return self.expire(silence_id, now, attempt + 1)
+            return self._expire(silence_id, now, attempt + 1)
 
         return self.bus.execute("HGET", SILENCES, silence_id).addCallback(write)
