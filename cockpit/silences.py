@@ -130,7 +130,7 @@ def create(new: NewSilence, now: float) -> dict[str, Any]:
         raise ValueError(f"ends: must be after starts ({starts!r}), got {ends!r}")
     if ends <= now:
         raise ValueError(f"ends: must be in the future (now is {now!r}), got {ends!r}")
-    if ends - starts > MAX_SPAN:
+    if ends > starts + MAX_SPAN:  # not ends - starts: a duration of MAX_SPAN must not round over it
         raise ValueError("ends: a silence lasts at most a year (31536000 s) after starts")
     if ends > LATEST:
         raise ValueError(f"ends: must be before the year 3000, got {ends!r}")
@@ -139,6 +139,7 @@ def create(new: NewSilence, now: float) -> dict[str, Any]:
 
 
 def state(silence: dict[str, Any], now: float) -> str:
+    """``pending`` before it starts, ``active`` until it ends, then ``expired``."""
     if now < silence["starts"]:
         return "pending"
     return "active" if now < silence["ends"] else "expired"

@@ -163,6 +163,11 @@ class StoreBehaviour:
         self.assertIsNone((yield self.store.expire(old["id"], T0 + 102 + KEEP_EXPIRED)))
 
     @inlineCallbacks
+    def test_a_silence_may_last_a_year_to_the_second(self):
+        silence = yield self.store.add(new(starts=T0 + 0.3, duration=365 * 86400), T0)
+        self.assertEqual(T0 + 0.3 + 365 * 86400, silence["ends"])
+
+    @inlineCallbacks
     def test_times_that_make_no_window_are_refused_with_a_sentence(self):
         for silence, words in ((new(starts=T0 + 100, ends=T0 + 100, duration=None), "ends: must be after starts"),
                                (new(ends=T0 - 1, duration=None), "ends: must be after starts"),
