@@ -150,7 +150,9 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     robot.setName("ays")
     robot.setServiceParent(top)
 
-    silences = None
+    from cockpit.silences import SilencesApi
+
+    silences = backend.silences(reactor)  # shared: what holds back the notices
     bot = None
     if cfg.bot.token:
         from cockpit.telegram import TelegramBot
@@ -191,6 +193,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     sentry = SentryApi(cfg, bus, store, reactor, heartbeats=heartbeats)
     api.include(sentry)
     services["sentry"] = sentry.health  # the Api holds this dict: it reports what is added to it
+    api.include(SilencesApi(silences, reactor))
     if not cfg.api.tokens:
         log.warn("[api] tokens is empty: the REST API is open to anyone who can reach it")
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")
@@ -199,4 +202,5 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     top.api = api  # type: ignore[attr-defined]
     top.robot = robot  # type: ignore[attr-defined]
     top.catalog = catalog  # type: ignore[attr-defined]
+    top.silences = silences  # type: ignore[attr-defined]
     return top

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from cockpit.ays_catalog import CatalogStore
     from cockpit.config import Config
     from cockpit.heartbeats import HeartbeatStore
+    from cockpit.silences import SilenceStore
 
 __all__ = ["Backend", "Bus", "GroupStore", "Outbox", "BotState", "Lease", "make_backend"]
 
@@ -67,6 +68,10 @@ class Backend:
 
     def heartbeats(self, clock: IReactorTime) -> "HeartbeatStore":
         """The heartbeats and their deadlines, checked once across every process that shares them."""
+        raise NotImplementedError
+
+    def silences(self, clock: IReactorTime) -> "SilenceStore":
+        """The silences (maintenance windows, DESIGN §11)."""
         raise NotImplementedError
 
 

@@ -63,3 +63,8 @@ class EmbeddedBackend(Backend):
         from cockpit.backends.embedded.heartbeats import MemoryHeartbeatStore
 
         return MemoryHeartbeatStore(clock)
+
+    def silences(self, clock: IReactorTime) -> Any:
+        from cockpit.backends.embedded.silences import MemorySilenceStore
+
+        return MemorySilenceStore(clock)

@@ -54,3 +54,8 @@ class RedisBackend(Backend):
         from cockpit.backends.redis.heartbeats import RedisHeartbeatStore
 
         return RedisHeartbeatStore(self.bus, clock)
+
+    def silences(self, clock: IReactorTime) -> Any:
+        from cockpit.backends.redis.silences import RedisSilenceStore
+
+        return RedisSilenceStore(self.bus, clock)
