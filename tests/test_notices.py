@@ -49,11 +49,14 @@ class NotifierBehaviour:
         self.prepare()
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
-        self.stores = []
+        self.stores, self.silence_stores = [], []
         for _ in range(self.processes):
-            self.stores.append((yield self.make_store()))
+            store, silences = yield self.make_store()
+            self.stores.append(store)
+            self.silence_stores.append(silences)
         self.channel = Recorder()
-        self.notifiers = [Notifier(store, [self.channel], self.clock, repeat=REPEAT) for store in self.stores]
+        self.notifiers = [Notifier(store, [self.channel], self.clock, repeat=REPEAT, silences=silences)
+                          for store, silences in zip(self.stores, self.silence_stores)]
         self.store = self.stores[0]
 
     processes = 1
@@ -65,7 +68,8 @@ class NotifierBehaviour:
         self.addCleanup(bus.stopService)
         if bus.remote:
             yield bus.when_connected()
-        return backend_for(bus).group_store(self.clock)
+        backend = backend_for(bus)
+        return backend.group_store(self.clock), backend.silences(self.clock)
 
     @inlineCallbacks
     def tick(self, seconds: float = 0):
@@ -140,6 +144,39 @@ class NotifierBehaviour:
         self.assertEqual(("alarm", group_id, "reopened"), self.channel.told[-1])
 
 
+    @inlineCallbacks
+    def test_under_a_silence_a_group_is_counted_without_a_notice_and_noticed_once_when_it_ends(self):
+        from cockpit.silences import NewSilence
+
+        yield self.silence_stores[-1].add(NewSilence(matchers={"service": "node!web*"}, duration=600,
+                                                     created_by="ops"), self.clock.seconds())
+        for n in range(5):
+            yield self.store.record(AlarmEvent(**FIRING, epoch=100 + n))
+            yield self.tick(1)
+        yield self.store.record(AlarmEvent(**{**FIRING, "service": "db!main", "fingerprint": "other"}))
+        yield self.tick(1)
+        self.assertEqual(["opened"], [r for _, _, r in self.channel.told])  # only the group not silenced
+        self.assertEqual(1, sum(n.held for n in self.notifiers))
+        groups, _ = yield self.store.page("alarm", 10, None, sort="count")
+        self.assertEqual(5, groups[0]["count"])
+        yield self.tick(600)
+        for _ in range(3):
+            yield self.tick(1)
+        self.assertEqual([("alarm", groups[0]["id"], "silence ended")], self.channel.told[1:])
+
+    @inlineCallbacks
+    def test_a_group_that_ended_under_its_silence_gets_no_notice_when_it_ends(self):
+        from cockpit.silences import NewSilence
+
+        yield self.silence_stores[0].add(NewSilence(matchers={"method": "High*"}, duration=600), self.clock.seconds())
+        yield self.store.record(AlarmEvent(**FIRING, epoch=100))
+        yield self.tick()
+        yield self.store.record(AlarmEvent(**FIRING, epoch=200, status="resolved"))
+        yield self.tick()
+        yield self.tick(601)
+        self.assertEqual([], self.channel.told)
+
+
 class MemoryNotifierTests(NotifierBehaviour, TestCase):
     def make_bus(self):
         return MemoryBus(clock=reactor)
@@ -187,9 +224,12 @@ class ButtonTests(BotCase):
 
     def setUp(self):
         super().setUp()
-        self.store = backend_for(self.bus).group_store(self.clock)
+        backend = backend_for(self.bus)
+        self.store = backend.group_store(self.clock)
+        self.silences = backend.silences(self.clock)
         self.bot.commands.groups = self.store
-        self.notifier = Notifier(self.store, [self.bot.notices], self.clock)
+        self.bot.commands.silences = self.silences
+        self.notifier = Notifier(self.store, [self.bot.notices], self.clock, silences=self.silences)
 
     @inlineCallbacks
     def noticed(self, event=None):
@@ -224,6 +264,21 @@ class ButtonTests(BotCase):
         message = self.fake.messages[(OPS_CHAT, sent["message_id"])]
         self.assertNotIn("reply_markup", message)
         self.assertIn("Closed by @alice", message["text"])
+
+    @inlineCallbacks
+    def test_silence_1h_from_the_chat_silences_that_group_as_that_user(self):
+        sent = yield self.noticed()
+        yield self.tap_button(sent["message"], sent["reply_markup"]["inline_keyboard"][0][2]["callback_data"])
+        [silence] = yield self.silences.list(self.clock.seconds())
+        group_id = sent["reply_markup"]["inline_keyboard"][0][2]["callback_data"].rsplit(":", 1)[1]
+        self.assertEqual(({"id": group_id}, "@alice", 3600.0, "active"),
+                         (silence["matchers"], silence["created_by"], silence["ends"] - silence["starts"],
+                          silence["state"]))
+        self.assertIn("Silenced for 1 h by @alice", self.fake.messages[(OPS_CHAT, sent["message_id"])]["text"])
+        yield self.store.record(AlarmEvent(**FIRING, status="resolved", epoch=2_000_000_000))
+        yield self.notifier.tick()
+        self.assertEqual(1, len(self.fake.sent_to(OPS_CHAT)))  # its resolve is held back too
+        self.assertEqual(1, self.notifier.held)
 
     @inlineCallbacks
     def test_a_stranger_gets_the_refusal_and_nothing_changes(self):
@@ -315,8 +370,8 @@ class EndToEndTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def test_an_alarm_posted_over_rest_is_noticed_and_acked_from_the_chat(self):
-        from tests.cockpits import call, eventually, spawn_cockpit
+    def start(self):
+        from tests.cockpits import spawn_cockpit
         from tests.fake_telegram import FakeTelegram, FakeTelegramServer
         from tests.test_telegram_api import TOKEN
 
@@ -328,6 +383,31 @@ class EndToEndTests(TestCase):
         cockpit = yield spawn_cockpit(self, extra=f'[redis]\nurl = "{redis.url}"\n[bot]\ntoken = "{TOKEN}"\n'
                                                   f'api_url = "{telegram.url}"\nallowed_users = [{ALICE.id}]\n'
                                                   f'notify_chats = [{OPS_CHAT}]\n').started()
+        return cockpit, fake
+
+    @inlineCallbacks
+    def test_under_a_two_second_silence_an_alarm_gets_one_notice_once_the_silence_ends(self):
+        from tests.cockpits import call
+
+        cockpit, fake = yield self.start()
+        code, silence = yield call("POST", f"{cockpit.api}/silences",
+                                   {"matchers": {"service": "node!*"}, "duration": 2, "created_by": "ops"})
+        self.assertEqual(201, code)
+        for _ in range(3):
+            code, _ = yield call("POST", f"{cockpit.api}/events/alarm", FIRING)
+            self.assertEqual(202, code)
+        yield fake.wait_for("sendMessage", 1)
+        [notice] = fake.sent_to(OPS_CHAT)
+        self.assertGreaterEqual(notice["message"]["date"], int(silence["ends"]))  # not before its end
+        self.assertTrue(notice["visible"].startswith("🔥 Firing (its silence ended): HighLoad"), notice["visible"])
+        code, page = yield call("GET", f"{cockpit.api}/alarms")
+        self.assertEqual((200, 3), (code, page["alarms"][0]["count"]))
+
+    @inlineCallbacks
+    def test_an_alarm_posted_over_rest_is_noticed_and_acked_from_the_chat(self):
+        from tests.cockpits import call, eventually
+
+        cockpit, fake = yield self.start()
         code, _ = yield call("POST", f"{cockpit.api}/events/alarm", FIRING)
         self.assertEqual(202, code)
         for n in range(20):  # repeats: no further notice
