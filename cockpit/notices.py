@@ -113,6 +113,7 @@ class Notifier(Service):
         self.repeat = repeat
         self.silences = silences
         self.lease = lease
+        self.looks = 0
         self.sent = 0
         self.held = 0
         self.failed = 0
@@ -147,6 +148,7 @@ class Notifier(Service):
         return d
 
     async def _tick(self) -> None:
+        self.looks += 1
         if self.silences is not None:
             await self._silences_ended()
         due = await self.store.claim_notices(self.lease)
@@ -196,7 +198,7 @@ class Notifier(Service):
                             break
 
     def health(self) -> dict[str, Any]:
-        return {"ok": True, "sent": self.sent, "held": self.held, "failed": self.failed,
+        return {"ok": True, "looks": self.looks, "sent": self.sent, "held": self.held, "failed": self.failed,
                 "channels": len(self.channels), "last_error": self.last_error}
 
 

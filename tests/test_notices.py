@@ -370,7 +370,7 @@ class EndToEndTests(TestCase):
     timeout = 60
 
     @inlineCallbacks
-    def start(self):
+    def start(self, cockpits: int = 1):
         from tests.cockpits import spawn_cockpit
         from tests.fake_telegram import FakeTelegram, FakeTelegramServer
         from tests.test_telegram_api import TOKEN
@@ -380,10 +380,41 @@ class EndToEndTests(TestCase):
         fake = FakeTelegram(TOKEN, clock=reactor)
         telegram = FakeTelegramServer(fake).start()
         self.addCleanup(telegram.stop)
-        cockpit = yield spawn_cockpit(self, extra=f'[redis]\nurl = "{redis.url}"\n[bot]\ntoken = "{TOKEN}"\n'
-                                                  f'api_url = "{telegram.url}"\nallowed_users = [{ALICE.id}]\n'
-                                                  f'notify_chats = [{OPS_CHAT}]\n').started()
-        return cockpit, fake
+        extra = (f'[redis]\nurl = "{redis.url}"\n[bot]\ntoken = "{TOKEN}"\napi_url = "{telegram.url}"\n'
+                 f'allowed_users = [{ALICE.id}]\nnotify_chats = [{OPS_CHAT}]\n')
+        started = yield defer.gatherResults([spawn_cockpit(self, extra=extra).started() for _ in range(cockpits)])
+        return (started[0] if cockpits == 1 else started), fake
+
+    @inlineCallbacks
+    def test_two_cockpits_send_each_notice_once(self):
+        from tests.cockpits import call, eventually
+
+        cockpits, fake = yield self.start(2)
+        for n in range(10):
+            code, _ = yield call("POST", f"{cockpits[n % 2].api}/events/alarm", {**FIRING, "fingerprint": f"f{n}"})
+            self.assertEqual(202, code)
+        yield fake.wait_for("sendMessage", 10)
+
+        @inlineCallbacks
+        def looks():
+            seen = []
+            for cockpit in cockpits:
+                _, health = yield call("GET", f"{cockpit.api}/health")
+                seen.append(health["services"]["notices"]["looks"])
+            return seen
+
+        first = yield looks()
+
+        @inlineCallbacks
+        def both_looked_twice_more():
+            # each notifier has looked at what is due twice since: nothing more was left to send
+            now = yield looks()
+            return all(n >= f + 2 for n, f in zip(now, first))
+
+        yield eventually(both_looked_twice_more, timeout=20, what="two more looks by each notifier")
+        sent = fake.sent_to(OPS_CHAT)
+        self.assertEqual(10, len(sent))
+        self.assertEqual(10, len({m["reply_markup"]["inline_keyboard"][0][0]["callback_data"] for m in sent}))
 
     @inlineCallbacks
     def test_under_a_two_second_silence_an_alarm_gets_one_notice_once_the_silence_ends(self):
