@@ -28,7 +28,6 @@ template is read, before any run can need it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import socket
 import uuid
@@ -43,6 +42,7 @@ from twisted.logger import Logger
 
 from cockpit.ays_catalog import CatalogStore, Change, Changes, Loaded, Position, RepoMeta
 from cockpit.backends.redis.bus import RedisBus
+from cockpit.backends.redis.script import Script
 from cockpit.bus import BusUnavailable
 from cockpit.files import write_atomically
 from cockpit.repos import (NEW_STATUS, Conflict, Invalid, NotFound, RepoSnapshot, RepoStore, ServiceRecord, Template,
@@ -264,25 +264,6 @@ redis.call('HSET', '{IMPORTED}', ARGV[2], ARGV[3])
 if #imported > 0 then change('catalog', '', '') end
 return {{1, imported, skipped}}
 """
-
-
-class Script:
-    """A Lua script run by its sha1 (EVALSHA), sent whole only when Redis does not know it yet."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    def __call__(self, bus: RedisBus, *args: Any) -> Deferred:
-        d = bus.execute("EVALSHA", self.sha, "0", *args)
-
-        def unknown(failure: Any) -> Any:
-            failure.trap(txredisapi.ResponseError)
-            if "NOSCRIPT" not in str(failure.value):
-                return failure
-            return bus.execute("EVAL", self.source, "0", *args)
-
-        return d.addErrback(unknown)
 
 
 def _flat(items: Any) -> dict[str, Any]:

@@ -16,16 +16,15 @@ backend runs; both pass the same tests.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any, Optional
 
-import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from cockpit.backends.redis.bus import RedisBus
+from cockpit.backends.redis.script import Script
 from cockpit.events import Event
 from cockpit.groups import (PRUNE_BATCH, SEEN_TTL, GroupStore, group_cursor, occurrence, parse_group_cursor,
                             present_group, sort_field)
@@ -273,7 +272,7 @@ end
 return out
 """
 
-_SCRIPTS = {name: (script, hashlib.sha1(script.encode()).hexdigest())
+_SCRIPTS = {name: Script(script)
             for name, script in (("record", _RECORD), ("act", _ACT), ("prune", _PRUNE), ("page", _PAGE),
                                          ("claim", _CLAIM), ("noticed", _NOTICED), ("due", _DUE))}
 
@@ -290,16 +289,7 @@ class RedisGroupStore(GroupStore):
         self._flush_call: Any = None
 
     def _run(self, name: str, keys: list[str], args: list[str]) -> Deferred:
-        """EVALSHA spares sending and hashing the script each time; EVAL (re)loads it when Redis lacks it."""
-        script, sha = _SCRIPTS[name]
-
-        def load(failure: Any) -> Any:
-            failure.trap(txredisapi.ResponseError)
-            if "NOSCRIPT" not in failure.getErrorMessage():
-                return failure
-            return self.bus.execute("EVAL", script, str(len(keys)), *keys, *args)
-
-        return self.bus.execute("EVALSHA", sha, str(len(keys)), *keys, *args).addErrback(load)
+        return _SCRIPTS[name](self.bus, *args, keys=keys)
 
     def record(self, event: Event) -> Deferred:
         seen = occurrence(event)

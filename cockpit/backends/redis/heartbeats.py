@@ -12,14 +12,13 @@ of :class:`cockpit.backends.embedded.heartbeats.MemoryHeartbeatStore`; both pass
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Optional
 
-import txredisapi
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from cockpit.backends.redis.bus import RedisBus
+from cockpit.backends.redis.script import Script
 from cockpit.heartbeats import DEFAULT_TIMEOUT, HeartbeatStore, Record, Work
 
 PREFIX = "ckpt.heartbeat."
@@ -136,7 +135,7 @@ for _, name in ipairs(names) do table.insert(out, redis.call('HGETALL', ARGV[1] 
 return out
 """
 
-_SCRIPTS = {name: (script, hashlib.sha1(script.encode()).hexdigest())
+_SCRIPTS = {name: Script(script)
             for name, script in (("beat", _BEAT), ("fail", _FAIL), ("claim", _CLAIM), ("confirm", _CONFIRM),
                                  ("page", _PAGE))}
 
@@ -157,16 +156,7 @@ class RedisHeartbeatStore(HeartbeatStore):
         self.bus = bus
 
     def _run(self, name: str, keys: list[str], args: list[str]) -> Deferred:
-        """EVALSHA, and EVAL when Redis does not have the script yet."""
-        script, sha = _SCRIPTS[name]
-
-        def load(failure: Any) -> Any:
-            failure.trap(txredisapi.ResponseError)
-            if "NOSCRIPT" not in failure.getErrorMessage():
-                return failure
-            return self.bus.execute("EVAL", script, str(len(keys)), *keys, *args)
-
-        return self.bus.execute("EVALSHA", sha, str(len(keys)), *keys, *args).addErrback(load)
+        return _SCRIPTS[name](self.bus, *args, keys=keys)
 
     def _now(self) -> str:
         return repr(self.clock.seconds())

@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from cockpit.backends.redis.bus import RedisBus
-from cockpit.backends.redis.catalog import Script
+from cockpit.backends.redis.script import Script
 from cockpit.silences import (KEEP_EXPIRED, PRUNE_BATCH, NewSilence, SilenceStore, create, expired_copy,
                               newest_first, present, state)
 
