@@ -36,7 +36,9 @@ function age(seconds) {
   if (s < 60) return s + " s ago";
   if (s < 3600) return Math.floor(s / 60) + " min ago";
   if (s < 86400) return Math.floor(s / 3600) + " h ago";
-  return Math.floor(s / 86400) + " d ago";
+  if (s < 86400 * 60) return Math.floor(s / 86400) + " d ago";
+  if (s < 86400 * 730) return Math.floor(s / (86400 * 30.44)) + " months ago";
+  return Math.floor(s / (86400 * 365.25)) + " years ago";
 }
 
 // "11:36:05 · 3 min ago" today, "2016-03-04 11:36 · 9 y ago" another day
@@ -291,7 +293,7 @@ function summary(e) {
     case "email": return (e.from || "") + " — " + (e.subject || "(no subject)");
     case "alarm": return [e.status && e.status !== "firing" ? e.status : "", e.severity, e.service,
       e.method, e.msg].filter(Boolean).join(" · ");
-    case "eco": return (e.app_name || "") + ": " + (e.error_msg || e.exception_type || "");
+    case "eco": return (e.app_name || "") + ": " + (e.error_msg || e.eco_type || "");
     case "telegram": return [e.io, e.action, e.args && e.args.msg].filter(Boolean).join(" · ");
     default: return (e.tags || []).join(", ") || JSON.stringify(e.args || {}).slice(0, 120);
   }
@@ -465,7 +467,7 @@ for (const id of ["#runs-repo", "#runs-service", "#runs-state"]) {
 
 const GROUPS = {
   ecos: {
-    line: (g) => [g.app_name, g.error_msg || g.exception_type].filter(Boolean).join(": "),
+    line: (g) => [g.app_name, g.error_msg || g.eco_type].filter(Boolean).join(": "),
     count: (g) => g.occurence,
     sort: (v) => v === "count" ? "occurence" : "last_time",
   },
