@@ -9,7 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=[*find_packages(include=["cockpit", "cockpit.*"]), "twisted.plugins"],
-    package_data={"twisted.plugins": ["cockpit_plugin.py"]},
+    package_data={"twisted.plugins": ["cockpit_plugin.py"],
+                  "cockpit.dashboard": ["index.html", "app.js", "app.css"]},
     install_requires=[
         "twisted[tls]>=24.3",
         # 1.6.x only: the bus drives txredisapi below its public API (the protocol's reply queue,

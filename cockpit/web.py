@@ -31,6 +31,7 @@ from zope.interface import implementer
 from cockpit import decode, events
 from cockpit.bus import STREAM_PREFIX, Bus, BusUnavailable, Subscription, cursor
 from cockpit.config import ApiSection, Config
+from cockpit.dashboard import Dashboard, LiveTickets
 from cockpit.decode import DecodeError
 from cockpit.events import EVENT_TYPES, GUID_PATTERN, AnyEvent, EventError
 from cockpit.examples import SEED_YAML
@@ -644,6 +645,8 @@ class Api:
         self.app.handle_errors(Exception)(self._error)
         self.include(self)
         self.include(GroupsApi(groups))
+        self.tickets = LiveTickets(self.clock)  # what lets a browser's EventSource into /api/events/live
+        self.include(Dashboard(self.tickets))
 
     # -- the mechanism ---------------------------------------------------------------
     def include(self, provider: Any, routes: Optional[RouteTable] = None) -> None:
@@ -703,6 +706,8 @@ class Api:
         return json_body(request, result, route.success_status)
 
     def _authenticate(self, request: Request) -> None:
+        if self.tickets.admits(request):  # the live stream, opened with its ticket cookie
+            return
         scheme, _, token = (request.getHeader(b"authorization") or b"").partition(b" ")
         token = token.strip()
         ok = False
@@ -710,7 +715,7 @@ class Api:
             ok |= hmac.compare_digest(token, known)
         if scheme.lower() != b"bearer" or not token or not ok:
             raise ApiError(401, "this call needs Authorization: Bearer <token> with one of [api] tokens"
-                           if not token else "the Bearer token is not one of [api] tokens",
+                           if not token else "That token is not one of the cockpit's [api] tokens",
                            {"WWW-Authenticate": 'Bearer realm="cockpit"'})
 
     @staticmethod
@@ -992,14 +997,6 @@ class Api:
         if self.store is None:
             raise ApiError(404, "this cockpit has no file store")
         return self.store.resource()
-
-    @routes.get("/", summary="The dashboard", tags=("cockpit",), auth=False, raw=True,
-                responses={200: Response("The dashboard page", {"type": "string"}, "text/html")})
-    def dashboard(self, request: Request) -> bytes:
-        from cockpit.dashboard import PAGE
-
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        return PAGE
 
     # -- mail out ------------------------------------------------------------------------
     @routes.post("/api/mail", summary="Send a mail through [mail.relay]", tags=("mail",),
