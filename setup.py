@@ -34,6 +34,9 @@ setup(
             "schemathesis>=3.30",
             "hypothesis>=6.100",
             "sentry-sdk>=2",  # the real SDK, in the Sentry ingest tests
+            # drives Debian's /usr/bin/chromium in the dashboard's browser tests; its own browser
+            # download (playwright install) is never used
+            "playwright>=1.40",
         ],
     },
 )
