@@ -645,7 +645,8 @@ class Api:
         self.app.handle_errors(Exception)(self._error)
         self.include(self)
         self.include(GroupsApi(groups))
-        self.tickets = LiveTickets(self.clock)  # what lets a browser's EventSource into /api/events/live
+        # what lets a browser's EventSource into /api/events/live: signed with the tokens, so any cockpit takes it
+        self.tickets = LiveTickets(self.clock, self._tokens)
         self.include(Dashboard(self.tickets))
 
     # -- the mechanism ---------------------------------------------------------------

@@ -282,15 +282,13 @@ class TicketTests(TestCase):
         self.assertFalse(tickets.valid(b"x" * 10_000))
         self.assertFalse(tickets.valid(None))
 
-    def test_tickets_held_are_bounded_and_the_oldest_goes_first(self):
+    def test_a_ticket_is_taken_by_every_cockpit_with_the_same_tokens_and_by_no_other(self):
         clock = Clock()
-        tickets = LiveTickets(clock, lifetime=60, limit=3)
-        issued = [tickets.issue() for _ in range(5)]
-        self.assertEqual([False, False, True, True, True], [tickets.valid(t) for t in issued])
-        self.assertEqual(3, len(tickets._expiry))
-        clock.advance(61)
-        tickets.issue()
-        self.assertEqual(1, len(tickets._expiry))  # the expired ones went as a new one came
+        ticket = LiveTickets(clock, [b"t1", b"t2"]).issue()
+        self.assertTrue(LiveTickets(clock, [b"t2", b"t1"]).valid(ticket))  # another process, same tokens
+        self.assertFalse(LiveTickets(clock, [b"t1"]).valid(ticket))  # the tokens changed
+        expiry, nonce, signature = ticket.split(b".")
+        self.assertFalse(LiveTickets(clock, [b"t1", b"t2"]).valid(b"%d.%s.%s" % (int(expiry) + 10**6, nonce, signature)))
 
     def test_two_tickets_differ(self):
         tickets = LiveTickets(Clock())

@@ -10,11 +10,13 @@ Tickets live in this process only: a browser opens its stream on the process tha
 """
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
+import hmac
 import secrets
-from collections import OrderedDict
 from importlib import resources
-from typing import Optional
+from typing import Optional, Sequence
 
 from pydantic import BaseModel, Field
 from twisted.internet.interfaces import IReactorTime
@@ -41,7 +43,7 @@ ASSETS = {
 LIVE_PATH = "/api/events/live"
 TICKET_COOKIE = b"cockpit_live"
 TICKET_LIFETIME = 60.0  # seconds a ticket may open (or reopen) a stream
-MAX_TICKETS = 4096  # tickets held at once; past this the oldest goes
+MAX_TICKET = 160  # bytes: a longer cookie is no ticket of ours
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,49 +53,40 @@ def asset(name: str) -> bytes:
 
 
 class LiveTickets:
-    """Random tickets that each open the live event stream for ``lifetime`` seconds.
+    """Tickets that each open the live event stream for ``lifetime`` seconds, checked by any cockpit.
 
-    Bounded: at most ``limit`` are held, and issuing one past that forgets the oldest.
+    A ticket is ``<expiry in ms>.<nonce>.<HMAC-SHA256 of both>``, keyed by the ``[api] tokens``: every
+    cockpit process that takes the same tokens accepts it, behind a load balancer too, and none
+    keeps anything (a ticket kept in one process's memory would be refused by the next one the
+    browser's reconnect reaches). Changing the tokens ends the tickets made with the old ones.
     """
 
-    def __init__(self, clock: IReactorTime, lifetime: float = TICKET_LIFETIME, limit: int = MAX_TICKETS):
+    def __init__(self, clock: IReactorTime, tokens: Sequence[bytes] = (), lifetime: float = TICKET_LIFETIME):
         self.clock = clock
         self.lifetime = lifetime
-        self.limit = limit
-        self._expiry: OrderedDict[bytes, float] = OrderedDict()  # oldest first
+        self._key = hashlib.sha256(b"cockpit live ticket\0" + b"\0".join(sorted(tokens))).digest()
+
+    def _sign(self, payload: bytes) -> bytes:
+        return base64.urlsafe_b64encode(hmac.new(self._key, payload, hashlib.sha256).digest()).rstrip(b"=")
 
     def issue(self) -> bytes:
-        now = self.clock.seconds()
-        self._prune(now)
-        while len(self._expiry) >= self.limit:
-            self._expiry.popitem(last=False)
-        ticket = secrets.token_urlsafe(32).encode("ascii")
-        self._expiry[ticket] = now + self.lifetime
-        return ticket
+        expiry = round((self.clock.seconds() + self.lifetime) * 1000)  # in milliseconds
+        payload = b"%d.%s" % (expiry, secrets.token_urlsafe(16).encode("ascii"))
+        return payload + b"." + self._sign(payload)
 
     def valid(self, ticket: Optional[bytes]) -> bool:
-        """True when ``ticket`` was issued here and has not expired (a dict lookup: no timing to learn from)."""
-        if not ticket or len(ticket) > 64:
+        """True when ``ticket`` was signed with these tokens and has not expired (compared in constant time)."""
+        if not ticket or len(ticket) > MAX_TICKET:
             return False
-        expiry = self._expiry.get(ticket)
-        if expiry is None:
+        payload, _, signature = ticket.rpartition(b".")
+        expiry = payload.partition(b".")[0]
+        if not expiry.isdigit() or not hmac.compare_digest(signature, self._sign(payload)):
             return False
-        if expiry <= self.clock.seconds():
-            del self._expiry[ticket]
-            return False
-        return True
+        return int(expiry) > self.clock.seconds() * 1000
 
     def admits(self, request: Request) -> bool:
         """True when ``request`` is for the live stream and carries a valid ticket cookie."""
         return request.path == LIVE_PATH.encode() and self.valid(request.getCookie(TICKET_COOKIE))
-
-    def _prune(self, now: float) -> None:
-        # issued in order with one lifetime: the expired ones are at the front
-        while self._expiry:
-            ticket, expiry = next(iter(self._expiry.items()))
-            if expiry > now:
-                break
-            del self._expiry[ticket]
 
 
 class LiveSession(BaseModel):
