@@ -39,6 +39,9 @@ class Client:
     """The REST calls the commands make, with the Bearer token when one is given."""
 
     def __init__(self, url: str, token: Optional[str]):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise Failure(f"{url!r} is not the cockpit's URL: expected http://host:port (--url or $COCKPIT_URL)", 2)
         self.url = url.rstrip("/")
         self.token = token
 
@@ -51,8 +54,8 @@ class Client:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         try:
+            request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
             return urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             raise Failure(_refusal(exc), 1) from None
@@ -163,7 +166,7 @@ def runs(client: Client, args: argparse.Namespace, stdin: Any, out: TextIO) -> N
         out.write(json.dumps(run) + "\n")
 
 
-def config_check(client: Client, args: argparse.Namespace, stdin: Any, out: TextIO) -> None:
+def config_check(client: Optional[Client], args: argparse.Namespace, stdin: Any, out: TextIO) -> None:
     # the very checks `twistd cockpit --config FILE` makes before it starts (cockpit.config.load and
     # the listeners'), which write their one line to stderr and exit 2
     from cockpit.tap import Options
@@ -214,8 +217,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; the exit status."""
     try:
         args = parser().parse_args(argv)
-        client = Client(getattr(args, "url", None) or os.environ.get("COCKPIT_URL") or DEFAULT_URL,
-                        getattr(args, "token", None) or os.environ.get("COCKPIT_TOKEN") or None)
+        client = None if args.run is config_check else Client(
+            getattr(args, "url", None) or os.environ.get("COCKPIT_URL") or DEFAULT_URL,
+            getattr(args, "token", None) or os.environ.get("COCKPIT_TOKEN") or None)
         args.run(client, args, sys.stdin, sys.stdout)
         return 0
     except Failure as exc:
