@@ -15,6 +15,7 @@ from twisted.internet import protocol, reactor, threads
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import TestCase
 
+from cockpit.cli import live_events, parse_pairs
 from tests.cockpits import ROOT, TWISTD, call, eventually, spawn_cockpit, subscribe_a_service
 
 SCRIPT = str(Path(sys.executable).parent / "cockpit")
@@ -70,6 +71,18 @@ class Lines(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback(reason.value.exitCode)
+
+
+class ParsingTests(TestCase):
+    def test_pairs_are_text_and_colon_equals_pairs_are_json(self):
+        self.assertEqual({"msg": "a=b", "n": 3, "ok": True, "tags": ["x"], "empty": ""},
+                         parse_pairs(["msg=a=b", "n:=3", "ok:=true", 'tags:=["x"]', "empty="]))
+
+    def test_live_events_are_the_data_of_each_frame_and_comments_are_skipped(self):
+        stream = [b": live events of the cockpit\n", b"\n", b"event: alarm\n", b"id: g1\n",
+                  b'data: {"a": 1}\n', b"\n", b": keep-alive\n", b"\n", b"event: eco\r\n",
+                  b"data: one\r\n", b"data: two\r\n", b"\r\n", b"data: unfinished\n"]
+        self.assertEqual(['{"a": 1}', "one\ntwo"], list(live_events(iter(stream))))
 
 
 class CliTests(TestCase):
