@@ -7,6 +7,7 @@ usage, input or config mistake. It never prints a traceback.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -152,9 +153,14 @@ def send(client: Client, args: argparse.Namespace, stdin: Any, out: TextIO) -> N
 def tail(client: Client, args: argparse.Namespace, stdin: Any, out: TextIO) -> None:
     path = "/api/events/live" + (f"?type={urllib.parse.quote(args.type)}" if args.type else "")
     with client.open("GET", path, timeout=None) as response:
-        for data in live_events(iter(response.readline, b"")):
-            out.write(data + "\n")
-            out.flush()
+        try:
+            for data in live_events(iter(response.readline, b"")):
+                out.write(data + "\n")
+                out.flush()
+        except (OSError, http.client.HTTPException) as exc:  # the cockpit went away mid-stream
+            if isinstance(exc, BrokenPipeError):  # our reader went away instead
+                raise
+            raise Failure(f"the live stream from {client.url} broke: {exc!r}", 1) from None
     raise Failure("the cockpit closed the live stream", 1)
 
 

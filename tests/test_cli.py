@@ -153,13 +153,17 @@ class CliTests(TestCase):
         self.assertEqual((1, ""), (code, out))
         self.assertEqual(["cockpit: That token is not one of the cockpit's [api] tokens"], err.splitlines())
 
+    def tail(self) -> tuple[Lines, Any]:
+        """A ``cockpit tail --type alarm`` running, killed at the end of the test if it still runs."""
+        lines = Lines()
+        transport = reactor.spawnProcess(lines, SCRIPT, [SCRIPT, "tail", "--type", "alarm"],
+                                         env={**os.environ, **self.env})
+        self.addCleanup(lambda: None if lines.ended.called else (transport.signalProcess("KILL"), lines.ended)[1])
+        return lines, transport
+
     @inlineCallbacks
     def test_tail_prints_live_events_of_its_type_one_json_line_each_and_ends_quietly_on_ctrl_c(self):
-        lines = Lines()
-        transport = reactor.spawnProcess(
-            lines, SCRIPT, [SCRIPT, "tail", "--type", "alarm"],
-            env={**os.environ, **self.env})
-        self.addCleanup(lambda: None if lines.ended.called else (transport.signalProcess("KILL"), lines.ended)[1])
+        lines, transport = self.tail()
 
         @inlineCallbacks
         def an_alarm_was_printed():
@@ -180,6 +184,24 @@ class CliTests(TestCase):
         self.assertEqual((0, b""), (code, lines.err))
         printed = [json.loads(line) for line in lines.out.decode().splitlines()]
         self.assertEqual({"alarm"}, {e["type"] for e in printed})
+
+    @inlineCallbacks
+    def test_tail_whose_cockpit_goes_away_says_so_in_one_line_and_exits_1(self):
+        lines, _ = self.tail()
+
+        @inlineCallbacks
+        def an_alarm_was_printed():
+            response = yield treq.post(f"{self.cockpit.api}/events/alarm", json={"service": "db!tail"},
+                                       persistent=False, headers={"Authorization": f"Bearer {TOKEN}"})
+            yield response.content()
+            return lines.first_line.called
+
+        yield eventually(an_alarm_was_printed, timeout=30, interval=0.2, what="a live alarm on tail's stdout")
+        self.cockpit.signal("KILL")
+        code = yield lines.ended
+        self.assertEqual(1, code)
+        self.assertEqual(1, len(lines.err.splitlines()), lines.err)
+        self.assertIn(b"live stream", lines.err)
 
     @inlineCallbacks
     def test_tail_with_a_wrong_token_is_one_line_and_exit_1(self):
