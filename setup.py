@@ -11,6 +11,7 @@ setup(
     packages=[*find_packages(include=["cockpit", "cockpit.*"]), "twisted.plugins"],
     package_data={"twisted.plugins": ["cockpit_plugin.py"],
                   "cockpit.dashboard": ["index.html", "app.js", "app.css"]},
+    entry_points={"console_scripts": ["cockpit = cockpit.cli:main"]},
     install_requires=[
         "twisted[tls]>=24.3",
         # 1.6.x only: the bus drives txredisapi below its public API (the protocol's reply queue,
