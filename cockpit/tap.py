@@ -11,7 +11,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.python import usage
 
-from cockpit import config as config_module
+from cockpit import __version__, config as config_module
 from cockpit.backends import make_backend
 from cockpit.config import Config, ConfigError
 from cockpit.listener import Listener, check_endpoint
@@ -26,6 +26,11 @@ class Options(usage.Options):
                 "(API on 127.0.0.1:8080, SMTP on 127.0.0.1:2525, in-process bus). "
                 "For JSON-lines logs, run twistd with --logger cockpit.logs.json_observer.")
     optParameters = [["config", "c", None, "TOML config file (see config.example.toml)."]]
+
+    def opt_version(self) -> None:
+        """Print the cockpit's version and exit."""
+        sys.stdout.write(f"cockpit {__version__}\n")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         try:
