@@ -94,6 +94,12 @@ def makeService(options: Any, reactor: Any = None) -> ServiceTree:
     return top
 
 
+def _inflight(part: Any) -> int:
+    """Entries ``part``'s bus consumer holds unacknowledged (0 before it has one)."""
+    consumer = getattr(part, "consumer", None)
+    return len(consumer.inflight) if consumer is not None else 0
+
+
 def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     """Wire the service tree for ``cfg``; nothing else happens here."""
     if reactor is None:
@@ -124,8 +130,8 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
         parsers = ParserPool(cfg.mail.parsers, store.root, cfg.public_url, cfg.mail.parse_timeout, reactor)
         parsers.setName("mail-parsers")
         parsers.setServiceParent(top)
-    smtp_listener = Listener("SMTP", cfg.mail.endpoint(),
-                             IncomingMailFactory(cfg.mail, bus, store, reactor, parsers=parsers), reactor)
+    smtp_factory = IncomingMailFactory(cfg.mail, bus, store, reactor, parsers=parsers)
+    smtp_listener = Listener("SMTP", cfg.mail.endpoint(), smtp_factory, reactor)
     smtp_listener.setName("smtp")
     smtp_listener.setServiceParent(top)
 
@@ -189,7 +195,13 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
         services["mailer"] = mailer.health
     if parsers is not None:
         services["mail_parsers"] = parsers.health
-    api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
+    from cockpit.metrics import Metrics
+
+    # what this process's consumers hold unacknowledged: read from memory, so a scrape costs no round trip
+    metrics = Metrics(pending={"groups": lambda: _inflight(groups), "ays": lambda: _inflight(robot)})
+    smtp_factory.metrics = robot.metrics = metrics
+    api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor,
+              metrics=metrics)
     api.include(AysApi(robot, catalog))
     api.include(AlertmanagerApi(bus))
     api.include(HeartbeatsApi(heartbeats))
@@ -206,6 +218,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     web.setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]
     top.robot = robot  # type: ignore[attr-defined]
+    top.metrics = metrics  # type: ignore[attr-defined]
     top.catalog = catalog  # type: ignore[attr-defined]
     top.silences = silences  # type: ignore[attr-defined]
     return top
