@@ -1,6 +1,7 @@
 """``twistd cockpit``: options and the service tree."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -42,11 +43,30 @@ class Options(usage.Options):
                     raise ConfigError(f"{cfg.source}: [{section}] listen: {exc}") from None
             if cfg.notify.mail_to and cfg.mail.relay is None:
                 raise ConfigError(f"{cfg.source}: [notify] mail_to: notices by mail need a [mail.relay]")
+            check_data_dir(cfg)
         except ConfigError as exc:
             # one line and a non-zero exit; twistd would print its whole usage for a UsageError
             sys.stderr.write(f"cockpit: {exc}\n")
             raise SystemExit(2)
         self.cockpit_config = cfg
+
+
+def check_data_dir(cfg: Config) -> None:
+    """Create ``data_dir`` and write and remove a file in it, so one that cannot be used stops start-up.
+
+    Otherwise the first mail with an attachment, or the first run, would find out, long after start-up.
+    """
+    path = cfg.data_dir
+    probe = path / f".cockpit-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in (str(path), str(probe)) else ""
+        raise ConfigError(f"{cfg.source}: [cockpit] data_dir: {path} cannot be created and written: "
+                          f"{reason}{where}") from None
 
 
 class ServiceTree(MultiService):
