@@ -205,12 +205,17 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
         notifier.setName("notices")
         notifier.setServiceParent(top)
 
-    services = {"groups": groups.health, "ays": robot.health}
+    from functools import partial
+
+    from cockpit.health import run_history_health, store_health, telegram_health
+
+    services = {"groups": groups.health, "ays": robot.health, "run_history": partial(run_history_health, history),
+                "store": partial(store_health, store)}
     if notifier is not None:
         services["notices"] = notifier.health
     services["heartbeats"] = heartbeats.health
     if bot is not None:
-        services["telegram"] = bot.health
+        services["telegram"] = partial(telegram_health, bot)
     if mailer is not None:
         services["mailer"] = mailer.health
     if parsers is not None:

@@ -189,15 +189,15 @@ class RunningCockpitMetricsTests(TestCase):
 
         from tests.cockpits import call, eventually
 
-        cockpit = yield spawn_cockpit(self).started()
-        yield subscribe_a_slow_service(cockpit.api)
-        code, _ = yield call("POST", f"{cockpit.api}/events/alarm", {"service": "node!n1", "msg": "x"})
+        running = yield spawn_cockpit(self).started()
+        yield subscribe_a_slow_service(running.api)
+        code, _ = yield call("POST", f"{running.api}/events/alarm", {"service": "node!n1", "msg": "x"})
         self.assertEqual(202, code)
-        code, text = yield threads.deferToThread(send_mail, cockpit.smtp_port, "metrics")
+        code, text = yield threads.deferToThread(send_mail, running.smtp_port, "metrics")
         self.assertEqual(250, code, text)
-        code, _ = yield call("GET", f"{cockpit.api}/no-such-route")
+        code, _ = yield call("GET", f"{running.api}/no-such-route")
         self.assertEqual(404, code)
-        base = cockpit.api.removesuffix("/api")
+        base = running.api.removesuffix("/api")
 
         @inlineCallbacks
         def scraped() -> Any:
@@ -215,3 +215,7 @@ class RunningCockpitMetricsTests(TestCase):
         self.assertEqual({"groups", "ays"},
                          {dict(labels)["group"] for name, labels in found if name == "cockpit_bus_pending"})
         self.assertIn(("process_resident_memory_bytes", ()), found)
+        code, health = yield call("GET", f"{running.api}/health")
+        self.assertEqual((200, cockpit.__version__, True, True),
+                         (code, health["version"], health["services"]["store"]["ok"],
+                          health["services"]["run_history"]["ok"]))
