@@ -1,8 +1,13 @@
+import re
+
 from setuptools import find_packages, setup
+
+# read, not imported: importing cockpit here would need its requirements before they are installed
+VERSION = re.search(r'^__version__ = "([^"]+)"', open("cockpit/__init__.py", encoding="utf-8").read(), re.M).group(1)
 
 setup(
     name="cockpit",
-    version="0.1.0",
+    version=VERSION,
     description="Event hub for operations teams: mail, chat, alarms, error reports "
     "and webhooks become typed events on Redis that drive automation.",
     long_description=open("README.md", encoding="utf-8").read(),
@@ -28,6 +33,7 @@ setup(
         "swagger-ui-bundle>=1.1",
         # Sentry SDKs send brotli whenever their host has it; 1.2 bounds what one call inflates
         "brotli>=1.2",
+        "prometheus_client>=0.17",  # GET /metrics; a registry per cockpit, not the global one
     ],
     extras_require={
         "test": [

@@ -29,6 +29,7 @@ from cockpit.ays_chat import CHAT_ACTIONS, ChatWork
 from cockpit.ays_recurring import RecurringActions
 from cockpit.bus import AYS_GROUP, Bus, Delivery
 from cockpit.events import Event, GenericEvent, TelegramEvent, from_data
+from cockpit.metrics import NO_METRICS
 from cockpit.repos import NotFound
 from cockpit.runs import DONE_STATES, Run, RunHistory
 from cockpit.workers import Outcome, WorkerPool
@@ -51,6 +52,8 @@ class Robot(Service):
     ``catalog`` is the process's Catalog (started before the robot and stopped after it), or a
     repositories directory: the robot then keeps an embedded catalog of its own there.
     """
+
+    metrics: Any = NO_METRICS  # cockpit.metrics: each recorded run is counted
 
     def __init__(self, catalog: Catalog, bus: Bus, history: RunHistory, pool: WorkerPool, *,
                  clock: IReactorTime, tick: float = 1.0, concurrency: int = 256, mailer: Any = None):
@@ -225,6 +228,7 @@ class Robot(Service):
 
     def record(self, run: Run) -> Deferred:
         """Write ``run`` to the history; fires with it once recorded (and offers it to the waiters)."""
+        self.metrics.run(run.state, run.ended - run.started if run.ended and run.started else None)
         d = self.history.record(run)
 
         def recorded(_: Any) -> Run:

@@ -49,6 +49,7 @@ from cockpit.bus import Bus, BusUnavailable
 from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
 from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, NotOnReactor, clean_text, parse_mail, unstuff
+from cockpit.metrics import NO_METRICS
 from cockpit.outbox import Outbox, QueuedMail, Suspended
 from cockpit.parse_pool import ParserPool, ParserUnavailable
 from cockpit.store import Store
@@ -654,6 +655,7 @@ class IncomingSMTP(smtp.ESMTP):
         return 451, b"4.3.0 Local error in processing; please try again later"
 
     def _answer(self, reply: tuple[int, bytes]) -> None:
+        self.mail_factory.metrics.smtp(reply[0])
         self._busy = False
         if not self._connected():
             return
@@ -697,6 +699,7 @@ class IncomingMailFactory(protocol.ServerFactory):
 
     protocol = IncomingSMTP  # type: ignore[assignment]
     noisy = False
+    metrics: Any = NO_METRICS  # cockpit.metrics: each message's answer is counted
 
     def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any = None,
                  parsers: Optional[ParserPool] = None, clock: Any = None):

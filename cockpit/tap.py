@@ -1,6 +1,7 @@
 """``twistd cockpit``: options and the service tree."""
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -11,7 +12,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 from twisted.python import usage
 
-from cockpit import config as config_module
+from cockpit import __version__, config as config_module
 from cockpit.backends import make_backend
 from cockpit.config import Config, ConfigError
 from cockpit.listener import Listener, check_endpoint
@@ -27,6 +28,11 @@ class Options(usage.Options):
                 "For JSON-lines logs, run twistd with --logger cockpit.logs.json_observer.")
     optParameters = [["config", "c", None, "TOML config file (see config.example.toml)."]]
 
+    def opt_version(self) -> None:
+        """Print the cockpit's version and exit."""
+        sys.stdout.write(f"cockpit {__version__}\n")
+        raise SystemExit(0)
+
     def postOptions(self) -> None:
         try:
             cfg = config_module.load(self["config"])
@@ -37,11 +43,30 @@ class Options(usage.Options):
                     raise ConfigError(f"{cfg.source}: [{section}] listen: {exc}") from None
             if cfg.notify.mail_to and cfg.mail.relay is None:
                 raise ConfigError(f"{cfg.source}: [notify] mail_to: notices by mail need a [mail.relay]")
+            check_data_dir(cfg)
         except ConfigError as exc:
             # one line and a non-zero exit; twistd would print its whole usage for a UsageError
             sys.stderr.write(f"cockpit: {exc}\n")
             raise SystemExit(2)
         self.cockpit_config = cfg
+
+
+def check_data_dir(cfg: Config) -> None:
+    """Create ``data_dir`` and write and remove a file in it, so one that cannot be used stops start-up.
+
+    Otherwise the first mail with an attachment, or the first run, would find out, long after start-up.
+    """
+    path = cfg.data_dir
+    probe = path / f".cockpit-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) not in (str(path), str(probe)) else ""
+        raise ConfigError(f"{cfg.source}: [cockpit] data_dir: {path} cannot be created and written: "
+                          f"{reason}{where}") from None
 
 
 class ServiceTree(MultiService):
@@ -89,6 +114,12 @@ def makeService(options: Any, reactor: Any = None) -> ServiceTree:
     return top
 
 
+def _inflight(part: Any) -> int:
+    """Entries ``part``'s bus consumer holds unacknowledged (0 before it has one)."""
+    consumer = getattr(part, "consumer", None)
+    return len(consumer.inflight) if consumer is not None else 0
+
+
 def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     """Wire the service tree for ``cfg``; nothing else happens here."""
     if reactor is None:
@@ -119,8 +150,8 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
         parsers = ParserPool(cfg.mail.parsers, store.root, cfg.public_url, cfg.mail.parse_timeout, reactor)
         parsers.setName("mail-parsers")
         parsers.setServiceParent(top)
-    smtp_listener = Listener("SMTP", cfg.mail.endpoint(),
-                             IncomingMailFactory(cfg.mail, bus, store, reactor, parsers=parsers), reactor)
+    smtp_factory = IncomingMailFactory(cfg.mail, bus, store, reactor, parsers=parsers)
+    smtp_listener = Listener("SMTP", cfg.mail.endpoint(), smtp_factory, reactor)
     smtp_listener.setName("smtp")
     smtp_listener.setServiceParent(top)
 
@@ -174,17 +205,28 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
         notifier.setName("notices")
         notifier.setServiceParent(top)
 
-    services = {"groups": groups.health, "ays": robot.health}
+    from functools import partial
+
+    from cockpit.health import run_history_health, store_health, telegram_health
+
+    services = {"groups": groups.health, "ays": robot.health, "run_history": partial(run_history_health, history),
+                "store": partial(store_health, store)}
     if notifier is not None:
         services["notices"] = notifier.health
     services["heartbeats"] = heartbeats.health
     if bot is not None:
-        services["telegram"] = bot.health
+        services["telegram"] = partial(telegram_health, bot)
     if mailer is not None:
         services["mailer"] = mailer.health
     if parsers is not None:
         services["mail_parsers"] = parsers.health
-    api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor)
+    from cockpit.metrics import Metrics
+
+    # what this process's consumers hold unacknowledged: read from memory, so a scrape costs no round trip
+    metrics = Metrics(pending={"groups": lambda: _inflight(groups), "ays": lambda: _inflight(robot)})
+    smtp_factory.metrics = robot.metrics = metrics
+    api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor,
+              metrics=metrics)
     api.include(AysApi(robot, catalog))
     api.include(AlertmanagerApi(bus))
     api.include(HeartbeatsApi(heartbeats))
@@ -201,6 +243,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     web.setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]
     top.robot = robot  # type: ignore[attr-defined]
+    top.metrics = metrics  # type: ignore[attr-defined]
     top.catalog = catalog  # type: ignore[attr-defined]
     top.silences = silences  # type: ignore[attr-defined]
     return top

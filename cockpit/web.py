@@ -28,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
 
-from cockpit import decode, events
+from cockpit import __version__, decode, events
 from cockpit.bus import STREAM_PREFIX, Bus, BusUnavailable, Subscription, cursor
 from cockpit.config import ApiSection, Config
 from cockpit.dashboard import Dashboard, LiveTickets
@@ -36,6 +36,7 @@ from cockpit.decode import DecodeError
 from cockpit.events import EVENT_TYPES, GUID_PATTERN, AnyEvent, EventError
 from cockpit.examples import SEED_YAML
 from cockpit.groups_api import GroupsApi
+from cockpit.metrics import CONTENT_TYPE as METRICS_TYPE, Metrics, NullMetrics
 from cockpit.smtp import OutgoingMail
 from cockpit.openapi import (DOCS_CSP, JSON, ApiError, Body, Param, Reply, Response, Route, RouteTable,
                              docs_asset, document)
@@ -101,6 +102,16 @@ def header_text(request: Request, name: str) -> Optional[str]:
     if _HEADER_CONTROL.search(text):
         raise ApiError(400, f"header {name}: holds a control character")
     return text.strip()
+
+
+def ingress_of(path: bytes) -> str:
+    """The ingress a request came in by, as a metric's label: one of a few names, whatever the path."""
+    parts = path.decode(errors="replace").strip("/").split("/")
+    if parts[:2] == ["api", "events"]:
+        return "rest"
+    if parts[:2] == ["api", "webhooks"] and len(parts) > 2 and parts[2] in ("alertmanager", "github"):
+        return parts[2]
+    return parts[0] if parts[0] == "sentry" else "api"
 
 
 def _describe_query_error(exc: ValidationError) -> str:
@@ -306,7 +317,8 @@ class ApiSite(Site):
     protocol = ApiChannel
     requestFactory = BoundedRequest
 
-    def __init__(self, resource: Any, settings: ApiSection, **kwargs: Any):
+    def __init__(self, resource: Any, settings: ApiSection, metrics: Optional[NullMetrics] = None, **kwargs: Any):
+        self.metrics = metrics if metrics is not None else NullMetrics()
         # form bodies are parsed by the routes that take them, within max_body
         super().__init__(resource, parsePOSTFormSubmission=False, timeout=settings.idle_timeout, **kwargs)
         self.max_body = settings.max_body
@@ -327,6 +339,7 @@ class ApiSite(Site):
     def log(self, request: Request) -> None:
         # an access line per accepted event would cost more than the event; refusals say why
         code = request.code
+        self.metrics.http(code)
         if code < 400:
             self.answered += 1
             return
@@ -520,6 +533,7 @@ class LiveQuery(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
+    version: str = Field(description="The cockpit's version.")
     bus: dict[str, Any]
     services: dict[str, dict[str, Any]]
 
@@ -618,7 +632,8 @@ class Api:
     ``services`` maps a name to a callable reporting that part's state (for /api/health);
     ``store`` offers ``resource()`` (mounted at /store/); ``mailer`` offers ``send(mail)``
     and ``deliveries(limit)``; ``groups`` is the
-    :class:`cockpit.groups.EventGroups` served under /api/ecos and /api/alarms.
+    :class:`cockpit.groups.EventGroups` served under /api/ecos and /api/alarms; ``metrics`` is what
+    /metrics serves (a registry of the Api's own unless the service tree hands one in).
     """
 
     routes = RouteTable(tag="events")
@@ -627,8 +642,9 @@ class Api:
 
     def __init__(self, config: Config, bus: Bus, store: Any = None, mailer: Any = None,
                  services: Optional[dict[str, Callable[[], dict[str, Any]]]] = None,
-                 groups: Any = None, clock: Optional[IReactorTime] = None):
+                 groups: Any = None, clock: Optional[IReactorTime] = None, metrics: Optional[Metrics] = None):
         self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
         self.bus = bus
         self.store = store
         self.mailer = mailer
@@ -791,6 +807,7 @@ class Api:
         if failure.check(EventError):
             return json_error(request, 400, str(failure.value))
         if failure.check(BusUnavailable):
+            self.metrics.refused(ingress_of(request.path), "bus_unavailable")
             log.warn("refused {method} {path}: {error}", method=request.method.decode(),
                      path=request.path.decode(errors="replace"), error=failure.getErrorMessage())
             request.setHeader(b"Retry-After", b"5")
@@ -817,19 +834,13 @@ class Api:
 
     def site(self, **kwargs: Any) -> Site:
         """The site to listen with (``kwargs`` go to twisted's Site, e.g. ``reactor``)."""
-        return ApiSite(self.app.resource(), self.config.api, **kwargs)
+        return ApiSite(self.app.resource(), self.config.api, metrics=self.metrics, **kwargs)
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3.1 document of every route mounted so far."""
         if self._document is None:
-            from importlib.metadata import PackageNotFoundError, version as package_version
-
-            try:
-                version = package_version("cockpit")
-            except PackageNotFoundError:
-                version = "0"
             self._document = document(
-                self.declared, "Cockpit", version,
+                self.declared, "Cockpit", __version__,
                 "Event hub for operations teams. Every error is {\"error\": \"...\"}. "
                 "Lists are newest first and page with limit and before.")
         return self._document
@@ -843,7 +854,17 @@ class Api:
         bus = self.bus.health()
         parts = {name: report() for name, report in self.services.items()}
         ok = bus["ok"] and all(part.get("ok", True) for part in parts.values())
-        return Reply(200 if ok else 503, {"status": "ok" if ok else "degraded", "bus": bus, "services": parts})
+        return Reply(200 if ok else 503, {"status": "ok" if ok else "degraded", "version": __version__,
+                                          "bus": bus, "services": parts})
+
+    @routes.get("/metrics", summary="Prometheus metrics of this process", tags=("cockpit",), auth=False, raw=True,
+                description="The Prometheus text format: events published, inputs refused, AYS runs and how long "
+                            "they took, entries pending per consumer group, SMTP and HTTP answers, and the "
+                            "process's CPU, memory and file descriptors. Open like /api/health.",
+                responses={200: Response("The metrics", {"type": "string"}, "text/plain")})
+    def metrics_text(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", METRICS_TYPE.encode())
+        return self.metrics.render()
 
     @routes.get("/api/openapi.json", summary="This document (OpenAPI 3.1)", tags=("cockpit",), auth=False,
                 responses={200: Response("The OpenAPI document", {"type": "object"})})
@@ -869,7 +890,12 @@ class Api:
         """Publish ``event`` (its source ``default_source`` unless the sender gave one); fires {"guid"}."""
         if "source" not in event.model_fields_set:
             event.source = default_source
-        return self.bus.publish(event).addCallback(lambda _: {"guid": event.guid})
+
+        def published(_: Any) -> dict[str, str]:
+            self.metrics.published(event.type, event.source)
+            return {"guid": event.guid}
+
+        return self.bus.publish(event).addCallback(published)
 
     @routes.post("/api/events/{type}", summary="Unknown event types", auth=False, hidden=True,
                  params={"type": Param()})
@@ -954,6 +980,7 @@ class Api:
             log.info("GitHub delivery {delivery} was published already, as {guid}", delivery=delivery, guid=first)
             return Reply(200, {"guid": first, "event": event_name, "duplicate": True})
         await self.bus.publish(event)
+        self.metrics.published("generic", "github")
         try:
             await self.bus.remember(key, event.guid, GITHUB_DELIVERY_TTL)
         except Exception as exc:

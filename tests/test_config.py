@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from cockpit import config
+from cockpit import config, tap
 from cockpit.config import ConfigError
 
 SEEDS = Path(__file__).parent / "seeds"
@@ -113,6 +114,44 @@ class CommandLineTests(TestCase):
         result = self.twistd("cockpit", "--config", path)
         self.assertEqual((2, [f"cockpit: {path}: [notify] mail_to: notices by mail need a [mail.relay]"]),
                          (result.returncode, result.stderr.strip().splitlines()))
+
+    def data_dir_refused(self, data_dir: str) -> subprocess.CompletedProcess:
+        path = write(f'[cockpit]\ndata_dir = "{data_dir}"\n')
+        self.addCleanup(os.unlink, path)
+        return self.twistd("-n", "--pidfile=", "cockpit", "--config", path)
+
+    def test_a_data_dir_under_a_regular_file_exits_2_with_one_line(self):
+        handle = tempfile.NamedTemporaryFile(delete=False)
+        handle.close()
+        self.addCleanup(os.unlink, handle.name)
+        result = self.data_dir_refused(f"{handle.name}/data")
+        self.assertEqual((2, 1), (result.returncode, len(result.stderr.strip().splitlines())), result.stderr)
+        self.assertRegex(result.stderr, r"^cockpit: .*: \[cockpit\] data_dir: .*/data cannot be created and "
+                                        r"written: Not a directory\n$")
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_a_data_dir_that_cannot_be_written_exits_2_with_one_line_and_leaves_nothing(self):
+        if os.geteuid() == 0:
+            data_dir = "/sys/kernel"  # root writes through any mode bits; sysfs takes no new file from anyone
+        else:
+            data_dir = tempfile.mkdtemp(prefix="cockpit-ro-")
+            os.chmod(data_dir, 0o500)
+            self.addCleanup(os.rmdir, data_dir)
+        before = sorted(os.listdir(data_dir))
+        result = self.data_dir_refused(data_dir)
+        self.assertEqual((2, [f"{data_dir} cannot be created and written: Permission denied"]),
+                         (result.returncode, [line.partition("[cockpit] data_dir: ")[2]
+                                              for line in result.stderr.strip().splitlines()]), result.stderr)
+        self.assertEqual(before, sorted(os.listdir(data_dir)))
+
+    def test_a_data_dir_to_be_made_is_made_and_left_empty(self):
+        parent = tempfile.mkdtemp(prefix="cockpit-")
+        self.addCleanup(shutil.rmtree, parent)
+        options = tap.Options()
+        path = write(f'[cockpit]\ndata_dir = "{parent}/a/b"\n')
+        self.addCleanup(os.unlink, path)
+        options.parseOptions(["--config", path])
+        self.assertEqual([], os.listdir(f"{parent}/a/b"))
 
     def test_help_lists_the_config_option(self):
         result = self.twistd("cockpit", "--help")
