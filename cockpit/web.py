@@ -923,9 +923,15 @@ class Api:
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
         request.setHeader(b"X-Accel-Buffering", b"no")  # for a proxy in front
-        request.write(b": live events of the cockpit\n\n")  # the headers leave now
         stream = LiveStream(request, self.fanout, [query.type] if query.type else None, self.clock,
                             self.keepalive_interval, self.config.api.live_backlog)
+
+        def subscribed(_: Any) -> None:
+            # the headers leave only now: a client that sees the stream open misses nothing published after
+            if not stream.finished:
+                request.write(b": live events of the cockpit\n\n")
+
+        self.bus.when_live().addCallback(subscribed)
         return stream.done
 
     # -- webhooks -----------------------------------------------------------------------
