@@ -2,11 +2,17 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Callable
 
-from twisted.logger import Logger
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from cockpit.backends.redis.bus import RedisBus
+from cockpit.config import RedisSection
 from cockpit.logs import json_observer
+from tests.redis_server import RedisServer
 
 
 class JsonLogTests(TestCase):
@@ -34,3 +40,64 @@ class JsonLogTests(TestCase):
         record = json.loads(out.getvalue())
         self.assertEqual("critical", record["level"])
         self.assertIn("ZeroDivisionError", record["traceback"])
+
+
+class RedisOutageLines(TestCase):
+    """A Redis outage is two lines from the bus, not one line per reconnection attempt."""
+
+    def setUp(self):
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.cleanup)
+        self.events: list[dict] = []
+        self.waiting: list[tuple[Callable[[dict], bool], Deferred]] = []
+        self.out = io.StringIO()
+        self.written = json_observer(self.out)
+        globalLogPublisher.addObserver(self.observe)
+        self.addCleanup(globalLogPublisher.removeObserver, self.observe)
+        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus.startService()
+        self.addCleanup(self.bus.stopService)
+        return self.bus.when_connected()
+
+    def observe(self, event: dict) -> None:
+        self.events.append(event)
+        self.written(event)
+        for entry in list(self.waiting):
+            if entry[0](event):
+                self.waiting.remove(entry)
+                entry[1].callback(event)
+
+    def next_event(self, wanted: Callable[[dict], bool]) -> Deferred:
+        d: Deferred = Deferred()
+        self.waiting.append((wanted, d))
+        return d.addTimeout(30, reactor)
+
+    def bus_lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_namespace") == "cockpit.backends.redis.bus"]
+
+    @inlineCallbacks
+    def test_an_outage_logs_one_line_when_redis_goes_and_one_when_it_is_back(self):
+        def retry(event):
+            return str(event.get("log_format", "")).startswith("Scheduling retry")
+
+        lost = self.next_event(lambda e: "lost the connection" in formatEvent(e))
+        self.redis.kill()
+        yield lost
+        # several reconnection attempts fail before Redis is back
+        for _ in range(3):
+            yield self.next_event(retry)
+        back = self.next_event(lambda e: "reachable again" in formatEvent(e))
+        self.redis.start()
+        yield back
+        yield self.bus.when_connected()
+        outage = [line for line in self.bus_lines() if "lost the connection" in line or "reachable" in line]
+        self.assertEqual(2, len(outage), outage)
+        self.assertIn(f"Redis at {self.redis.url}", outage[0])
+        written = [json.loads(line)["message"] for line in self.out.getvalue().splitlines()]
+        self.assertEqual([], [m for m in written if m.startswith("Scheduling retry") or "dead connection" in m])
+        self.assertTrue(any("lost the connection" in m for m in written), written)
+
+    @inlineCallbacks
+    def test_stopping_the_bus_is_not_an_outage(self):
+        yield self.bus.stopService()
+        self.assertEqual([], [line for line in self.bus_lines() if "lost the connection" in line])
