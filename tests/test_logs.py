@@ -6,13 +6,15 @@ from typing import Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.logger import Logger, formatEvent, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from cockpit.backends.redis.bus import RedisBus
 from cockpit.config import RedisSection
+from cockpit.events import EmailEvent
 from cockpit.logs import json_observer
 from tests.redis_server import RedisServer
+from tests.test_ays import RobotCase
 
 
 class JsonLogTests(TestCase):
@@ -101,3 +103,26 @@ class RedisOutageLines(TestCase):
     def test_stopping_the_bus_is_not_an_outage(self):
         yield self.bus.stopService()
         self.assertEqual([], [line for line in self.bus_lines() if "lost the connection" in line])
+
+
+class FailedRunLine(RobotCase):
+    """A failed action run is a warning naming the run, the service, the action and the error."""
+
+    @inlineCallbacks
+    def test_a_failed_run_logs_a_warning_with_the_errors_last_line(self):
+        yield self.make_repo()
+        warnings: list[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "cockpit.ays" and event.get("log_level") == LogLevel.warn:
+                warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        failed, failed_done = self.robot.run_action("demo", "node!web1", "escalate",
+                                                    event=EmailEvent(subject="raise"))
+        ok, ok_done = self.robot.run_action("demo", "node!web1", "escalate", event=EmailEvent(subject="fine"))
+        yield failed_done
+        yield ok_done
+        self.assertEqual([f"run {failed.id}: escalate of node!web1 in demo ended in error: "
+                          "RuntimeError: escalation failed"], warnings)
