@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from typing import Callable
 
 from twisted.internet import reactor
@@ -10,9 +11,11 @@ from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from cockpit.backends.redis.bus import RedisBus
+from cockpit import config
 from cockpit.config import RedisSection
 from cockpit.events import EmailEvent
 from cockpit.logs import json_observer
+from cockpit.tap import build
 from tests.redis_server import RedisServer
 from tests.test_ays import RobotCase
 
@@ -126,3 +129,30 @@ class FailedRunLine(RobotCase):
         yield ok_done
         self.assertEqual([f"run {failed.id}: escalate of node!web1 in demo ended in error: "
                           "RuntimeError: escalation failed"], warnings)
+
+
+class StartWarnings(TestCase):
+    """What start-up warns about in the configuration."""
+
+    def warnings_of(self, api: dict) -> list[str]:
+        lines: list[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "cockpit.tap" and event.get("log_level") == LogLevel.warn:
+                lines.append(formatEvent(event))
+
+        cfg = config.from_dict({"cockpit": {"data_dir": os.path.abspath(self.mktemp())}, "api": {"port": 0, **api},
+                                "mail": {"port": 0}})
+        globalLogPublisher.addObserver(observe)
+        try:
+            build(cfg, reactor)
+        finally:
+            globalLogPublisher.removeObserver(observe)
+        return lines
+
+    def test_tokens_without_a_github_secret_say_the_webhook_is_open(self):
+        [line] = self.warnings_of({"tokens": ["t"]})
+        self.assertIn("[api] github_secret is not set: the GitHub webhook (/api/webhooks/github) is open", line)
+        self.assertEqual([], self.warnings_of({"tokens": ["t"], "github_secret": "s"}))
+        [line] = self.warnings_of({})  # everything is open: one line says so
+        self.assertIn("[api] tokens is empty", line)
