@@ -223,6 +223,11 @@ class Robot(Service):
         run.started = run.started or now
         run.ended = now
         run.log, run.result = outcome.log, outcome.result
+        if run.state != "ok":
+            lines = [line for line in (run.log or "").splitlines() if line.strip()]
+            log.warn("run {id}: {action} of {service} in {repo} ended in {state}: {error}", id=run.id,
+                     action=run.action, service=run.service, repo=run.repo, state=run.state,
+                     error=lines[-1][:500] if lines else "no output")
         self._set_state(run)
         return self.record(run)
 

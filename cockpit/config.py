@@ -6,6 +6,7 @@ the key and what was expected.
 """
 from __future__ import annotations
 
+import difflib
 import socket
 import tomllib
 from pathlib import Path
@@ -216,6 +217,10 @@ def _describe(error: dict[str, Any], source: str) -> str:
     where = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else f"{loc[0]}" if loc else "(top)"
     kind = error["type"]
     if kind == "extra_forbidden":
+        if len(loc) == 1 and isinstance(error.get("input"), dict):  # a table: a section of its own
+            close = difflib.get_close_matches(loc[0], sorted(set(Config.model_fields) - {"source"}), n=1)
+            hint = f"; did you mean [{close[0]}]?" if close else ""
+            return f"{source}: [{loc[0]}]: unknown section{hint}"
         return f"{source}: {where}: unknown key"
     if kind in _EXPECTED:
         expected = _EXPECTED[kind].format(**error.get("ctx", {}))

@@ -263,6 +263,10 @@ def describe_validation_error(exc: ValidationError, limit: int = 3) -> str:
             message = "unknown field"
         elif error["type"] == "missing":
             message = "field required"
+        elif error["type"] == "string_type" and isinstance(error.get("input"), bool):
+            words = "yes, on or true" if error["input"] else "no, off or false"
+            message = (f"expected text, got the boolean {str(error['input']).lower()}: in YAML a bare {words} "
+                       "is a boolean; quote it to send the word")
         elif error["type"] == "string_pattern_mismatch":
             pattern = error.get("ctx", {}).get("pattern", "")
             message = f"expected {PATTERN_NAMES.get(pattern, 'text matching ' + pattern)}, got {_shown(error['input'])}"

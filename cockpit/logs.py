@@ -1,15 +1,37 @@
-"""JSON-lines logging for journald and log shippers: ``twistd --logger cockpit.logs.json_observer``."""
+"""Logging for journald and log shippers.
+
+``twistd --logger cockpit.logs.json_observer`` writes JSON lines, ``cockpit.logs.text_observer``
+twistd's text lines; both leave out the reconnection attempts Twisted logs one by one, since
+the bus says once that Redis went away and once that it is back.
+"""
 from __future__ import annotations
 
 import json
 import sys
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+from twisted.logger import (FileLogObserver, FilteringLogObserver, ILogObserver, PredicateResult,
+                            formatEvent, textFileLogObserver)
 
 _SKIP = {"log_format", "log_logger", "log_source", "log_time", "log_level", "log_namespace",
          "log_failure", "log_io", "log_system", "format", "message", "isError", "system", "time",
          "log_trace", "log_text", "log_flattened", "why", "failure"}
+
+
+# ClientService's "Scheduling retry N to connect ... in D seconds.", one a reconnection attempt
+_RETRY_NAMESPACE = "twisted.application._client_service.ClientService"
+_RETRY_FORMAT = "Scheduling retry "
+_DEAD_CONNECTION = ("Discarding dead connection.",)
+
+
+def quiet(event: dict[str, Any]) -> PredicateResult:
+    """Drops the reconnection attempts; keeps everything else."""
+    if event.get("log_namespace") == _RETRY_NAMESPACE and \
+            str(event.get("log_format", "")).startswith(_RETRY_FORMAT):
+        return PredicateResult.no
+    if event.get("message") == _DEAD_CONNECTION:  # txredisapi's, after each reconnect
+        return PredicateResult.no
+    return PredicateResult.maybe
 
 
 def _line(event: dict[str, Any]) -> str:
@@ -35,4 +57,9 @@ def _line(event: dict[str, Any]) -> str:
 
 def json_observer(out: IO[str] = sys.stdout) -> ILogObserver:
     """One JSON object a line: time, level, namespace, message and the event's own fields."""
-    return FileLogObserver(out, _line)
+    return FilteringLogObserver(FileLogObserver(out, _line), [quiet])
+
+
+def text_observer(out: IO[str] = sys.stdout) -> ILogObserver:
+    """twistd's text lines, without the reconnection attempts."""
+    return FilteringLogObserver(textFileLogObserver(out), [quiet])

@@ -530,6 +530,19 @@ class IncomingSMTP(smtp.ESMTP):
     def do_NOOP(self, rest: bytes) -> None:
         self.sendCode(250, b"2.0.0 OK")  # RFC 5321 4.5.1: every server has it; Twisted's has not
 
+    def do_HELP(self, rest: bytes) -> None:
+        """RFC 5321 4.1.1.8: what this server takes, whatever the topic asked about."""
+        self.sendCode(214, b"2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT"
+                      + (b" STARTTLS" if self.canStartTLS and not self.startedTLS else b"")
+                      + (b" AUTH" if self.startedTLS and self.challengers else b""))
+
+    def do_VRFY(self, rest: bytes) -> None:
+        """RFC 5321 3.5.3: 252, since saying which addresses exist would help only address harvesters."""
+        if not rest.strip():
+            self.sendCode(501, b"5.5.4 VRFY takes a user or mailbox name")
+            return
+        self.sendCode(252, b"2.5.0 Cannot VRFY user, but will accept message and attempt delivery")
+
     # -- input ------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()

@@ -509,6 +509,9 @@ class LiveStream:
 
 class Accepted(BaseModel):
     guid: str = Field(description="The guid of the event as published.")
+    duplicate: Optional[bool] = Field(None, description="Eco events only: true when an eco with this guid was "
+                                                        "published within the last day. It is published "
+                                                        "again; consumers count a guid once.")
 
 
 class RecentQuery(BaseModel):
@@ -589,6 +592,14 @@ GITHUB_EVENT_PATTERN = r"^[a-z0-9_.-]{1,64}$"
 GITHUB_DELIVERY_TTL = 86400  # seconds a delivery is remembered: a repeat within them is not published again
 # the guid of a delivery's event is uuid5(this, delivery id): every process derives the same one
 GITHUB_DELIVERY_NAMESPACE = uuid.UUID("6f0f4f8e-3a5e-4c62-9d2b-5b1f3c0d7a41")
+
+
+ECO_GUID_TTL = 86400  # seconds an eco's guid is remembered, to tell a sender its repeat was a duplicate
+
+
+def eco_guid_key(guid: str) -> str:
+    """Where the bus remembers that an eco of this guid was published."""
+    return f"{STREAM_PREFIX}eco.guid.{guid}"
 
 
 def github_delivery_key(delivery: str) -> str:
@@ -895,7 +906,17 @@ class Api:
             self.metrics.published(event.type, event.source)
             return {"guid": event.guid}
 
-        return self.bus.publish(event).addCallback(published)
+        reply = self.bus.publish(event).addCallback(published)
+        if event.type == "eco":
+            reply.addCallback(self._eco_seen, event.guid)
+        return reply
+
+    def _eco_seen(self, reply: dict[str, Any], guid: str) -> Deferred:
+        """Marks the eco's guid as published (for a day); a mark already there is a duplicate."""
+        marked = self.bus.remember(eco_guid_key(guid), "1", ECO_GUID_TTL)
+        marked.addCallbacks(lambda fresh: {**reply, "duplicate": not fresh},
+                            lambda failure: reply)  # published all the same: only the flag is missing
+        return marked
 
     @routes.post("/api/events/{type}", summary="Unknown event types", auth=False, hidden=True,
                  params={"type": Param()})
@@ -1001,6 +1022,11 @@ class Api:
                 responses={200: Response("The Swagger UI page", {"type": "string"}, "text/html")})
     def docs(self, request: Request) -> bytes:
         return self._docs_file(request, "index.html")
+
+    @routes.get("/api/docs/", summary="The Swagger UI page, with the slash a browser may add", auth=False,
+                raw=True, hidden=True)
+    def docs_slash(self, request: Request) -> bytes:
+        return self._docs_file(request, "index.html")  # its files are named from the root: no redirect needed
 
     @routes.get("/api/docs/{name}", summary="Swagger UI's files", auth=False, raw=True, hidden=True)
     def docs_file(self, request: Request, name: str) -> bytes:

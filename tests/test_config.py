@@ -9,8 +9,10 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from cockpit import config, tap
+from cockpit import config, events, tap
 from cockpit.config import ConfigError
+from cockpit.decode import DecodeError, decode_yaml
+from cockpit.events import EventError
 
 SEEDS = Path(__file__).parent / "seeds"
 ROOT = Path(__file__).parent.parent
@@ -60,6 +62,18 @@ class ConfigTests(TestCase):
         error = self.assertRaises(ConfigError, config.load, path)
         self.assertEqual(f"{path}: [api] prot: unknown key", str(error))
 
+    def test_a_misspelt_section_is_an_unknown_section_with_the_closest_name(self):
+        path = write("[apii]\nport = 5000\n")
+        self.addCleanup(os.unlink, path)
+        error = self.assertRaises(ConfigError, config.load, path)
+        self.assertEqual(f"{path}: [apii]: unknown section; did you mean [api]?", str(error))
+        path = write("[zzz]\nport = 5000\n")
+        self.addCleanup(os.unlink, path)
+        self.assertEqual(f"{path}: [zzz]: unknown section", str(self.assertRaises(ConfigError, config.load, path)))
+        path = write("zzz = 1\n")  # a key, not a section
+        self.addCleanup(os.unlink, path)
+        self.assertEqual(f"{path}: zzz: unknown key", str(self.assertRaises(ConfigError, config.load, path)))
+
     def test_wrong_type_says_what_was_expected(self):
         path = write('[api]\nport = "5000"\n')
         self.addCleanup(os.unlink, path)
@@ -91,6 +105,25 @@ class ConfigTests(TestCase):
         self.addCleanup(os.unlink, path)
         error = self.assertRaises(ConfigError, config.load, path)
         self.assertIn("[redis] url: expected a redis://", str(error))
+
+
+class YamlBodyHints(TestCase):
+    """What a YAML event body gets wrong most often is said in its own words."""
+
+    def test_a_tab_is_named_as_a_tab_with_its_place(self):
+        error = self.assertRaises(DecodeError, decode_yaml, "service: node!web1\n\tmsg: down\n")
+        self.assertEqual("invalid YAML at line 2, column 1: a tab character; YAML indents with spaces, never tabs",
+                         str(error))
+
+    def test_a_bare_no_where_text_is_expected_suggests_quoting(self):
+        data = decode_yaml("service: node!web1\nmethod: check\nmsg: no\n")
+        error = self.assertRaises(EventError, events.from_data, data, "alarm")
+        self.assertEqual("invalid event: msg: expected text, got the boolean false: in YAML a bare no, off or "
+                         "false is a boolean; quote it to send the word", str(error))
+        error = self.assertRaises(EventError, events.from_data, decode_yaml("subject: yes\n"), "email")
+        self.assertIn("subject: expected text, got the boolean true: in YAML a bare yes, on or true", str(error))
+        quoted = events.from_data(decode_yaml('service: node!web1\nmethod: check\nmsg: "no"\n'), "alarm")
+        self.assertEqual("no", quoted.msg)
 
 
 class CommandLineTests(TestCase):

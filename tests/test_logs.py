@@ -2,11 +2,22 @@ from __future__ import annotations
 
 import io
 import json
+import os
+from typing import Callable
 
-from twisted.logger import Logger
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from cockpit.backends.redis.bus import RedisBus
+from cockpit import config
+from cockpit.config import RedisSection
+from cockpit.events import EmailEvent
 from cockpit.logs import json_observer
+from cockpit.tap import build
+from tests.redis_server import RedisServer
+from tests.test_ays import RobotCase
 
 
 class JsonLogTests(TestCase):
@@ -34,3 +45,114 @@ class JsonLogTests(TestCase):
         record = json.loads(out.getvalue())
         self.assertEqual("critical", record["level"])
         self.assertIn("ZeroDivisionError", record["traceback"])
+
+
+class RedisOutageLines(TestCase):
+    """A Redis outage is two lines from the bus, not one line per reconnection attempt."""
+
+    def setUp(self):
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.cleanup)
+        self.events: list[dict] = []
+        self.waiting: list[tuple[Callable[[dict], bool], Deferred]] = []
+        self.out = io.StringIO()
+        self.written = json_observer(self.out)
+        globalLogPublisher.addObserver(self.observe)
+        self.addCleanup(globalLogPublisher.removeObserver, self.observe)
+        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus.startService()
+        self.addCleanup(self.bus.stopService)
+        return self.bus.when_connected()
+
+    def observe(self, event: dict) -> None:
+        self.events.append(event)
+        self.written(event)
+        for entry in list(self.waiting):
+            if entry[0](event):
+                self.waiting.remove(entry)
+                entry[1].callback(event)
+
+    def next_event(self, wanted: Callable[[dict], bool]) -> Deferred:
+        d: Deferred = Deferred()
+        self.waiting.append((wanted, d))
+        return d.addTimeout(30, reactor)
+
+    def bus_lines(self) -> list[str]:
+        return [formatEvent(e) for e in self.events if e.get("log_namespace") == "cockpit.backends.redis.bus"]
+
+    @inlineCallbacks
+    def test_an_outage_logs_one_line_when_redis_goes_and_one_when_it_is_back(self):
+        def retry(event):
+            return str(event.get("log_format", "")).startswith("Scheduling retry")
+
+        lost = self.next_event(lambda e: "lost the connection" in formatEvent(e))
+        self.redis.kill()
+        yield lost
+        # several reconnection attempts fail before Redis is back
+        for _ in range(3):
+            yield self.next_event(retry)
+        back = self.next_event(lambda e: "reachable again" in formatEvent(e))
+        self.redis.start()
+        yield back
+        yield self.bus.when_connected()
+        outage = [line for line in self.bus_lines() if "lost the connection" in line or "reachable" in line]
+        self.assertEqual(2, len(outage), outage)
+        self.assertIn(f"Redis at {self.redis.url}", outage[0])
+        written = [json.loads(line)["message"] for line in self.out.getvalue().splitlines()]
+        self.assertEqual([], [m for m in written if m.startswith("Scheduling retry") or "dead connection" in m])
+        self.assertTrue(any("lost the connection" in m for m in written), written)
+
+    @inlineCallbacks
+    def test_stopping_the_bus_is_not_an_outage(self):
+        yield self.bus.stopService()
+        self.assertEqual([], [line for line in self.bus_lines() if "lost the connection" in line])
+
+
+class FailedRunLine(RobotCase):
+    """A failed action run is a warning naming the run, the service, the action and the error."""
+
+    @inlineCallbacks
+    def test_a_failed_run_logs_a_warning_with_the_errors_last_line(self):
+        yield self.make_repo()
+        warnings: list[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "cockpit.ays" and event.get("log_level") == LogLevel.warn:
+                warnings.append(formatEvent(event))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        failed, failed_done = self.robot.run_action("demo", "node!web1", "escalate",
+                                                    event=EmailEvent(subject="raise"))
+        ok, ok_done = self.robot.run_action("demo", "node!web1", "escalate", event=EmailEvent(subject="fine"))
+        yield failed_done
+        yield ok_done
+        self.assertEqual([f"run {failed.id}: escalate of node!web1 in demo ended in error: "
+                          "RuntimeError: escalation failed"], warnings)
+
+
+class StartWarnings(TestCase):
+    """What start-up warns about in the configuration."""
+
+    def warnings_of(self, api: dict) -> list[str]:
+        lines: list[str] = []
+
+        def observe(event: dict) -> None:
+            if event.get("log_namespace") == "cockpit.tap" and event.get("log_level") == LogLevel.warn:
+                lines.append(formatEvent(event))
+
+        cfg = config.from_dict({"cockpit": {"data_dir": os.path.abspath(self.mktemp())}, "api": {"port": 0, **api},
+                                "mail": {"port": 0}})
+        globalLogPublisher.addObserver(observe)
+        try:
+            build(cfg, reactor)
+        finally:
+            globalLogPublisher.removeObserver(observe)
+        return lines
+
+    def test_tokens_without_a_github_secret_say_the_webhook_is_open(self):
+        [line] = self.warnings_of({"tokens": ["t"]})
+        self.assertIn("[api] github_secret is not set: the GitHub webhook (/api/webhooks/github) is open", line)
+        self.assertEqual([], self.warnings_of({"tokens": ["t"], "github_secret": "s"}))
+        [line] = self.warnings_of({})  # everything is open: one line says so
+        self.assertIn("[api] tokens is empty", line)

@@ -286,6 +286,23 @@ class Receiving(SMTPServerCase):
         self.assertEqual([250, 503], codes[109:])
 
     @inlineCallbacks
+    def test_noop_help_and_vrfy_are_answered_without_touching_the_envelope(self):
+        def work(client):
+            client.ehlo()
+            client.mail("a@example.org")
+            replies = [client.noop(), client.docmd("HELP"), client.verify(f"ops@{DOMAIN}"), client.docmd("VRFY"),
+                       client.rcpt(f"ops@{DOMAIN}")]
+            return replies
+        noop, help_text, vrfy, bare_vrfy, rcpt = yield self.client(work)
+        self.assertEqual(noop[0], 250)
+        self.assertEqual(help_text[0], 214)
+        self.assertIn(b"VRFY", help_text[1])
+        self.assertIn(b"MAIL", help_text[1])
+        self.assertEqual(vrfy, (252, b"2.5.0 Cannot VRFY user, but will accept message and attempt delivery"))
+        self.assertEqual(bare_vrfy[0], 501)
+        self.assertEqual(rcpt[0], 250)  # the sender given before them still holds
+
+    @inlineCallbacks
     def test_recipient_outside_domains_gets_550_5_1_1(self):
         def work(client):
             client.ehlo()

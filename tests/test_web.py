@@ -115,6 +115,34 @@ class PublishTests(TestCase):
         self.assertIn("type:", payload["error"])
 
     @inlineCallbacks
+    def test_a_repeated_eco_guid_is_published_and_answered_as_a_duplicate(self):
+        eco = {"guid": "eco-guid-1", "app_name": "shop", "error_msg": "boom"}
+        first_response, first = yield self.post("eco", eco)
+        _, again = yield self.post("eco", eco)
+        _, other = yield self.post("eco", {**eco, "guid": "eco-guid-2"})
+        self.assertEqual(202, first_response.code)
+        self.assertEqual(({"guid": "eco-guid-1", "duplicate": False}, {"guid": "eco-guid-1", "duplicate": True}),
+                         (first, again))
+        self.assertFalse(other["duplicate"])
+        self.assertEqual(3, len((yield self.bus.recent("eco"))))  # consumers count a guid once
+        _, alarm = yield self.post("alarm", {"service": "node!n1", "msg": "x"})
+        self.assertNotIn("duplicate", alarm)
+
+    @inlineCallbacks
+    def test_a_repeat_after_a_day_is_not_a_duplicate(self):
+        eco = {"guid": "eco-guid-3", "app_name": "shop", "error_msg": "boom"}
+        yield self.post("eco", eco)
+        self.bus.clock.advance(86401)
+        _, later = yield self.post("eco", eco)
+        self.assertFalse(later["duplicate"])
+
+    @inlineCallbacks
+    def test_the_docs_page_answers_with_a_trailing_slash(self):
+        response = yield self.client.get("http://cockpit/api/docs/")
+        self.assertEqual(200, response.code)
+        self.assertIn("<title>Cockpit API</title>", (yield response.text()))
+
+    @inlineCallbacks
     def test_unknown_event_type_is_404(self):
         response, payload = yield self.post("fax", {"x": 1})
         self.assertEqual(404, response.code)

@@ -122,6 +122,20 @@ class _LiveProtocol(Handshake, txredisapi.SubscriberProtocol):
         self.factory.bus._deliver_live(event)
 
 
+class _BusCommandProtocol(CommandProtocol):
+    """The bus's command connection, telling the bus when it is ready and when it is gone."""
+
+    def connectionMade(self):
+        d = super().connectionMade()
+        self.whenConnected().addCallback(lambda _: self.factory.bus._command_link(True))
+        return d
+
+    def connectionLost(self, why):
+        if self._ready:
+            self.factory.bus._command_link(False)
+        return super().connectionLost(why)
+
+
 class RedisBus(Bus):
     kind = "redis"
     remote = True
@@ -146,6 +160,7 @@ class RedisBus(Bus):
         self._watchdog: Optional[task.LoopingCall] = None
         self._live_subscribed = False
         self._live_waiters: list[Deferred] = []
+        self._lost = False  # the command connection went away and is not back yet
 
     def __repr__(self) -> str:
         return f"<RedisBus {self.settings.redacted_url()}>"
@@ -161,7 +176,7 @@ class RedisBus(Bus):
             endpoint = wrapClientTLS(optionsForClientTLS(c["host"]), endpoint)
         return endpoint
 
-    def connect(self) -> txredisapi.RedisFactory:
+    def connect(self, protocol: type = CommandProtocol) -> txredisapi.RedisFactory:
         """A new lazily connecting, self-reconnecting single connection to this bus's Redis.
 
         It sets no reply timer per command: the bus's watchdog times the command connection,
@@ -172,7 +187,8 @@ class RedisBus(Bus):
         factory = txredisapi.RedisFactory(
             self.settings.redacted_url(), c["db"] or None, 1, isLazy=True,
             password=c["password"], username=c["username"], convertNumbers=False)
-        factory.protocol = CommandProtocol
+        factory.protocol = protocol
+        factory.bus = self
         factory.redacted_url = self.settings.redacted_url()
         self._tune(factory)
         factory.startConnecting(self._endpoint())
@@ -190,7 +206,7 @@ class RedisBus(Bus):
     def startService(self) -> None:
         super().startService()
         # replies are timed by this one watchdog, not a timer per command
-        self._factory = self.connect()
+        self._factory = self.connect(_BusCommandProtocol)
         self._watchdog = task.LoopingCall(self._watch)
         self._watchdog.clock = self.reactor
         self._watchdog.start(max(self.settings.timeout / 4, 0.05), now=False)
@@ -207,6 +223,16 @@ class RedisBus(Bus):
         self._factory = self._live = None
         self._fail_batch(BusUnavailable("the bus is stopping"))
         yield defer.gatherResults([f.disconnect() for f in factories], consumeErrors=True)
+
+    def _command_link(self, up: bool) -> None:
+        """One line when Redis goes away and one when it is back, whatever the reconnects between."""
+        if up and self._lost:
+            self._lost = False
+            log.info("bus: Redis at {url} is reachable again", url=self.settings.redacted_url())
+        elif not up and not self._lost and self.running:
+            self._lost = True
+            log.warn("bus: lost the connection to Redis at {url}; events are refused until it is back",
+                     url=self.settings.redacted_url())
 
     def _live_wanted(self) -> None:
         if self._live is None and self.running:
