@@ -135,6 +135,11 @@ class Bus(Service):
     def _live_wanted(self) -> None:
         pass
 
+    def reachable(self) -> bool:
+        """Whether the bus has a connection now: while it has none it has said so once, and its
+        users need not say it again on every retry."""
+        return True
+
     def when_connected(self) -> Deferred:
         """Fires once the bus can take events (at once for a bus inside this process)."""
         return defer.succeed(None)
@@ -401,7 +406,8 @@ class Consumer(Service):
             except Exception as exc:
                 if not self.running:
                     break
-                log.warn("consumer {name} cannot read: {error}; retrying", name=self.consumer_name, error=exc)
+                if self.bus.reachable():  # else the bus has said it lost Redis, once for all its consumers
+                    log.warn("consumer {name} cannot read: {error}; retrying", name=self.consumer_name, error=exc)
                 self._lost_track = True  # Redis may have delivered what it read before the connection went
                 yield self._pause(1.0)
                 yield self._get_ready()
@@ -609,7 +615,8 @@ class Consumer(Service):
     def _beat_logged(self) -> Deferred:
         d = self.take_over()
         d.addErrback(lambda f: log.warn("consumer {name}: heartbeat failed: {error}",
-                                        name=self.consumer_name, error=f.getErrorMessage()))
+                                        name=self.consumer_name, error=f.getErrorMessage())
+                     if self.bus.reachable() else None)
         return d
 
     def take_over(self) -> Deferred:

@@ -256,7 +256,7 @@ class Heartbeats(Service):
 
     def _check_failed(self, failure: Any) -> None:
         error = failure.getErrorMessage()
-        if error != self.last_error:
+        if error != self.last_error and self.bus.reachable():  # a lost bus has said so itself
             log.warn("heartbeats: could not check the deadlines ({error}); trying again", error=error)
         self.last_error = error
 

@@ -85,6 +85,11 @@ class RedisOutageLines(TestCase):
         def retry(event):
             return str(event.get("log_format", "")).startswith("Scheduling retry")
 
+        consumer = self.bus.consumer("outage", lambda event, delivery: None, types=["alarm"])
+        consumer.block_ms = 100
+        consumer.startService()
+        self.addCleanup(consumer.stopService)
+        yield consumer.take_over()  # it beats, and reads
         lost = self.next_event(lambda e: "lost the connection" in formatEvent(e))
         self.redis.kill()
         yield lost
@@ -101,6 +106,8 @@ class RedisOutageLines(TestCase):
         written = [json.loads(line)["message"] for line in self.out.getvalue().splitlines()]
         self.assertEqual([], [m for m in written if m.startswith("Scheduling retry") or "dead connection" in m])
         self.assertTrue(any("lost the connection" in m for m in written), written)
+        # nor does each consumer say it again at every beat and read while the bus is away
+        self.assertEqual([], [m for m in written if "heartbeat failed" in m or "cannot read" in m])
 
     @inlineCallbacks
     def test_stopping_the_bus_is_not_an_outage(self):

@@ -247,6 +247,13 @@ class RedisBus(Bus):
             factory.startConnecting(self._endpoint())
             self._live = factory
 
+    def reachable(self) -> bool:
+        try:
+            self.connection()
+        except BusUnavailable:
+            return False
+        return True
+
     def connection(self):
         """The connected protocol commands go to; raises BusUnavailable when there is none."""
         factory = self._factory
@@ -533,8 +540,9 @@ class RedisConsumer(Consumer):
             except txredisapi.ConnectionError as exc:
                 if not self.running:
                     return
-                log.warn("consumer {name}: Redis not reachable ({error}); retrying",
-                         name=self.consumer_name, error=exc)
+                if self.bus.reachable():  # else the bus has said it lost Redis
+                    log.warn("consumer {name}: Redis not reachable ({error}); retrying",
+                             name=self.consumer_name, error=exc)
                 yield self._pause(1.0)
 
     def _read(self, count):
