@@ -19,7 +19,6 @@ import base64
 import hmac
 import ipaddress
 import re
-import time
 import uuid
 from dataclasses import dataclass
 from email import policy as email_policy
@@ -870,7 +869,7 @@ class MailSender(Service):
         message = build_message(mail, self.relay.sender, make_msgid(mail_id[:16], domain=domain))
         raw = message.as_bytes(policy=email_policy.default)  # sendmail turns \n into CRLF itself
         record = {"id": mail_id, "to": list(mail.to), "cc": list(mail.cc), "subject": mail.subject,
-                  "state": "queued", "attempts": 0, "error": None, "queued": time.time(), "sent": None,
+                  "state": "queued", "attempts": 0, "error": None, "queued": self.reactor.seconds(), "sent": None,
                   "retry_at": None}
         accepted = dict(record)  # the delivery may begin before the caller hears of it
 
@@ -921,7 +920,7 @@ class MailSender(Service):
         delivering = _Delivering(mail, Deferred())
         self._delivering[mail.id] = delivering
         retry_at = mail.record.get("retry_at")
-        delay = min(max(retry_at - time.time(), 0.0), self.max_delay) if retry_at else 0.0
+        delay = min(max(retry_at - self.reactor.seconds(), 0.0), self.max_delay) if retry_at else 0.0
         self._schedule(delivering, delay)
         return delivering.done
 
@@ -973,7 +972,7 @@ class MailSender(Service):
         if delivering.stopping:
             return  # sent after all, but already suspended: it goes out again (at least once)
         record = delivering.mail.record
-        record.update(state="sent", sent=time.time(), error=None, retry_at=None)
+        record.update(state="sent", sent=self.reactor.seconds(), error=None, retry_at=None)
         log.info("mail {id} to {to} delivered to {relay} after {attempts} attempts",
                  id=record["id"], to=record["to"], relay=self.relay.host, attempts=record["attempts"])
         self._finish(delivering, None)
@@ -996,7 +995,7 @@ class MailSender(Service):
             self._finish(delivering, record["error"])
             return
         delay = min(self.first_delay * 2 ** (record["attempts"] - 1), self.max_delay)
-        record["retry_at"] = time.time() + delay
+        record["retry_at"] = self.reactor.seconds() + delay
         log.warn("mail {id}: relay {relay} failed ({error}); attempt {next} in {delay:.0f}s",
                  id=record["id"], relay=self.relay.host, error=record["error"], next=record["attempts"] + 1,
                  delay=delay)
