@@ -40,11 +40,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ISSLTransport
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from cockpit.bus import Bus, BusUnavailable
+from cockpit.compat import LOGINCredentials, PLAINCredentials
 from cockpit.config import MailSection, RelaySection
 from cockpit.events import EmailEvent
 from cockpit.mailparse import NO_WRITES, Envelope, MessageRefused, NotOnReactor, clean_text, parse_mail, unstuff

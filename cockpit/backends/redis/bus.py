@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from cockpit.backends.redis.txredis import connections, reply_queue
 from cockpit.backends.resp import EXEC, MULTI, CommandProtocol, Handshake, encode_command, fields
 from cockpit.bus import (DEAD_LETTER_STREAM, Bus, BusUnavailable, Consumer, mark_key, entry_order,
                          parse_before, stream_key)
@@ -256,11 +257,9 @@ class RedisBus(Bus):
 
     def connection(self):
         """The connected protocol commands go to; raises BusUnavailable when there is none."""
-        factory = self._factory
-        if factory is not None:
-            for proto in factory.pool:
-                if proto.connected:
-                    return proto
+        for proto in connections(self._factory):
+            if proto.connected:
+                return proto
         raise BusUnavailable(f"Redis at {self.settings.redacted_url()} is not reachable")
 
     def execute(self, *args: Any) -> Deferred:
@@ -278,7 +277,7 @@ class RedisBus(Bus):
 
     def _expect(self, proto: Any, replies: int) -> Deferred:
         """Wait for ``replies`` replies on ``proto``; fires with the last one (errors as values)."""
-        queue = proto.replyQueue
+        queue = reply_queue(proto)
         for _ in range(replies - 1):
             queue.get()
         if self._awaiting == 0:
@@ -314,7 +313,7 @@ class RedisBus(Bus):
             log.warn("Redis at {url} gave no reply for {timeout}s; reconnecting",
                      url=self.settings.redacted_url(), timeout=self.settings.timeout)
             self._progress = self.reactor.seconds()
-            for proto in list(self._factory.pool if self._factory else ()):
+            for proto in connections(self._factory):
                 proto.transport.abortConnection()
 
     # -- publishing ---------------------------------------------------------
@@ -496,7 +495,7 @@ class RedisBus(Bus):
             "url": self.settings.redacted_url(),
             "ok": connected,
             "state": "connected" if connected else "unreachable",
-            "live": None if live is None else any(p.connected for p in live.pool),
+            "live": None if live is None else any(p.connected for p in connections(live)),
         }
 
 
