@@ -29,6 +29,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.result import result  # noqa: E402
+
 from bench.rest_ingest import ALARM, TOKEN, wait_for  # noqa: E402
 from tests.redis_server import RedisServer, free_port  # noqa: E402
 
@@ -187,6 +189,9 @@ def main() -> None:
                   f"(p50 {rest['p50_ms']:.2f} ms)   ratio {ratio:.2f}")
         ratio = statistics.median(ratios)
         print(f"median ratio {ratio:.2f} (goal >= {GOAL}): {'ok' if ratio >= GOAL else 'BELOW GOAL'}")
+        result("alertmanager_ingest", f"{alarm_rate:,.0f} alarms/s (last round)",
+               f"REST {rest['rate']:,.0f} events/s (last round)", ratio, f">= {GOAL}", ratio >= GOAL,
+               "parsing and validating each alert; one publish per alert")
     finally:
         if cockpit is not None:
             cockpit.terminate()

@@ -16,6 +16,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.result import result  # noqa: E402
+
 import txredisapi  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
@@ -85,6 +87,8 @@ def main(reactor, args):
         print(f"RedisBus.publish (MULTI/EXEC): {bus_best:,.0f} events/s (best of {args.rounds}); "
               f"last run stored {stored} entries")
         print(f"ratio {ratio:.2f} (goal >= {GOAL}): {'met' if ratio >= GOAL else 'NOT met'}")
+        result("bus_publish", f"{bus_best:,.0f} events/s", f"raw pipelined XADD+PUBLISH {raw_best:,.0f}/s", ratio,
+               f">= {GOAL}", ratio >= GOAL, "one Redis round trip per MULTI/EXEC batch; Redis's own CPU")
     finally:
         server.cleanup()
 

@@ -28,6 +28,8 @@ from pathlib import Path
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
+from bench.result import result  # noqa: E402
+
 import treq  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 from twisted.web.client import HTTPConnectionPool  # noqa: E402
@@ -187,6 +189,10 @@ action_timeout = 30.0
         print(f"latency:    POST -> action start at {args.rate}/s over {args.seconds} s ({len(lags)} runs, "
               f"{refused} refused): p50 {p50:.1f} ms, p99 {p99:.1f} ms "
               f"(goal p99 < {GOAL_P99_MS:.0f} ms: {verdict(p99 < GOAL_P99_MS)})")
+        result("dispatch", f"{rate:,.0f} runs/s", f"bare consumer group {baseline:,.0f} events/s", rate / baseline,
+               f">= {GOAL_RUNS:.0f} runs/s", rate >= GOAL_RUNS, "the worker processes on 2 cores")
+        result("dispatch latency", f"p99 {p99:.1f} ms", f"p50 {p50:.1f} ms", None, f"p99 < {GOAL_P99_MS:.0f} ms",
+               p99 < GOAL_P99_MS, "a worker's start of the action")
     finally:
         yield pool.closeCachedConnections()
         if cockpit is not None:

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.result import result as goal_result  # noqa: E402
+
 from tests.redis_server import RedisServer, free_port  # noqa: E402
 
 GOAL = 0.75
@@ -155,6 +157,8 @@ def main() -> None:
         print(f"seen by Redis (XLEN): {redis_rate:10,.0f} events/s")
         print(f"ratio {ratio:.2f} (goal >= {GOAL}) over {args.connections} connections: "
               f"{'ok' if ratio >= GOAL else 'BELOW GOAL'}")
+        goal_result("rest_ingest", f"{cockpit['rate']:,.0f} events/s", f"bare Klein 202 {bare['rate']:,.0f} req/s", ratio,
+               f">= {GOAL}", ratio >= GOAL, "validation and the Redis publish on one reactor thread")
     finally:
         for process in processes:
             process.terminate()

@@ -34,6 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.result import result  # noqa: E402
+
 from tests.redis_server import RedisServer, free_port  # noqa: E402
 
 GOAL = 1.5
@@ -228,6 +230,9 @@ def main() -> None:
               f"{'met' if drain_ratio >= GOAL else 'not met'} |")
         print(f"| REST ingest | {statistics.median(o for o, _ in ingests):,.0f} events/s | "
               f"{statistics.median(t for _, t in ingests):,.0f} events/s | {ingest_ratio:.2f} | (none) |")
+        result("scale (drain)", f"two cockpits {statistics.median(t for _, t in drains):,.0f} runs/s",
+               f"one cockpit {statistics.median(o for o, _ in drains):,.0f} runs/s", drain_ratio, f">= {GOAL}",
+               drain_ratio >= GOAL, f"{os.cpu_count()} cores shared by Redis, both cockpits and their workers")
         print(f"\nthis machine has {os.cpu_count()} cores, shared by Redis, the cockpits' reactors, their "
               "workers and the load")
     finally:

@@ -21,6 +21,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.result import result  # noqa: E402
+
 from twisted.internet import defer, task  # noqa: E402
 
 from cockpit.backends.redis import RedisBackend, RedisBus  # noqa: E402
@@ -85,6 +87,9 @@ def main(reactor, args):
             print(f"{label}: active() {best['active']:,.0f} calls/s ({1000 / best['active']:.2f} ms), "
                   f"HVALS baseline {best['baseline']:,.0f}/s, PING {best['PING']:,.0f}/s; "
                   f"ratio {ratio:.2f} (goal >= {goal}): {'met' if ratio >= goal else 'NOT met'}")
+            result(f"silences_active ({label})", f"{best['active']:,.0f} calls/s",
+                   f"HVALS all {best['baseline']:,.0f}/s", ratio, f">= {goal}", ratio >= goal,
+                   "one Redis round trip (PING {:,.0f}/s)".format(best["PING"]))
     finally:
         yield bus.stopService()
         server.cleanup()
