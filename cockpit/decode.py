@@ -331,8 +331,11 @@ def check(data: Any, max_depth: int = MAX_DEPTH) -> None:
             raise DecodeError(f"a {kind.__name__} is not JSON data", path)
 
 
+_PLAIN_BASES: tuple[type[Any], ...] = (bool, str, int, float, dict, list)
+
+
 def _plain(value: Any) -> Any:
-    for base in (bool, str, int, float, dict, list):
+    for base in _PLAIN_BASES:
         if isinstance(value, base):
             return base(value)
     return value  # pragma: no cover - only called for those

@@ -12,8 +12,9 @@ import re
 from typing import Any, Optional
 from urllib.parse import quote
 
-from markdownify import (MarkdownConverter, chomp, should_remove_whitespace_inside,
-                         should_remove_whitespace_outside)
+# markdownify's own stub lists neither these helpers nor the converter's escape and convert_* methods
+from markdownify import (MarkdownConverter, chomp,  # type: ignore[attr-defined]
+                         should_remove_whitespace_inside, should_remove_whitespace_outside)
 
 from cockpit.mailparse import LINK_SCHEMES
 
@@ -59,6 +60,8 @@ class SafeMarkdownConverter(MarkdownConverter):
     as Markdown.
     """
 
+    options: dict[str, Any]  # set by MarkdownConverter.__init__: its defaults and the ones given
+
     def __init__(self, **options: Any):
         super().__init__(**options)
         self._item_numbers: dict[int, int] = {}  # id(<li>) -> its number in its <ol>
@@ -81,7 +84,7 @@ class SafeMarkdownConverter(MarkdownConverter):
 
     def escape(self, text: str, parent_tags: Any) -> str:
         # backslashes first, so that the escapes added here and by markdownify stay escapes
-        text = super().escape(text.replace("\\", "\\\\"), parent_tags)
+        text = super().escape(text.replace("\\", "\\\\"), parent_tags)  # type: ignore[misc]  # not in the stub
         return text.translate(_TEXT_ESCAPES)
 
     def convert_a(self, el: Any, text: str, parent_tags: Any) -> str:
@@ -131,7 +134,7 @@ class SafeMarkdownConverter(MarkdownConverter):
         # span, and a "|" in a table cell ends the cell. Such code is kept as escaped text.
         if "<" in text or ("_inline" in parent_tags and "|" in text):
             return self.escape(text, parent_tags)
-        return super().convert_code(el, text, parent_tags)
+        return super().convert_code(el, text, parent_tags)  # type: ignore[misc]  # not in the stub
 
     convert_kbd = convert_samp = convert_code
 
@@ -150,7 +153,7 @@ class SafeMarkdownConverter(MarkdownConverter):
     def convert_li(self, el: Any, text: str, parent_tags: Any) -> str:
         parent = el.parent
         if parent is None or parent.name != "ol":
-            return super().convert_li(el, text, parent_tags)
+            return super().convert_li(el, text, parent_tags)  # type: ignore[misc]  # not in the stub
         # markdownify counts each item's previous siblings: quadratic in a long list
         text = (text or "").strip()
         if not text:

@@ -24,7 +24,7 @@ from email.message import Message
 from email.parser import BytesParser
 from email.policy import EmailPolicy
 from email.utils import getaddresses
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 from twisted.logger import Logger
 
@@ -333,7 +333,8 @@ def _part_bytes(part: Message) -> bytes:
     """An attachment's content: the decoded payload, or the whole of an attached message."""
     if part.is_multipart():  # message/rfc822 and its kind hold parsed messages
         blobs = []
-        for inner in part.get_payload():
+        # the payload of a multipart is its list of messages; the stubs cannot tell it from a leaf's
+        for inner in cast(list[Message], part.get_payload()):
             try:
                 blobs.append(inner.as_bytes(policy=MAIL_POLICY))
             except Exception:
@@ -352,7 +353,8 @@ def _part_bytes(part: Message) -> bytes:
 
 
 def _undecoded(part: Message) -> bytes:
-    payload = part._payload  # the text as received: get_payload() would decode it with its charset
+    # the text as received (get_payload() would decode it with its charset); private, so not in the stubs
+    payload = part._payload  # type: ignore[attr-defined]
     if isinstance(payload, bytes):
         return payload
     return str(payload or "").encode("utf-8", "surrogateescape")
@@ -420,7 +422,9 @@ def read_headers(raw: bytes) -> Message:
     if end > 0:
         fields = _header_fields(raw[:end + 2])
         if fields is not None:
-            msg = MAIL_POLICY.message_factory(policy=MAIL_POLICY)
+            factory = MAIL_POLICY.message_factory
+            assert factory is not None  # policy.default's, EmailMessage
+            msg = factory(policy=MAIL_POLICY)
             for lines in fields:
                 msg.set_raw(*MAIL_POLICY.header_source_parse(lines))
             msg.set_payload(raw[end + 4:].decode("ascii", "surrogateescape"))

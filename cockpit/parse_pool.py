@@ -73,6 +73,7 @@ class ParserProcess(ChildProcess):
             self.head_since = self.pool.clock.seconds()
         self.queue.append(job)
         envelope = [job.envelope.sender, job.envelope.recipients]
+        assert self.transport is not None  # the pool sends only to a spawned parser
         self.transport.writeSequence(request(job.id, envelope, job.chunks, job.size))
 
     # -- ProcessProtocol -----------------------------------------------------

@@ -24,7 +24,7 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 IN_HEADER = struct.Struct(">QII")
 OUT_HEADER = struct.Struct(">QBI")
@@ -46,7 +46,7 @@ def serve(store_root: str, public_url: str) -> None:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
 
-    from twisted.logger import eventAsText, globalLogBeginner
+    from twisted.logger import ILogObserver, eventAsText, globalLogBeginner
 
     from cockpit.mailparse import Envelope, MessageRefused, parse_mail, unstuff
     from cockpit.store import Store
@@ -57,7 +57,8 @@ def serve(store_root: str, public_url: str) -> None:
         sys.stderr.write("".join(f"{level}{LEVEL_MARK}{line}\n" for line in text.splitlines()))
         sys.stderr.flush()
 
-    globalLogBeginner.beginLoggingTo([to_stderr], redirectStandardIO=False)
+    # a plain callable is a log observer; the stubs want the interface
+    globalLogBeginner.beginLoggingTo([cast(ILogObserver, to_stderr)], redirectStandardIO=False)
     store = Store(Path(store_root), public_url)
 
     def outcome(raw: bytes, envelope: Envelope) -> tuple[int, bytes]:

@@ -26,7 +26,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from markdownify import markdownify
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -297,6 +297,10 @@ class IncomingSMTP(smtp.ESMTP):
     """Twisted's ESMTP with SIZE, 8BITMIME, AUTH only under TLS, domain checks and streamed DATA."""
 
     timeout = 300
+    portal: Optional[Portal]  # type: ignore[assignment]  # twisted types its class attribute as None
+    # a TCP or TLS connection: its own push producer, with ``disconnecting`` and ``disconnected``,
+    # which no one interface of Twisted declares
+    transport: Any
 
     def __init__(self, factory: "IncomingMailFactory"):
         challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials} if factory.portal else {}
@@ -305,7 +309,6 @@ class IncomingSMTP(smtp.ESMTP):
         self.portal = factory.portal
         self.host = factory.mail.hostname.encode("idna") if factory.mail.hostname.isascii() \
             else factory.mail.hostname.encode("utf-8")
-        self.callLater = factory.clock.callLater  # the idle timeout's, and the delay of a failed AUTH's answer
         self.user: Optional[str] = None
         self._auth_failures = 0
         self._auth_answer: Any = None  # the delayed answer to a failed AUTH
@@ -397,9 +400,14 @@ class IncomingSMTP(smtp.ESMTP):
         if self._peer_blocked():
             return
         self._busy = True
+        assert self.portal is not None  # AUTH is offered only with a portal
         checked = self.portal.login(credentials, None, smtp.IMessageDeliveryFactory, smtp.IMessageDelivery)
         checked.addCallbacks(self._cbAuthenticated, self._ebAuthenticated, errbackArgs=(credentials,))
         checked.addErrback(self._auth_crashed)
+
+    def callLater(self, period: float, func: Callable[..., Any], *args: Any) -> Any:
+        """The factory's clock: the idle timeout's, and the delay of a failed AUTH's answer."""
+        return self.mail_factory.clock.callLater(period, func, *args)
 
     def _end_auth(self, code: Optional[int] = None, text: bytes = b"") -> None:
         self.challenger = None
@@ -685,7 +693,7 @@ class IncomingSMTP(smtp.ESMTP):
             self.transport.resumeProducing()
         self._handle_pending()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.mode = smtp.COMMAND  # nothing of a half-received message is kept
         self._chunks = []
         if self._auth_answer is not None and self._auth_answer.active():
@@ -709,7 +717,7 @@ class IncomingSMTP(smtp.ESMTP):
 class IncomingMailFactory(protocol.ServerFactory):
     """The SMTP listener's factory, built from ``[mail]``, the bus and the store."""
 
-    protocol = IncomingSMTP  # type: ignore[assignment]
+    protocol = IncomingSMTP
     noisy = False
     metrics: Any = NO_METRICS  # cockpit.metrics: each message's answer is counted
 

@@ -231,6 +231,7 @@ class StoreResource(resource.Resource):
         try:
             # twisted has already percent-decoded each segment: "%2e%2e" arrives as "..", which
             # the strict pattern refuses like any other name that is not a full path
+            assert request.postpath is not None  # set by the resource traversal that reached this leaf
             segments = [s.decode("ascii") for s in request.postpath]
         except UnicodeDecodeError:
             return self._not_found(request)

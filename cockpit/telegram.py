@@ -107,7 +107,7 @@ class MessageSender:
 
     def next_wait(self) -> Deferred:
         """Fires with the seconds of the next wait before a retry (after the timer is set)."""
-        d = Deferred()
+        d: Deferred = Deferred()
         self._wait_watchers.append(d)
         return d
 
@@ -252,7 +252,8 @@ class ChatCommands:
             yield self._message(update["update_id"], update["message"])
 
     def _chat(self, update_id: int, user: dict[str, Any], chat: dict[str, Any]) -> Chat:
-        return Chat(chat_id=chat.get("id", user.get("id")), user_id=user.get("id", 0),
+        chat_id: Any = chat.get("id", user.get("id"))  # JSON: Telegram's ids are integers
+        return Chat(chat_id=chat_id, user_id=user.get("id", 0),
                     username=user.get("username") or "", first_name=user.get("first_name") or "",
                     update_id=update_id, bot_id=self.api.bot_id)
 
@@ -329,7 +330,8 @@ class ChatCommands:
                     raise CommandError("Silences are not kept by this cockpit.")
                 from cockpit.silences import NewSilence
 
-                yield self.silences.add(NewSilence(matchers={"id": group_id}, duration=SILENCE_SECONDS,
+                yield self.silences.add(NewSilence(matchers={"id": group_id}, starts=None, ends=None,
+                                                   duration=SILENCE_SECONDS,
                                                    comment="from a Telegram notice", created_by=who),
                                         self._now())
                 group = yield self.groups.get(kind, group_id)
@@ -515,13 +517,13 @@ class ChatCommands:
         if sub == "list":
             yield self.publish(chat, "bp.list", repo=repo)
         elif sub == "create":
-            name = ays_repos.blueprint_name(name) if name else None
-            if rest.strip() and name:
-                yield self._create_blueprint(chat, repo, name, rest)
+            wanted = ays_repos.blueprint_name(name) if name else None
+            if rest.strip() and wanted:
+                yield self._create_blueprint(chat, repo, wanted, rest)
             else:
-                self.awaiting_blueprint[chat.user_id] = (repo, name)
+                self.awaiting_blueprint[chat.user_id] = (repo, wanted)
                 yield self.reply(chat, f"Send the blueprint for repository {repo}: paste its YAML, or send a "
-                                       ".yaml file." if name else
+                                       ".yaml file." if wanted else
                                  f"Send the blueprint for repository {repo} as a .yaml file, or send "
                                  "/blueprint create NAME with the YAML on the lines below it.")
         elif not name:
@@ -581,7 +583,7 @@ class ChatCommands:
             raise CommandError("/service list [ROLE], show KEY or execute KEY ACTION")
         repo = yield self._current_repo(chat)
         if sub == "list":
-            extra = {"role": args[1]} if len(args) > 1 else {}
+            extra: dict[str, Any] = {"role": args[1]} if len(args) > 1 else {}
             yield self.publish(chat, "service.list", repo=repo, **extra)
             return
         key = args[1] if len(args) > 1 else ""

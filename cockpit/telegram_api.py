@@ -8,12 +8,12 @@ log line or an exception message.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -88,7 +88,11 @@ class _BoundedBody(Protocol):
 
     def _cancel(self, _: Deferred) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            self._producer().stopProducing()
+
+    def _producer(self) -> IPushProducer:
+        # deliverBody's transport is a push producer; Protocol types it only as an ITransport
+        return cast(IPushProducer, self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
@@ -98,7 +102,7 @@ class _BoundedBody(Protocol):
         self.size += len(data)
         if self.size > self.limit:
             self.parts = []
-            self.transport.stopProducing()
+            self._producer().stopProducing()
             return
         self.parts.append(data)
 

@@ -157,7 +157,7 @@ class UpdatePoller(Service):
     # -- observing (tests, health) ------------------------------------------------------
     def next_wait(self) -> Deferred:
         """Fires with ``(reason, seconds)`` when the poller next waits before polling again."""
-        d = Deferred()
+        d: Deferred = Deferred()
         self._wait_watchers.append(d)
         return d
 
@@ -165,7 +165,7 @@ class UpdatePoller(Service):
         """Fires once ``count`` updates have been handled in all."""
         if self.handled >= count:
             return defer.succeed(self.handled)
-        d = Deferred()
+        d: Deferred = Deferred()
         self._handled_watchers.append((count, d))
         return d
 
@@ -267,9 +267,11 @@ class UpdatePoller(Service):
         return False
 
     def _renew(self) -> Deferred:
-        if not self.lease.valid_until:
+        lease = self.lease
+        assert lease is not None  # renewal runs only with a lease
+        if not lease.valid_until:
             return defer.succeed(None)  # not held: the loop takes it when it can
-        d = self.lease.renew()
+        d = lease.renew()
 
         def renewed(held: bool) -> None:
             if not held:
@@ -279,7 +281,7 @@ class UpdatePoller(Service):
 
         def failed(failure: Any) -> None:
             log.warn("cannot renew the Telegram polling lease: {error}", error=failure.getErrorMessage())
-            if not self.lease.held and self._poll is not None:
+            if not lease.held and self._poll is not None:
                 self._poll.cancel()
 
         return d.addCallbacks(renewed, failed)
