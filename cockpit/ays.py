@@ -96,7 +96,7 @@ class Robot(Service):
                  repos=len(self.catalog.repos))
         # a few milliseconds of linger between reads that came back short: under load the robot
         # reads and acknowledges in batches, at a cost to latency well inside its 20 ms goal
-        linger = {"linger": READ_LINGER} if self.bus.remote else {}
+        linger: dict[str, Any] = {"linger": READ_LINGER} if self.bus.remote else {}
         self.consumer = self.bus.consumer(AYS_GROUP, self.handle_event, concurrency=self.concurrency,
                                           drain_timeout=min(self.pool.action_timeout + 1.0, 10.0),
                                           before_dispatch=self.catalog.sync, **linger)
@@ -152,8 +152,10 @@ class Robot(Service):
             if payload is None:
                 payload = event.to_dict()
             work.append(self._event_run(sub, event, payload))
-        if chat and not any(service == "" and action == event.action for _, service, action in done):
-            work.append(self.chat.handle(event, trigger("telegram", event)))
+        if chat:
+            assert isinstance(event, TelegramEvent)  # handle_event chats only for Telegram input
+            if not any(service == "" and action == event.action for _, service, action in done):
+                work.append(self.chat.handle(event, trigger("telegram", event)))
         return defer.gatherResults(work, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
 
     def _event_run(self, sub: Subscription, event: Event, payload: dict[str, Any]) -> Deferred:
@@ -161,7 +163,12 @@ class Robot(Service):
         running = self._running_keys.get(key)
         if running is not None:  # the same event delivered twice at once: wait for the first
             waiter: Deferred = Deferred()
-            running.addBoth(lambda result: (waiter.callback(None), result)[1])
+
+            def first_done(result: Any) -> Any:
+                waiter.callback(None)
+                return result
+
+            running.addBoth(first_done)
             return waiter
         try:
             _, d = self.start_run(sub.repo, sub.service, sub.action, trigger("event", event), payload)
@@ -212,6 +219,7 @@ class Robot(Service):
 
     def _set_state(self, run: Run) -> None:
         state = run.state
+        assert run.service is not None  # a run of start_run's, which is a service's
         d = self.catalog.set_state(run.repo, run.service, run.action, state)
         d.addErrback(lambda f: log.warn("the state {state} of {action} of {service} in {repo} was not stored: "
                                         "{error}", state=state, action=run.action, service=run.service,
@@ -381,7 +389,12 @@ class Robot(Service):
         if going is None:
             return defer.succeed(None)
         done: Deferred = Deferred()
-        going.addBoth(lambda result: (done.callback(None), result)[1])
+
+        def executed(result: Any) -> Any:
+            done.callback(None)
+            return result
+
+        going.addBoth(executed)
         return done
 
     @inlineCallbacks
@@ -394,6 +407,7 @@ class Robot(Service):
                 run.log = f"not started: {failed}\n"
                 yield self.record(run)
                 continue
+            assert run.service is not None  # execute_blueprint's runs are its services' installs
             try:
                 _, d = self.start_run(repo, run.service, "install", run.trigger, None, run=run)
             except NotFound as exc:

@@ -402,7 +402,13 @@ class Catalog(Service):
                                       + (f" ({self.load_error})" if self.load_error else "")))
 
         call = self.clock.callLater(timeout, too_late)
-        return d.addBoth(lambda result: (call.cancel() if call.active() else None, result)[1])
+
+        def loaded(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            return result
+
+        return d.addBoth(loaded)
 
     def view(self) -> Deferred:
         """Fires with this catalog once it is current; current as it is when the store cannot be asked

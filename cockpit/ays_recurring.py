@@ -15,6 +15,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from cockpit.ays_catalog import Catalog, Subscription
 from cockpit.bus import Bus
@@ -23,6 +24,11 @@ from cockpit.repos import NotFound
 log = Logger()
 
 RECURRING_KEY = "ckpt.ays.recurring:{repo}:{service}:{action}:{slot}"
+
+
+def _fire_failed(failure: Failure, sub: Subscription) -> None:
+    log.warn("recurring {action} of {service}: {error}", action=sub.action, service=sub.service,
+             error=failure.getErrorMessage())
 
 
 class RecurringActions(Service):
@@ -78,9 +84,7 @@ class RecurringActions(Service):
                 log.warn("recurring {action} of {service} is still running; this period is skipped",
                          action=sub.action, service=sub.service)
                 continue
-            self._claim(sub, slot, period).addCallback(self._fire_claimed, sub).addErrback(
-                lambda f, sub=sub: log.warn("recurring {action} of {service}: {error}", action=sub.action,
-                                            service=sub.service, error=f.getErrorMessage()))
+            self._claim(sub, slot, period).addCallback(self._fire_claimed, sub).addErrback(_fire_failed, sub)
         for ident in set(self._last_slot) - wanted:
             del self._last_slot[ident]
 

@@ -190,7 +190,7 @@ def run_one(job: dict[str, Any], loader: ActionLoader, channel: Channel, memory:
     state, result = "ok", None
     exit_code = 0
     saved = sys.stdout, sys.stderr
-    sys.stdout = sys.stderr = output  # type: ignore[assignment]
+    sys.stdout = sys.stderr = output
     try:
         event = None
         if job.get("event") is not None:

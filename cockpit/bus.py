@@ -94,7 +94,7 @@ class Subscription:
         """Fires once the subscription has ended (at once if it has)."""
         if self not in self._bus._subscriptions:
             return defer.succeed(None)
-        d = Deferred()
+        d: Deferred = Deferred()
         self._ended.append(d)
         return d
 
@@ -111,8 +111,9 @@ class Bus(Service):
     def __init__(self, stream_maxlen: int = 100000, max_deliveries: int = 5,
                  claim_idle: float = 60.0, clock: Optional[IReactorTime] = None):
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        self.clock = clock
+            from twisted.internet import reactor
+            clock = reactor
+        self.clock: IReactorTime = clock
         self.stream_maxlen = stream_maxlen
         self.max_deliveries = max_deliveries
         self.claim_idle = claim_idle

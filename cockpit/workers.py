@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProcessTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -83,21 +84,27 @@ class ChildProcess(protocol.ProcessProtocol):
         self.killed_for: Optional[str] = None  # "timeout", "protocol" or "stopping" once we killed it
         self.ended: Deferred = Deferred()
 
+    @property
+    def process(self) -> IProcessTransport:
+        """The process's transport, set when it is spawned: before anything below is called."""
+        assert self.transport is not None, "the process is not spawned"
+        return self.transport
+
     def kill(self, why: str) -> None:
         """SIGKILL the process and everything below it (frozen first, so that nothing forks away)."""
         self.killed_for = self.killed_for or why
-        if self.transport.pid is not None:
-            kill_descendants(self.transport.pid, freeze_root=True)
+        if self.process.pid is not None:
+            kill_descendants(self.process.pid, freeze_root=True)
         self._signal_root()
 
     def _signal_root(self) -> None:
         try:
-            self.transport.signalProcess("KILL")
+            self.process.signalProcess("KILL")
         except error.ProcessExitedAlready:
             pass
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid
+        self.pid = self.process.pid
 
 
 def spawn_python(reactor: Any, child: ChildProcess, args: Sequence[str]) -> None:
@@ -135,9 +142,9 @@ class WorkerProcess(ChildProcess):
     def kill(self, why: str) -> None:
         """Kill everything below the warden; the warden reaps it and ends (or is killed after KILL_GRACE)."""
         self.killed_for = self.killed_for or why
-        if self.exited or self.transport.pid is None:
+        if self.exited or self.process.pid is None:
             return
-        if not kill_descendants(self.transport.pid, freeze_root=True):
+        if not kill_descendants(self.process.pid, freeze_root=True):
             self._signal_root()  # its worker is not there yet (or not any more): nothing to wait for
         elif self._warden_kill is None:
             self._warden_kill = self.pool.clock.callLater(KILL_GRACE, self._kill_warden)
@@ -165,7 +172,7 @@ class WorkerProcess(ChildProcess):
     def send(self, jobs: list[Job]) -> None:
         was_idle = not self.queue
         self.queue.extend(jobs)
-        self.transport.write(json.dumps({"runs": [job.payload for job in jobs]}, default=str).encode() + b"\n")
+        self.process.write(json.dumps({"runs": [job.payload for job in jobs]}, default=str).encode() + b"\n")
         if was_idle:
             self._head_started()
 
@@ -225,12 +232,12 @@ class WorkerProcess(ChildProcess):
                                              message.get("result"), message.get("started"), message.get("ended")))
             self.pool._dispatch_soon()
         elif op in ("emit", "mail"):
-            job = self.queue[0] if self.queue and self.queue[0].id == message.get("id") else None
-            if job is None:
+            running = self.queue[0] if self.queue and self.queue[0].id == message.get("id") else None
+            if running is None:
                 log.warn("worker {pid} sent {op} for run {id}, which is not running", pid=self.pid, op=op,
                          id=message.get("id"))
                 return
-            self.pool._side_effect(job, op, message.get("event") if op == "emit" else message.get("mail"))
+            self.pool._side_effect(running, op, message.get("event") if op == "emit" else message.get("mail"))
         elif op == "ready":
             self.ready = True
             self.pool._became_ready()
@@ -253,7 +260,7 @@ class WorkerProcess(ChildProcess):
         self._close_pipes = None
         log.warn("worker {pid} exited, but a process it started still holds its pipes; closing them",
                  pid=self.pid)
-        self.transport.loseConnection()
+        self.process.loseConnection()
 
     def processEnded(self, reason: Failure) -> None:
         self.exited = True

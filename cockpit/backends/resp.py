@@ -25,6 +25,10 @@ class Handshake:
     txredisapi protocol class, whose factory carries ``redacted_url``.
     """
 
+    # the protocol class's, which is untyped
+    factory: Any
+    transport: Any
+
     @defer.inlineCallbacks
     def connectionMade(self):
         step = "AUTH"

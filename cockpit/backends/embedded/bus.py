@@ -160,7 +160,7 @@ class MemoryBus(Bus):
         return defer.succeed(held is not None and held[1] > self.clock.seconds())
 
     def wait_for_entries(self) -> Deferred:
-        d = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
+        d: Deferred = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
         self._waiters.append(d)
         return d
 

@@ -1,7 +1,7 @@
 """Heartbeats in this process's memory (the embedded backend): the Redis store's rules, step for step."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -28,7 +28,7 @@ class MemoryHeartbeatStore(HeartbeatStore):
         record = self._record(name, timeout)
         deadline = deadline_text(now + float(record["timeout"]))
         record.update(last_beat=repr(now), deadline=deadline, error="")
-        action = None
+        action: Optional[Literal["fire", "resolve"]] = None
         if record.get("fired"):
             record.update(resolve=record["fired"], resolving_at=repr(now), fired="")
             action = "resolve"
@@ -57,7 +57,8 @@ class MemoryHeartbeatStore(HeartbeatStore):
 
     def claim(self, lease: float, limit: int) -> Deferred:
         now = self.clock.seconds()
-        found = []
+        found: list[Work] = []
+        action: Literal["fire", "resolve"]
         for name in sorted((name for name, when in self.due.items() if when <= now), key=self.due.__getitem__):
             if len(found) >= limit:
                 break
@@ -70,7 +71,7 @@ class MemoryHeartbeatStore(HeartbeatStore):
                 del self.due[name]
                 continue
             self.due[name] = now + lease
-            found.append(Work(action, Record(dict(record))))  # type: ignore[arg-type]
+            found.append(Work(action, Record(dict(record))))
         return defer.succeed(found)
 
     def confirm(self, work: Work) -> Deferred:

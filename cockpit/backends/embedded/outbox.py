@@ -20,9 +20,14 @@ log = Logger()
 _SPOOL_NAME = re.compile(r"^[0-9a-f]{32}\.json$")
 
 
+def _remove_failed(failure: Failure, mail_id: str) -> None:
+    log.warn("cannot remove the spooled record {id}: {error}", id=mail_id, error=failure.getErrorMessage())
+
+
 def _read_spool(directory: Path) -> tuple[list[QueuedMail], list[str]]:
     """The spooled mails, oldest first, and a sentence for each file that could not be read."""
-    mails, problems = [], []
+    mails: list[QueuedMail] = []
+    problems: list[str] = []
     if not directory.is_dir():
         return mails, problems
     for path in directory.iterdir():
@@ -114,9 +119,7 @@ class SpoolOutbox(Outbox):
         for mail_id in [i for i, m in self._mails.items() if m.raw is None][:max(over, 0)]:
             del self._mails[mail_id]
             if self.directory is not None:
-                self._on_disk(self._path(mail_id).unlink, True).addErrback(
-                    lambda f, i=mail_id: log.warn("cannot remove the spooled record {id}: {error}",
-                                                  id=i, error=f.getErrorMessage()))
+                self._on_disk(self._path(mail_id).unlink, True).addErrback(_remove_failed, mail_id)
 
     def _loaded(self) -> Deferred:
         """Fires once the spool has been read (at once when it is not being read)."""

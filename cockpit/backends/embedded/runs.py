@@ -149,6 +149,11 @@ class SqliteRunHistory(RunHistory):
         self._waiters.append(d)
         return d
 
+    def _open_pool(self) -> adbapi.ConnectionPool:
+        """The pool, once `_when_ready` has fired (which needs it open)."""
+        assert self.pool is not None, "the run history is not started"
+        return self.pool
+
     # -- writing -----------------------------------------------------------
     def record(self, run: Run) -> Deferred:
         d: Deferred = Deferred()
@@ -162,7 +167,7 @@ class SqliteRunHistory(RunHistory):
         batch, self._batch = self._batch, []
         self._writing = True
         d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runInteraction(self._insert, [run for run, _ in batch if run]))
+        d.addCallback(lambda _: self._open_pool().runInteraction(self._insert, [run for run, _ in batch if run]))
         d.addCallbacks(self._written, self._write_failed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     @staticmethod
@@ -191,14 +196,14 @@ class SqliteRunHistory(RunHistory):
     # -- reading -----------------------------------------------------------
     def completed(self, event_guid: str) -> Deferred:
         d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runQuery(
+        d.addCallback(lambda _: self._open_pool().runQuery(
             "SELECT repo, service, action FROM runs WHERE event_guid = ?", (event_guid,)))
         d.addCallback(lambda rows: {tuple(row) for row in rows})
         return d
 
     def get(self, run_id: str) -> Deferred:
         d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runQuery(
+        d.addCallback(lambda _: self._open_pool().runQuery(
             f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE id = ?", (run_id,)))
         d.addCallback(lambda rows: _from_row(rows[0]) if rows else None)
         return d
@@ -216,7 +221,7 @@ class SqliteRunHistory(RunHistory):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runQuery(sql, (*params, int(limit))))
+        d.addCallback(lambda _: self._open_pool().runQuery(sql, (*params, int(limit))))
         d.addCallback(lambda rows: [_from_row(row) for row in rows])
         return d
 
@@ -227,7 +232,7 @@ class SqliteRunHistory(RunHistory):
             return defer.fail(exc)
         sql = "SELECT COUNT(*) FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
         d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runQuery(sql, tuple(params)))
+        d.addCallback(lambda _: self._open_pool().runQuery(sql, tuple(params)))
         d.addCallback(lambda rows: rows[0][0])
         return d
 
@@ -243,13 +248,18 @@ class SqliteRunHistory(RunHistory):
             return removed + max(cursor.rowcount, 0)
 
         d = self._when_ready()
-        d.addCallback(lambda _: self.pool.runInteraction(interaction))
+        d.addCallback(lambda _: self._open_pool().runInteraction(interaction))
         return d
 
     def _prune_logged(self) -> Deferred:
         if self.pool is None:
             return defer.succeed(None)
         d = self.prune()
-        d.addCallback(lambda count: count and log.info("pruned {count} old runs", count=count))
+
+        def pruned(count: int) -> None:
+            if count:
+                log.info("pruned {count} old runs", count=count)
+
+        d.addCallback(pruned)
         d.addErrback(lambda f: log.warn("pruning runs failed: {error}", error=f.getErrorMessage()))
         return d

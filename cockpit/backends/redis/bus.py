@@ -322,7 +322,7 @@ class RedisBus(Bus):
             self.connection()
         except BusUnavailable as exc:
             return defer.fail(exc)
-        d = Deferred()
+        d: Deferred = Deferred()
         self._batch.append((stream_key(event.type), event.to_json(), d))
         if self._flush_call is None:
             # events published in the same reactor turn share one MULTI/EXEC and one write
@@ -434,6 +434,7 @@ class RedisBus(Bus):
     def when_connected(self) -> Deferred:
         """Fires once commands can be sent."""
         # the pool hands a connection to waiters a moment before it lists it as its own
+        assert self._factory is not None, "the bus is not started"
         return self._factory.getConnection(peek=True).addCallback(
             lambda _: task.deferLater(self.reactor, 0, lambda: None))
 
@@ -448,7 +449,7 @@ class RedisBus(Bus):
         """Fires once live subscriptions are in place on the current connection."""
         if self._live_subscribed:
             return defer.succeed(None)
-        d = Deferred()
+        d: Deferred = Deferred()
         self._live_waiters.append(d)
         return d
 

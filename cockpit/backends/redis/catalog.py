@@ -444,7 +444,7 @@ class RedisCatalogStore(CatalogStore):
         return result
 
     def _parse_and_write(self, todo: dict[tuple[str, str], str]) -> dict[tuple[str, str], Any]:
-        done = {}
+        done: dict[tuple[str, str], Template | str] = {}
         for (repo, name), raw in todo.items():
             try:
                 files = json.loads(raw)

@@ -398,7 +398,9 @@ class RedisRunHistory(RunHistory):
         if self._writing or (self._retry is not None and self.running) or not self._queue:
             return
         self._retry = None
-        batch, args, size = [], [str(self.keep_runs), "0"], 0
+        batch: list[tuple[str, Optional[Run], Deferred]] = []
+        args: list[str | bytes] = [str(self.keep_runs), "0"]
+        size = 0
         deadline = repr(self.clock.seconds() + LIVE_TTL)
         while self._queue and len(batch) < BATCH_RUNS and size < BATCH_BYTES:
             entry = self._queue.popleft()
@@ -519,7 +521,12 @@ class RedisRunHistory(RunHistory):
     def _prune_logged(self) -> Deferred:
         self._prune_retry = None
         d = self.prune()
-        d.addCallback(lambda count: count and log.info("pruned {count} old runs", count=count))
+
+        def pruned(count: int) -> None:
+            if count:
+                log.info("pruned {count} old runs", count=count)
+
+        d.addCallback(pruned)
         d.addErrback(self._prune_failed)
         return d
 
