@@ -206,7 +206,9 @@ def alarm_of(alert: WebhookAlert, receiver: str) -> Alarm:
         "annotations": annotations, "fingerprint": fingerprint, "url": alert.generatorURL}
     if when is not None:  # else the event's own default: now
         data["epoch"] = when // 1_000_000_000
-    return Alarm(events.from_data(data), CLAIM_PREFIX + guid.hex)
+    event = events.from_data(data)
+    assert isinstance(event, AlarmEvent)  # "type": "alarm" makes it one
+    return Alarm(event, CLAIM_PREFIX + guid.hex)
 
 
 def _describe(exc: ValidationError) -> str:

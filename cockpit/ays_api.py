@@ -220,7 +220,7 @@ class AysApi:
 
     def __init__(self, robot: Any, catalog: Any = None):
         self.robot = robot
-        self.catalog = catalog if catalog is not None else getattr(robot, "catalog", None)
+        self.catalog: Any = catalog if catalog is not None else getattr(robot, "catalog", None)
 
     def _read(self, read: Callable[[Any], Any]) -> Any:
         """``read(catalog)`` once the catalog's view is current."""

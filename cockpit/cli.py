@@ -184,7 +184,7 @@ def config_check(client: Optional[Client], args: argparse.Namespace, stdin: Any,
 def parser() -> argparse.ArgumentParser:
     # --url and --token go before or after the command; SUPPRESS keeps a subcommand's absent
     # option from hiding the one given before it
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)  # of the subparsers' class, as their parents must be
     common.add_argument("--url", default=argparse.SUPPRESS,
                         help=f"the cockpit's base URL (default: $COCKPIT_URL, else {DEFAULT_URL})")
     common.add_argument("--token", default=argparse.SUPPRESS,

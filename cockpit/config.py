@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional, Union
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 
 class ConfigError(Exception):
@@ -211,7 +212,7 @@ _EXPECTED = {
 }
 
 
-def _describe(error: dict[str, Any], source: str) -> str:
+def _describe(error: ErrorDetails, source: str) -> str:
     # a union member's name ("int", "str") or a validator's is no part of the key path
     loc = [str(part) for part in error["loc"] if not str(part).startswith(("int", "str", "function-"))]
     where = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else f"{loc[0]}" if loc else "(top)"

@@ -232,7 +232,7 @@ MODELS: dict[str, type[Event]] = {
     "generic": GenericEvent,
 }
 
-_any_event: TypeAdapter[Event] = TypeAdapter(AnyEvent)  # type: ignore[arg-type]
+_any_event: TypeAdapter[Event] = TypeAdapter(AnyEvent)
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -202,7 +202,7 @@ def present_group(kind: str, group: dict[str, Any], samples: Optional[list[Any]]
     out["reopened"] = int(group.get("reopened") or 0)
     out["notices"] = int(group.get("notices") or 0)
     if kind == "eco":
-        out["close_time"] = int(float(ended)) if out["state"] == "CLOSED" and out["ended_at"] else None
+        out["close_time"] = int(out["ended_at"]) if out["state"] == "CLOSED" and out["ended_at"] else None
     if samples is not None:
         out["samples"] = [json.loads(s) if isinstance(s, str) else s for s in samples]
     return out

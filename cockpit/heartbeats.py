@@ -241,7 +241,11 @@ class Heartbeats(Service):
         if self._checking is None:
             d.callback(None)
         else:
-            self._checking.addBoth(lambda result: (d.callback(None), result)[1])
+            def done(result: Any) -> Any:
+                d.callback(None)
+                return result
+
+            self._checking.addBoth(done)
         return d
 
     def _tick(self) -> None:

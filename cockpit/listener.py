@@ -56,7 +56,7 @@ class Listener(Service):
             # a clear line and a non-zero exit, not a traceback
             raise SystemExit(f"cockpit: cannot listen for the {self.what} on {self.description}: {reason}")
         self.port = outcome[0]
-        address = self.port.getHost()
+        address: Any = self.port.getHost()  # IAddress names no host nor port; the IP addresses have both
         host = getattr(address, "host", None)
         where = f"{host}:{address.port}" if host is not None else str(address)
         if self.scheme:

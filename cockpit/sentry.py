@@ -16,7 +16,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 from urllib.parse import parse_qs
 
 import brotli
@@ -559,7 +559,8 @@ class SentryApi:
                  heartbeats: Optional[Heartbeats] = None):
         self.heartbeats = heartbeats  # check-ins beat its heartbeats; None: they are only counted
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor
+            clock = cast(IReactorTime, reactor)  # the global reactor is typed as its module
         self.clock = clock
         self.bus = bus
         self.store = store
@@ -661,7 +662,7 @@ class SentryApi:
                                     "last part (http://<key>@<host>/sentry/<project id>)")
             codings = content_encodings(header_text(request, "Content-Encoding"))
             now = self.clock.seconds()
-            reactor = getattr(getattr(request, "site", None), "reactor", None)
+            reactor: Any = getattr(getattr(request, "site", None), "reactor", None)
             # inflating (raven's base64 of zlib too) and parsing may take a while: not on the reactor thread
             if (codings or len(raw) > Api.thread_parse_over or raw.lstrip()[:1] != b"{") \
                     and hasattr(reactor, "getThreadPool"):
@@ -678,8 +679,9 @@ class SentryApi:
                 published.append(eco)
             for event in published:
                 await self.bus.publish(event)
-            for check_in in found.beats if self.heartbeats is not None else ():
-                await self.heartbeats.check_in(check_in.monitor, check_in.status, check_in.timeout)
+            if self.heartbeats is not None:
+                for check_in in found.beats:
+                    await self.heartbeats.check_in(check_in.monitor, check_in.status, check_in.timeout)
         except (ApiError, EventError, BusUnavailable):
             self.counts["refused"] += 1
             raise

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
@@ -209,8 +209,9 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
 
     from cockpit.health import run_history_health, store_health, telegram_health
 
-    services = {"groups": groups.health, "ays": robot.health, "run_history": partial(run_history_health, history),
-                "store": partial(store_health, store)}
+    services: dict[str, Callable[[], dict[str, Any]]] = {
+        "groups": groups.health, "ays": robot.health, "run_history": partial(run_history_health, history),
+        "store": partial(store_health, store)}
     if notifier is not None:
         services["notices"] = notifier.health
     services["heartbeats"] = heartbeats.health

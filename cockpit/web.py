@@ -13,17 +13,18 @@ import math
 import re
 import uuid
 from collections import deque
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, cast
 from urllib.parse import parse_qs, quote, unquote_to_bytes, urlsplit
 
 from klein import Klein
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from twisted.internet import defer, task, threads
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import connectionDone
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import HTTPChannel, Request as HTTPRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from zope.interface import implementer
@@ -171,7 +172,9 @@ class BoundedRequest(Request):
         # no "100 Continue" after this: the client need not send what will be dropped
         self.requestHeaders.removeHeader(b"expect")
         body = json.dumps({"error": f"the body is larger than {limit} bytes ([api] max_body)"}).encode()
-        transport = self.channel.transport
+        # an ApiChannel: its site, and a TCP transport's half-close, are beyond what HTTPChannel declares
+        channel: Any = self.channel
+        transport = channel.transport
         transport.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
         log.info("refused a request body over {limit} bytes from {peer}", limit=limit,
@@ -180,7 +183,7 @@ class BoundedRequest(Request):
         # reply; half-close, drop what still comes, and cut it off after a moment
         if hasattr(transport, "loseWriteConnection"):
             transport.loseWriteConnection()
-            self._linger_call = self.channel.site.reactor.callLater(self.linger, transport.abortConnection)
+            self._linger_call = channel.site.reactor.callLater(self.linger, transport.abortConnection)
         else:
             transport.loseConnection()
 
@@ -210,6 +213,7 @@ class ApiChannel(HTTPChannel):
     _started = False  # some of this request has come
     _expired = False
     _linger_call: Any = None
+    site: ApiSite  # set by the site that builds it
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -247,7 +251,7 @@ class ApiChannel(HTTPChannel):
             return
         super().timeoutConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
@@ -281,7 +285,7 @@ class ApiChannel(HTTPChannel):
     def _timed_out(self, phase: str) -> None:
         self._expired = True
         self.setTimeout(None)
-        transport = self.transport
+        transport: Any = self.transport  # a TCP one has the half-close ITransport does not declare
         if phase == "head":
             what, seconds, key = "headers", self.site.header_timeout, "header_timeout"
         else:
@@ -314,7 +318,8 @@ class UndecodableUrl(Resource):
 class ApiSite(Site):
     """The API's site: bodies within ``max_body``, deadlines on reading requests, and an idle timeout."""
 
-    protocol = ApiChannel
+    # Twisted annotates its HTTP/2-negotiating wrapper; an HTTPChannel class serves as well
+    protocol = ApiChannel  # type: ignore[assignment]
     requestFactory = BoundedRequest
 
     def __init__(self, resource: Any, settings: ApiSection, metrics: Optional[NullMetrics] = None, **kwargs: Any):
@@ -336,7 +341,7 @@ class ApiSite(Site):
             return UndecodableUrl()
         return super().getResourceFor(request)
 
-    def log(self, request: Request) -> None:
+    def log(self, request: HTTPRequest) -> None:
         # an access line per accepted event would cost more than the event; refusals say why
         code = request.code
         self.metrics.http(code)
@@ -470,7 +475,7 @@ class LiveStream:
             self.request.write(KEEPALIVE)
 
     def _drop(self) -> None:
-        transport = self.request.channel.transport
+        transport: Any = self.request.channel.transport  # abortConnection: a TCP transport's, beyond ITransport
         log.warn("an SSE client at {peer} fell {held} bytes behind ([api] live_backlog {bound}); "
                  "disconnecting it", peer=str(transport.getPeer()), held=self.backlog_bytes, bound=self.max_backlog)
         self.stop()
@@ -525,7 +530,7 @@ class RecentQuery(BaseModel):
 
 
 class EventList(BaseModel):
-    events: list[AnyEvent]  # type: ignore[valid-type]
+    events: list[AnyEvent]
     next: Optional[str] = Field(None, description="Pass as `before` for the next page; null at the end.")
 
 
@@ -662,14 +667,16 @@ class Api:
         self.groups = groups
         self.services = services if services is not None else {}
         if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
+            from twisted.internet import reactor
+            clock = cast(IReactorTime, reactor)  # the global reactor is typed as its module
         self.clock = clock
         self._tokens = [t.encode() for t in config.api.tokens]
         self.fanout = LiveFanout(bus)  # every SSE client, on one subscription
         self._document: Optional[dict[str, Any]] = None
         self.declared: list[Route] = []
         self.app = Klein()
-        self.app.handle_errors(Exception)(self._error)
+        # Klein annotates the request as IRequest; it hands over the server.Request its site made
+        self.app.handle_errors(Exception)(self._error)  # type: ignore[arg-type]
         self.include(self)
         self.include(GroupsApi(groups))
         # what lets a browser's EventSource into /api/events/live: signed with the tokens, so any cockpit takes it
@@ -768,8 +775,10 @@ class Api:
 
     def _raw_body(self, request: Request) -> bytes:
         limit = self.config.api.max_body
-        request.content.seek(0)
-        raw = request.content.read(limit + 1)
+        content = request.content
+        assert content is not None  # set once the request's head is in
+        content.seek(0)
+        raw = content.read(limit + 1)
         if len(raw) > limit:  # a site without BoundedRequest (a test's) still gets the limit
             raise ApiError(413, f"the body is larger than {limit} bytes ([api] max_body)")
         return raw
@@ -788,7 +797,7 @@ class Api:
         if empty:
             raise ApiError(400, "the body is empty")
         if len(raw) > self.thread_parse_over:
-            reactor = getattr(getattr(request, "site", None), "reactor", None)
+            reactor: Any = getattr(getattr(request, "site", None), "reactor", None)
             if hasattr(reactor, "getThreadPool"):  # not so a test's Clock, which has no threads
                 return threads.deferToThreadPool(reactor, reactor.getThreadPool(), self._parse,
                                                  body, raw, kind, values)
