@@ -1,4 +1,4 @@
-"""Prometheus Alertmanager and Grafana alerting webhooks -> alarm events (DESIGN §10).
+"""Prometheus Alertmanager and Grafana alerting webhooks -> alarm events (docs/design.md §10).
 
 ``POST /api/webhooks/alertmanager`` takes the webhook body and publishes each of its
 ``alerts`` as one ``alarm`` event with ``source: alertmanager``. Mounted with
@@ -189,7 +189,7 @@ def service_of(labels: dict[str, str], receiver: str) -> str:
 
 
 def alarm_of(alert: WebhookAlert, receiver: str) -> Alarm:
-    """The alarm event of one alert (DESIGN §10) and its claim key; EventError when it cannot be one."""
+    """The alarm event of one alert (docs/design.md §10) and its claim key; EventError when it cannot be one."""
     labels, annotations = alert.labels, alert.annotations
     starts = rfc3339_ns(alert.startsAt)
     when = rfc3339_ns(alert.endsAt) if alert.status == "resolved" else starts

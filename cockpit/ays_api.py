@@ -1,4 +1,4 @@
-"""The AYS REST routes (DESIGN §5): repositories, templates, blueprints, services, action runs.
+"""The AYS REST routes (docs/design.md §5): repositories, templates, blueprints, services, action runs.
 
 Thin: each route validates its input and calls the catalog (:class:`cockpit.ays_catalog.Catalog`)
 or, for what runs, the robot (:class:`cockpit.ays.Robot`). What the catalog shows is current:

@@ -1,6 +1,6 @@
 """The AYS catalog: repositories, templates, blueprints, services and their action states.
 
-A :class:`CatalogStore` keeps them: on disk under ``[ays] repos`` in the layout of DESIGN §7
+A :class:`CatalogStore` keeps them: on disk under ``[ays] repos`` in the layout of docs/design.md §7
 (:mod:`cockpit.backends.embedded.catalog`, one process), or in Redis, shared by every
 cockpit process on it (:mod:`cockpit.backends.redis.catalog`). Every store call returns a
 Deferred; disk work and big parsing happen in threads.

@@ -1,4 +1,4 @@
-"""``cockpit``: a small synchronous client of a running cockpit's REST API (DESIGN §12).
+"""``cockpit``: a small synchronous client of a running cockpit's REST API (docs/design.md §12).
 
 ``send``, ``tail``, ``runs`` and ``config check``. Every failure is one line on stderr and a
 non-zero exit: 1 when the cockpit refused the request or could not be reached, 2 for a

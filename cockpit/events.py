@@ -143,7 +143,7 @@ class EcoEvent(Event):
         return self
 
     def default_fingerprint(self) -> str:
-        """The default grouping (DESIGN §10): same app, kind, place, and message once its numbers are masked."""
+        """The default grouping (docs/design.md §10): same app, kind, place, and message once its numbers are masked."""
         return fingerprint_of(self.app_name, self.eco_type, self.func_filename, self.func_name,
                               str(self.line_nbr), mask_variables(self.error_msg))
 
@@ -172,7 +172,7 @@ PATTERN_NAMES = {  # patterns, in words for errors
 
 
 class AlarmEvent(Event):
-    """A monitoring alarm about one service; the optional fields come from monitoring systems (DESIGN §10)."""
+    """A monitoring alarm about one service; the optional fields come from monitoring systems (docs/design.md §10)."""
 
     type: Literal["alarm"] = "alarm"
     service: str = Field(pattern=SERVICE_KEY,

@@ -1,6 +1,6 @@
 """Event groups: error conditions (ecos) and alarms, each counted into one group, with a lifecycle.
 
-DESIGN §10 is the contract. An eco's group is its fingerprint; an alarm's is its fingerprint when
+docs/design.md §10 is the contract. An eco's group is its fingerprint; an alarm's is its fingerprint when
 the sender gives one, else its service, method and message (numbers masked, as in an eco's). A repeat raises the group's count and
 ``last_time``, keeps ``first_time`` and the latest ``[groups] samples`` events.
 

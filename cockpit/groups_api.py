@@ -1,4 +1,4 @@
-"""The REST face of the event groups (DESIGN §5, §10): lists, one group, and its lifecycle."""
+"""The REST face of the event groups (docs/design.md §5, §10): lists, one group, and its lifecycle."""
 from __future__ import annotations
 
 from typing import Any, Literal, Optional

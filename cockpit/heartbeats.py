@@ -1,4 +1,4 @@
-"""Heartbeats (dead-man switches, DESIGN §11): a job says "I am alive"; silence past its timeout is an alarm.
+"""Heartbeats (dead-man switches, docs/design.md §11): a job says "I am alive"; silence past its timeout is an alarm.
 
 ``POST /api/heartbeats/{name}`` beats; when no beat has come within the heartbeat's timeout, one
 firing ``alarm`` is published (``service: heartbeat!<name>``, ``fingerprint: heartbeat:<name>``),

@@ -3,7 +3,7 @@
 Blocking, and pure apart from the store writes: the SMTP server runs it on the reactor
 thread only for a small message with no file to store and no HTML to convert, and
 otherwise in a mail parser process (:mod:`cockpit.parse_worker`) or a thread. A message
-is read with the stdlib ``email`` package and ``policy.default`` (DESIGN §3 email):
+is read with the stdlib ``email`` package and ``policy.default`` (docs/design.md §3 email):
 ``text/plain`` is preferred for the body, HTML alone becomes Markdown that links only to
 http, https and mailto (:mod:`cockpit.mailhtml`), plain text with any other link is no
 Markdown, and every other part, inline images and attached messages included, goes to

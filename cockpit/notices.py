@@ -1,4 +1,4 @@
-"""Notices: one per group when it opens, reopens or resolves, and a repeat while nobody acks it (DESIGN §11).
+"""Notices: one per group when it opens, reopens or resolves, and a repeat while nobody acks it (docs/design.md §11).
 
 The group store makes a notice due in the same atomic step as the change that calls for it, and
 leases each due notice to one caller (:meth:`cockpit.groups.GroupStore.claim_notices`). Every

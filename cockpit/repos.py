@@ -1,4 +1,4 @@
-"""The AYS repository model (names, templates, blueprints, services), and on disk exactly as DESIGN §7 lays it out::
+"""The AYS repository model (names, templates, blueprints, services), and on disk exactly as docs/design.md §7 lays it out::
 
     <repos>/<repo>/.ays                               repo metadata (JSON): created, blueprint outcomes
     <repos>/<repo>/blueprints/<name>.yaml             "template__instance: {args}" blocks, in file order

@@ -44,7 +44,7 @@ def id_bound(when: float) -> str:
 
 @dataclass
 class Run:
-    """One run of one action (DESIGN §5 "A run looks like")."""
+    """One run of one action (docs/design.md §5 "A run looks like")."""
 
     repo: str
     service: Optional[str]  # role!instance; None for what the robot does itself (repo.create, ...)

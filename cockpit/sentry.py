@@ -1,4 +1,4 @@
-"""Sentry SDK ingest (DESIGN §10): an unmodified Sentry SDK posts envelopes, and each error becomes an eco.
+"""Sentry SDK ingest (docs/design.md §10): an unmodified Sentry SDK posts envelopes, and each error becomes an eco.
 
 An application points its SDK at ``http://<key>@<cockpit host:port>/sentry/<project>``; the SDK
 posts to ``/sentry/api/<project>/envelope/`` (or, older ones, the event JSON to ``.../store/``).
@@ -368,7 +368,7 @@ def _tags(read: _Reader, value: Any) -> list[str]:
 
 def eco_data(event: dict[str, Any], project: str, app_name: str, now: float, where: str,
              guid: Optional[str] = None) -> dict[str, Any]:
-    """The fields of the eco that a Sentry ``event`` becomes (DESIGN §10); ApiError 400 for a wrong field.
+    """The fields of the eco that a Sentry ``event`` becomes (docs/design.md §10); ApiError 400 for a wrong field.
 
     ``guid`` is the event's id when the event itself gives none (the envelope header's).
     """
@@ -435,7 +435,7 @@ def eco_data(event: dict[str, Any], project: str, app_name: str, now: float, whe
 def _fingerprint(read: _Reader, value: Any, data: dict[str, Any]) -> str:
     """The group of the eco: the event's ``fingerprint`` with ``{{ default }}`` the eco's default, else the default.
 
-    Never the event_id: the eco has its guid from it, which alone would group it (DESIGN §10).
+    Never the event_id: the eco has its guid from it, which alone would group it (docs/design.md §10).
     """
     fields = {name: data[name] for name in ("app_name", "eco_type", "func_filename", "func_name", "line_nbr",
                                             "error_msg")}
@@ -457,7 +457,7 @@ def _fingerprint(read: _Reader, value: Any, data: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class CheckIn:
-    """A ``check_in`` item: it beats the heartbeat named by its monitor (DESIGN §11)."""
+    """A ``check_in`` item: it beats the heartbeat named by its monitor (docs/design.md §11)."""
 
     monitor: str
     status: str  # in_progress, ok or error

@@ -1,4 +1,4 @@
-"""Silences (maintenance windows, DESIGN §11): matchers over a group's fields, in force between two times.
+"""Silences (maintenance windows, docs/design.md §11): matchers over a group's fields, in force between two times.
 
 A silence holds back the notices of the groups it matches while it is in force; the groups are
 still counted. The notices that use it ask :meth:`SilenceStore.active` which silences hold, and

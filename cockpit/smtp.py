@@ -1,6 +1,6 @@
 """Mail: the ESMTP server that turns incoming mail into email events, and the sender of outgoing mail.
 
-Receiving (DESIGN §2 [mail], §3 email, §4): recipients outside ``[mail] domains`` get
+Receiving (docs/design.md §2 [mail], §3 email, §4): recipients outside ``[mail] domains`` get
 550 5.1.1; ``SIZE <max_size>`` is advertised and enforced while the data streams in
 (552 without buffering past the limit); STARTTLS when a certificate is configured and
 AUTH PLAIN/LOGIN only after it. A message is read by :mod:`cockpit.mailparse` (the

@@ -1,4 +1,4 @@
-"""A content-addressed file store (CuisineStor semantics, DESIGN §6) and its read-only HTTP resource.
+"""A content-addressed file store (CuisineStor semantics, docs/design.md §6) and its read-only HTTP resource.
 
 A file lives at ``<root>/<space>/<h[0:2]>/<h[2:4]>/<h>`` where ``h`` is the sha256 hex
 of its content, next to a ``<h>.meta`` JSON sidecar (original filename, content type,

@@ -1,4 +1,4 @@
-"""The group lifecycle (DESIGN §10), the same for the Redis store and the embedded one."""
+"""The group lifecycle (docs/design.md §10), the same for the Redis store and the embedded one."""
 from __future__ import annotations
 
 from twisted.internet import defer, reactor

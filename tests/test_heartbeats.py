@@ -1,4 +1,4 @@
-"""Heartbeats (DESIGN §11): beats, the one alarm a silence fires, its resolve, leases; both stores, HTTP,
+"""Heartbeats (docs/design.md §11): beats, the one alarm a silence fires, its resolve, leases; both stores, HTTP,
 real cockpits and the real Sentry SDK."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Notices (DESIGN §11): once per change of a group, repeats, across processes, and the chat's buttons."""
+"""Notices (docs/design.md §11): once per change of a group, repeats, across processes, and the chat's buttons."""
 from __future__ import annotations
 
 from twisted.internet import defer, reactor

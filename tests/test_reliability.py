@@ -1,6 +1,6 @@
 """Fault tests: real cockpits on a real Redis, which is killed, whose cockpits are killed or stopped under load.
 
-What each one shows is the promise of DESIGN §4 and §9: ingress refuses what it cannot
+What each one shows is the promise of docs/design.md §4 and §9: ingress refuses what it cannot
 store (503, 451) and loses nothing it accepted; every accepted event completes its action
 exactly once, whichever process handles it; a dead process's work is taken over within
 15 s; a clean stop leaves nothing behind. They run short in CI; ``COCKPIT_RELIABILITY=long``

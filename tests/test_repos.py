@@ -1,4 +1,4 @@
-"""The repository model on disk (DESIGN §7)."""
+"""The repository model on disk (docs/design.md §7)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Sentry ingest (DESIGN §10): envelopes and /store/ bodies over real HTTP into a real Redis, and the real SDK."""
+"""Sentry ingest (docs/design.md §10): envelopes and /store/ bodies over real HTTP into a real Redis, and the real SDK."""
 from __future__ import annotations
 
 import base64

@@ -1,4 +1,4 @@
-"""Silences (DESIGN §11): the store on Redis and in memory, matching, and the REST calls."""
+"""Silences (docs/design.md §11): the store on Redis and in memory, matching, and the REST calls."""
 from __future__ import annotations
 
 import json
@@ -474,7 +474,7 @@ class DocumentTests(TestCase):
 
 
 class ProcessTests(TestCase):
-    """Two ``twistd cockpit`` processes on one Redis see the same silences (DESIGN §9)."""
+    """Two ``twistd cockpit`` processes on one Redis see the same silences (docs/design.md §9)."""
 
     timeout = 60
 

@@ -12,7 +12,7 @@ from cockpit.backends.redis import RedisBackend, RedisBus
 
 
 def disk_catalog(repos_dir: Path, clock: Any = None) -> Any:
-    """The embedded catalog on ``repos_dir`` (DESIGN §7's layout), not started."""
+    """The embedded catalog on ``repos_dir`` (docs/design.md §7's layout), not started."""
     from cockpit.ays_catalog import Catalog
     from cockpit.backends.embedded.catalog import DiskCatalogStore
 

@@ -71,7 +71,7 @@ class Backend:
         raise NotImplementedError
 
     def silences(self, clock: IReactorTime) -> "SilenceStore":
-        """The silences (maintenance windows, DESIGN §11)."""
+        """The silences (maintenance windows, docs/design.md §11)."""
         raise NotImplementedError
 
 

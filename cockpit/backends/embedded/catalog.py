@@ -1,4 +1,4 @@
-"""The AYS catalog on disk, for one process: ``[ays] repos`` in the layout of DESIGN §7.
+"""The AYS catalog on disk, for one process: ``[ays] repos`` in the layout of docs/design.md §7.
 
 The blocking work is :class:`cockpit.repos.RepoStore`'s, run in threads, one job at a time,
 so that no two threads rewrite one file. Action states are gathered for ``flush_delay``

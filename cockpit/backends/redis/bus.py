@@ -1,4 +1,4 @@
-"""The bus on Redis (txredisapi 1.6), DESIGN §4.
+"""The bus on Redis (txredisapi 1.6), docs/design.md §4.
 
 - ``PUBLISH ckpt.<type> <json>`` for live watchers, and
 - ``XADD ckpt.<type> MAXLEN ~ N * event <json>`` for the durable log,

@@ -1,4 +1,4 @@
-"""The AYS catalog in Redis: one catalog for every cockpit process on it (DESIGN §9).
+"""The AYS catalog in Redis: one catalog for every cockpit process on it (docs/design.md §9).
 
 Keys (``<repo>`` is a repository name and ``<key>`` a ``role!instance``; neither holds ``:``)::
 
