@@ -544,6 +544,18 @@ class SentryQuery(BaseModel):
     sentry_client: Optional[str] = Field(None, description="The SDK's name and version.")
 
 
+# what both ingest routes take and answer
+PROJECT = {"project": Param("The DSN's project id (digits)", {"type": "string", "pattern": r"^[0-9]+$"})}
+INGEST_HEADERS = {"X-Sentry-Auth": Param("Sentry sentry_key=<key>, sentry_version=7, ...", required=False),
+                  "Content-Encoding": Param("gzip, deflate, br or identity", required=False)}
+INGEST_RESPONSES = {200: Response("Accepted; the id of the event", SentryAccepted),
+                    401: Response("No DSN key, or not one of [sentry] keys"),
+                    404: Response("The project is not a project id"),
+                    413: Response("The body is larger than [api] max_body, once inflated"),
+                    503: Response("The bus cannot take the event now, or its attachments cannot be "
+                                  "stored: refused rather than pretended")}
+
+
 class SentryApi:
     """The Sentry ingest routes; ``health()`` counts what came (for /api/health).
 
@@ -618,19 +630,12 @@ class SentryApi:
                              "the events: the SDK drops an event on any answer but 2xx, and a cockpit "
                              "that cannot store an event says so rather than pretend.",
                  auth=False, verify=_dsn_key,
-                 params={"project": Param("The DSN's project id (digits)", {"type": "string", "pattern": r"^[0-9]+$"})},
-                 headers={"X-Sentry-Auth": Param("Sentry sentry_key=<key>, sentry_version=7, ...", required=False),
-                          "Content-Encoding": Param("gzip, deflate, br or identity", required=False)},
+                 params=PROJECT, headers=INGEST_HEADERS,
                  query=SentryQuery,
                  body=Body({"type": "string", "description": "A Sentry envelope: a JSON header line, then items "
                             "of a JSON header line and a payload (`length` bytes when given, else one line)"},
                            ENVELOPE_MEDIA_TYPES, parse=lambda raw, kind, values: raw),
-                 responses={200: Response("Accepted; the id of the event", SentryAccepted),
-                            401: Response("No DSN key, or not one of [sentry] keys"),
-                            404: Response("The project is not a project id"),
-                            413: Response("The body is larger than [api] max_body, once inflated"),
-                            503: Response("The bus cannot take the event now, or its attachments cannot be "
-                                          "stored: refused rather than pretended")})
+                 responses=INGEST_RESPONSES)
     async def envelope(self, request: Request, project: str, query: SentryQuery, body: bytes) -> dict[str, Any]:
         return await self._ingest(request, project, body, self._read_envelope)
 
@@ -638,18 +643,11 @@ class SentryApi:
                  description="The event JSON that older Sentry SDKs post (zlib and base64 from raven "
                              "clients too); keyed, encoded, mapped and answered as the envelope endpoint.",
                  auth=False, verify=_dsn_key,
-                 params={"project": Param("The DSN's project id (digits)", {"type": "string", "pattern": r"^[0-9]+$"})},
-                 headers={"X-Sentry-Auth": Param("Sentry sentry_key=<key>, sentry_version=7, ...", required=False),
-                          "Content-Encoding": Param("gzip, deflate, br or identity", required=False)},
+                 params=PROJECT, headers=INGEST_HEADERS,
                  query=SentryQuery,
                  body=Body({"type": "object", "description": "A Sentry event"}, STORE_MEDIA_TYPES,
                            parse=lambda raw, kind, values: raw),
-                 responses={200: Response("Accepted; the id of the event", SentryAccepted),
-                            401: Response("No DSN key, or not one of [sentry] keys"),
-                            404: Response("The project is not a project id"),
-                            413: Response("The body is larger than [api] max_body, once inflated"),
-                            503: Response("The bus cannot take the event now, or its attachments cannot be "
-                                          "stored: refused rather than pretended")})
+                 responses=INGEST_RESPONSES)
     async def store_event(self, request: Request, project: str, query: SentryQuery, body: bytes) -> dict[str, Any]:
         return await self._ingest(request, project, body, self._read_store)
 

@@ -419,18 +419,7 @@ class FakeTelegram(Resource):
             chat = int(chat_id)  # type: ignore[arg-type]
         except (TypeError, ValueError):
             raise ApiError(400, "Bad Request: chat not found") from None
-        text = params.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise ApiError(400, "Bad Request: message text is empty")
-        parse_mode = params.get("parse_mode")
-        if parse_mode is not None and parse_mode not in ("HTML", "Markdown", "MarkdownV2"):
-            raise ApiError(400, "Bad Request: unsupported parse_mode")
-        shown = visible_text(text) if parse_mode == "HTML" else text
-        if len(shown) > MAX_TEXT:
-            raise ApiError(400, "Bad Request: message is too long")
-        markup = params.get("reply_markup")
-        if markup is not None:
-            self._check_markup(markup)
+        text, parse_mode, shown, markup = self._checked_text(params, "Bad Request: message is too long")
         message_id = next(self._message_ids)
         message = {"message_id": message_id, "from": self.bot, "chat": {"id": chat, "type": "private"},
                    "date": int(self.clock.seconds()), "text": shown}
@@ -440,6 +429,23 @@ class FakeTelegram(Resource):
         self.sent.append({"chat_id": chat, "text": text, "visible": shown, "parse_mode": parse_mode,
                           "reply_markup": markup, "message_id": message_id, "message": message})
         return message
+
+    def _checked_text(self, params: dict[str, Any], too_long: str) -> tuple[str, Any, str, Any]:
+        """(text, parse_mode, what a user sees, reply_markup) of a message, with Telegram's refusals:
+        sendMessage and editMessageText check alike (and word a text that is too long differently)."""
+        text = params.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise ApiError(400, "Bad Request: message text is empty")
+        parse_mode = params.get("parse_mode")
+        if parse_mode is not None and parse_mode not in ("HTML", "Markdown", "MarkdownV2"):
+            raise ApiError(400, "Bad Request: unsupported parse_mode")
+        shown = visible_text(text) if parse_mode == "HTML" else text
+        if len(shown) > MAX_TEXT:
+            raise ApiError(400, too_long)
+        markup = params.get("reply_markup")
+        if markup is not None:
+            self._check_markup(markup)
+        return text, parse_mode, shown, markup
 
     @staticmethod
     def _check_markup(markup: Any) -> None:
@@ -476,18 +482,7 @@ class FakeTelegram(Resource):
         message = self.messages.get(key)
         if message is None:
             raise ApiError(400, "Bad Request: message to edit not found")
-        text = params.get("text")
-        if not isinstance(text, str) or not text.strip():
-            raise ApiError(400, "Bad Request: message text is empty")
-        parse_mode = params.get("parse_mode")
-        if parse_mode is not None and parse_mode not in ("HTML", "Markdown", "MarkdownV2"):
-            raise ApiError(400, "Bad Request: unsupported parse_mode")
-        shown = visible_text(text) if parse_mode == "HTML" else text
-        if len(shown) > MAX_TEXT:
-            raise ApiError(400, "Bad Request: MESSAGE_TOO_LONG")
-        markup = params.get("reply_markup")
-        if markup is not None:
-            self._check_markup(markup)
+        _, _, shown, markup = self._checked_text(params, "Bad Request: MESSAGE_TOO_LONG")
         new_markup = markup if markup and markup.get("inline_keyboard") else None
         if shown == message.get("text") and new_markup == message.get("reply_markup"):
             raise ApiError(400, "Bad Request: message is not modified: specified new message content "
