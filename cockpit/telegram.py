@@ -228,8 +228,8 @@ class ChatCommands:
     """
 
     def __init__(self, api: BotApi, sender: MessageSender, bus: Bus, state: Any,
-                 allowed_users: Sequence[Union[int, str]], catalog: Catalog, groups: Any = None,
-                 silences: Any = None, clock: Optional[IReactorTime] = None):
+                 allowed_users: Sequence[Union[int, str]], catalog: Catalog, clock: IReactorTime,
+                 groups: Any = None, silences: Any = None):
         self.api = api
         self.groups = groups  # the GroupStore the notices' buttons and /ecos, /alarms act on
         self.silences = silences
@@ -357,7 +357,7 @@ class ChatCommands:
                 reply_markup=group_buttons(kind, group) or {"inline_keyboard": []}), "editMessageText")
 
     def _now(self) -> float:
-        return self.clock.seconds() if self.clock is not None else time.time()
+        return self.clock.seconds()
 
     @inlineCallbacks
     def _open_groups(self, chat: Chat, kind: str):
@@ -738,7 +738,7 @@ class TelegramBot(MultiService):
             catalog.setServiceParent(self)
         self.catalog = catalog
         self.commands = ChatCommands(self.api, self.sender, bus, self.state, cfg.bot.allowed_users, catalog,
-                                     groups=groups, silences=silences, clock=clock)
+                                     clock, groups=groups, silences=silences)
         self.poller = UpdatePoller(self.api, self.state, self.commands.handle_update, clock, lease=lease)
         self.poller.setName("telegram-poller")
         self.poller.setServiceParent(self)
