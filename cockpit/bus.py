@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cockpit.events import EVENT_TYPES, Event, from_stored
+from cockpit.metrics import NO_METRICS, NullMetrics
 
 log = Logger()
 
@@ -107,6 +108,9 @@ class Bus(Service):
     # seconds a consumer may go without a heartbeat before the others take over its entries;
     # None where all consumers live in this one process and cannot die alone
     consumer_timeout: Optional[float] = None
+    # every event this bus stores is counted here (cockpit_events_published_total), whoever published it;
+    # the service tree hands in its cockpit.metrics.Metrics
+    metrics: NullMetrics = NO_METRICS
 
     def __init__(self, stream_maxlen: int = 100000, max_deliveries: int = 5,
                  claim_idle: float = 60.0, clock: Optional[IReactorTime] = None):
@@ -123,6 +127,11 @@ class Bus(Service):
     def publish(self, event: Event) -> Deferred:
         """Log and fan out ``event``; fires with its stream entry id, or fails with BusUnavailable."""
         raise NotImplementedError
+
+    def _stored(self, result: Any, event: Event) -> Any:
+        """A publish's first callback: count ``event`` once the bus holds it (passes ``result`` on)."""
+        self.metrics.published(event.type, event.source or "")
+        return result
 
     # -- live ------------------------------------------------------------
     def subscribe(self, callback: Callable[[Event], Any],

@@ -94,9 +94,7 @@ class Metrics(NullMetrics):
     def smtp(self, code: int) -> None:
         result = smtp_result(code)
         self._smtp.labels(result).inc()
-        if result == "accepted":
-            self.published("email", "smtp")
-        elif result == "deferred":
+        if result == "deferred":
             self.refused("smtp", "unavailable")
 
     def http(self, code: int) -> None:

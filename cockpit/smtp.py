@@ -492,6 +492,7 @@ class IncomingSMTP(smtp.ESMTP):
         for option in (match.group("opts") or b"").split():
             key, _, value = option.partition(b"=")
             if key.upper() == b"SIZE" and value.isdigit() and int(value) > self.mail_factory.mail.max_size:
+                self.mail_factory.metrics.smtp(552)
                 self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size (%d bytes)"
                               % self.mail_factory.mail.max_size)
                 return
@@ -661,6 +662,7 @@ class IncomingSMTP(smtp.ESMTP):
         envelope, self._envelope = self._envelope, None
         chunks, self._chunks = self._chunks, []
         if self._too_big or envelope is None:
+            self.mail_factory.metrics.smtp(552)
             self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size (%d bytes)"
                           % self.mail_factory.mail.max_size)
             self._handle_pending()

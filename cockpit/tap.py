@@ -225,7 +225,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
 
     # what this process's consumers hold unacknowledged: read from memory, so a scrape costs no round trip
     metrics = Metrics(pending={"groups": lambda: _inflight(groups), "ays": lambda: _inflight(robot)})
-    smtp_factory.metrics = robot.metrics = metrics
+    bus.metrics = smtp_factory.metrics = robot.metrics = metrics
     api = Api(cfg, bus, store=store, mailer=mailer, services=services, groups=groups, clock=reactor,
               metrics=metrics)
     api.include(AysApi(robot, catalog))

@@ -911,11 +911,7 @@ class Api:
         if "source" not in event.model_fields_set:
             event.source = default_source
 
-        def published(_: Any) -> dict[str, str]:
-            self.metrics.published(event.type, event.source)
-            return {"guid": event.guid}
-
-        reply = self.bus.publish(event).addCallback(published)
+        reply = self.bus.publish(event).addCallback(lambda _: {"guid": event.guid})
         if event.type == "eco":
             reply.addCallback(self._eco_seen, event.guid)
         return reply
@@ -1016,7 +1012,6 @@ class Api:
             log.info("GitHub delivery {delivery} was published already, as {guid}", delivery=delivery, guid=first)
             return Reply(200, {"guid": first, "event": event_name, "duplicate": True})
         await self.bus.publish(event)
-        self.metrics.published("generic", "github")
         try:
             await self.bus.remember(key, event.guid, GITHUB_DELIVERY_TTL)
         except Exception as exc:

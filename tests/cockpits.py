@@ -265,11 +265,11 @@ class Load:
         return d
 
 
-def send_mail(port: int, subject: str) -> tuple[int, str]:
+def send_mail(port: int, subject: str, body: str = "under load\n") -> tuple[int, str]:
     """One mail over SMTP (blocking: run it in a thread); the reply to its DATA."""
     message = EmailMessage()
     message["From"], message["To"], message["Subject"] = "load@example.com", "ops@example.com", subject
-    message.set_content("under load\n")
+    message.set_content(body)
     try:
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
             client.ehlo()

@@ -16,6 +16,7 @@ from cockpit.backends.redis import RedisBus
 from cockpit.bus import AYS_GROUP, BEATS_PER_TIMEOUT, BusUnavailable, cursor, stream_key
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EmailEvent, GenericEvent
+from cockpit.metrics import Metrics
 from tests.redis_server import RedisServer, shared_server
 
 
@@ -104,6 +105,15 @@ class BusBehaviour:
         self.assertEqual(1, len(limited))
         self.assertEqual([], (yield self.bus.recent(before="0-0")))
         self.assertEqual([], (yield self.bus.recent("alarm", before="0-0/email")))
+
+    @inlineCallbacks
+    def test_every_stored_event_is_counted_by_type_and_source_whoever_published_it(self):
+        self.bus.metrics = metrics = Metrics(process=False)
+        yield self.bus.publish(AlarmEvent(service="node!n1", source="heartbeats"))
+        yield self.bus.publish(GenericEvent(source="ext:poller"))
+        text = metrics.render()
+        self.assertIn(b'cockpit_events_published_total{source="heartbeats",type="alarm"} 1.0', text)
+        self.assertIn(b'cockpit_events_published_total{source="ext:poller",type="generic"} 1.0', text)
 
     @inlineCallbacks
     def test_live_subscriber_gets_events_of_its_types(self):
@@ -642,6 +652,7 @@ class RedisFaultTests(TestCase):
         self.redis = RedisServer().start()
         self.addCleanup(self.redis.cleanup)
         self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus.metrics = Metrics(process=False)  # a refused publish is not counted
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         return self.bus.when_connected()
@@ -658,6 +669,7 @@ class RedisFaultTests(TestCase):
         self.assertLess(reactor.seconds() - started, 0.5)
         self.assertIn("not reachable", str(failure))
         self.assertFalse(self.bus.health()["ok"])
+        self.assertNotIn(b"cockpit_events_published_total{", self.bus.metrics.render())
         self.redis.start()
         yield self.bus.when_connected()
         yield self.bus.when_live()

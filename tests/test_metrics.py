@@ -45,6 +45,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def make_api(**api_kwargs: Any) -> tuple[Api, DownBus, StubTreq]:
     bus = DownBus(clock=Clock())
     api = Api(config.from_dict({}), bus, **api_kwargs)
+    bus.metrics = api.metrics  # as the service tree does: the bus counts what it stores
     return api, bus, StubTreq(api.app.resource())
 
 
@@ -156,7 +157,7 @@ class MetricsTests(TestCase):
         found = samples(metrics.render().decode())
         self.assertEqual(
             {"ok": 1.0, "error": 1.0, "seconds": 1.0, "le5": 1.0, "le1": 0.0, "accepted": 1.0, "deferred": 1.0,
-             "rejected": 1.0, "email": 1.0, "smtp_refused": 1.0, "404": 1.0, "pending": 5.0},
+             "rejected": 1.0, "smtp_refused": 1.0, "404": 1.0, "pending": 5.0},
             {"ok": found[("cockpit_runs_total", (("state", "ok"),))],
              "error": found[("cockpit_runs_total", (("state", "error"),))],
              "seconds": found[("cockpit_run_seconds_count", ())],
@@ -165,7 +166,6 @@ class MetricsTests(TestCase):
              "accepted": found[("cockpit_smtp_messages_total", (("result", "accepted"),))],
              "deferred": found[("cockpit_smtp_messages_total", (("result", "deferred"),))],
              "rejected": found[("cockpit_smtp_messages_total", (("result", "rejected"),))],
-             "email": found[("cockpit_events_published_total", (("source", "smtp"), ("type", "email")))],
              "smtp_refused": found[("cockpit_ingress_refused_total", (("ingress", "smtp"),
                                                                       ("reason", "unavailable")))],
              "404": found[("cockpit_http_requests_total", (("code", "404"),))],
@@ -189,12 +189,19 @@ class RunningCockpitMetricsTests(TestCase):
 
         from tests.cockpits import call, eventually
 
-        running = yield spawn_cockpit(self).started()
+        running = yield spawn_cockpit(self, extra="max_size = 2048\n").started()
         yield subscribe_a_slow_service(running.api)
         code, _ = yield call("POST", f"{running.api}/events/alarm", {"service": "node!n1", "msg": "x"})
         self.assertEqual(202, code)
+        code, _ = yield call("POST", f"{running.api}/webhooks/alertmanager", {
+            "version": "4", "status": "firing", "receiver": "cockpit", "alerts": [{
+                "status": "firing", "labels": {"alertname": "DiskFull", "service": "node!n2"},
+                "annotations": {}, "startsAt": "2026-12-01T10:00:00Z", "fingerprint": "0123456789abcdef"}]})
+        self.assertEqual(200, code)
         code, text = yield threads.deferToThread(send_mail, running.smtp_port, "metrics")
         self.assertEqual(250, code, text)
+        code, text = yield threads.deferToThread(send_mail, running.smtp_port, "big", "x" * 4096)
+        self.assertEqual(552, code, text)
         code, _ = yield call("GET", f"{running.api}/no-such-route")
         self.assertEqual(404, code)
         base = running.api.removesuffix("/api")
@@ -208,7 +215,10 @@ class RunningCockpitMetricsTests(TestCase):
         found = yield eventually(scraped, timeout=60, what="a run counted in /metrics")
         self.assertEqual(1.0, found[("cockpit_events_published_total", (("source", "rest"), ("type", "alarm")))])
         self.assertEqual(1.0, found[("cockpit_events_published_total", (("source", "smtp"), ("type", "email")))])
-        self.assertEqual(1.0, found[("cockpit_smtp_messages_total", (("result", "accepted"),))])
+        self.assertEqual(1.0, found[("cockpit_events_published_total", (("source", "alertmanager"),
+                                                                        ("type", "alarm")))])
+        self.assertEqual((1.0, 1.0), (found[("cockpit_smtp_messages_total", (("result", "accepted"),))],
+                                      found[("cockpit_smtp_messages_total", (("result", "rejected"),))]))
         self.assertGreaterEqual(found[("cockpit_run_seconds_count", ())], 1.0)
         self.assertEqual(1.0, found[("cockpit_http_requests_total", (("code", "404"),))])
         self.assertGreaterEqual(found[("cockpit_http_requests_total", (("code", "202"),))], 1.0)

@@ -92,6 +92,7 @@ class MemoryBus(Bus):
         raw = event.to_json().decode()
         entry_id = self.add(stream_key(event.type), raw)
         self._deliver_live(event)
+        self._stored(None, event)
         return defer.succeed(entry_id)
 
     def consumer(self, group, handler, types=EVENT_TYPES, name=None, **options):

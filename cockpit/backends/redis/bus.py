@@ -323,6 +323,7 @@ class RedisBus(Bus):
         except BusUnavailable as exc:
             return defer.fail(exc)
         d: Deferred = Deferred()
+        d.addCallback(self._stored, event)
         self._batch.append((stream_key(event.type), event.to_json(), d))
         if self._flush_call is None:
             # events published in the same reactor turn share one MULTI/EXEC and one write
