@@ -4,9 +4,11 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import IO, Any, Callable, Optional
 
 from twisted.application.service import MultiService, Service
+from twisted.logger import ILogObserver
+from twisted.python.components import Componentized
 from twisted.internet import defer
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
@@ -69,12 +71,36 @@ def check_data_dir(cfg: Config) -> None:
                           f"{reason}{where}") from None
 
 
+def default_log_observer(twistd_options: Any, out: IO[str] = sys.stdout) -> Optional[ILogObserver]:
+    """What a plain ``twistd -n cockpit`` logs through: twistd's own text lines on stdout, without the
+    reconnection attempts (:func:`cockpit.logs.text_observer`). None where twistd was told how to log
+    (``--logger``, ``--syslog``, ``--logfile``, or running as a daemon): that choice stands."""
+    if twistd_options is None or not twistd_options.get("nodaemon"):
+        return None
+    if twistd_options.get("logger") or twistd_options.get("syslog") or twistd_options.get("logfile") not in (None, "-"):
+        return None
+    from cockpit.logs import text_observer
+
+    return text_observer(out)
+
+
 class ServiceTree(MultiService):
     """Services started in the order they were added and stopped in reverse, one at a time.
 
     Twisted's MultiService stops its services all at once: the bus, started first, would close
     while the consumers still drain. Here each service stops once the one after it has stopped.
+
+    ``log_observer``, when set, is offered to the twistd application the tree joins: twistd logs
+    through an application's observer when it was given no ``--logger``.
     """
+
+    log_observer: Optional[ILogObserver] = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.log_observer is not None and isinstance(parent, Componentized) \
+                and parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
 
     @inlineCallbacks
     def stopService(self):
@@ -111,6 +137,7 @@ def makeService(options: Any, reactor: Any = None) -> ServiceTree:
         from twisted.internet import reactor
     top = build(cfg, reactor)
     CleanExit(reactor).setServiceParent(top)
+    top.log_observer = default_log_observer(getattr(options, "parent", None))
     return top
 
 

@@ -34,12 +34,24 @@ class Twistd(protocol.ProcessProtocol):
         self.ended: Deferred = Deferred()
         self.smtp_port: Optional[int] = None
         self.pid: Optional[int] = None
+        self._waiting: list[tuple[bytes, Deferred]] = []
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
 
+    def when_output(self, text: bytes) -> Deferred:
+        """Fires once the process has written ``text`` (at once if it has)."""
+        if text in self.output:
+            return defer.succeed(None)
+        d: Deferred = Deferred()
+        self._waiting.append((text, d))
+        return d
+
     def outReceived(self, data: bytes) -> None:
         self.output += data
+        for entry in [e for e in self._waiting if e[0] in self.output]:
+            self._waiting.remove(entry)
+            entry[1].callback(None)
         if self.smtp_port is None:
             smtp = re.search(rb"SMTP on 127\.0\.0\.1:(\d+)", self.output)
             if smtp:

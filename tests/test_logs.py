@@ -3,7 +3,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -15,7 +15,7 @@ from cockpit import config
 from cockpit.config import RedisSection
 from cockpit.events import EmailEvent
 from cockpit.logs import json_observer
-from cockpit.tap import build
+from cockpit.tap import ServiceTree, build, default_log_observer
 from tests.redis_server import RedisServer
 from tests.test_ays import RobotCase
 
@@ -163,3 +163,63 @@ class StartWarnings(TestCase):
         self.assertEqual([], self.warnings_of({"tokens": ["t"], "github_secret": "s"}))
         [line] = self.warnings_of({})  # everything is open: one line says so
         self.assertIn("[api] tokens is empty", line)
+
+
+class PlainTwistdLines(TestCase):
+    """``twistd -n cockpit`` with no ``--logger`` still leaves out the reconnection attempts."""
+
+    timeout = 60
+
+    def twistd_options(self, *args: str) -> Any:
+        from twisted.scripts.twistd import ServerOptions
+
+        options = ServerOptions()
+        options.parseOptions([*args, "cockpit"])
+        return options
+
+    def test_the_tree_gives_twistd_the_quiet_observer_when_twistd_was_told_nothing(self):
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver
+
+        out = io.StringIO()
+        tree = ServiceTree()
+        tree.log_observer = default_log_observer(self.twistd_options("-n"), out)
+        application = Application("cockpit")
+        tree.setServiceParent(application)
+        observer = ILogObserver(application)  # what twistd logs through, given no --logger
+        observer({"log_namespace": "twisted.application._client_service.ClientService",
+                  "log_format": "Scheduling retry {n} to connect", "n": 3, "log_time": 0,
+                  "log_level": LogLevel.info})
+        observer({"log_namespace": "cockpit.backends.redis.bus", "log_format": "bus: Redis at {url} is reachable again",
+                  "url": "redis://127.0.0.1:1", "log_time": 0, "log_level": LogLevel.info})
+        self.assertEqual(["bus: Redis at redis://127.0.0.1:1 is reachable again"],
+                         [line.split("] ", 1)[-1] for line in out.getvalue().splitlines()])
+
+    def test_a_logger_syslog_logfile_or_daemon_chosen_on_the_command_line_stands(self):
+        for args in (["-n", "--logger", "cockpit.logs.json_observer"], ["-n", "--logfile", self.mktemp()],
+                     ["-n", "--syslog"], []):
+            self.assertIsNone(default_log_observer(self.twistd_options(*args)), args)
+        self.assertIsNotNone(default_log_observer(self.twistd_options("-n", "--logfile", "-")))
+
+    @inlineCallbacks
+    def test_a_real_twistd_that_waits_for_redis_prints_no_retry_lines(self):
+        from tests.cockpits import call, eventually, spawn_cockpit
+
+        redis = RedisServer().start()
+        self.addCleanup(redis.cleanup)
+        redis.stop()  # the cockpit starts with Redis away: its first connection fails, and it retries
+        running = spawn_cockpit(self, extra=f'[redis]\nurl = "{redis.url}"\n')
+        port = yield running.proc.listening
+        code, health = yield call("GET", f"http://127.0.0.1:{port}/api/health")
+        self.assertEqual((503, False), (code, health["bus"]["ok"]))
+        redis.start()
+
+        @inlineCallbacks
+        def bus_up() -> Any:
+            _, health = yield call("GET", f"http://127.0.0.1:{port}/api/health")
+            return bool(health and health["bus"]["ok"])
+
+        yield eventually(bus_up, timeout=30, interval=0.05, what="the bus connected, through a retry")
+        yield running.proc.when_output(b"bus: Redis at")
+        self.assertNotIn("Scheduling retry", running.log)
+        self.assertNotIn("Discarding dead connection", running.log)
