@@ -471,6 +471,24 @@ class ImportTests(TestCase):
                                "that directory is no longer read")
 
     @inlineCallbacks
+    def test_a_lone_process_never_takes_its_own_import_or_changes_for_another_processs(self):
+        catalog_log = LogLines(self, "cockpit.ays_catalog")
+        catalog = yield self.start()
+        yield catalog.ready
+        yield catalog.create_repo("later")
+        yield catalog.put_template("later", "node", FILES)
+        yield catalog.add_blueprint("later", "main", "node__web3: {}\n")
+        yield catalog.prepare_blueprint("later", "main")
+        yield catalog.delete_repo("env du-conv2")
+        yield catalog.sync()
+        again = yield self.start()  # restarted, on the same Redis
+        yield again.ready
+        yield again.create_repo("after the restart")
+        yield again.sync()
+        self.assertEqual((0, 0, []), (catalog.reloads, again.reloads, catalog_log.matching("again")))
+        self.assertEqual(again.repo_names(), ["after the restart", "demo", "later"])
+
+    @inlineCallbacks
     def test_after_the_import_the_directory_is_not_read_again(self):
         yield (yield self.start()).ready
         RepoStore(self.repos).create_repo("later")
