@@ -109,10 +109,7 @@ class Bus(Service):
     consumer_timeout: Optional[float] = None
 
     def __init__(self, stream_maxlen: int = 100000, max_deliveries: int = 5,
-                 claim_idle: float = 60.0, clock: Optional[IReactorTime] = None):
-        if clock is None:
-            from twisted.internet import reactor
-            clock = reactor
+                 claim_idle: float = 60.0, *, clock: IReactorTime):
         self.clock: IReactorTime = clock
         self.stream_maxlen = stream_maxlen
         self.max_deliveries = max_deliveries

@@ -721,10 +721,8 @@ class IncomingMailFactory(protocol.ServerFactory):
     noisy = False
     metrics: Any = NO_METRICS  # cockpit.metrics: each message's answer is counted
 
-    def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any = None,
+    def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any,
                  parsers: Optional[ParserPool] = None, clock: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
         self.clock = clock if clock is not None else reactor  # the connections' timers
         self.mail = mail
         self.domains = frozenset(d.lower().rstrip(".") for d in mail.domains)
@@ -838,11 +836,9 @@ class MailSender(Service):
     stays there until it is sent or has failed: a stop or a crash does not lose it.
     """
 
-    def __init__(self, relay: RelaySection, reactor: Any = None, hostname: Optional[str] = None,
+    def __init__(self, relay: RelaySection, reactor: Any, hostname: Optional[str] = None,
                  first_delay: float = 5.0, max_delay: float = 600.0, history: int = 500,
                  max_queued: int = 10000, concurrency: int = 4, *, outbox: Outbox):
-        if reactor is None:
-            from twisted.internet import reactor
         self.relay = relay
         self.reactor = reactor
         self.hostname = hostname or "localhost"

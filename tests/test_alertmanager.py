@@ -106,7 +106,7 @@ class Server:
         self.api = Api(config.from_dict({"api": api}), bus, clock=Clock())
         self.provider = AlertmanagerApi(bus)
         self.api.include(self.provider)
-        port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
+        port = reactor.listenTCP(0, self.api.site(reactor), interface="127.0.0.1")
         test.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"
 
@@ -405,7 +405,7 @@ class ForgetTests(TestCase):
     def test_redis_bus_forgets(self):
         redis = shared_server()
         redis.flush()
-        bus = RedisBus(RedisSection(url=redis.url))
+        bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -422,7 +422,7 @@ class RedisWebhookTests(TestCase):
         self.redis.flush()
         self.servers = []
         for _ in range(2):
-            bus = RedisBus(RedisSection(url=self.redis.url))
+            bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
             bus.startService()
             self.addCleanup(bus.stopService)
             self.servers.append(Server(self, bus))

@@ -36,7 +36,7 @@ FILES = {"schema.hrd": SCHEMA, "service.hrd": SERVICE, "actions.py": ACTIONS}
 
 @inlineCallbacks
 def started_bus(test: TestCase, url: str) -> RedisBus:
-    bus = RedisBus(RedisSection(url=url), clock=reactor)
+    bus = RedisBus(RedisSection(url=url), reactor=reactor)
     bus.startService()
     test.addCleanup(bus.stopService)
     yield bus.when_connected()
@@ -401,7 +401,7 @@ class RedisCatalogTests(CatalogBehaviour, TestCase):
 
     def test_a_catalog_that_cannot_be_loaded_says_why_and_tries_again(self):
         clock = Clock()
-        unreachable = RedisBus(RedisSection(url=f"redis://127.0.0.1:{free_port()}/0"), clock=clock)
+        unreachable = RedisBus(RedisSection(url=f"redis://127.0.0.1:{free_port()}/0"), clock=clock, reactor=reactor)
         catalog = Catalog(self.make_store(unreachable), clock)
         catalog.startService()
         self.addCleanup(catalog.stopService)

@@ -343,7 +343,7 @@ class RedisMailSending(DurableSendingBehaviour, TestCase):
         super().setUp()
         server = shared_server()
         server.flush()
-        self.bus = RedisBus(RedisSection(url=server.url, timeout=2.0, claim_idle=30.0))
+        self.bus = RedisBus(RedisSection(url=server.url, timeout=2.0, claim_idle=30.0), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         yield self.bus.when_connected()
@@ -430,7 +430,7 @@ class RedisDown(TestCase):
     def test_send_fails_with_bus_unavailable_while_redis_is_down(self):
         redis = RedisServer().start()
         self.addCleanup(redis.cleanup)
-        bus = RedisBus(RedisSection(url=redis.url, timeout=2.0))
+        bus = RedisBus(RedisSection(url=redis.url, timeout=2.0), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()

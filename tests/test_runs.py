@@ -270,7 +270,7 @@ class RedisCase(TestCase):
 
     @inlineCallbacks
     def connected_bus(self, url: str):
-        bus = RedisBus(RedisSection(url=url, timeout=2.0), clock=reactor, reactor=reactor)
+        bus = RedisBus(RedisSection(url=url, timeout=2.0), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()

@@ -18,7 +18,7 @@ from cockpit.store import Store, StoreError, content_disposition
 class StoreWriting(TestCase):
     def setUp(self):
         self.root = Path(self.mktemp())
-        self.store = Store(self.root, "https://cockpit.example.com/")
+        self.store = Store(self.root, "https://cockpit.example.com/", reactor)
 
     @inlineCallbacks
     def test_file_is_stored_under_its_sha256_with_a_meta_sidecar(self):
@@ -84,7 +84,7 @@ class StoreOverHttp(TestCase):
 
     def setUp(self):
         self.root = Path(self.mktemp())
-        self.store = Store(self.root, "http://127.0.0.1")
+        self.store = Store(self.root, "http://127.0.0.1", reactor)
         top = Resource()
         top.putChild(b"store", self.store.resource())
         self.port = reactor.listenTCP(0, Site(top), interface="127.0.0.1")
