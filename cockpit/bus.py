@@ -117,6 +117,12 @@ class Bus(Service):
         self._subscriptions: set[Subscription] = set()
 
     # -- publishing -------------------------------------------------------
+    def stamp(self, event: Event) -> Event:
+        """``event``, its ``epoch`` set from this bus's clock unless its maker gave one."""
+        if "epoch" not in event.model_fields_set:
+            event.epoch = int(self.clock.seconds())
+        return event
+
     def publish(self, event: Event) -> Deferred:
         """Log and fan out ``event``; fires with its stream entry id, or fails with BusUnavailable."""
         raise NotImplementedError

@@ -271,6 +271,18 @@ class DiskCatalogTests(CatalogBehaviour, TestCase):
         self.assertEqual(json.loads((repo / ".ays").read_text())["blueprints"]["main.yaml"]["state"], "running")
 
 
+    @inlineCallbacks
+    def test_a_repo_is_created_at_the_second_of_the_catalog_clock(self):
+        clock = Clock()
+        clock.advance(1_700_000_321.5)
+        catalog = Catalog(DiskCatalogStore(self.base / "dated", reactor), clock)
+        catalog.startService()
+        self.addCleanup(catalog.stopService)
+        yield catalog.ready
+        yield catalog.create_repo("demo")
+        self.assertEqual(1_700_000_321.5, json.loads((self.base / "dated" / "demo" / ".ays").read_text())["created"])
+
+
 class RedisCatalogTests(CatalogBehaviour, TestCase):
     @inlineCallbacks
     def ready(self):

@@ -512,7 +512,7 @@ class RedisAwayTests(RedisCase):
 
 class RunIdTests(TestCase):
     def test_run_ids_sort_by_creation(self):
-        ids = [new_run_id() for _ in range(100)]
+        ids = [new_run_id(T0 + n) for n in range(100)]
         self.assertEqual(ids, sorted(ids))
         self.assertEqual(len(set(ids)), 100)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -34,6 +35,14 @@ class StoreWriting(TestCase):
         self.assertEqual((meta["filename"], meta["content_type"], meta["size"]), ("report.txt", "text/plain", 17))
         self.assertIsInstance(meta["time"], float)
         self.assertEqual((stored.filename, stored.content_type, stored.size), ("report.txt", "text/plain", 17))
+
+    def test_a_stored_file_is_dated_by_the_store_clock(self):
+        clock = Clock()
+        clock.advance(1_700_000_000.25)
+        stored = Store(self.root, "https://cockpit.example.com/", clock).put_now("attachments", b"x", "x.txt",
+                                                                                "text/plain")
+        meta = json.loads(stored.path.with_name(stored.hash + ".meta").read_text())
+        self.assertEqual(1_700_000_000.25, meta["time"])
 
     def test_every_new_name_is_synced_into_its_directory(self):
         from cockpit import files

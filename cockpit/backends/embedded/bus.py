@@ -89,7 +89,7 @@ class MemoryBus(Bus):
         return entry_id
 
     def publish(self, event: Event) -> Deferred:
-        raw = event.to_json().decode()
+        raw = self.stamp(event).to_json().decode()
         entry_id = self.add(stream_key(event.type), raw)
         self._deliver_live(event)
         return defer.succeed(entry_id)

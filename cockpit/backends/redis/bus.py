@@ -322,7 +322,7 @@ class RedisBus(Bus):
         except BusUnavailable as exc:
             return defer.fail(exc)
         d: Deferred = Deferred()
-        self._batch.append((stream_key(event.type), event.to_json(), d))
+        self._batch.append((stream_key(event.type), self.stamp(event).to_json(), d))
         if self._flush_call is None:
             # events published in the same reactor turn share one MULTI/EXEC and one write
             self._flush_call = self.reactor.callLater(0, self._flush)
