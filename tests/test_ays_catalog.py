@@ -485,7 +485,7 @@ class ImportTests(TestCase):
     @inlineCallbacks
     def test_after_the_import_the_directory_is_not_read_again(self):
         yield (yield self.start()).ready
-        RepoStore(self.repos).create_repo("later")
+        RepoStore(self.repos).create_repo("later", 1000.0)
         again = yield self.start()
         yield again.ready
         self.assertEqual(again.repo_names(), ["demo", "env du-conv2"])

@@ -337,7 +337,7 @@ class Client:
 
     def __init__(self, test: TestCase, store, clock=None):
         self.clock = clock if clock is not None else store.clock
-        self.api = Api(config.from_dict({"api": {"tokens": [self.token]}}), MemoryBus(clock=reactor))
+        self.api = Api(config.from_dict({"api": {"tokens": [self.token]}}), MemoryBus(clock=reactor), clock=reactor)
         self.api.include(SilencesApi(store, self.clock))
         port = reactor.listenTCP(0, self.api.site(reactor), interface="127.0.0.1")
         test.addCleanup(port.stopListening)
@@ -459,7 +459,7 @@ class RedisRestTests(RestBehaviour, TestCase):
 class DocumentTests(TestCase):
     def test_the_routes_are_documented_in_valid_openapi_3_1_and_3_0(self):
         clock = Clock()
-        api = Api(config.from_dict({}), MemoryBus(clock=clock))
+        api = Api(config.from_dict({}), MemoryBus(clock=clock), clock=clock)
         api.include(SilencesApi(backend_for(MemoryBus(clock=clock)).silences(clock), clock))
         doc = api.openapi()
         OpenAPIV31SpecValidator(doc).validate()
