@@ -57,7 +57,7 @@ def raw_rate(reactor, port: int, events: list[AlarmEvent], window: int):
 
 @defer.inlineCallbacks
 def bus_rate(reactor, port: int, events: list[AlarmEvent], window: int):
-    bus = RedisBus(RedisSection(url=f"redis://127.0.0.1:{port}/0"))
+    bus = RedisBus(RedisSection(url=f"redis://127.0.0.1:{port}/0"), reactor=reactor)
     bus.startService()
     yield bus.when_connected()
     started = time.perf_counter()

@@ -129,7 +129,7 @@ action_timeout = 30.0
         "key": "node!bench", "role": "node", "instance": "bench", "template": "node", "args": {},
         "states": {}, "created": time.time(), "updated": time.time()}))
 
-    bus = RedisBus(RedisSection(url=redis.url), clock=reactor)
+    bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
     bus.startService()
     history = RedisRunHistory(bus, reactor)  # only read from: not started, so it never prunes
 

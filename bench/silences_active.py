@@ -53,7 +53,7 @@ def add(store, count: int, duration: float, at: float):
 @defer.inlineCallbacks
 def main(reactor, args):
     server = RedisServer().start()
-    bus = RedisBus(RedisSection(url=server.url))
+    bus = RedisBus(RedisSection(url=server.url), reactor=reactor)
     bus.startService()
     try:
         yield bus.when_connected()

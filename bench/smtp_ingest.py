@@ -87,10 +87,10 @@ def serve_cockpit(redis_url: str, data_dir: str) -> None:
     from cockpit.smtp import IncomingMailFactory
     from cockpit.store import Store
 
-    bus = RedisBus(RedisSection(url=redis_url))
+    bus = RedisBus(RedisSection(url=redis_url), reactor=reactor)
     bus.startService()
     mail = MailSection(domains=[DOMAIN], hostname="bench.test")  # the defaults, parsers included
-    store = Store(Path(data_dir) / "store", "http://127.0.0.1:8080")
+    store = Store(Path(data_dir) / "store", "http://127.0.0.1:8080", reactor)
     parsers = ParserPool(mail.parsers, store.root, store.public_url, mail.parse_timeout, reactor)
     parsers.startService()
     factory = IncomingMailFactory(mail, bus, store, reactor, parsers=parsers)

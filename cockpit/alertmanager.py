@@ -204,7 +204,7 @@ def alarm_of(alert: WebhookAlert, receiver: str) -> Alarm:
         "msg": annotations.get("summary") or annotations.get("description") or alertname,
         "status": alert.status, "severity": labels.get("severity", ""), "labels": labels,
         "annotations": annotations, "fingerprint": fingerprint, "url": alert.generatorURL}
-    if when is not None:  # else the event's own default: now
+    if when is not None:  # else the bus stamps it with its clock when it publishes
         data["epoch"] = when // 1_000_000_000
     event = events.from_data(data)
     assert isinstance(event, AlarmEvent)  # "type": "alarm" makes it one

@@ -31,7 +31,7 @@ from cockpit.bus import AYS_GROUP, Bus, Delivery
 from cockpit.events import Event, GenericEvent, TelegramEvent, from_data
 from cockpit.metrics import NO_METRICS
 from cockpit.repos import NotFound
-from cockpit.runs import DONE_STATES, Run, RunHistory
+from cockpit.runs import DONE_STATES, Run, RunHistory, new_run_id
 from cockpit.workers import Outcome, WorkerPool
 
 log = Logger()
@@ -201,7 +201,7 @@ class Robot(Service):
             raise NotFound(f"template {template.name!r} has no action {action!r}; it has "
                            + (", ".join(template.actions) or "none"))
         if run is None:
-            run = Run(repo, key, action, trig)
+            run = Run(repo, key, action, trig, new_run_id(self.clock.seconds()))
         self.active[run.id] = run
         job = {"id": run.id, "path": str(template.actions_file), "action": action, "event": event,
                "service": {"key": key, "role": service.role, "instance": service.instance, "repo": repo,
@@ -263,7 +263,7 @@ class Robot(Service):
                    trig: Optional[dict[str, Any]] = None, event: Optional[Event] = None) -> tuple[Run, Deferred]:
         """Start an action by hand (REST, chat); the event it gets is ``event`` or a generic one with ``args``."""
         if event is None:
-            event = GenericEvent(source="rest", tags=["action"], args=args or {})
+            event = GenericEvent(source="rest", tags=["action"], args=args or {}, epoch=int(self.clock.seconds()))
         run, d = self.start_run(repo, key, action, trig or trigger("rest"), event.to_dict())
         d.addErrback(lambda f: log.warn("run {id} was not completed: {error}", id=run.id,
                                         error=f.getErrorMessage()))
@@ -370,7 +370,7 @@ class Robot(Service):
             template = self.catalog.template_of(record)
             if template is not None and "install" in template.actions:
                 installs.append(record.key)
-        runs = [Run(repo, key, "install", trig) for key in installs]
+        runs = [Run(repo, key, "install", trig, new_run_id(self.clock.seconds())) for key in installs]
         for run in runs:
             self.active[run.id] = run
         finished = self._install_in_order(repo, name, runs)

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from cockpit import repos as model
 from cockpit.events import TelegramEvent
 from cockpit.repos import Invalid, NotFound
-from cockpit.runs import Run
+from cockpit.runs import Run, new_run_id
 
 if TYPE_CHECKING:
     from cockpit.ays import Robot
@@ -62,7 +62,7 @@ class ChatWork:
         action = event.action
         clock = self.robot.clock
         repo = str(args.get("name", "")) if action in ("repo.create", "repo.delete") else str(args.get("repo", ""))
-        run = Run(repo, None, action, trig, state="running", started=clock.seconds())
+        run = Run(repo, None, action, trig, new_run_id(clock.seconds()), state="running", started=clock.seconds())
         try:
             reply = yield self._do(run, args, event)
             run.state = "ok"

@@ -107,7 +107,10 @@ class ServiceHandle:
 
         fields.setdefault("source", "ays")
         event = from_data({**fields, "type": type})
-        self._channel.send({"op": "emit", "id": self._run_id, "event": event.to_dict()})
+        data = event.to_dict()
+        if "epoch" not in event.model_fields_set:
+            del data["epoch"]  # the cockpit's bus stamps it from its clock
+        self._channel.send({"op": "emit", "id": self._run_id, "event": data})
 
     def send_mail(self, to: Any, subject: str, body: str = "", cc: Any = (), bodytype: str = "text") -> None:
         """Send a mail through the cockpit's relay."""
@@ -180,13 +183,15 @@ def _result(value: Any) -> Any:
     return json.loads(text)
 
 
-def run_one(job: dict[str, Any], loader: ActionLoader, channel: Channel, memory: int = 0) -> dict[str, Any]:
+def run_one(job: dict[str, Any], loader: ActionLoader, channel: Channel, now: Callable[[], float],
+            memory: int = 0) -> dict[str, Any]:
     """Run one job, kill what it left running, and say how it went (the ``done`` message).
 
-    ``memory``: the RLIMIT_DATA the worker runs under, named in the log of a run that hit it.
+    ``now``: this process's clock, for the run's started and ended. ``memory``: the RLIMIT_DATA the
+    worker runs under, named in the log of a run that hit it.
     """
     output = BoundedLog()
-    started = time.time()
+    started = now()
     state, result = "ok", None
     exit_code = 0
     saved = sys.stdout, sys.stderr
@@ -222,7 +227,7 @@ def run_one(job: dict[str, Any], loader: ActionLoader, channel: Channel, memory:
         output.write(f"the action left {len(left)} process(es) running; they were killed: "
                      f"{', '.join(map(str, left))}\n")
     return {"op": "done", "id": job["id"], "state": state, "log": output.getvalue(), "result": result,
-            "started": started, "ended": time.time()}
+            "started": started, "ended": now()}
 
 
 def clean_up() -> list[int]:
@@ -286,8 +291,8 @@ def warden(worker: int) -> NoReturn:
     os._exit(os.waitstatus_to_exitcode(status))
 
 
-def serve(memory: int) -> None:
-    """The worker: answer runs on the protocol until stdin ends."""
+def serve(memory: int, now: Callable[[], float]) -> None:
+    """The worker: answer runs on the protocol until stdin ends; ``now`` is its clock."""
     die_with_parent(signal.SIGKILL)  # its warden is gone only if someone killed it
     become_subreaper()
     cap = cap_memory(memory) if memory else 0
@@ -312,7 +317,7 @@ def serve(memory: int) -> None:
             continue
         message = json.loads(line)
         for job in message.get("runs", ()):
-            channel.send(run_one(job, loader, channel, cap))
+            channel.send(run_one(job, loader, channel, now, cap))
 
 
 def main() -> None:
@@ -326,7 +331,7 @@ def main() -> None:
     worker = os.fork()
     if worker:
         warden(worker)
-    serve(memory)
+    serve(memory, time.time)  # a process without a reactor: the wall clock, handed on from here
     # threads an action left running do not keep a worker that was told to stop
     os._exit(0)
 

@@ -113,10 +113,7 @@ class Bus(Service):
     metrics: NullMetrics = NO_METRICS
 
     def __init__(self, stream_maxlen: int = 100000, max_deliveries: int = 5,
-                 claim_idle: float = 60.0, clock: Optional[IReactorTime] = None):
-        if clock is None:
-            from twisted.internet import reactor
-            clock = reactor
+                 claim_idle: float = 60.0, *, clock: IReactorTime):
         self.clock: IReactorTime = clock
         self.stream_maxlen = stream_maxlen
         self.max_deliveries = max_deliveries
@@ -124,6 +121,12 @@ class Bus(Service):
         self._subscriptions: set[Subscription] = set()
 
     # -- publishing -------------------------------------------------------
+    def stamp(self, event: Event) -> Event:
+        """``event``, its ``epoch`` set from this bus's clock unless its maker gave one."""
+        if "epoch" not in event.model_fields_set:
+            event.epoch = int(self.clock.seconds())
+        return event
+
     def publish(self, event: Event) -> Deferred:
         """Log and fan out ``event``; fires with its stream entry id, or fails with BusUnavailable."""
         raise NotImplementedError

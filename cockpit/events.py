@@ -9,7 +9,6 @@ import hashlib
 import os
 import re
 import threading
-import time
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (
@@ -66,15 +65,15 @@ class _GuidSource:
 _new_guid = _GuidSource()
 
 
-def _now() -> int:
-    return int(time.time())
-
-
 def _as_list(value: Any) -> Any:
     # "to: ops@example.com" is as clear as a one-element list
     if isinstance(value, str):
         return [value]
     return value
+
+
+def _without_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
 
 
 StrList = Annotated[list[str], BeforeValidator(_as_list)]
@@ -95,7 +94,10 @@ class Event(BaseModel):
     guid: str = Field(default_factory=_new_guid, pattern=GUID_PATTERN,
                       description="Unique id: a uuid4 made at creation unless the sender gives one "
                                   "(a uuid, or up to 100 letters, digits, '.', '_', ':' or '-').")
-    epoch: Epoch = Field(default_factory=_now, description="Seconds since 1970, made at creation time.")
+    # left out, the bus that publishes the event sets it from its clock (Bus.stamp); the 0 is never
+    # published, so the schema does not offer it as a default
+    epoch: Epoch = Field(default=0, json_schema_extra=_without_default,
+                         description="Seconds since 1970: the sender's, else when the cockpit published it.")
     source: str = Field(default="api", max_length=100,
                         description="What made the event: smtp, telegram, rest, github, ays, ...")
 

@@ -26,10 +26,8 @@ def check_endpoint(description: str) -> None:
 class Listener(Service):
     """Listens in ``privilegedStartService``, so a port below 1024 can be bound before privileges drop."""
 
-    def __init__(self, what: str, description: str, factory: Any, reactor: Any = None,
+    def __init__(self, what: str, description: str, factory: Any, reactor: Any,
                  scheme: Optional[str] = None, on_listen: Optional[Callable[[IListeningPort], None]] = None):
-        if reactor is None:
-            from twisted.internet import reactor
         self.what = what
         self.description = description
         self.factory = factory

@@ -40,7 +40,14 @@ def request(job_id: int, envelope: list, chunks: list[bytes], size: int) -> list
     return [IN_HEADER.pack(job_id, len(meta), size), meta, *chunks]
 
 
-def serve(store_root: str, public_url: str) -> None:
+class WallClock:
+    """The clock of this process, which runs no reactor: its root, :func:`main`, hands it on."""
+
+    seconds = staticmethod(time.time)
+
+
+def serve(store_root: str, public_url: str, clock: WallClock) -> None:
+    """Parse until stdin ends; ``clock`` dates what is stored and paces the answers' flushes."""
     # frames go out on a copy of stdout; whatever else writes to stdout lands on stderr
     stdout: BinaryIO = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -59,7 +66,7 @@ def serve(store_root: str, public_url: str) -> None:
 
     # a plain callable is a log observer; the stubs want the interface
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, to_stderr)], redirectStandardIO=False)
-    store = Store(Path(store_root), public_url)
+    store = Store(Path(store_root), public_url, clock)
 
     def outcome(raw: bytes, envelope: Envelope) -> tuple[int, bytes]:
         try:
@@ -84,7 +91,7 @@ def serve(store_root: str, public_url: str) -> None:
         buffer += data
         start = 0
         out: list[bytes] = []
-        since = time.monotonic()
+        since = clock.seconds()
         while len(buffer) - start >= IN_HEADER.size:
             job_id, meta_size, size = IN_HEADER.unpack_from(buffer, start)
             end = start + IN_HEADER.size + meta_size + size
@@ -95,10 +102,10 @@ def serve(store_root: str, public_url: str) -> None:
             start = end
             kind, payload = outcome(raw, Envelope(*meta))
             out += (OUT_HEADER.pack(job_id, kind, len(payload)), payload)
-            if time.monotonic() - since > FLUSH_AFTER:
+            if clock.seconds() - since > FLUSH_AFTER:
                 stdout.write(b"".join(out))
                 stdout.flush()
-                out, since = [], time.monotonic()
+                out, since = [], clock.seconds()
         del buffer[:start]
         if out:
             stdout.write(b"".join(out))
@@ -109,7 +116,7 @@ def main() -> None:
     if len(sys.argv) != 3:
         raise SystemExit("usage: python -m cockpit.parse_worker <store root> <public url>")
     try:
-        serve(sys.argv[1], sys.argv[2])
+        serve(sys.argv[1], sys.argv[2], WallClock())
     except (BrokenPipeError, KeyboardInterrupt):
         pass
 

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -367,7 +366,8 @@ class RepoStore:
         return sorted(entry.name for entry in self.root.iterdir()
                       if (entry / ".ays").is_file() and _REPO.fullmatch(entry.name))
 
-    def create_repo(self, repo: str, created: Optional[float] = None) -> dict[str, Any]:
+    def create_repo(self, repo: str, created: float) -> dict[str, Any]:
+        """Make ``repo``; ``created`` is the catalog clock's time."""
         path = self.repo_path(repo)
         self.root.mkdir(parents=True, exist_ok=True)
         try:
@@ -377,14 +377,14 @@ class RepoStore:
                 raise Conflict(f"repository {repo!r} already exists") from None
         for sub in ("blueprints", "servicetemplates", "services"):
             (path / sub).mkdir(exist_ok=True)
-        meta = {"name": repo, "created": time.time() if created is None else created, "blueprints": {}}
+        meta = {"name": repo, "created": created, "blueprints": {}}
         write_atomically(path / ".ays", _json(meta))
         return meta
 
     def delete_repo(self, repo: str) -> None:
         path = self._existing_repo(repo)
         # renamed first, so a half-finished removal never looks like a repository
-        doomed = path.with_name(f".deleted-{path.name}-{os.getpid()}-{time.time_ns()}")
+        doomed = path.with_name(f".deleted-{path.name}-{os.getpid()}-{os.urandom(6).hex()}")
         os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
@@ -582,7 +582,7 @@ class RepoStore:
         path = self.service_path(repo, key)
         if not path.is_dir():
             raise NotFound(f"no service {key!r} in repository {repo!r}")
-        doomed = path.with_name(f".deleted-{path.name}-{time.time_ns()}")
+        doomed = path.with_name(f".deleted-{path.name}-{os.getpid()}-{os.urandom(6).hex()}")
         os.replace(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 

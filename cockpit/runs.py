@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from twisted.application.service import MultiService
@@ -29,12 +28,11 @@ FILTERS = ("repo", "service", "action", "state", "event_guid")
 _sequence = 0
 
 
-def new_run_id(now: Optional[float] = None) -> str:
-    """Sortable by creation time (microseconds, hex), unique across processes."""
+def new_run_id(now: float) -> str:
+    """Sortable by creation time ``now`` (microseconds, hex), unique across processes."""
     global _sequence
     _sequence = (_sequence + 1) & 0xFFF
-    when = time.time() if now is None else now
-    return f"{int(when * 1_000_000):014x}{_sequence:03x}{os.urandom(3).hex()}"
+    return f"{int(now * 1_000_000):014x}{_sequence:03x}{os.urandom(3).hex()}"
 
 
 def id_bound(when: float) -> str:
@@ -50,7 +48,7 @@ class Run:
     service: Optional[str]  # role!instance; None for what the robot does itself (repo.create, ...)
     action: str
     trigger: dict[str, Any]  # {kind, event_type, event_guid}
-    id: str = field(default_factory=new_run_id)
+    id: str  # new_run_id(clock.seconds())
     state: str = "new"
     started: Optional[float] = None
     ended: Optional[float] = None

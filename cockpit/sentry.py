@@ -16,7 +16,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional, cast
+from typing import Any, Callable, Optional
 from urllib.parse import parse_qs
 
 import brotli
@@ -567,12 +567,9 @@ class SentryApi:
 
     routes = RouteTable(tag="sentry")
 
-    def __init__(self, config: Config, bus: Bus, store: Any = None, clock: Optional[IReactorTime] = None,
+    def __init__(self, config: Config, bus: Bus, store: Any, clock: IReactorTime,
                  heartbeats: Optional[Heartbeats] = None):
         self.heartbeats = heartbeats  # check-ins beat its heartbeats; None: they are only counted
-        if clock is None:
-            from twisted.internet import reactor
-            clock = cast(IReactorTime, reactor)  # the global reactor is typed as its module
         self.clock = clock
         self.bus = bus
         self.store = store

@@ -16,6 +16,7 @@ outbox (Redis, or a spool directory with the embedded bus) before it is accepted
 from __future__ import annotations
 
 import base64
+import datetime
 import hmac
 import ipaddress
 import re
@@ -163,6 +164,7 @@ class MailIngest:
             if isinstance(result, Failure):
                 d.callback(self._refusal(result, envelope))
                 continue
+            result.epoch = int(self.reactor.seconds())  # a mail carries no epoch: it is when it came
             published = self.bus.publish(result)
             published.addCallbacks(self._published, self._not_published,
                                    callbackArgs=(result, envelope), errbackArgs=(envelope,))
@@ -723,10 +725,8 @@ class IncomingMailFactory(protocol.ServerFactory):
     noisy = False
     metrics: Any = NO_METRICS  # cockpit.metrics: each message's answer is counted
 
-    def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any = None,
+    def __init__(self, mail: MailSection, bus: Bus, store: Store, reactor: Any,
                  parsers: Optional[ParserPool] = None, clock: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
         self.clock = clock if clock is not None else reactor  # the connections' timers
         self.mail = mail
         self.domains = frozenset(d.lower().rstrip(".") for d in mail.domains)
@@ -798,14 +798,15 @@ class OutgoingMail(BaseModel):
         return " ".join(value.split())
 
 
-def build_message(mail: OutgoingMail, sender: str, message_id: str) -> EmailMessage:
+def build_message(mail: OutgoingMail, sender: str, message_id: str, now: float) -> EmailMessage:
+    """The message to relay; ``now`` (seconds since 1970) is its Date."""
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = ", ".join(mail.to)
     if mail.cc:
         msg["Cc"] = ", ".join(mail.cc)
     msg["Subject"] = mail.subject
-    msg["Date"] = format_datetime(_utcnow())
+    msg["Date"] = format_datetime(datetime.datetime.fromtimestamp(now, datetime.timezone.utc))
     msg["Message-ID"] = message_id
     msg["Auto-Submitted"] = "auto-generated"
     if mail.bodytype == "html":
@@ -814,12 +815,6 @@ def build_message(mail: OutgoingMail, sender: str, message_id: str) -> EmailMess
     else:
         msg.set_content(mail.body)
     return msg
-
-
-def _utcnow() -> Any:
-    import datetime
-
-    return datetime.datetime.now(datetime.timezone.utc)
 
 
 @dataclass
@@ -840,11 +835,9 @@ class MailSender(Service):
     stays there until it is sent or has failed: a stop or a crash does not lose it.
     """
 
-    def __init__(self, relay: RelaySection, reactor: Any = None, hostname: Optional[str] = None,
+    def __init__(self, relay: RelaySection, reactor: Any, hostname: Optional[str] = None,
                  first_delay: float = 5.0, max_delay: float = 600.0, history: int = 500,
                  max_queued: int = 10000, concurrency: int = 4, *, outbox: Outbox):
-        if reactor is None:
-            from twisted.internet import reactor
         self.relay = relay
         self.reactor = reactor
         self.hostname = hostname or "localhost"
@@ -876,7 +869,8 @@ class MailSender(Service):
         """
         mail_id = uuid.uuid4().hex
         domain = self.relay.sender.rpartition("@")[2] or self.hostname
-        message = build_message(mail, self.relay.sender, make_msgid(mail_id[:16], domain=domain))
+        message = build_message(mail, self.relay.sender, make_msgid(mail_id[:16], domain=domain),
+                                self.reactor.seconds())
         raw = message.as_bytes(policy=email_policy.default)  # sendmail turns \n into CRLF itself
         record = {"id": mail_id, "to": list(mail.to), "cc": list(mail.cc), "subject": mail.subject,
                   "state": "queued", "attempts": 0, "error": None, "queued": self.reactor.seconds(), "sent": None,

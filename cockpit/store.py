@@ -16,7 +16,6 @@ import json
 import os
 import re
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Optional
@@ -111,9 +110,8 @@ def content_disposition(filename: str) -> str:
 class Store:
     """Content-addressed files under ``root``, served below ``<public_url>/store/``."""
 
-    def __init__(self, root: Path, public_url: str, reactor: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
+    def __init__(self, root: Path, public_url: str, reactor: Any):
+        """``reactor``: its thread pool writes for :meth:`put`; its ``seconds()`` dates a stored file."""
         self.root = Path(root)
         self.public_url = public_url.rstrip("/")
         self.reactor = reactor
@@ -137,7 +135,7 @@ class Store:
             if meta is not None:
                 return self._stored(space, digest, path, meta)
         meta = {"filename": filename, "content_type": clean_content_type(content_type),
-                "size": len(data), "time": time.time(), "hash": digest}
+                "size": len(data), "time": self.reactor.seconds(), "hash": digest}
         if not path.exists():
             write_atomically(path, data, sync_directory=False)
         # the sidecar last: a file with its .meta is complete. Both are in one directory,

@@ -269,7 +269,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     elif not cfg.api.github_secret:
         log.warn("[api] github_secret is not set: the GitHub webhook (/api/webhooks/github) is open to anyone "
                  "who can reach it, though the rest of the REST API asks for a token")
-    web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(), reactor, scheme="http")
+    web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(reactor), reactor, scheme="http")
     web.setName("web")
     web.setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]

@@ -713,13 +713,11 @@ class TelegramBot(MultiService):
     ``reactor`` is made, and closed when the service stops.
     """
 
-    def __init__(self, cfg: Config, backend: "Backend", reactor: Any = None, http: Any = None,
+    def __init__(self, cfg: Config, backend: "Backend", reactor: Any, http: Any = None,
                  clock: Optional[IReactorTime] = None, lease_ttl: float = 30.0,
                  output_max_age: float = 3600.0, catalog: Optional[Catalog] = None,
                  groups: Any = None, silences: Any = None):
         super().__init__()
-        if reactor is None:
-            from twisted.internet import reactor
         if cfg.bot.token is None:
             raise ValueError("[bot] token is not set")
         clock = clock or reactor

@@ -13,7 +13,7 @@ import math
 import re
 import uuid
 from collections import deque
-from typing import Any, Callable, Literal, Optional, cast
+from typing import Any, Callable, Literal, Optional
 from urllib.parse import parse_qs, quote, unquote_to_bytes, urlsplit
 
 from klein import Klein
@@ -658,7 +658,7 @@ class Api:
 
     def __init__(self, config: Config, bus: Bus, store: Any = None, mailer: Any = None,
                  services: Optional[dict[str, Callable[[], dict[str, Any]]]] = None,
-                 groups: Any = None, clock: Optional[IReactorTime] = None, metrics: Optional[Metrics] = None):
+                 groups: Any = None, *, clock: IReactorTime, metrics: Optional[Metrics] = None):
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics()
         self.bus = bus
@@ -666,9 +666,6 @@ class Api:
         self.mailer = mailer
         self.groups = groups
         self.services = services if services is not None else {}
-        if clock is None:
-            from twisted.internet import reactor
-            clock = cast(IReactorTime, reactor)  # the global reactor is typed as its module
         self.clock = clock
         self._tokens = [t.encode() for t in config.api.tokens]
         self.fanout = LiveFanout(bus)  # every SSE client, on one subscription
@@ -852,9 +849,10 @@ class Api:
         log.failure("unhandled error on {method} {path}", failure, method=request.method.decode(), path=path)
         return json_error(request, 500, "internal error; the cockpit's log has the details")
 
-    def site(self, **kwargs: Any) -> Site:
-        """The site to listen with (``kwargs`` go to twisted's Site, e.g. ``reactor``)."""
-        return ApiSite(self.app.resource(), self.config.api, metrics=self.metrics, **kwargs)
+    def site(self, reactor: Any, **kwargs: Any) -> Site:
+        """The site to listen with: ``reactor`` times its connections and parses a big body in its
+        threads; ``kwargs`` go to twisted's Site."""
+        return ApiSite(self.app.resource(), self.config.api, metrics=self.metrics, reactor=reactor, **kwargs)
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3.1 document of every route mounted so far."""

@@ -75,7 +75,7 @@ class RobotCase(TestCase):
     workers = 2
 
     def make_bus(self):
-        return MemoryBus()
+        return MemoryBus(clock=reactor)
 
     @inlineCallbacks
     def start_robot(self, clock=None, repos_dir=None, bus=None, catalog=None):
@@ -223,7 +223,7 @@ class EventTests(RobotCase):
     def make_bus(self):
         server = shared_server()
         server.flush()
-        return RedisBus(RedisSection(url=server.url, claim_idle=0.2), clock=reactor)
+        return RedisBus(RedisSection(url=server.url, claim_idle=0.2), reactor=reactor)
 
     def count(self, robot=None, **filters):
         return (robot or self.robot).history.count(**filters)
@@ -387,14 +387,14 @@ class RecurringAcrossProcessesTests(RobotCase):
     def make_bus(self):
         server = shared_server()
         server.flush()
-        return RedisBus(RedisSection(url=server.url), clock=reactor)
+        return RedisBus(RedisSection(url=server.url), reactor=reactor)
 
     @inlineCallbacks
     def test_recurring_action_fires_once_per_period_across_processes(self):
         clock_a, clock_b = Clock(), Clock()
         robot_a = yield self.start_robot(clock=clock_a)
         yield self.make_repo(robot_a, service_hrd="recurring.tick = 5s\n")
-        other_bus = RedisBus(RedisSection(url=shared_server().url), clock=reactor)
+        other_bus = RedisBus(RedisSection(url=shared_server().url), reactor=reactor)
         other_bus.startService()
         self.addCleanup(other_bus.stopService)
         yield other_bus.when_connected()

@@ -62,9 +62,9 @@ class AysApiTests(TestCase):
         self.robot.startService()
         self.addCleanup(self.robot.stopService)
         yield self.robot.ready
-        self.api = Api(config.from_dict({}), self.bus)
+        self.api = Api(config.from_dict({}), self.bus, clock=reactor)
         self.api.include(AysApi(self.robot))
-        port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
+        port = reactor.listenTCP(0, self.api.site(reactor), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"
         self.pool = HTTPConnectionPool(reactor, persistent=False)

@@ -36,7 +36,7 @@ FILES = {"schema.hrd": SCHEMA, "service.hrd": SERVICE, "actions.py": ACTIONS}
 
 @inlineCallbacks
 def started_bus(test: TestCase, url: str) -> RedisBus:
-    bus = RedisBus(RedisSection(url=url), clock=reactor)
+    bus = RedisBus(RedisSection(url=url), reactor=reactor)
     bus.startService()
     test.addCleanup(bus.stopService)
     yield bus.when_connected()
@@ -271,6 +271,18 @@ class DiskCatalogTests(CatalogBehaviour, TestCase):
         self.assertEqual(json.loads((repo / ".ays").read_text())["blueprints"]["main.yaml"]["state"], "running")
 
 
+    @inlineCallbacks
+    def test_a_repo_is_created_at_the_second_of_the_catalog_clock(self):
+        clock = Clock()
+        clock.advance(1_700_000_321.5)
+        catalog = Catalog(DiskCatalogStore(self.base / "dated", reactor), clock)
+        catalog.startService()
+        self.addCleanup(catalog.stopService)
+        yield catalog.ready
+        yield catalog.create_repo("demo")
+        self.assertEqual(1_700_000_321.5, json.loads((self.base / "dated" / "demo" / ".ays").read_text())["created"])
+
+
 class RedisCatalogTests(CatalogBehaviour, TestCase):
     @inlineCallbacks
     def ready(self):
@@ -401,7 +413,7 @@ class RedisCatalogTests(CatalogBehaviour, TestCase):
 
     def test_a_catalog_that_cannot_be_loaded_says_why_and_tries_again(self):
         clock = Clock()
-        unreachable = RedisBus(RedisSection(url=f"redis://127.0.0.1:{free_port()}/0"), clock=clock)
+        unreachable = RedisBus(RedisSection(url=f"redis://127.0.0.1:{free_port()}/0"), clock=clock, reactor=reactor)
         catalog = Catalog(self.make_store(unreachable), clock)
         catalog.startService()
         self.addCleanup(catalog.stopService)
@@ -491,7 +503,7 @@ class ImportTests(TestCase):
     @inlineCallbacks
     def test_after_the_import_the_directory_is_not_read_again(self):
         yield (yield self.start()).ready
-        RepoStore(self.repos).create_repo("later")
+        RepoStore(self.repos).create_repo("later", 1000.0)
         again = yield self.start()
         yield again.ready
         self.assertEqual(again.repo_names(), ["demo", "env du-conv2"])

@@ -1,7 +1,8 @@
 """What the chat asks the robot to show: lists and details, answered in the chat."""
 from __future__ import annotations
 
-from twisted.internet.defer import DeferredQueue, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
+from twisted.internet.task import Clock
 
 from cockpit.events import TelegramEvent
 from tests.test_ays import RobotCase
@@ -43,3 +44,28 @@ class ChatViewTests(RobotCase):
                          (yield self.command("bp.delete", repo="demo", name="main")))
         self.assertIn("There is no blueprint in demo", (yield self.command("bp.list", repo="demo")))
         self.assertIn("bp.show failed", (yield self.command("bp.show", repo="demo", name="main")))
+
+
+class ChatRunTimeTests(RobotCase):
+    @inlineCallbacks
+    def start_robot(self, clock=None, **options):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000.5)
+        return (yield super().start_robot(clock=self.clock, **options))
+
+    @inlineCallbacks
+    def test_a_chat_command_is_recorded_as_a_run_at_the_robot_clock(self):
+        recorded, record = Deferred(), self.robot.record
+
+        def record_and_tell(run):
+            d = record(run)
+            d.addCallback(lambda result: (recorded.called or recorded.callback(run), result)[1])
+            return d
+
+        self.patch(self.robot, "record", record_and_tell)
+        yield self.bus.when_live()
+        yield self.bus.publish(TelegramEvent(io="input", action="repo.create", args={"chat_id": 7, "name": "dated"}))
+        yield recorded
+        [run] = yield self.robot.list_runs(action="repo.create")
+        self.assertEqual(("ok", 1_700_000_000.5, 1_700_000_000.5), (run["state"], run["started"], run["ended"]))
+        self.assertEqual(f"{1_700_000_000_500_000:014x}", run["id"][:14])

@@ -71,7 +71,7 @@ class TwoCockpits(TestCase):
     @inlineCallbacks
     def cockpit(self, url=None, follow=True, start=True):
         """One cockpit's AYS; not started when ``start`` is False (its catalog, then its robot, start it)."""
-        bus = RedisBus(RedisSection(url=url or self.redis.url), clock=reactor)
+        bus = RedisBus(RedisSection(url=url or self.redis.url), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -100,9 +100,9 @@ class TwoCockpits(TestCase):
     @inlineCallbacks
     def serve(self, robot):
         """``robot``'s REST API on a free port; fires with its base URL."""
-        api = Api(config.from_dict({}), robot.bus)
+        api = Api(config.from_dict({}), robot.bus, clock=reactor)
         api.include(AysApi(robot, robot.catalog))
-        port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+        port = reactor.listenTCP(0, api.site(reactor), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         return f"http://127.0.0.1:{port.getHost().port}"
@@ -226,7 +226,7 @@ class ServedTests(TestCase):
         redis.flush()
         catalogs = []
         for _ in range(2):
-            bus = RedisBus(RedisSection(url=redis.url), clock=reactor)
+            bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
             bus.startService()
             self.addCleanup(bus.stopService)
             yield bus.when_connected()
@@ -235,9 +235,9 @@ class ServedTests(TestCase):
             self.addCleanup(catalog.stopService)
             yield catalog.ready
             catalogs.append(catalog)
-        api = Api(config.from_dict({}), catalogs[1].store.bus)
+        api = Api(config.from_dict({}), catalogs[1].store.bus, clock=reactor)
         api.include(AysApi(None, catalogs[1]))
-        port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+        port = reactor.listenTCP(0, api.site(reactor), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         pool = HTTPConnectionPool(reactor, persistent=False)
         for name in ("alpha", "beta"):

@@ -391,7 +391,7 @@ class RedisBusTests(BusBehaviour, TestCase):
     def make_bus(self):
         self.redis = shared_server()
         self.redis.flush()
-        return RedisBus(RedisSection(url=self.redis.url, max_deliveries=3, claim_idle=30))
+        return RedisBus(RedisSection(url=self.redis.url, max_deliveries=3, claim_idle=30), reactor=reactor)
 
     def ready(self):
         return self.bus.when_connected()
@@ -651,7 +651,7 @@ class RedisFaultTests(TestCase):
     def setUp(self):
         self.redis = RedisServer().start()
         self.addCleanup(self.redis.cleanup)
-        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0), reactor=reactor)
         self.bus.metrics = Metrics(process=False)  # a refused publish is not counted
         self.bus.startService()
         self.addCleanup(self.bus.stopService)

@@ -5,6 +5,7 @@ fails somewhere stranger (cockpit/compat.py, cockpit/backends/redis/txredis.py).
 """
 from __future__ import annotations
 
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.mail.interfaces import IChallengeResponse
 from twisted.trial.unittest import TestCase
@@ -28,7 +29,7 @@ class TxredisapiInsidesTests(TestCase):
 
     @inlineCallbacks
     def test_a_factory_still_lists_its_connections_and_each_queues_its_replies(self):
-        bus = RedisBus(RedisSection(url=shared_server().url))
+        bus = RedisBus(RedisSection(url=shared_server().url), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()

@@ -42,7 +42,7 @@ class Listening:
         self.clock = Clock()
         self.bus = MemoryBus(clock=self.clock)
         self.api = Api(config.from_dict({"api": {"tokens": tokens}}), self.bus, clock=self.clock)
-        self.port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
+        self.port = reactor.listenTCP(0, self.api.site(reactor), interface="127.0.0.1")
         test.addCleanup(self.port.stopListening)
         self.base = f"http://127.0.0.1:{self.port.getHost().port}"
 

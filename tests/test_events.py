@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cockpit import events
+from cockpit.backends.embedded import MemoryBus
 from cockpit.events import AlarmEvent, EcoEvent, EmailEvent, EventError
 
 SEEDS = Path(__file__).parent / "seeds"
@@ -49,11 +50,25 @@ class SeedExampleTests(TestCase):
 
 
 class ModelTests(TestCase):
-    def test_guid_and_epoch_are_made_at_creation(self):
-        before = int(time.time())
+    def test_guids_are_made_at_creation(self):
         a, b = AlarmEvent(service="a!b"), AlarmEvent(service="a!b")
         self.assertNotEqual(a.guid, b.guid)
-        self.assertGreaterEqual(a.epoch, before)
+
+    def test_an_event_without_epoch_is_published_at_the_second_of_the_bus_clock(self):
+        clock = Clock()
+        clock.advance(1_700_000_123.75)
+        bus = MemoryBus(clock=clock)
+        made = AlarmEvent(service="a!b")
+        bus.publish(made)
+        clock.advance(60)
+        given = AlarmEvent(service="a!b", epoch=1_600_000_000)
+        bus.publish(given)
+        zero = AlarmEvent(service="a!b", epoch=0)
+        bus.publish(zero)
+        stored = self.successResultOf(bus.recent("alarm"))
+        self.assertEqual({made.guid: 1_700_000_123, given.guid: 1_600_000_000, zero.guid: 0},
+                         {event.guid: event.epoch for _, event in stored})
+        self.assertEqual(1_700_000_123, made.epoch)  # the publisher sees what was published
 
     def test_made_guids_are_distinct_uuid4_strings(self):
         guids = [AlarmEvent(service="a!b").guid for _ in range(1000)]

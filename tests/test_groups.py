@@ -227,7 +227,7 @@ class RedisStoreTests(StoreBehaviour, TestCase):
     def make_bus(self):
         self.redis = shared_server()
         self.redis.flush()
-        return RedisBus(RedisSection(url=self.redis.url))
+        return RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
 
     @inlineCallbacks
     def test_the_script_is_loaded_again_when_redis_lost_it(self):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from treq.testing import StubTreq
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -29,7 +30,7 @@ from tests.wiring import backend_for
 @inlineCallbacks
 def health_of(**services: Any) -> Any:
     """``(status code, body)`` of /api/health on an Api reporting ``services``."""
-    api = Api(config.from_dict({}), MemoryBus(clock=Clock()), services=services)
+    api = Api(config.from_dict({}), MemoryBus(clock=Clock()), clock=Clock(), services=services)
     response = yield StubTreq(api.app.resource()).get("http://cockpit/api/health")
     return response.code, (yield response.json())
 
@@ -37,7 +38,7 @@ def health_of(**services: Any) -> Any:
 class StoreHealthTests(TestCase):
     @inlineCallbacks
     def test_a_store_not_made_yet_under_a_writable_directory_is_ok(self):
-        store = Store(Path(self.mktemp()).absolute() / "store", "http://cockpit")
+        store = Store(Path(self.mktemp()).absolute() / "store", "http://cockpit", reactor)
         code, body = yield health_of(store=partial(store_health, store))
         self.assertEqual((200, "ok", True), (code, body["status"], body["services"]["store"]["ok"]))
 
@@ -46,7 +47,7 @@ class StoreHealthTests(TestCase):
         handle = tempfile.NamedTemporaryFile(dir=".", delete=False)
         handle.close()
         self.addCleanup(os.unlink, handle.name)
-        store = Store(Path(handle.name).absolute() / "store", "http://cockpit")
+        store = Store(Path(handle.name).absolute() / "store", "http://cockpit", reactor)
         code, body = yield health_of(store=partial(store_health, store))
         self.assertEqual((503, "degraded", False), (code, body["status"], body["services"]["store"]["ok"]))
         self.assertEqual(f"{Path(handle.name).absolute()} is not a directory", body["services"]["store"]["error"])
@@ -92,7 +93,7 @@ class TelegramHealthTests(TestCase):
         bus = MemoryBus(clock=self.clock)
         bus.startService()
         self.addCleanup(bus.stopService)
-        self.bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), http=api.http, clock=self.clock)
+        self.bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), self.clock, http=api.http)
 
     @inlineCallbacks
     def test_a_bot_stuck_in_backoff_is_not_ok_until_telegram_answers_again(self):

@@ -322,7 +322,7 @@ class RedisRulesTests(_Rules, TestCase):
         if not hasattr(self, "redis"):
             self.redis = shared_server()
             self.redis.flush()
-        bus = RedisBus(RedisSection(url=self.redis.url))
+        bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -445,7 +445,7 @@ class RouteTests(TestCase):
 
     @inlineCallbacks
     def test_with_the_store_away_a_beat_and_the_list_are_503(self):
-        bus = RedisBus(RedisSection(url=f"redis://127.0.0.1:{free_port()}/0"))  # never started: nobody there
+        bus = RedisBus(RedisSection(url=f"redis://127.0.0.1:{free_port()}/0"), reactor=reactor)  # never started: nobody there
         _, _, client = heartbeat_api(RedisHeartbeatStore(bus, self.clock), bus, self.clock)
         for method, path in (("POST", "/api/heartbeats/backup"), ("GET", "/api/heartbeats")):
             code, reply = yield answer(client, method, path)

@@ -49,9 +49,9 @@ class _Site:
         yield self.robot.ready
         self.published = []
         self.bus.subscribe(self.published.append)
-        api = Api(config.from_dict({}), self.bus)
+        api = Api(config.from_dict({}), self.bus, clock=reactor)
         api.include(AysApi(self.robot))
-        port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+        port = reactor.listenTCP(0, api.site(reactor), interface="127.0.0.1")
         test.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"
         self.pool = HTTPConnectionPool(reactor, persistent=False)

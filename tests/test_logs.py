@@ -59,7 +59,7 @@ class RedisOutageLines(TestCase):
         self.written = json_observer(self.out)
         globalLogPublisher.addObserver(self.observe)
         self.addCleanup(globalLogPublisher.removeObserver, self.observe)
-        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         return self.bus.when_connected()

@@ -25,7 +25,7 @@ from cockpit.config import RedisSection, RelaySection
 from cockpit.backends.embedded.outbox import SpoolOutbox
 from cockpit.backends.redis.outbox import RedisOutbox
 from cockpit.outbox import MAIL_GROUP, MAIL_STREAM
-from cockpit.smtp import MailSender, OutgoingMail
+from cockpit.smtp import MailSender, OutgoingMail, build_message
 from tests.redis_server import RedisServer, free_port, shared_server
 from tests.test_smtp import self_signed_cert
 
@@ -343,7 +343,7 @@ class RedisMailSending(DurableSendingBehaviour, TestCase):
         super().setUp()
         server = shared_server()
         server.flush()
-        self.bus = RedisBus(RedisSection(url=server.url, timeout=2.0, claim_idle=30.0))
+        self.bus = RedisBus(RedisSection(url=server.url, timeout=2.0, claim_idle=30.0), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         yield self.bus.when_connected()
@@ -430,7 +430,7 @@ class RedisDown(TestCase):
     def test_send_fails_with_bus_unavailable_while_redis_is_down(self):
         redis = RedisServer().start()
         self.addCleanup(redis.cleanup)
-        bus = RedisBus(RedisSection(url=redis.url, timeout=2.0))
+        bus = RedisBus(RedisSection(url=redis.url, timeout=2.0), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -442,6 +442,11 @@ class RedisDown(TestCase):
 
 
 class OutgoingMailModel(TestCase):
+    def test_a_mail_is_dated_by_the_time_it_is_given(self):
+        message = build_message(OutgoingMail(to=["ops@example.org"], subject="s", body="b"), "cockpit@cockpit.test",
+                                "<1@cockpit.test>", 1_700_000_000.0)
+        self.assertEqual("Tue, 14 Nov 2023 22:13:20 +0000", message["Date"])
+
     def test_recipients_must_be_plain_addresses(self):
         for to in ([], ["not an address"], ["a@b.c\r\nBcc: x@y.z"], ["<a@b.c>"]):
             self.assertRaises(ValidationError, OutgoingMail, to=to, subject="s", body="b")

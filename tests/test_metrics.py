@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -44,7 +44,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def make_api(**api_kwargs: Any) -> tuple[Api, DownBus, StubTreq]:
     bus = DownBus(clock=Clock())
-    api = Api(config.from_dict({}), bus, **api_kwargs)
+    api = Api(config.from_dict({}), bus, clock=reactor, **api_kwargs)
     bus.metrics = api.metrics  # as the service tree does: the bus counts what it stores
     return api, bus, StubTreq(api.app.resource())
 
@@ -131,7 +131,7 @@ class MetricsTests(TestCase):
 
     @inlineCallbacks
     def test_metrics_need_no_token_and_are_in_the_openapi_document_as_text(self):
-        api = Api(config.from_dict({"api": {"tokens": ["t0ken"]}}), MemoryBus(clock=Clock()))
+        api = Api(config.from_dict({"api": {"tokens": ["t0ken"]}}), MemoryBus(clock=Clock()), clock=Clock())
         response = yield StubTreq(api.app.resource()).get("http://cockpit/metrics")
         self.assertEqual(200, response.code)
         yield response.content()

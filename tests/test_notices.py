@@ -190,7 +190,7 @@ class RedisNotifierTests(NotifierBehaviour, TestCase):
         self.redis.flush()
 
     def make_bus(self):
-        return RedisBus(RedisSection(url=self.redis.url))
+        return RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
 
 
 class TwoProcessNotifierTests(RedisNotifierTests):

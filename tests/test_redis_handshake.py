@@ -95,7 +95,7 @@ class HandshakeTests(TestCase):
     timeout = 20
 
     def bus(self, url: str) -> RedisBus:
-        bus = RedisBus(RedisSection(url=url, timeout=2.0))
+        bus = RedisBus(RedisSection(url=url, timeout=2.0), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         # no backoff between attempts: the first attempt is under way already, the next ones follow at once
@@ -130,7 +130,7 @@ class RedisWithPasswordTests(TestCase):
         self.redis.command("CONFIG", "SET", "requirepass", "s3cret")
 
     def bus(self, url: str) -> RedisBus:
-        bus = RedisBus(RedisSection(url=url, timeout=2.0))
+        bus = RedisBus(RedisSection(url=url, timeout=2.0), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         return bus

@@ -68,7 +68,7 @@ class ClusterCase(TestCase):
 
     @inlineCallbacks
     def watcher(self, server: RedisServer):
-        bus = RedisBus(RedisSection(url=server.url), clock=reactor, reactor=reactor)
+        bus = RedisBus(RedisSection(url=server.url), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -251,7 +251,7 @@ class CleanStopTests(TestCase):
     def setUp(self):
         self.redis = shared_server()
         self.redis.flush()
-        self.bus = RedisBus(RedisSection(url=self.redis.url), clock=reactor, reactor=reactor)
+        self.bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         yield self.bus.when_connected()
@@ -308,7 +308,7 @@ class CleanStopTests(TestCase):
 
         # claim_idle far off: what the survivor gets, it gets through the dead one's heartbeat
         survivor_bus = RedisBus(RedisSection(url=self.redis.url, claim_idle=3600, consumer_timeout=1),
-                                clock=reactor, reactor=reactor)
+                                reactor=reactor)
         survivor_bus.startService()
         self.addCleanup(survivor_bus.stopService)
         yield survivor_bus.when_connected()

@@ -22,7 +22,7 @@ class RepoStoreTests(TestCase):
     def setUp(self):
         self.root = Path(self.mktemp())
         self.store = RepoStore(self.root)
-        self.store.create_repo("demo")
+        self.store.create_repo("demo", 1700000000.0)
 
     def test_repo_layout_on_disk(self):
         self.store.put_template("demo", "node", FILES)
@@ -35,15 +35,15 @@ class RepoStoreTests(TestCase):
         self.assertEqual(self.store.list_repos(), ["demo"])
 
     def test_seed_repo_name_with_a_space_is_accepted(self):
-        self.store.create_repo("env du-conv2")
+        self.store.create_repo("env du-conv2", 1700000000.0)
         self.assertIn("env du-conv2", self.store.list_repos())
 
     def test_creating_a_repo_twice_is_a_conflict(self):
-        self.assertRaises(Conflict, self.store.create_repo, "demo")
+        self.assertRaises(Conflict, self.store.create_repo, "demo", 1700000000.0)
 
     def test_names_that_would_escape_the_root_are_refused(self):
         for name in ("..", "../x", "a/b", ".hidden", "", "x" * 65, "trailing "):
-            self.assertRaises(Invalid, self.store.create_repo, name)
+            self.assertRaises(Invalid, self.store.create_repo, name, 1700000000.0)
         self.assertRaises(Invalid, self.store.put_template, "demo", "../../etc", FILES)
         self.assertRaises(Invalid, self.store.write_blueprint, "demo", "../x.yaml", "a__b: {}", True)
         self.assertRaises(Invalid, self.store.service_path, "demo", "../x!y")
@@ -135,7 +135,7 @@ class BlueprintParseTests(TestCase):
 
     def test_services_get_schema_defaults_and_missing_required_is_an_error(self):
         store = RepoStore(Path(self.mktemp()))
-        store.create_repo("demo")
+        store.create_repo("demo", 1700000000.0)
         template, _ = store.put_template("demo", "node", FILES)
         entries = repos.parse_blueprint("node__web1:\n  name: w\n")
         [record] = repos.blueprint_services("demo", "main.yaml", entries, {"node": template}, {}, 5.0)

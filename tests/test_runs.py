@@ -270,7 +270,7 @@ class RedisCase(TestCase):
 
     @inlineCallbacks
     def connected_bus(self, url: str):
-        bus = RedisBus(RedisSection(url=url, timeout=2.0), clock=reactor, reactor=reactor)
+        bus = RedisBus(RedisSection(url=url, timeout=2.0), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -512,7 +512,7 @@ class RedisAwayTests(RedisCase):
 
 class RunIdTests(TestCase):
     def test_run_ids_sort_by_creation(self):
-        ids = [new_run_id() for _ in range(100)]
+        ids = [new_run_id(T0 + n) for n in range(100)]
         self.assertEqual(ids, sorted(ids))
         self.assertEqual(len(set(ids)), 100)
 

@@ -23,7 +23,7 @@ class RobotsSharingRunsTests(TestCase):
 
     @inlineCallbacks
     def start_robot(self):
-        bus = RedisBus(RedisSection(url=shared_server().url), clock=reactor, reactor=reactor)
+        bus = RedisBus(RedisSection(url=shared_server().url), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()

@@ -110,7 +110,7 @@ class IngestTests(TestCase):
     def setUp(self):
         self.redis = shared_server()
         self.redis.flush()
-        self.bus = RedisBus(RedisSection(url=self.redis.url))
+        self.bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         self.server = SentryServer(self, self.bus)
@@ -460,7 +460,7 @@ class BusDownTests(TestCase):
     def setUp(self):
         self.redis = RedisServer().start()
         self.addCleanup(self.redis.cleanup)
-        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         self.server = SentryServer(self, self.bus)
@@ -625,7 +625,7 @@ class SchemathesisTests(TestCase):
     def setUp(self):
         redis = shared_server()
         redis.flush()
-        self.bus = RedisBus(RedisSection(url=redis.url))
+        self.bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         self.server = SentryServer(self, self.bus)

@@ -190,12 +190,12 @@ class RedisStoreTests(StoreBehaviour, TestCase):
     def make_bus(self):
         self.redis = shared_server()
         self.redis.flush()
-        return RedisBus(RedisSection(url=self.redis.url))
+        return RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
 
     @inlineCallbacks
     def other_store(self):
         """A store on a bus of its own, on the same Redis: another process's view."""
-        bus = RedisBus(RedisSection(url=self.redis.url))
+        bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -267,7 +267,7 @@ class RedisDownTests(TestCase):
     def test_with_redis_away_the_store_fails_with_bus_unavailable_and_the_api_answers_503(self):
         server = RedisServer().start()
         self.addCleanup(server.cleanup)
-        bus = RedisBus(RedisSection(url=server.url, timeout=2.0))
+        bus = RedisBus(RedisSection(url=server.url, timeout=2.0), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -337,9 +337,9 @@ class Client:
 
     def __init__(self, test: TestCase, store, clock=None):
         self.clock = clock if clock is not None else store.clock
-        self.api = Api(config.from_dict({"api": {"tokens": [self.token]}}), MemoryBus(clock=reactor))
+        self.api = Api(config.from_dict({"api": {"tokens": [self.token]}}), MemoryBus(clock=reactor), clock=reactor)
         self.api.include(SilencesApi(store, self.clock))
-        port = reactor.listenTCP(0, self.api.site(), interface="127.0.0.1")
+        port = reactor.listenTCP(0, self.api.site(reactor), interface="127.0.0.1")
         test.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"
 
@@ -447,7 +447,7 @@ class RedisRestTests(RestBehaviour, TestCase):
     def make_store(self):
         redis = shared_server()
         redis.flush()
-        bus = RedisBus(RedisSection(url=redis.url))
+        bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -459,7 +459,7 @@ class RedisRestTests(RestBehaviour, TestCase):
 class DocumentTests(TestCase):
     def test_the_routes_are_documented_in_valid_openapi_3_1_and_3_0(self):
         clock = Clock()
-        api = Api(config.from_dict({}), MemoryBus(clock=clock))
+        api = Api(config.from_dict({}), MemoryBus(clock=clock), clock=clock)
         api.include(SilencesApi(backend_for(MemoryBus(clock=clock)).silences(clock), clock))
         doc = api.openapi()
         OpenAPIV31SpecValidator(doc).validate()

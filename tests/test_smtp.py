@@ -78,10 +78,10 @@ class SMTPServerCase(TestCase):
 
     def setUp(self):
         self.redis = self.redis_server()
-        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
-        self.store = Store(Path(self.mktemp()), "http://cockpit.test")
+        self.store = Store(Path(self.mktemp()), "http://cockpit.test", reactor)
         self.mail = MailSection(**{"domains": [DOMAIN], "hostname": "mx.cockpit.test", **self.mail_options})
         self.pool = None
         if self.parsers:
@@ -941,11 +941,11 @@ class Backpressure(TestCase):
         from cockpit.backends.embedded import MemoryBus
         from cockpit.smtp import MAX_WAITING
 
-        bus = MemoryBus()
+        bus = MemoryBus(clock=reactor)
         gate: Deferred = Deferred()
         publish = bus.publish
         self.patch(bus, "publish", lambda event: gate.addCallback(lambda _: publish(event)))
-        store = Store(Path(self.mktemp()), "http://cockpit.test")
+        store = Store(Path(self.mktemp()), "http://cockpit.test", reactor)
         factory = IncomingMailFactory(MailSection(domains=[DOMAIN], hostname="mx.cockpit.test"), bus, store, reactor)
         proto = factory.buildProtocol(None)
         proto.callLater = Clock().callLater  # the idle timeout
@@ -976,8 +976,8 @@ class Backpressure(TestCase):
 
         from cockpit.backends.embedded import MemoryBus
 
-        bus = MemoryBus()  # publishes at once: each answer comes back while the input is being read
-        store = Store(Path(self.mktemp()), "http://cockpit.test")
+        bus = MemoryBus(clock=reactor)  # publishes at once: each answer comes back while the input is being read
+        store = Store(Path(self.mktemp()), "http://cockpit.test", reactor)
         factory = IncomingMailFactory(MailSection(domains=[DOMAIN], hostname="mx.cockpit.test"), bus, store, reactor,
                                       clock=Clock())
         proto = factory.buildProtocol(None)
@@ -1125,6 +1125,6 @@ class Parsing(TestCase):
         self.assertEqual(len(safe_filename("a" * 300 + ".pdf", "application/pdf")), 144)
 
     def test_a_message_without_headers_keeps_its_body_and_takes_the_envelope(self):
-        store = Store(Path(self.mktemp()), "http://cockpit.test")
+        store = Store(Path(self.mktemp()), "http://cockpit.test", reactor)
         event = parse_mail(b"just a line\r\n", Envelope("a@example.org", [f"ops@{DOMAIN}"]), store)
         self.assertEqual((event.from_, event.to, event.body), ("a@example.org", [f"ops@{DOMAIN}"], "just a line\n"))

@@ -8,6 +8,7 @@ from pathlib import Path
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -18,7 +19,7 @@ from cockpit.store import Store, StoreError, content_disposition
 class StoreWriting(TestCase):
     def setUp(self):
         self.root = Path(self.mktemp())
-        self.store = Store(self.root, "https://cockpit.example.com/")
+        self.store = Store(self.root, "https://cockpit.example.com/", reactor)
 
     @inlineCallbacks
     def test_file_is_stored_under_its_sha256_with_a_meta_sidecar(self):
@@ -34,6 +35,14 @@ class StoreWriting(TestCase):
         self.assertEqual((meta["filename"], meta["content_type"], meta["size"]), ("report.txt", "text/plain", 17))
         self.assertIsInstance(meta["time"], float)
         self.assertEqual((stored.filename, stored.content_type, stored.size), ("report.txt", "text/plain", 17))
+
+    def test_a_stored_file_is_dated_by_the_store_clock(self):
+        clock = Clock()
+        clock.advance(1_700_000_000.25)
+        stored = Store(self.root, "https://cockpit.example.com/", clock).put_now("attachments", b"x", "x.txt",
+                                                                                "text/plain")
+        meta = json.loads(stored.path.with_name(stored.hash + ".meta").read_text())
+        self.assertEqual(1_700_000_000.25, meta["time"])
 
     def test_every_new_name_is_synced_into_its_directory(self):
         from cockpit import files
@@ -84,7 +93,7 @@ class StoreOverHttp(TestCase):
 
     def setUp(self):
         self.root = Path(self.mktemp())
-        self.store = Store(self.root, "http://127.0.0.1")
+        self.store = Store(self.root, "http://127.0.0.1", reactor)
         top = Resource()
         top.putChild(b"store", self.store.resource())
         self.port = reactor.listenTCP(0, Site(top), interface="127.0.0.1")

@@ -62,7 +62,7 @@ class BotCase(TestCase):
         self.bus = MemoryBus(clock=self.clock)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
-        self.bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), http=self.api.http, clock=self.clock)
+        self.bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), self.clock, http=self.api.http)
         self.bot.startService()
         self.addCleanup(self.bot.stopService)
         self.updates = 0
@@ -262,7 +262,7 @@ class AccessTests(BotCase):
     def test_the_refusal_is_not_repeated_after_a_restart(self):
         yield self.say("/help", user=BOB)
         yield self.bot.stopService()
-        again = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), http=self.api.http, clock=self.clock)
+        again = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), self.clock, http=self.api.http)
         again.startService()
         self.addCleanup(again.stopService)
         self.fake.message(BOB, "/help")
@@ -387,7 +387,7 @@ class OutputTests(BotCase):
         # a group created on an old stream starts from its beginning: old replies are not news
         clock = Clock()
         clock.advance(10000)
-        bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), http=self.api.http, clock=clock)
+        bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), clock, http=self.api.http)
         stale = TelegramEvent(io="output", action="message", epoch=0, args={"chat_id": ALICE.id, "msg": "old"})
         fresh = TelegramEvent(io="output", action="message", epoch=9000, args={"chat_id": ALICE.id, "msg": "new"})
         yield bot.deliver(stale, Delivery("ckpt.telegram", "1-0", 1))
@@ -421,11 +421,11 @@ class TwoProcessTests(TestCase):
                                 "bot": {"token": TOKEN, "api_url": server.url, "allowed_users": [ALICE.id]}})
         bots = []
         for _ in range(2):
-            bus = RedisBus(RedisSection(url=redis.url))
+            bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
             bus.startService()
             self.addCleanup(bus.stopService)
             yield bus.when_connected()
-            bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), http=api.http, clock=clock)
+            bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), clock, http=api.http)
             bot.startService()
             self.addCleanup(bot.stopService)
             bots.append(bot)
@@ -476,7 +476,7 @@ class EndToEndTests(TestCase):
         self.addCleanup(self.server.stop)
         base = Path(self.mktemp()).absolute()
         self.cfg = settings(str(base), self.server.url)
-        self.bus = MemoryBus()
+        self.bus = MemoryBus(clock=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         self.robot = Robot(disk_catalog(self.cfg.repos_dir), self.bus, SqliteRunHistory(base / "runs.sqlite", reactor),

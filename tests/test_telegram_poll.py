@@ -205,14 +205,14 @@ class RestartHarness(PollerHarness):
     @inlineCallbacks
     def restart_in_the_middle(self, bus, cfg):
         first_batch = [self.fake.message(ALICE, "/repo list")["update_id"] for _ in range(25)]
-        bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), http=self.api.http, clock=self.clock)
+        bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), self.clock, http=self.api.http)
         bot.startService()
         yield bot.poller.when_handled(10)
         yield bot.stopService()  # the update being handled finishes; the rest wait for the next process
         handled_before = bot.poller.handled
         self.assertLess(handled_before, 25)
         second_batch = [self.fake.message(ALICE, "/repo list")["update_id"] for _ in range(15)]
-        again = TelegramBot(cfg, backend_for(bus, cfg.data_dir), http=self.api.http, clock=self.clock)
+        again = TelegramBot(cfg, backend_for(bus, cfg.data_dir), self.clock, http=self.api.http)
         again.startService()
         self.addCleanup(again.stopService)
         yield again.poller.when_handled(40 - handled_before)
@@ -228,7 +228,7 @@ class RestartHarness(PollerHarness):
 class FileRestartTests(RestartHarness, TestCase):
     @inlineCallbacks
     def test_restart_with_the_embedded_bus_neither_repeats_nor_loses_updates(self):
-        bus = MemoryBus()
+        bus = MemoryBus(clock=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield self.restart_in_the_middle(bus, bot_config(self.mktemp(), self.server.url))
@@ -256,7 +256,7 @@ class RedisHarness(RestartHarness):
 
     @inlineCallbacks
     def redis_bus(self) -> RedisBus:
-        bus = RedisBus(RedisSection(url=self.redis.url))
+        bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
         bus.startService()
         self.addCleanup(bus.stopService)
         yield bus.when_connected()
@@ -366,11 +366,11 @@ class RedisPollerTests(RedisHarness, TestCase):
     @inlineCallbacks
     def test_the_embedded_bus_needs_no_lease(self):
         cfg = bot_config(self.mktemp(), self.server.url)
-        bot = TelegramBot(cfg, backend_for(MemoryBus(clock=self.clock), cfg.data_dir), http=self.api.http,
-                          clock=self.clock)
+        bot = TelegramBot(cfg, backend_for(MemoryBus(clock=self.clock), cfg.data_dir), self.clock,
+                          http=self.api.http)
         self.assertIsNone(bot.poller.lease)
         redis_bot = TelegramBot(bot_config(self.mktemp(), self.server.url, self.redis.url),
-                                backend_for(RedisBus(RedisSection(url=self.redis.url), clock=self.clock)),
-                                http=self.api.http, clock=self.clock)
+                                backend_for(RedisBus(RedisSection(url=self.redis.url), clock=self.clock, reactor=reactor)),
+                                self.clock, http=self.api.http)
         self.assertIsNotNone(redis_bot.poller.lease)
         yield defer.succeed(None)

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from treq.testing import StubTreq
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
@@ -22,7 +23,7 @@ TOKEN = "s3cret-token"
 def make_api(bus=None, **api_settings: Any) -> tuple[Api, MemoryBus, StubTreq]:
     cfg = config.from_dict({"api": api_settings})
     bus = bus or MemoryBus(clock=Clock())
-    api = Api(cfg, bus)
+    api = Api(cfg, bus, clock=reactor)
     return api, bus, StubTreq(api.app.resource())
 
 

@@ -34,7 +34,7 @@ class GithubWebhookTests(TestCase):
         self.clock = Clock()
         self.bus = MemoryBus(clock=self.clock)
         cfg = config.from_dict({"api": {"tokens": ["t"], "github_secret": SECRET}})
-        self.client = StubTreq(Api(cfg, self.bus).app.resource())
+        self.client = StubTreq(Api(cfg, self.bus, clock=reactor).app.resource())
 
     @inlineCallbacks
     def hook(self, body: bytes, event: str = "push", signature: str = None, delivery: str = "d-1",
@@ -113,7 +113,7 @@ class GithubWebhookTests(TestCase):
 
     @inlineCallbacks
     def test_unsigned_webhook_is_accepted_when_no_secret_is_set(self):
-        client = StubTreq(Api(config.from_dict({"api": {"tokens": ["t"]}}), self.bus).app.resource())
+        client = StubTreq(Api(config.from_dict({"api": {"tokens": ["t"]}}), self.bus, clock=reactor).app.resource())
         response = yield client.post("http://cockpit/api/webhooks/github", data=json.dumps(PUSH).encode(),
                                      headers={"Content-Type": ["application/json"], "X-GitHub-Event": ["issues"],
                                               "X-GitHub-Delivery": ["d-2"]})
@@ -230,7 +230,7 @@ class GithubHeadersOverHttpTests(TestCase):
 
 class MailTests(TestCase):
     def make_client(self, mailer) -> StubTreq:
-        return StubTreq(Api(config.from_dict({}), MemoryBus(clock=Clock()), mailer=mailer).app.resource())
+        return StubTreq(Api(config.from_dict({}), MemoryBus(clock=Clock()), clock=Clock(), mailer=mailer).app.resource())
 
     @inlineCallbacks
     def send(self, client: StubTreq, mail: dict):

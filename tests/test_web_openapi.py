@@ -31,7 +31,7 @@ SEEDS = Path(__file__).parent / "seeds"
 
 def make_api(**settings) -> Api:
     """The API with every route the cockpit serves (the AYS routes need no robot to be documented)."""
-    api = Api(config.from_dict(settings), MemoryBus(clock=Clock()))
+    api = Api(config.from_dict(settings), MemoryBus(clock=Clock()), clock=Clock())
     api.include(AysApi(None))
     return api
 

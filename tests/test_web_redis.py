@@ -36,7 +36,7 @@ class Client:
     """treq against an Api on a loopback port (StubTreq only completes synchronous answers)."""
 
     def __init__(self, test: TestCase, api: Api):
-        port = reactor.listenTCP(0, api.site(), interface="127.0.0.1")
+        port = reactor.listenTCP(0, api.site(reactor), interface="127.0.0.1")
         test.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"
 
@@ -62,10 +62,10 @@ class RedisPublishTests(TestCase):
     def setUp(self):
         self.redis = shared_server()
         self.redis.flush()
-        self.bus = RedisBus(RedisSection(url=self.redis.url))
+        self.bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
-        self.client = Client(self, Api(config.from_dict({}), self.bus))
+        self.client = Client(self, Api(config.from_dict({}), self.bus, clock=reactor))
         return self.bus.when_connected()
 
     @inlineCallbacks
@@ -117,10 +117,10 @@ class RedisDownTests(TestCase):
     def setUp(self):
         self.redis = RedisServer().start()
         self.addCleanup(self.redis.cleanup)
-        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0))
+        self.bus = RedisBus(RedisSection(url=self.redis.url, timeout=2.0), reactor=reactor)
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
-        self.client = Client(self, Api(config.from_dict({}), self.bus))
+        self.client = Client(self, Api(config.from_dict({}), self.bus, clock=reactor))
         return self.bus.when_connected()
 
     @inlineCallbacks
@@ -156,11 +156,11 @@ class GithubRedisTests(TestCase):
         self.buses = []
         self.clients = []
         for _ in range(2):  # two cockpits on one Redis
-            bus = RedisBus(RedisSection(url=self.redis.url))
+            bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
             bus.startService()
             self.addCleanup(bus.stopService)
             self.buses.append(bus)
-            self.clients.append(Client(self, Api(config.from_dict({"api": {"github_secret": "s"}}), bus)))
+            self.clients.append(Client(self, Api(config.from_dict({"api": {"github_secret": "s"}}), bus, clock=reactor)))
         return defer.gatherResults([bus.when_connected() for bus in self.buses])
 
     @inlineCallbacks
@@ -213,7 +213,7 @@ class GroupsBehaviour:
         self.groups = EventGroups(self.bus, backend_for(self.bus).group_store(reactor), reactor, drain_timeout=0)
         self.groups.startService()
         self.addCleanup(self.groups.stopService)
-        self.api = Api(config.from_dict({}), self.bus, groups=self.groups)
+        self.api = Api(config.from_dict({}), self.bus, groups=self.groups, clock=reactor)
         self.client = Client(self, self.api)
 
     def ready(self):
@@ -345,7 +345,7 @@ class RedisGroupsTests(GroupsBehaviour, TestCase):
     def make_bus(self):
         self.redis = shared_server()
         self.redis.flush()
-        return RedisBus(RedisSection(url=self.redis.url))
+        return RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
 
     def ready(self):
         return self.bus.when_connected()
@@ -358,7 +358,7 @@ class RedisGroupsTests(GroupsBehaviour, TestCase):
     @inlineCallbacks
     def test_two_processes_count_each_event_once(self):
         # a second cockpit on the same Redis: its own bus, its own groups service
-        other_bus = RedisBus(RedisSection(url=self.redis.url))
+        other_bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
         other_bus.startService()
         self.addCleanup(other_bus.stopService)
         yield other_bus.when_connected()

@@ -168,7 +168,7 @@ class WorkerTestCase(TestCase):
 
     def run_action(self, action, event=None, path=None, args=None):
         return self.pool.submit({
-            "id": new_run_id(), "path": str(path or self.path), "action": action,
+            "id": new_run_id(reactor.seconds()), "path": str(path or self.path), "action": action,
             "service": {"key": "node!web1", "role": "node", "instance": "web1", "repo": "demo",
                         "template": "node", "args": args or {"x": 1}},
             "event": event.to_dict() if event is not None else None})

@@ -46,8 +46,8 @@ class MemoryBus(Bus):
     max_marks = 100000
 
     def __init__(self, stream_maxlen: int = 100000, max_deliveries: int = 5,
-                 claim_idle: float = 60.0, clock: Optional[IReactorTime] = None):
-        super().__init__(stream_maxlen, max_deliveries, claim_idle, clock)
+                 claim_idle: float = 60.0, *, clock: IReactorTime):
+        super().__init__(stream_maxlen, max_deliveries, claim_idle, clock=clock)
         self.streams: dict[str, _Stream] = {}
         self._last_id = (0, 0)
         self._waiters: list[Deferred] = []
@@ -89,7 +89,7 @@ class MemoryBus(Bus):
         return entry_id
 
     def publish(self, event: Event) -> Deferred:
-        raw = event.to_json().decode()
+        raw = self.stamp(event).to_json().decode()
         entry_id = self.add(stream_key(event.type), raw)
         self._deliver_live(event)
         self._stored(None, event)

@@ -47,10 +47,8 @@ def _read_spool(directory: Path) -> tuple[list[QueuedMail], list[str]]:
 class SpoolOutbox(Outbox):
     """Outgoing mail in a directory of this process (the embedded bus); ``None`` keeps it in memory."""
 
-    def __init__(self, directory: Optional[Path], reactor: Any = None, history: int = 500,
+    def __init__(self, directory: Optional[Path], reactor: Any, history: int = 500,
                  max_queued: int = 10000):
-        if reactor is None:
-            from twisted.internet import reactor
         self.directory = directory
         self.reactor = reactor
         self.history = history

@@ -18,7 +18,7 @@ class RedisBackend(Backend):
     bus: RedisBus
 
     def __init__(self, settings: RedisSection, reactor: Any, bus: Optional[RedisBus] = None):
-        super().__init__(bus if bus is not None else RedisBus(settings, clock=reactor, reactor=reactor))
+        super().__init__(bus if bus is not None else RedisBus(settings, reactor=reactor))
 
     def catalog_store(self, repos_dir: Path, data_dir: Path, clock: IReactorTime) -> Any:
         from cockpit.backends.redis.catalog import RedisCatalogStore

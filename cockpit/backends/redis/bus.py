@@ -141,12 +141,11 @@ class RedisBus(Bus):
     kind = "redis"
     remote = True
 
-    def __init__(self, settings: RedisSection, clock: Optional[IReactorTime] = None,
-                 reactor: Any = None):
-        super().__init__(settings.stream_maxlen, settings.max_deliveries, settings.claim_idle, clock)
+    def __init__(self, settings: RedisSection, *, reactor: Any, clock: Optional[IReactorTime] = None):
+        """``reactor`` makes the connections; ``clock`` (the reactor unless given) times batches and claims."""
+        super().__init__(settings.stream_maxlen, settings.max_deliveries, settings.claim_idle,
+                         clock=clock if clock is not None else reactor)
         self.consumer_timeout = settings.consumer_timeout
-        if reactor is None:
-            from twisted.internet import reactor
         self.reactor = reactor
         self.settings = settings
         self._conn = settings.connection()
@@ -324,7 +323,7 @@ class RedisBus(Bus):
             return defer.fail(exc)
         d: Deferred = Deferred()
         d.addCallback(self._stored, event)
-        self._batch.append((stream_key(event.type), event.to_json(), d))
+        self._batch.append((stream_key(event.type), self.stamp(event).to_json(), d))
         if self._flush_call is None:
             # events published in the same reactor turn share one MULTI/EXEC and one write
             self._flush_call = self.reactor.callLater(0, self._flush)
