@@ -14,6 +14,8 @@ with its :class:`EmailEvent`, or fails with:
 - :class:`ParserUnavailable`: its parser died or the pool stopped before it was parsed
   (451); messages queued behind it go to another parser;
 - :class:`ParseFailed`: the parser failed on it (554, logged).
+
+Starting, replacing and stopping the parsers is :class:`cockpit.processes.ChildPool`'s.
 """
 from __future__ import annotations
 
@@ -22,22 +24,19 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from twisted.application.service import Service
-from twisted.internet import defer, task
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorProcess, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from cockpit.events import EmailEvent
 from cockpit.mailparse import Envelope, MessageRefused
 from cockpit.parse_worker import EVENT, FAILED, LEVEL_MARK, OUT_HEADER, READY, REFUSED, STORE_FAILED, request
-from cockpit.workers import ChildProcess, spawn_python
+from cockpit.processes import STOP_GRACE, ChildPool, ChildProcess
 
 log = Logger()
 
 WORKER_ARGS = ("-m", "cockpit.parse_worker")
 MAX_FRAME = 1 << 30  # a longer answer means the parser is broken
-STOP_GRACE = 5.0  # seconds a stopping parser gets to finish what it has
 
 
 class ParserUnavailable(Exception):
@@ -61,20 +60,22 @@ class ParserProcess(ChildProcess):
     """One parser: the messages it was sent, oldest (the one it works on) first."""
 
     def __init__(self, pool: "ParserPool"):
-        super().__init__()
+        super().__init__(pool)
         self.pool = pool
         self.queue: deque[_Job] = deque()
         self.buffer = bytearray()
-        self.ready = False
-        self.head_since = 0.0  # when the oldest message became the one it works on
 
     def send(self, job: _Job) -> None:
         if not self.queue:
-            self.head_since = self.pool.clock.seconds()
+            self.working(self.pool.parse_timeout)
         self.queue.append(job)
         envelope = [job.envelope.sender, job.envelope.recipients]
-        assert self.transport is not None  # the pool sends only to a spawned parser
-        self.transport.writeSequence(request(job.id, envelope, job.chunks, job.size))
+        self.process.writeSequence(request(job.id, envelope, job.chunks, job.size))
+
+    def overran(self) -> None:
+        log.error("mail parser {pid} spent over {timeout:g} s on one message from {sender}; "
+                  "killing it, the message is refused", pid=self.pid, timeout=self.pool.parse_timeout,
+                  sender=self.queue[0].envelope.sender)
 
     # -- ProcessProtocol -----------------------------------------------------
     def outReceived(self, data: bytes) -> None:
@@ -97,14 +98,16 @@ class ParserProcess(ChildProcess):
 
     def _answer(self, job_id: int, kind: int, payload: bytes) -> bool:
         if kind == READY:
-            self.ready = True
-            self.pool._became_ready()
+            self.became_ready()
             return True
         if not self.queue or self.queue[0].id != job_id:
             self._broken(f"an answer for message {job_id}, which it was not working on")
             return False
         job = self.queue.popleft()
-        self.head_since = self.pool.clock.seconds()
+        if self.queue:
+            self.working(self.pool.parse_timeout)
+        else:
+            self.idle()
         self.pool.answered += 1
         if kind == EVENT:
             try:
@@ -138,85 +141,39 @@ class ParserProcess(ChildProcess):
                         "critical": log.critical}.get(level, log.warn)
                 emit("mail parser {pid}: {text}", pid=self.pid, text=text[:4000])
 
-    def processEnded(self, reason: Failure) -> None:
-        code = getattr(reason.value, "exitCode", None)
-        signal = getattr(reason.value, "signal", None)
-        self.pool._ended(self, code, signal)
-        self.ended.callback(None)
 
-
-class ParserPool(Service):
+class ParserPool(ChildPool[ParserProcess]):
     """``size`` parser processes writing attachments to the store at ``store_root``."""
 
-    def __init__(self, size: int, store_root: Any, public_url: str, parse_timeout: float = 60.0,
-                 reactor: Any = None, clock: Any = None):
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
-        self.clock = clock or reactor
-        self.size = size
+    child_name = "mail parser"
+
+    def __init__(self, size: int, store_root: Any, public_url: str, parse_timeout: float,
+                 reactor: IReactorProcess, clock: Optional[IReactorTime] = None):
+        super().__init__(size, reactor, clock, stop_grace=STOP_GRACE)
         self.store_root = str(store_root)
         self.public_url = public_url
         self.parse_timeout = parse_timeout
-        self.parsers: list[ParserProcess] = []
         self._ids = 0
-        self._respawns: list[Any] = []
-        self._watchdog: Optional[task.LoopingCall] = None
-        self._ready_waiters: list[Deferred] = []
         self.answered = 0
-        self.replaced = 0
         self._announced = False
 
+    @property
+    def parsers(self) -> list[ParserProcess]:
+        """The parser processes, the ones starting and the ones being killed too."""
+        return self.processes
+
     # -- lifetime ----------------------------------------------------------
-    def startService(self) -> None:
-        super().startService()
-        for _ in range(self.size):
-            self._spawn()
-        self._watchdog = task.LoopingCall(self._check_timeouts)
-        self._watchdog.clock = self.clock
-        self._watchdog.start(min(1.0, self.parse_timeout / 4), now=False)
+    def new_child(self) -> ParserProcess:
+        return ParserProcess(self)
 
-    def _spawn(self) -> ParserProcess:
-        parser = ParserProcess(self)
-        spawn_python(self.reactor, parser, (*WORKER_ARGS, self.store_root, self.public_url))
-        self.parsers.append(parser)
-        return parser
+    def child_args(self) -> tuple[str, ...]:
+        return (*WORKER_ARGS, self.store_root, self.public_url)
 
-    @defer.inlineCallbacks
-    def stopService(self):
-        super().stopService()
-        if self._watchdog is not None and self._watchdog.running:
-            self._watchdog.stop()
-        for call in self._respawns:
-            if call.active():
-                call.cancel()
-        self._respawns = []
-        ended = [parser.ended for parser in self.parsers]
-        kills = []
-        for parser in list(self.parsers):
-            if parser.ready:
-                parser.transport.closeStdin()  # it ends once it has answered what it has
-                kills.append(self.clock.callLater(STOP_GRACE, parser.kill, "stopping"))
-            else:
-                parser.kill("stopping")
-        yield defer.DeferredList(ended)
-        for call in kills:
-            if call.active():
-                call.cancel()
-        for waiter in self._ready_waiters:
-            waiter.callback(None)
-        self._ready_waiters = []
-
-    def ready_count(self) -> int:
-        return sum(1 for p in self.parsers if p.ready and p.killed_for is None)
-
-    def when_ready(self) -> Deferred:
-        """Fires once every parser has started (or the pool stopped)."""
-        if not self.running or self.ready_count() >= self.size:
-            return defer.succeed(None)
-        d: Deferred = Deferred()
-        self._ready_waiters.append(d)
-        return d
+    def child_ready(self, child: ParserProcess) -> None:
+        if self.ready_count() >= self.size and not self._announced:
+            self._announced = True
+            log.info("mail parsers: {count} processes for big mail and mail with files, "
+                     "{timeout:g} s per message at most", count=self.size, timeout=self.parse_timeout)
 
     def health(self) -> dict[str, Any]:
         # while the first parsers start, mail is parsed in threads: that is no fault
@@ -233,60 +190,27 @@ class ParserPool(Service):
         return job.deferred
 
     def _send(self, job: _Job) -> None:
-        ready = [p for p in self.parsers if p.ready and p.killed_for is None]
+        ready = [p for p in self.parsers if self.usable(p)]
         if not self.running or not ready:
             job.deferred.errback(ParserUnavailable("no mail parser is running"))
             return
         min(ready, key=lambda p: len(p.queue)).send(job)
 
-    def _check_timeouts(self) -> None:
-        now = self.clock.seconds()
-        for parser in self.parsers:
-            if parser.queue and parser.killed_for is None and now - parser.head_since > self.parse_timeout:
-                log.error("mail parser {pid} spent over {timeout:g} s on one message from {sender}; "
-                          "killing it, the message is refused", pid=parser.pid, timeout=self.parse_timeout,
-                          sender=parser.queue[0].envelope.sender)
-                parser.kill("timeout")
-
-    def _ended(self, parser: ParserProcess, code: Optional[int], signal: Optional[int]) -> None:
-        self.parsers.remove(parser)
+    def child_ended(self, parser: ParserProcess, code: Optional[int], signal: Optional[int]) -> None:
         jobs = list(parser.queue)
         parser.queue.clear()
-        if jobs:
-            head, rest = jobs[0], jobs[1:]
-            if parser.killed_for == "timeout":
-                head.deferred.errback(MessageRefused(
-                    554, f"5.6.0 The message could not be parsed within {self.parse_timeout:g} seconds"))
-            else:
-                how = f"exit code {code}" if code is not None else f"signal {signal}"
-                if parser.killed_for != "stopping":
-                    log.error("mail parser {pid} died ({how}) while parsing a message from {sender}; "
-                              "it is answered 451 so that its sender retries", pid=parser.pid, how=how,
-                              sender=head.envelope.sender)
-                head.deferred.errback(ParserUnavailable(f"the mail parser died ({how})"))
-            for job in rest:  # they were not started: another parser takes them, in order
-                self._send(job)
-        if not self.running:
+        if not jobs:
             return
-        self.replaced += 1
-        if not parser.ready:  # it never got going: starting another at once would only spin
-            log.error("mail parser {pid} ended before it was ready (code {code}); starting another in 2 s",
-                      pid=parser.pid, code=code)
-            self._respawns.append(self.clock.callLater(2.0, self._respawn))
+        head, rest = jobs[0], jobs[1:]
+        if parser.killed_for == "timeout":
+            head.deferred.errback(MessageRefused(
+                554, f"5.6.0 The message could not be parsed within {self.parse_timeout:g} seconds"))
         else:
-            self._spawn()
-
-    def _respawn(self) -> None:
-        self._respawns = [c for c in self._respawns if c.active()]
-        if self.running:
-            self._spawn()
-
-    def _became_ready(self) -> None:
-        if self.ready_count() >= self.size:
-            if not self._announced:
-                self._announced = True
-                log.info("mail parsers: {count} processes for big mail and mail with files, "
-                         "{timeout:g} s per message at most", count=self.size, timeout=self.parse_timeout)
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+            how = f"exit code {code}" if code is not None else f"signal {signal}"
+            if parser.killed_for != "stopping":
+                log.error("mail parser {pid} died ({how}) while parsing a message from {sender}; "
+                          "it is answered 451 so that its sender retries", pid=parser.pid, how=how,
+                          sender=head.envelope.sender)
+            head.deferred.errback(ParserUnavailable(f"the mail parser died ({how})"))
+        for job in rest:  # they were not started: another parser takes them, in order
+            self._send(job)

@@ -25,7 +25,8 @@ def _prctl(option: int, value: int) -> bool:
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
-        return _libc.prctl(option, value, 0, 0, 0) == 0
+        done: int = _libc.prctl(option, value, 0, 0, 0)
+        return done == 0
     except (OSError, AttributeError):
         return False
 

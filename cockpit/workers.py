@@ -16,25 +16,25 @@ batches (one message carries several runs), and each worker runs its batch in or
 - ``service.emit()`` and ``service.send_mail()`` come back over the pipe; the pool hands
   them to its ``emit``/``send_mail`` callables, and a run is complete only when those
   have succeeded (a failure makes the run ``error``).
+
+Starting, replacing and stopping the workers is :class:`cockpit.processes.ChildPool`'s.
 """
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, cast
 
-from twisted.application.service import Service
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorProcess, IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-import cockpit
 from cockpit.process_tree import kill_descendants
+from cockpit.processes import EXIT_GRACE, STOP_GRACE, ChildPool, ChildProcess
+
+__all__ = ["EXIT_GRACE", "Job", "Outcome", "WorkerPool", "WorkerPoolStopped", "WorkerProcess"]
 
 log = Logger()
 
@@ -43,7 +43,6 @@ SLOW_AFTER = 0.5  # seconds: a worker whose current run is older gets no more wo
 WORKER_ARGS = ("-m", "cockpit.ays_worker")
 ACTION_MEMORY = 1 << 30  # bytes: the default of [ays] action_memory
 KILL_GRACE = 2.0  # seconds a warden gets to reap its killed worker and end before it is killed too
-EXIT_GRACE = 1.0  # seconds after a worker exited that its pipes may stay open (to read what it wrote last)
 START_GRACE = 30.0  # seconds a new worker may take to be ready before health stops counting it
 
 
@@ -76,68 +75,18 @@ class Job:
         return self.payload["id"]
 
 
-class ChildProcess(protocol.ProcessProtocol):
-    """A long-lived helper process of the cockpit's: its pid, why we killed it, and when it ended."""
-
-    def __init__(self) -> None:
-        self.pid: Optional[int] = None
-        self.killed_for: Optional[str] = None  # "timeout", "protocol" or "stopping" once we killed it
-        self.ended: Deferred = Deferred()
-
-    @property
-    def process(self) -> IProcessTransport:
-        """The process's transport, set when it is spawned: before anything below is called."""
-        assert self.transport is not None, "the process is not spawned"
-        return self.transport
-
-    def kill(self, why: str) -> None:
-        """SIGKILL the process and everything below it (frozen first, so that nothing forks away)."""
-        self.killed_for = self.killed_for or why
-        if self.process.pid is not None:
-            kill_descendants(self.process.pid, freeze_root=True)
-        self._signal_root()
-
-    def _signal_root(self) -> None:
-        try:
-            self.process.signalProcess("KILL")
-        except error.ProcessExitedAlready:
-            pass
-
-    def connectionMade(self) -> None:
-        self.pid = self.process.pid
-
-
-def spawn_python(reactor: Any, child: ChildProcess, args: Sequence[str]) -> None:
-    """Run ``python <args>`` with the cockpit package this process runs, wherever it came from.
-
-    Its stdin, stdout and stderr are pipes to ``child``.
-    """
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cockpit.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    env["PYTHONUNBUFFERED"] = "1"
-    reactor.spawnProcess(child, sys.executable, [sys.executable, *args], env=env,
-                         childFDs={0: "w", 1: "r", 2: "r"})
-
-
 class WorkerProcess(ChildProcess):
     """One worker (its warden's process, see :mod:`cockpit.ays_worker`): the jobs it was sent
-    (head = the one running) and their timer."""
+    (head = the one running)."""
 
     def __init__(self, pool: "WorkerPool", number: int):
-        super().__init__()
+        super().__init__(pool)
         self.pool = pool
         self.number = number
         self.queue: deque[Job] = deque()
         self.buffer = b""
-        self.ready = False
-        self.exited = False  # its process is gone (its pipes may not be closed yet)
-        self.spawned_at = pool.clock.seconds()
-        self.head_since = 0.0
-        self.timer: Any = None
         self.did_work = False
-        self._warden_kill: Any = None
-        self._close_pipes: Any = None
+        self._warden_kill: Optional[IDelayedCall] = None
 
     def kill(self, why: str) -> None:
         """Kill everything below the warden; the warden reaps it and ends (or is killed after KILL_GRACE)."""
@@ -147,7 +96,7 @@ class WorkerProcess(ChildProcess):
         if not kill_descendants(self.process.pid, freeze_root=True):
             self._signal_root()  # its worker is not there yet (or not any more): nothing to wait for
         elif self._warden_kill is None:
-            self._warden_kill = self.pool.clock.callLater(KILL_GRACE, self._kill_warden)
+            self._warden_kill = self.clock.callLater(KILL_GRACE, self._kill_warden)
 
     def _kill_warden(self) -> None:
         self._warden_kill = None
@@ -155,9 +104,10 @@ class WorkerProcess(ChildProcess):
                  pid=self.pid, grace=KILL_GRACE)
         self._signal_root()
 
-    def _cancel(self, call: Any) -> None:
-        if call is not None and call.active():
-            call.cancel()
+    def gone(self) -> None:
+        if self._warden_kill is not None and self._warden_kill.active():
+            self._warden_kill.cancel()
+        self._warden_kill = None
 
     def usable(self, now: float) -> bool:
         """Alive, not being killed, and not stuck: it said it is ready, and its run is within its time."""
@@ -177,26 +127,17 @@ class WorkerProcess(ChildProcess):
             self._head_started()
 
     def _head_started(self) -> None:
-        self._cancel_timer()
         if not self.queue:
+            self.idle()
             return
-        self.head_since = self.pool.clock.seconds()
+        self.working(self.pool.action_timeout)
         head = self.queue[0]
         if head.on_start is not None:
             head.on_start()
-        self.timer = self.pool.clock.callLater(self.pool.action_timeout, self._timed_out, head)
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-
-    def _timed_out(self, job: Job) -> None:
-        self.timer = None
-        if self.queue and self.queue[0] is job:
-            log.warn("action run {id} passed action_timeout ({timeout} s); killing worker {pid}",
-                     id=job.id, timeout=self.pool.action_timeout, pid=self.pid)
-            self.kill("timeout")
+    def overran(self) -> None:
+        log.warn("action run {id} passed action_timeout ({timeout} s); killing worker {pid}",
+                 id=self.queue[0].id, timeout=self.pool.action_timeout, pid=self.pid)
 
     # -- ProcessProtocol -----------------------------------------------------
     def outReceived(self, data: bytes) -> None:
@@ -239,123 +180,59 @@ class WorkerProcess(ChildProcess):
                 return
             self.pool._side_effect(running, op, message.get("event") if op == "emit" else message.get("mail"))
         elif op == "ready":
-            self.ready = True
-            self.pool._became_ready()
+            self.became_ready()
 
     def errReceived(self, data: bytes) -> None:
         text = data.decode(errors="replace").rstrip()
         if text:
             log.warn("worker {pid} wrote on stderr: {text}", pid=self.pid, text=text[:2000])
 
-    def processExited(self, reason: Failure) -> None:
-        self.exited = True
-        self._cancel_timer()
-        self._cancel(self._warden_kill)
-        self._warden_kill = None
-        # what it wrote before it exited is still to be read; a pipe held open past that is
-        # held by something that escaped its tree, and must not keep its runs open
-        self._close_pipes = self.pool.clock.callLater(EXIT_GRACE, self._lose_pipes)
 
-    def _lose_pipes(self) -> None:
-        self._close_pipes = None
-        log.warn("worker {pid} exited, but a process it started still holds its pipes; closing them",
-                 pid=self.pid)
-        self.process.loseConnection()
-
-    def processEnded(self, reason: Failure) -> None:
-        self.exited = True
-        self._cancel_timer()
-        self._cancel(self._warden_kill)
-        self._cancel(self._close_pipes)
-        code = getattr(reason.value, "exitCode", None)
-        signal = getattr(reason.value, "signal", None)
-        self.pool._ended(self, code, signal)
-        self.ended.callback(None)
-
-
-class WorkerPool(Service):
+class WorkerPool(ChildPool[WorkerProcess]):
     """``size`` worker processes; ``submit(payload)`` fires with the run's :class:`Outcome`."""
 
-    def __init__(self, size: int = 4, action_timeout: float = 300.0, reactor: Any = None,
+    child_name = "worker"
+
+    def __init__(self, size: int, action_timeout: float, reactor: IReactorProcess,
                  emit: Optional[Callable[[dict[str, Any]], Deferred]] = None,
                  send_mail: Optional[Callable[[dict[str, Any]], Deferred]] = None,
-                 batch: int = 32, clock: Any = None, action_memory: int = ACTION_MEMORY):
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
-        self.clock = clock or reactor
-        self.size = size
+                 batch: int = 32, clock: Optional[IReactorTime] = None, action_memory: int = ACTION_MEMORY):
+        # a run that does not finish soon at a stop is killed; it will be redone after a restart
+        super().__init__(size, reactor, clock, stop_grace=min(action_timeout, STOP_GRACE))
+        self.turns = cast(IReactorTime, reactor)  # the next turn of the reactor, even with a fake clock
         self.action_timeout = action_timeout
         self.action_memory = action_memory
         self.emit = emit
         self.send_mail = send_mail
         self.batch = batch
-        self.workers: list[WorkerProcess] = []
         self.pending: deque[Job] = deque()
-        self._dispatch_call: Any = None
-        self._respawns: list[Any] = []
+        self._dispatch_call: Optional[IDelayedCall] = None
         self._spawned = 0
-        self._failed_starts = 0  # workers in a row that ended before they were ready
-        self._ready_waiters: list[Deferred] = []
-        self.replaced = 0
+
+    @property
+    def workers(self) -> list[WorkerProcess]:
+        """The worker processes, the ones starting and the ones being killed too."""
+        return self.processes
 
     # -- lifetime ----------------------------------------------------------
-    def startService(self) -> None:
-        super().startService()
-        for _ in range(self.size):
-            self._spawn()
-
-    def _spawn(self) -> WorkerProcess:
+    def new_child(self) -> WorkerProcess:
         self._spawned += 1
-        worker = WorkerProcess(self, self._spawned)
-        spawn_python(self.reactor, worker, (*WORKER_ARGS, str(self.action_memory)))
-        self.workers.append(worker)
-        return worker
+        return WorkerProcess(self, self._spawned)
 
-    @defer.inlineCallbacks
-    def stopService(self):
-        super().stopService()
-        for call in self._respawns:
-            if call.active():
-                call.cancel()
-        self._respawns = []
+    def child_args(self) -> tuple[str, ...]:
+        return (*WORKER_ARGS, str(self.action_memory))
+
+    def stopping(self) -> None:
         if self._dispatch_call is not None and self._dispatch_call.active():
             self._dispatch_call.cancel()
         pending, self.pending = list(self.pending), deque()
         for job in pending:
             job.deferred.errback(WorkerPoolStopped("the worker pool stopped before this run started"))
-        ended = [worker.ended for worker in self.workers]
-        kills = []
-        for worker in list(self.workers):
-            worker.transport.closeStdin()  # a worker ends after its current batch
-            # a run that does not finish soon is killed; it will be redone after a restart
-            kills.append(self.clock.callLater(min(self.action_timeout, 5.0), worker.kill, "stopping"))
-        yield defer.DeferredList(ended)
-        for call in kills:
-            if call.active():
-                call.cancel()
-        waiters, self._ready_waiters = self._ready_waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
 
-    def when_ready(self) -> Deferred:
-        """Fires once ``size`` workers are ready to take runs (or the pool stopped)."""
-        if not self.running or self._ready_count() >= self.size:
-            return defer.succeed(None)
-        d: Deferred = Deferred()
-        self._ready_waiters.append(d)
-        return d
+    def usable(self, child: WorkerProcess) -> bool:
+        return child.usable(self.clock.seconds())
 
-    def _ready_count(self) -> int:
-        now = self.clock.seconds()
-        return sum(1 for w in self.workers if w.usable(now))
-
-    def _became_ready(self) -> None:
-        self._failed_starts = 0
-        if self._ready_waiters and self._ready_count() >= self.size:
-            waiters, self._ready_waiters = self._ready_waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
+    def child_ready(self, child: WorkerProcess) -> None:
         self._dispatch_soon()
 
     def health(self) -> dict[str, Any]:
@@ -367,7 +244,7 @@ class WorkerPool(Service):
         now = self.clock.seconds()
         ready = sum(1 for w in self.workers if w.usable(now))
         starting = sum(1 for w in self.workers if w.starting(now))
-        return {"ok": self.running and (ready > 0 or (starting > 0 and not self._failed_starts)),
+        return {"ok": self.running and (ready > 0 or (starting > 0 and not self.failed_starts)),
                 "workers": ready + starting, "ready": ready, "queued": len(self.pending),
                 "running": sum(len(w.queue) for w in self.workers), "replaced": self.replaced}
 
@@ -384,7 +261,7 @@ class WorkerPool(Service):
     def _dispatch_soon(self) -> None:
         # once per reactor turn, so that jobs submitted together travel together
         if self._dispatch_call is None and self.pending and self.running:
-            self._dispatch_call = self.reactor.callLater(0, self._dispatch)
+            self._dispatch_call = self.turns.callLater(0, self._dispatch)
 
     def _dispatch(self) -> None:
         self._dispatch_call = None
@@ -422,20 +299,9 @@ class WorkerPool(Service):
 
         defer.DeferredList(job.side_effects, consumeErrors=True).addCallback(settle).chainDeferred(job.deferred)
 
-    def _ended(self, worker: WorkerProcess, code: Optional[int], signal: Optional[int]) -> None:
-        self.workers.remove(worker)
+    def child_ended(self, worker: WorkerProcess, code: Optional[int], signal: Optional[int]) -> None:
         jobs = list(worker.queue)
         worker.queue.clear()
-        if self.running:
-            # the replacement first: whoever hears of these runs finds the pool whole again
-            self.replaced += 1
-            if not worker.ready:  # it never got going: starting another at once would only spin
-                self._failed_starts += 1
-                log.error("worker {pid} ended right after it started (code {code}); starting another in 2 s",
-                          pid=worker.pid, code=code)
-                self._respawns.append(self.clock.callLater(2.0, self._respawn))
-            else:
-                self._spawn()
         if jobs:
             head, rest = jobs[0], jobs[1:]
             if worker.killed_for == "timeout":
@@ -456,9 +322,3 @@ class WorkerPool(Service):
                 self.pending.extendleft(reversed(rest))
                 self._finished(head, outcome)
         self._dispatch_soon()
-
-    def _respawn(self) -> None:
-        self._respawns = [c for c in self._respawns if c.active()]
-        if self.running:
-            self._spawn()
-            self._dispatch_soon()

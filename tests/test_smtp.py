@@ -628,7 +628,7 @@ class ParserStartup(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         self.patch(parse_pool, "WORKER_ARGS", ("-c", "import sys; sys.stderr.write('no such module'); sys.exit(3)"))
         clock = Clock()
-        pool = ParserPool(1, Path(self.mktemp()), "http://cockpit.test", clock=clock)
+        pool = ParserPool(1, Path(self.mktemp()), "http://cockpit.test", 60.0, reactor, clock=clock)
         pool.startService()
         self.addCleanup(pool.stopService)
         yield pool.parsers[0].ended
