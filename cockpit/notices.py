@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from cockpit.groups import KINDS, GroupStore
 
 if TYPE_CHECKING:
+    from cockpit.silences import SilenceStore
     from cockpit.smtp import MailSender
 
 log = Logger()
@@ -109,7 +110,7 @@ class Notifier(Service):
     interval = 1.0  # seconds between two looks at what is due
 
     def __init__(self, store: GroupStore, channels: Sequence[Channel], clock: IReactorTime,
-                 repeat: float = 14400.0, silences: Any = None, lease: float = NOTICE_LEASE):
+                 repeat: float = 14400.0, silences: Optional[SilenceStore] = None, lease: float = NOTICE_LEASE):
         self.store = store
         self.channels = list(channels)
         self.clock = clock
@@ -153,7 +154,7 @@ class Notifier(Service):
     async def _tick(self) -> None:
         self.looks += 1
         if self.silences is not None:
-            await self._silences_ended()
+            await self._silences_ended(self.silences)
         due = await self.store.claim_notices(self.lease)
         if not due:
             return
@@ -184,10 +185,10 @@ class Notifier(Service):
         active = await self.silences.active(self.clock.seconds())
         return lambda group: any(matches(s["matchers"], group) for s in active)
 
-    async def _silences_ended(self) -> None:
+    async def _silences_ended(self, silences: SilenceStore) -> None:
         from cockpit.silences import matches
 
-        ended = await self.silences.claim_ended(self.clock.seconds())
+        ended = await silences.claim_ended(self.clock.seconds())
         for silence in ended:
             for kind in KINDS:
                 for state in OPEN_STATES[kind]:
