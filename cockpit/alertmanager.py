@@ -290,8 +290,10 @@ class AlertmanagerApi:
     async def alertmanager_webhook(self, request: Request, body: list[Alarm]) -> dict[str, int]:
         if self.owed_releases:
             await self._release_owed()
-        outcomes = await defer.DeferredList([self._publish_once(alarm) for alarm in body], consumeErrors=True)
-        failures = [result for ok, result in outcomes if not ok]
+        # a result is True, False or, where ``ok`` is False, a Failure: Twisted's types leave the Failure out
+        outcomes: list[tuple[bool, Any]] = await defer.DeferredList([self._publish_once(alarm) for alarm in body],
+                                                                    consumeErrors=True)
+        failures: list[Failure] = [result for ok, result in outcomes if not ok]
         if failures:
             for failure in failures:
                 if not failure.check(BusUnavailable):  # a refusal by Redis, say: the retry may get through
@@ -304,7 +306,7 @@ class AlertmanagerApi:
         published = sum(1 for _, result in outcomes if result)
         return {"alarms": len(body), "published": published, "duplicates": len(body) - published}
 
-    def _publish_once(self, alarm: Alarm) -> Deferred:
+    def _publish_once(self, alarm: Alarm) -> Deferred[bool]:
         """Claim, then publish; fires True when published, False for a duplicate."""
         def claimed(stored: bool) -> Any:
             if not stored:
@@ -318,7 +320,7 @@ class AlertmanagerApi:
 
         return self.bus.remember(alarm.claim, alarm.event.guid, DUPLICATE_TTL).addCallbacks(claimed, not_claimed)
 
-    def _release(self, failure: Failure, alarm: Alarm) -> Deferred:
+    def _release(self, failure: Failure, alarm: Alarm) -> Deferred[Failure]:
         def kept(release_failure: Failure) -> None:
             log.warn("the claim of alert {guid} could not be released ({error}); it will be, before the next "
                      "body is taken", guid=alarm.event.guid, error=release_failure.getErrorMessage())

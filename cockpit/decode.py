@@ -182,7 +182,8 @@ def _weight(node: Node) -> int:
 
 def _children(node: Node) -> list[Node]:
     if isinstance(node, SequenceNode):
-        return node.value
+        items: list[Node] = node.value
+        return items
     if isinstance(node, MappingNode):
         return [part for pair in node.value for part in pair]
     return []

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Generator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 from twisted.application.service import Service
@@ -229,6 +229,12 @@ def sort_field(sort: str) -> str:
 
 # -- the store -------------------------------------------------------------------------
 
+# a page of groups, and the cursor of the next page or None
+GroupPage = tuple[list[dict[str, Any]], Optional[str]]
+# a notice that is due: (kind, group, reason)
+DueNotice = tuple[str, dict[str, Any], str]
+
+
 class GroupStore:
     """Where groups live. Every call fires later; each is atomic against every other process.
 
@@ -240,24 +246,24 @@ class GroupStore:
         self.clock = clock
         self.samples = samples
 
-    def record(self, event: Event) -> Deferred:
+    def record(self, event: Event) -> Deferred[bool]:
         """Count ``event`` into its group; fires True, or False when its guid was counted already."""
         raise NotImplementedError
 
     def page(self, kind: str, limit: int, before: Optional[str], state: Optional[str] = None,
-             sort: str = "last_time") -> Deferred:
+             sort: str = "last_time") -> Deferred[GroupPage]:
         """Fires with ``(groups, next cursor or None)``, by ``sort`` from the highest."""
         raise NotImplementedError
 
-    def get(self, kind: str, group_id: str) -> Deferred:
+    def get(self, kind: str, group_id: str) -> Deferred[Optional[dict[str, Any]]]:
         """Fires with the group and its samples, newest first, or None."""
         raise NotImplementedError
 
-    def act(self, kind: str, group_id: str, action: str, by: str) -> Deferred:
+    def act(self, kind: str, group_id: str, action: str, by: str) -> Deferred[Optional[dict[str, Any]]]:
         """``ack``, ``close`` or ``reopen`` a group; fires with it as it is then, or None if there is none."""
         raise NotImplementedError
 
-    def prune(self, kind: str, ended_before: float) -> Deferred:
+    def prune(self, kind: str, ended_before: float) -> Deferred[int]:
         """Remove up to PRUNE_BATCH groups of ``kind`` that ended before then; fires with how many."""
         raise NotImplementedError
 
@@ -266,16 +272,16 @@ class GroupStore:
     # An ack or a close stops the repeats. ``claim_notices`` leases what is due to one caller, so
     # that every process may send notices and each goes out once; a caller that dies leaves it to
     # the next one after ``lease`` seconds.
-    def claim_notices(self, lease: float, limit: int = 100) -> Deferred:
+    def claim_notices(self, lease: float, limit: int = 100) -> Deferred[list[DueNotice]]:
         """Fires with ``[(kind, group, reason)]``: the notices due now, leased to this caller."""
         raise NotImplementedError
 
-    def noticed(self, kind: str, group_id: str, reason: str, sent: bool, repeat: float) -> Deferred:
+    def noticed(self, kind: str, group_id: str, reason: str, sent: bool, repeat: float) -> Deferred[None]:
         """A claimed notice was ``sent`` (an eco NEW turns ALERT; a repeat is due after ``repeat``),
         or held back (silenced: no repeat). A newer reason that came meanwhile stays due."""
         raise NotImplementedError
 
-    def notice_due(self, kind: str, group_id: str, reason: str) -> Deferred:
+    def notice_due(self, kind: str, group_id: str, reason: str) -> Deferred[bool]:
         """Make an open group's notice due now (a silence over it ended); fires False if it is not open."""
         raise NotImplementedError
 
@@ -300,23 +306,23 @@ class EventGroups(Service):
         self._pruning.clock = clock
         self.pruned = 0
 
-    def _handle(self, event: Event, delivery: Delivery) -> Deferred:
+    def _handle(self, event: Event, delivery: Delivery) -> Deferred[bool]:
         return self.store.record(event)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self.consumer.startService()
         self._pruning.start(PRUNE_EVERY, now=True).addErrback(
             lambda f: log.failure("pruning event groups stopped", f))
 
     def stopService(self) -> Any:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if self._pruning.running:
             self._pruning.stop()
         return self.consumer.stopService()
 
     @inlineCallbacks
-    def prune(self) -> Any:
+    def prune(self) -> Generator[Deferred[int], int, None]:
         """Remove what ended more than ``keep_days`` ago; a failure is logged and tried next time."""
         cutoff = self.clock.seconds() - self.keep_days * 86400
         try:
@@ -330,12 +336,12 @@ class EventGroups(Service):
             log.warn("event groups could not be pruned now: {error}", error=str(exc))
 
     def ecos(self, limit: int = 50, before: Optional[str] = None, state: Optional[str] = None,
-             sort: str = "last_time") -> Deferred:
+             sort: str = "last_time") -> Deferred[GroupPage]:
         """Fires with ``(eco groups, next cursor)``, most recent (or most frequent) first."""
         return self.store.page("eco", limit, before, state, sort)
 
     def alarms(self, limit: int = 50, before: Optional[str] = None, state: Optional[str] = None,
-               sort: str = "last_time") -> Deferred:
+               sort: str = "last_time") -> Deferred[GroupPage]:
         return self.store.page("alarm", limit, before, state, sort)
 
     def health(self) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """The REST face of the event groups (docs/design.md §5, §10): lists, one group, and its lifecycle."""
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 from twisted.web.server import Request
 
-from cockpit.groups import GROUP_ID, AlarmGroupDetail, AlarmGroupList, EcoGroupDetail, EcoGroupList, EventGroups
+from cockpit.groups import (GROUP_ID, AlarmGroupDetail, AlarmGroupList, EcoGroupDetail, EcoGroupList, EventGroups,
+                            GroupStore)
 from cockpit.openapi import ApiError, Body, Param, Response, RouteTable
 
 
@@ -47,12 +48,12 @@ class GroupsApi:
     def __init__(self, groups: Optional[EventGroups]):
         self.groups = groups
 
-    def _store(self) -> Any:
+    def _store(self) -> GroupStore:
         if self.groups is None:
             raise ApiError(503, "this cockpit does not keep event groups")
         return self.groups.store
 
-    async def _page(self, kind: str, query: Any) -> dict[str, Any]:
+    async def _page(self, kind: str, query: Union[EcoQuery, AlarmQuery]) -> dict[str, Any]:
         try:
             found, after = await self._store().page(KIND[kind], query.limit, query.before, query.state, query.sort)
         except ValueError as exc:

@@ -35,7 +35,7 @@ def run_history_health(history: Any) -> dict[str, Any]:
 
 def telegram_health(bot: Any) -> dict[str, Any]:
     """The bot's own report, not ok once getUpdates has failed ``STUCK_AFTER`` times in a row."""
-    report = bot.health()
+    report: dict[str, Any] = bot.health()
     failures = getattr(bot.poller, "_failures", 0)  # reset by the poller on each getUpdates that succeeds
     report["failures_in_a_row"] = failures
     if failures >= STUCK_AFTER and bot.running:

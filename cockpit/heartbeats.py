@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Generator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 from twisted.application.service import Service
@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.server import Request
 
 from cockpit import events
@@ -173,27 +174,28 @@ class HeartbeatStore:
     def __init__(self, clock: IReactorTime):
         self.clock = clock
 
-    def beat(self, name: str, timeout: Optional[float], lease: float, in_progress: bool = False) -> Deferred:
+    def beat(self, name: str, timeout: Optional[float], lease: float,
+             in_progress: bool = False) -> Deferred[tuple[Record, Optional[Work]]]:
         """Record a beat (``timeout`` None: keep the heartbeat's own, else the default); fires with
         ``(Record, Optional[Work])``: the resolve this beat owes, leased to the caller.
         ``in_progress`` (a check-in's) leaves a heartbeat that reported an error as it is."""
         raise NotImplementedError
 
-    def fail(self, name: str, timeout: Optional[float], lease: float) -> Deferred:
+    def fail(self, name: str, timeout: Optional[float], lease: float) -> Deferred[tuple[Record, Optional[Work]]]:
         """A check-in reported an error: late now; fires with ``(Record, Optional[Work])``: the firing
         alarm, leased to the caller, unless it is out already or another process is publishing it."""
         raise NotImplementedError
 
-    def claim(self, lease: float, limit: int) -> Deferred:
+    def claim(self, lease: float, limit: int) -> Deferred[list[Work]]:
         """Lease what is due (deadlines passed, resolves owed, lapsed leases); fires with ``[Work]``."""
         raise NotImplementedError
 
-    def confirm(self, work: Work) -> Deferred:
+    def confirm(self, work: Work) -> Deferred[bool]:
         """``work``'s alarm is on the bus: record it, so that no process publishes it again. A firing
         whose heartbeat beat meanwhile leaves its resolve owed (and due now)."""
         raise NotImplementedError
 
-    def page(self, limit: int, before: Optional[str]) -> Deferred:
+    def page(self, limit: int, before: Optional[str]) -> Deferred[tuple[list[Record], Optional[str]]]:
         """Fires with ``([Record], next name or None)``, by name, after ``before``."""
         raise NotImplementedError
 
@@ -215,16 +217,16 @@ class Heartbeats(Service):
         self.checks = 0  # looks at what is due that went through
         self.last_error: Optional[str] = None
         self._loop: Optional[LoopingCall] = None
-        self._checking: Optional[Deferred] = None
+        self._checking: Optional[Deferred[Any]] = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._loop = LoopingCall(self._tick)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False)
 
-    def stopService(self) -> Any:
-        super().stopService()
+    def stopService(self) -> Optional[Deferred[Any]]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         if self._checking is not None:  # let the alarm being published be confirmed
@@ -235,9 +237,9 @@ class Heartbeats(Service):
         return {"ok": self.last_error is None, "checks": self.checks, "fired": self.fired,
                 "resolved": self.resolved, "error": self.last_error}
 
-    def idle(self) -> Deferred:
+    def idle(self) -> Deferred[None]:
         """Fires once the look under way, if any, has finished."""
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         if self._checking is None:
             d.callback(None)
         else:
@@ -258,14 +260,14 @@ class Heartbeats(Service):
 
         d.addErrback(self._check_failed).addBoth(done)
 
-    def _check_failed(self, failure: Any) -> None:
+    def _check_failed(self, failure: Failure) -> None:
         error = failure.getErrorMessage()
         if error != self.last_error and self.bus.reachable():  # a lost bus has said so itself
             log.warn("heartbeats: could not check the deadlines ({error}); trying again", error=error)
         self.last_error = error
 
     @inlineCallbacks
-    def check(self):
+    def check(self) -> Generator[Deferred[Any], Any, int]:
         """Claim what is due and publish its alarms; fires with how many were published."""
         due = yield self.store.claim(self.lease, CLAIM_BATCH)
         published = 0
@@ -281,7 +283,7 @@ class Heartbeats(Service):
         return published
 
     @inlineCallbacks
-    def _publish(self, work: Work):
+    def _publish(self, work: Work) -> Generator[Deferred[Any], Any, None]:
         event = work.event()
         yield self.bus.publish(event)
         yield self.store.confirm(work)
@@ -293,12 +295,15 @@ class Heartbeats(Service):
             log.info("heartbeat {name} beats again: alarm {guid} resolved", name=work.record.name, guid=event.guid)
 
     @inlineCallbacks
-    def beat(self, name: str, timeout: Optional[float] = None, in_progress: bool = False):
+    def beat(self, name: str, timeout: Optional[float] = None,
+             in_progress: bool = False) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         """Record a beat and publish the resolve it owes; fires with the heartbeat as presented.
 
         Fails with BusUnavailable when the beat or its resolve cannot be stored (the resolve, once owed,
         is also retried by the check after its lease).
         """
+        record: Record
+        owed: Optional[Work]
         record, owed = yield self.store.beat(name, None if timeout is None else clamp_timeout(timeout),
                                              self.lease, in_progress)
         if owed is not None:
@@ -306,20 +311,22 @@ class Heartbeats(Service):
         return record.present(self.clock.seconds())
 
     @inlineCallbacks
-    def fail(self, name: str, timeout: Optional[float] = None):
+    def fail(self, name: str, timeout: Optional[float] = None) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         """A check-in reported an error: the heartbeat is late now, and its alarm is published at once."""
+        record: Record
+        owed: Optional[Work]
         record, owed = yield self.store.fail(name, None if timeout is None else clamp_timeout(timeout), self.lease)
         if owed is not None:
             yield self._publish(owed)
         return record.present(self.clock.seconds())
 
-    def check_in(self, name: str, status: str, timeout: Optional[float] = None) -> Deferred:
+    def check_in(self, name: str, status: str, timeout: Optional[float] = None) -> Deferred[dict[str, Any]]:
         """A Sentry check-in: ``ok`` and ``in_progress`` beat, ``error`` fails."""
         if status == "error":
             return self.fail(name, timeout)
         return self.beat(name, timeout, in_progress=status == "in_progress")
 
-    def page(self, limit: int, before: Optional[str]) -> Deferred:
+    def page(self, limit: int, before: Optional[str]) -> Deferred[tuple[list[dict[str, Any]], Optional[str]]]:
         now = self.clock.seconds()
         return self.store.page(limit, before).addCallback(
             lambda found: ([record.present(now) for record in found[0]], found[1]))

@@ -22,16 +22,19 @@ _SKIP = {"log_format", "log_logger", "log_source", "log_time", "log_level", "log
 _RETRY_NAMESPACE = "twisted.application._client_service.ClientService"
 _RETRY_FORMAT = "Scheduling retry "
 _DEAD_CONNECTION = ("Discarding dead connection.",)
+# constantly, which defines PredicateResult's values, is untyped: named here with their type
+_DROP: PredicateResult = PredicateResult.no
+_UNDECIDED: PredicateResult = PredicateResult.maybe
 
 
 def quiet(event: dict[str, Any]) -> PredicateResult:
     """Drops the reconnection attempts; keeps everything else."""
     if event.get("log_namespace") == _RETRY_NAMESPACE and \
             str(event.get("log_format", "")).startswith(_RETRY_FORMAT):
-        return PredicateResult.no
+        return _DROP
     if event.get("message") == _DEAD_CONNECTION:  # txredisapi's, after each reconnect
-        return PredicateResult.no
-    return PredicateResult.maybe
+        return _DROP
+    return _UNDECIDED
 
 
 def _line(event: dict[str, Any]) -> str:

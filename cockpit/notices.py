@@ -13,7 +13,7 @@ and Silence 1h) and mail to ``[notify] mail_to`` through the relay.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -24,6 +24,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cockpit.groups import KINDS, GroupStore
+
+if TYPE_CHECKING:
+    from cockpit.silences import SilenceStore
+    from cockpit.smtp import MailSender
 
 log = Logger()
 
@@ -78,17 +82,17 @@ def notice_text(kind: str, group: dict[str, Any], reason: str) -> str:
 class Channel(Protocol):
     """Where notices go; ``notify`` fails when it should be tried again later."""
 
-    def notify(self, kind: str, group: dict[str, Any], reason: str) -> Deferred: ...
+    def notify(self, kind: str, group: dict[str, Any], reason: str) -> Deferred[Any]: ...
 
 
 class MailChannel:
     """Notices by mail to ``[notify] mail_to``, through the relay's outbox (stored before it is accepted)."""
 
-    def __init__(self, mailer: Any, mail_to: Sequence[str]):
+    def __init__(self, mailer: MailSender, mail_to: Sequence[str]):
         self.mailer = mailer
         self.mail_to = list(mail_to)
 
-    def notify(self, kind: str, group: dict[str, Any], reason: str) -> Deferred:
+    def notify(self, kind: str, group: dict[str, Any], reason: str) -> Deferred[Any]:
         from cockpit.smtp import OutgoingMail
 
         mail = OutgoingMail(to=self.mail_to, subject=f"[cockpit] {notice_title(kind, group, reason)}"[:998],
@@ -106,7 +110,7 @@ class Notifier(Service):
     interval = 1.0  # seconds between two looks at what is due
 
     def __init__(self, store: GroupStore, channels: Sequence[Channel], clock: IReactorTime,
-                 repeat: float = 14400.0, silences: Any = None, lease: float = NOTICE_LEASE):
+                 repeat: float = 14400.0, silences: Optional[SilenceStore] = None, lease: float = NOTICE_LEASE):
         self.store = store
         self.channels = list(channels)
         self.clock = clock
@@ -120,19 +124,19 @@ class Notifier(Service):
         self.last_error: Optional[str] = None
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock
-        self._busy: Optional[Deferred] = None
+        self._busy: Optional[Deferred[None]] = None
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._loop.start(self.interval, now=True)
 
-    def stopService(self) -> Any:
-        super().stopService()
+    def stopService(self) -> Optional[Deferred[None]]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         if self._loop.running:
             self._loop.stop()
         return self._busy  # a notice being sent is let finish; its lease covers a stop that cuts it
 
-    def tick(self) -> Deferred:
+    def tick(self) -> Deferred[None]:
         """One look at what is due; a failure is logged and left to the next tick."""
         if self._busy is not None:
             return defer.succeed(None)
@@ -150,7 +154,7 @@ class Notifier(Service):
     async def _tick(self) -> None:
         self.looks += 1
         if self.silences is not None:
-            await self._silences_ended()
+            await self._silences_ended(self.silences)
         due = await self.store.claim_notices(self.lease)
         if not due:
             return
@@ -172,7 +176,7 @@ class Notifier(Service):
             self.sent += 1
             await self.store.noticed(kind, group["id"], reason, True, self.repeat)
 
-    async def _silenced(self) -> Any:
+    async def _silenced(self) -> Callable[[dict[str, Any]], bool]:
         """A test of whether a silence in force now covers a group."""
         if self.silences is None:
             return lambda group: False
@@ -181,10 +185,10 @@ class Notifier(Service):
         active = await self.silences.active(self.clock.seconds())
         return lambda group: any(matches(s["matchers"], group) for s in active)
 
-    async def _silences_ended(self) -> None:
+    async def _silences_ended(self, silences: SilenceStore) -> None:
         from cockpit.silences import matches
 
-        ended = await self.silences.claim_ended(self.clock.seconds())
+        ended = await silences.claim_ended(self.clock.seconds())
         for silence in ended:
             for kind in KINDS:
                 for state in OPEN_STATES[kind]:

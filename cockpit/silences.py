@@ -184,6 +184,11 @@ def matches(matchers: dict[str, str], group: dict[str, Any]) -> bool:
 
 # -- where they live -------------------------------------------------------------------
 
+# what a store fires with for several silences; named out here, where a store's own ``list``
+# does not hide the builtin
+Silences = list[dict[str, Any]]
+
+
 class SilenceStore:
     """Where silences live. Every call fires later (a Deferred); each is atomic against every other process.
 
@@ -193,23 +198,23 @@ class SilenceStore:
     def __init__(self, clock: IReactorTime):
         self.clock = clock
 
-    def add(self, new: NewSilence, now: float) -> Deferred:
+    def add(self, new: NewSilence, now: float) -> Deferred[dict[str, Any]]:
         """Store ``new``; fires with it, or fails with ValueError when its times are wrong."""
         raise NotImplementedError
 
-    def list(self, now: float) -> Deferred:
+    def list(self, now: float) -> Deferred[Silences]:
         """Fires with every silence, the latest to start first; one expired more than 7 days ago is removed."""
         raise NotImplementedError
 
-    def expire(self, silence_id: str, now: float) -> Deferred:
+    def expire(self, silence_id: str, now: float) -> Deferred[Optional[dict[str, Any]]]:
         """End it now (unless it ended already); fires with it, or None when there is none."""
         raise NotImplementedError
 
-    def active(self, now: float) -> Deferred:
+    def active(self, now: float) -> Deferred[Silences]:
         """Fires with the silences in force at ``now``: ``starts <= now < ends``."""
         raise NotImplementedError
 
-    def claim_ended(self, now: float) -> Deferred:
+    def claim_ended(self, now: float) -> Deferred[Silences]:
         """Fires with the silences that ended at or before ``now`` and were not claimed before.
 
         Each is handed out once across every process. A silence expired before it started is never claimed.

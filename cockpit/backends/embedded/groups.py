@@ -9,8 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from cockpit.events import Event
-from cockpit.groups import (ENDED, OPEN, PRUNE_BATCH, GroupStore, group_cursor, notice_of, occurrence,
-                            parse_group_cursor, present_group, sort_field, transition)
+from cockpit.groups import (ENDED, OPEN, PRUNE_BATCH, DueNotice, GroupPage, GroupStore, group_cursor, notice_of,
+                            occurrence, parse_group_cursor, present_group, sort_field, transition)
 
 
 class MemoryGroupStore(GroupStore):
@@ -22,7 +22,7 @@ class MemoryGroupStore(GroupStore):
         self.seen: "OrderedDict[str, None]" = OrderedDict()  # the latest guids counted
         self.due: dict[tuple[str, str], float] = {}  # (kind, id) -> when its notice is due
 
-    def record(self, event: Event) -> Deferred:
+    def record(self, event: Event) -> Deferred[bool]:
         if event.guid in self.seen:
             return defer.succeed(False)
         self.seen[event.guid] = None
@@ -70,7 +70,7 @@ class MemoryGroupStore(GroupStore):
                     group.pop(name, None)
 
     def page(self, kind: str, limit: int, before: Optional[str], state: Optional[str] = None,
-             sort: str = "last_time") -> Deferred:
+             sort: str = "last_time") -> Deferred[GroupPage]:
         try:
             bound = parse_group_cursor(before)
         except ValueError as exc:
@@ -84,11 +84,11 @@ class MemoryGroupStore(GroupStore):
         after = group_cursor(page[-1][field], page[-1]["id"]) if len(ordered) > limit else None
         return defer.succeed(([present_group(kind, g) for g in page], after))
 
-    def get(self, kind: str, group_id: str) -> Deferred:
+    def get(self, kind: str, group_id: str) -> Deferred[Optional[dict[str, Any]]]:
         group = self.groups[kind].get(group_id)
         return defer.succeed(None if group is None else present_group(kind, group, list(group["samples"])))
 
-    def act(self, kind: str, group_id: str, action: str, by: str) -> Deferred:
+    def act(self, kind: str, group_id: str, action: str, by: str) -> Deferred[Optional[dict[str, Any]]]:
         group = self.groups[kind].get(group_id)
         if group is None:
             return defer.succeed(None)
@@ -104,7 +104,7 @@ class MemoryGroupStore(GroupStore):
             self._due(kind, group, "reopened", self.clock.seconds())
         return self.get(kind, group_id)
 
-    def prune(self, kind: str, ended_before: float) -> Deferred:
+    def prune(self, kind: str, ended_before: float) -> Deferred[int]:
         old = [gid for gid, g in self.groups[kind].items()
                if g["state"] in ENDED[kind] and g.get("ended_at", ended_before) < ended_before][:PRUNE_BATCH]
         for gid in old:
@@ -112,7 +112,7 @@ class MemoryGroupStore(GroupStore):
             self.due.pop((kind, gid), None)
         return defer.succeed(len(old))
 
-    def claim_notices(self, lease: float, limit: int = 100) -> Deferred:
+    def claim_notices(self, lease: float, limit: int = 100) -> Deferred[list[DueNotice]]:
         now = self.clock.seconds()
         out = []
         for (kind, gid), at in sorted(self.due.items(), key=lambda item: item[1])[:limit]:
@@ -126,7 +126,7 @@ class MemoryGroupStore(GroupStore):
             out.append((kind, present_group(kind, group), group["notice"]))
         return defer.succeed(out)
 
-    def noticed(self, kind: str, group_id: str, reason: str, sent: bool, repeat: float) -> Deferred:
+    def noticed(self, kind: str, group_id: str, reason: str, sent: bool, repeat: float) -> Deferred[None]:
         group = self.groups[kind].get(group_id)
         if group is None:
             self.due.pop((kind, group_id), None)
@@ -150,7 +150,7 @@ class MemoryGroupStore(GroupStore):
             self.due.pop((kind, group_id), None)
         return defer.succeed(None)
 
-    def notice_due(self, kind: str, group_id: str, reason: str) -> Deferred:
+    def notice_due(self, kind: str, group_id: str, reason: str) -> Deferred[bool]:
         group = self.groups[kind].get(group_id)
         if group is None or group["state"] in ENDED[kind]:
             return defer.succeed(False)

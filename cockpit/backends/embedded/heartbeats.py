@@ -21,7 +21,8 @@ class MemoryHeartbeatStore(HeartbeatStore):
         record["timeout"] = repr(timeout) if timeout is not None else record.get("timeout") or repr(DEFAULT_TIMEOUT)
         return record
 
-    def beat(self, name: str, timeout: Optional[float], lease: float, in_progress: bool = False) -> Deferred:
+    def beat(self, name: str, timeout: Optional[float], lease: float,
+             in_progress: bool = False) -> Deferred[tuple[Record, Optional[Work]]]:
         now = self.clock.seconds()
         if in_progress and self.records.get(name, {}).get("error") == "1":
             return defer.succeed((Record(dict(self.records[name])), None))
@@ -38,7 +39,7 @@ class MemoryHeartbeatStore(HeartbeatStore):
         snapshot = Record(dict(record))
         return defer.succeed((snapshot, Work(action, snapshot) if action else None))
 
-    def fail(self, name: str, timeout: Optional[float], lease: float) -> Deferred:
+    def fail(self, name: str, timeout: Optional[float], lease: float) -> Deferred[tuple[Record, Optional[Work]]]:
         now = self.clock.seconds()
         record = self._record(name, timeout)
         record["error"] = "1"
@@ -55,7 +56,7 @@ class MemoryHeartbeatStore(HeartbeatStore):
         snapshot = Record(dict(record))
         return defer.succeed((snapshot, Work("fire", snapshot)))
 
-    def claim(self, lease: float, limit: int) -> Deferred:
+    def claim(self, lease: float, limit: int) -> Deferred[list[Work]]:
         now = self.clock.seconds()
         found: list[Work] = []
         action: Literal["fire", "resolve"]
@@ -74,7 +75,7 @@ class MemoryHeartbeatStore(HeartbeatStore):
             found.append(Work(action, Record(dict(record))))
         return defer.succeed(found)
 
-    def confirm(self, work: Work) -> Deferred:
+    def confirm(self, work: Work) -> Deferred[bool]:
         record = self.records.get(work.record.name)
         if record is None:
             return defer.succeed(False)
@@ -97,7 +98,7 @@ class MemoryHeartbeatStore(HeartbeatStore):
             self.due[name] = float(record["deadline"])
         return defer.succeed(True)
 
-    def page(self, limit: int, before: Optional[str]) -> Deferred:
+    def page(self, limit: int, before: Optional[str]) -> Deferred[tuple[list[Record], Optional[str]]]:
         names = sorted(name for name in self.records if before is None or name > before)
         chosen = names[:limit]
         after = chosen[-1] if len(names) > limit else None

@@ -26,8 +26,8 @@ from twisted.internet.interfaces import IReactorTime
 from cockpit.backends.redis.bus import RedisBus
 from cockpit.backends.redis.script import Script
 from cockpit.events import Event
-from cockpit.groups import (PRUNE_BATCH, SEEN_TTL, GroupStore, group_cursor, occurrence, parse_group_cursor,
-                            present_group, sort_field)
+from cockpit.groups import (PRUNE_BATCH, SEEN_TTL, DueNotice, GroupPage, GroupStore, group_cursor, occurrence,
+                            parse_group_cursor, present_group, sort_field)
 
 # The shared part of the scripts: a group's state change, and its place in the indexes.
 _COMMON = """
@@ -277,7 +277,7 @@ _SCRIPTS = {name: Script(script)
                                          ("claim", _CLAIM), ("noticed", _NOTICED), ("due", _DUE))}
 
 
-def _pairs(flat: list) -> dict[str, Any]:
+def _pairs(flat: list[Any]) -> dict[str, Any]:
     return dict(zip(flat[::2], flat[1::2]))
 
 
@@ -285,15 +285,15 @@ class RedisGroupStore(GroupStore):
     def __init__(self, bus: RedisBus, clock: IReactorTime, samples: int = 20):
         super().__init__(clock, samples)
         self.bus = bus
-        self._batch: list[tuple[list[str], Deferred]] = []
+        self._batch: list[tuple[list[str], Deferred[bool]]] = []
         self._flush_call: Any = None
 
-    def _run(self, name: str, keys: list[str], args: list[str]) -> Deferred:
+    def _run(self, name: str, keys: list[str], args: list[str]) -> Deferred[Any]:
         return _SCRIPTS[name](self.bus, *args, keys=keys)
 
-    def record(self, event: Event) -> Deferred:
+    def record(self, event: Event) -> Deferred[bool]:
         seen = occurrence(event)
-        d: Deferred = Deferred()
+        d: Deferred[bool] = Deferred()
         self._batch.append(([seen.kind, seen.id, f"ckpt.group.seen.{event.guid}", str(seen.time), str(seen.count),
                              seen.reported, json.dumps(seen.data), json.dumps(seen.sample), ""], d))
         if self._flush_call is None:
@@ -306,7 +306,7 @@ class RedisGroupStore(GroupStore):
         args = [str(SEEN_TTL), str(self.samples), repr(self.clock.seconds())]
         args += [value for values, _ in batch for value in values]
 
-        def counted(replies: list) -> None:
+        def counted(replies: list[Any]) -> None:
             for (_, waiting), reply in zip(batch, replies):
                 waiting.callback(bool(int(reply)))
 
@@ -317,7 +317,7 @@ class RedisGroupStore(GroupStore):
         self._run("record", [], args).addCallbacks(counted, failed)
 
     def page(self, kind: str, limit: int, before: Optional[str], state: Optional[str] = None,
-             sort: str = "last_time") -> Deferred:
+             sort: str = "last_time") -> Deferred[GroupPage]:
         try:
             bound = parse_group_cursor(before)
         except ValueError as exc:
@@ -327,7 +327,7 @@ class RedisGroupStore(GroupStore):
         index += ".count" if sort_field(sort) == "count" else ""
         d = self._run("page", [index], [f"ckpt.group.{kind}.", str(limit), str(score), group_id])
 
-        def present(replies: list) -> tuple[list[dict[str, Any]], Optional[str]]:
+        def present(replies: Optional[list[Any]]) -> GroupPage:
             found = [(score, _pairs(flat)) for score, flat in replies or [] if flat]
             chosen = found[:limit]
             after = group_cursor(chosen[-1][0], chosen[-1][1]["id"]) if len(found) > limit else None
@@ -335,7 +335,7 @@ class RedisGroupStore(GroupStore):
 
         return d.addCallback(present)
 
-    def get(self, kind: str, group_id: str) -> Deferred:
+    def get(self, kind: str, group_id: str) -> Deferred[Optional[dict[str, Any]]]:
         key = f"ckpt.group.{kind}.{group_id}"
         d = self.bus.execute("HGETALL", key)
 
@@ -348,18 +348,18 @@ class RedisGroupStore(GroupStore):
 
         return d.addCallback(samples)
 
-    def act(self, kind: str, group_id: str, action: str, by: str) -> Deferred:
+    def act(self, kind: str, group_id: str, action: str, by: str) -> Deferred[Optional[dict[str, Any]]]:
         d = self._run("act", [], [kind, group_id, action, by, repr(self.clock.seconds())])
         return d.addCallback(lambda reply: present_group(kind, _pairs(reply[0]), reply[1]) if reply else None)
 
-    def prune(self, kind: str, ended_before: float) -> Deferred:
+    def prune(self, kind: str, ended_before: float) -> Deferred[int]:
         return self._run("prune", [], [kind, repr(ended_before), str(PRUNE_BATCH)]).addCallback(int)
 
     # -- notices -----------------------------------------------------------------------
-    def claim_notices(self, lease: float, limit: int = 100) -> Deferred:
+    def claim_notices(self, lease: float, limit: int = 100) -> Deferred[list[DueNotice]]:
         d = self._run("claim", [], [repr(self.clock.seconds()), repr(lease), str(limit)])
 
-        def present(replies: list) -> list[tuple[str, dict[str, Any], str]]:
+        def present(replies: Optional[list[Any]]) -> list[DueNotice]:
             out = []
             for member, reason, flat in replies or []:
                 kind = member.partition(":")[0]
@@ -368,10 +368,10 @@ class RedisGroupStore(GroupStore):
 
         return d.addCallback(present)
 
-    def noticed(self, kind: str, group_id: str, reason: str, sent: bool, repeat: float) -> Deferred:
+    def noticed(self, kind: str, group_id: str, reason: str, sent: bool, repeat: float) -> Deferred[None]:
         return self._run("noticed", [], [kind, group_id, reason if sent else "", repr(self.clock.seconds()),
                                          repr(repeat), reason])
 
-    def notice_due(self, kind: str, group_id: str, reason: str) -> Deferred:
+    def notice_due(self, kind: str, group_id: str, reason: str) -> Deferred[bool]:
         return self._run("due", [], [kind, group_id, reason, repr(self.clock.seconds())]).addCallback(
             lambda n: bool(int(n)))

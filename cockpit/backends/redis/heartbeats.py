@@ -145,7 +145,7 @@ def _record(flat: Any) -> Record:
     return Record({str(k): str(v) for k, v in fields.items()})
 
 
-def _leased(reply: list) -> tuple[Record, Optional[Work]]:
+def _leased(reply: list[Any]) -> tuple[Record, Optional[Work]]:
     record = _record(reply[0])
     return record, (Work(reply[1], record) if reply[1] else None)
 
@@ -155,34 +155,35 @@ class RedisHeartbeatStore(HeartbeatStore):
         super().__init__(clock)
         self.bus = bus
 
-    def _run(self, name: str, keys: list[str], args: list[str]) -> Deferred:
+    def _run(self, name: str, keys: list[str], args: list[str]) -> Deferred[Any]:
         return _SCRIPTS[name](self.bus, *args, keys=keys)
 
     def _now(self) -> str:
         return repr(self.clock.seconds())
 
-    def beat(self, name: str, timeout: Optional[float], lease: float, in_progress: bool = False) -> Deferred:
+    def beat(self, name: str, timeout: Optional[float], lease: float,
+             in_progress: bool = False) -> Deferred[tuple[Record, Optional[Work]]]:
         args = [name, repr(timeout) if timeout is not None else "", repr(DEFAULT_TIMEOUT), self._now(), repr(lease),
                 "1" if in_progress else "0"]
         return self._run("beat", [PREFIX + name, NAMES, DUE], args).addCallback(_leased)
 
-    def fail(self, name: str, timeout: Optional[float], lease: float) -> Deferred:
+    def fail(self, name: str, timeout: Optional[float], lease: float) -> Deferred[tuple[Record, Optional[Work]]]:
         args = [name, repr(timeout) if timeout is not None else "", repr(DEFAULT_TIMEOUT), self._now(), repr(lease)]
         return self._run("fail", [PREFIX + name, NAMES, DUE], args).addCallback(_leased)
 
-    def claim(self, lease: float, limit: int) -> Deferred:
+    def claim(self, lease: float, limit: int) -> Deferred[list[Work]]:
         d = self._run("claim", [DUE], [PREFIX, self._now(), repr(lease), str(limit)])
         return d.addCallback(lambda replies: [Work(action, _record(flat)) for flat, action in replies or []])
 
-    def confirm(self, work: Work) -> Deferred:
+    def confirm(self, work: Work) -> Deferred[bool]:
         name = work.record.name
         args = [name, work.action, work.key, str(work.epoch), self._now(), work.record.get("last_beat")]
         return self._run("confirm", [PREFIX + name, DUE], args).addCallback(lambda n: int(n) == 1)
 
-    def page(self, limit: int, before: Optional[str]) -> Deferred:
+    def page(self, limit: int, before: Optional[str]) -> Deferred[tuple[list[Record], Optional[str]]]:
         d = self._run("page", [NAMES], [PREFIX, str(limit + 1), before or ""])
 
-        def chosen(found: list) -> tuple[list[Record], Optional[str]]:
+        def chosen(found: Optional[list[Any]]) -> tuple[list[Record], Optional[str]]:
             records = [_record(flat) for flat in found or [] if flat]
             page = records[:limit]
             return page, (page[-1].name if len(records) > limit else None)

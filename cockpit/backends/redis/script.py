@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 import txredisapi
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from cockpit.backends.redis.bus import RedisBus
 
@@ -18,10 +19,10 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    def __call__(self, bus: RedisBus, *args: Any, keys: Sequence[str] = ()) -> Deferred:
+    def __call__(self, bus: RedisBus, *args: Any, keys: Sequence[str] = ()) -> Deferred[Any]:
         d = bus.execute("EVALSHA", self.sha, str(len(keys)), *keys, *args)
 
-        def unknown(failure: Any) -> Any:
+        def unknown(failure: Failure) -> Union[Failure, Deferred[Any]]:
             failure.trap(txredisapi.ResponseError)
             if "NOSCRIPT" not in str(failure.value):
                 return failure

@@ -21,8 +21,8 @@ from twisted.internet.interfaces import IReactorTime
 
 from cockpit.backends.redis.bus import RedisBus
 from cockpit.backends.redis.script import Script
-from cockpit.silences import (KEEP_EXPIRED, PRUNE_BATCH, NewSilence, SilenceStore, create, expired_copy,
-                              newest_first, present, state)
+from cockpit.silences import (KEEP_EXPIRED, PRUNE_BATCH, NewSilence, Silences, SilenceStore, create,
+                              expired_copy, newest_first, present, state)
 
 SILENCES = "ckpt.silences"
 ENDS = "ckpt.silences.ends"
@@ -89,9 +89,9 @@ return 1
 """)
 
 
-def _loaded(replies: Any, now: float) -> list[dict[str, Any]]:
+def _loaded(replies: Any, now: float) -> Silences:
     # one parse for them all: ``active`` runs every second in every process
-    silences = json.loads("[" + ",".join(replies or []) + "]")
+    silences: Silences = json.loads("[" + ",".join(replies or []) + "]")
     for silence in silences:
         silence["state"] = state(silence, now)
     return silences
@@ -104,7 +104,7 @@ class RedisSilenceStore(SilenceStore):
         super().__init__(clock)
         self.bus = bus
 
-    def add(self, new: NewSilence, now: float) -> Deferred:
+    def add(self, new: NewSilence, now: float) -> Deferred[dict[str, Any]]:
         try:
             silence = create(new, now)
         except ValueError as exc:
@@ -113,21 +113,21 @@ class RedisSilenceStore(SilenceStore):
                                  ("ZADD", ENDS, repr(silence["ends"]), silence["id"]))
         return d.addCallback(lambda _: present(silence, now))
 
-    def list(self, now: float) -> Deferred:
+    def list(self, now: float) -> Deferred[Silences]:
         d = _LIST(self.bus, repr(now - KEEP_EXPIRED))
         return d.addCallback(lambda replies: newest_first(_loaded(replies, now)))
 
-    def active(self, now: float) -> Deferred:
+    def active(self, now: float) -> Deferred[Silences]:
         d = _ACTIVE(self.bus, repr(now))
         return d.addCallback(lambda replies: [s for s in _loaded(replies, now) if s["starts"] <= now])
 
-    def claim_ended(self, now: float) -> Deferred:
+    def claim_ended(self, now: float) -> Deferred[Silences]:
         return _CLAIM(self.bus, repr(now), repr(now - KEEP_EXPIRED)).addCallback(_loaded, now)
 
-    def expire(self, silence_id: str, now: float) -> Deferred:
+    def expire(self, silence_id: str, now: float) -> Deferred[Optional[dict[str, Any]]]:
         return self._expire(silence_id, now, 0)
 
-    def _expire(self, silence_id: str, now: float, attempt: int) -> Deferred:
+    def _expire(self, silence_id: str, now: float, attempt: int) -> Deferred[Optional[dict[str, Any]]]:
         """Read, end, write unless it changed in between (then read again)."""
 
         def write(raw: Optional[str]) -> Any:
