@@ -8,6 +8,7 @@ consumer only talks to its storage.
 from __future__ import annotations
 
 import os
+from functools import partial
 import socket
 import uuid
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class Bus(Service):
         self.max_deliveries = max_deliveries
         self.claim_idle = claim_idle
         self._subscriptions: set[Subscription] = set()
+        self._reports: set[Any] = set()  # unless_lost's reports still to come
 
     # -- publishing -------------------------------------------------------
     def stamp(self, event: Event) -> Event:
@@ -152,6 +154,31 @@ class Bus(Service):
         """Whether the bus has a connection now: while it has none it has said so once, and its
         users need not say it again on every retry."""
         return True
+
+    # times the bus has said it lost its connection (each outage once)
+    outages = 0
+
+    def unless_lost(self, report: Callable[[], Any], grace: float = 1.0) -> None:
+        """``report()`` in ``grace`` seconds, unless by then the bus has said it lost its connection.
+
+        A user whose own connection failed calls this rather than logging at once: when Redis went
+        away for everyone, the bus says so once, even if this user noticed first."""
+        outages = self.outages
+
+        def later() -> None:
+            self._reports.discard(call)
+            if self.outages == outages and self.reachable() and self.running:
+                report()
+
+        call = self.clock.callLater(grace, later)
+        self._reports.add(call)
+
+    def stopService(self) -> Any:
+        reports, self._reports = self._reports, set()
+        for call in reports:
+            if call.active():
+                call.cancel()
+        return super().stopService()
 
     def when_connected(self) -> Deferred:
         """Fires once the bus can take events (at once for a bus inside this process)."""
@@ -419,8 +446,9 @@ class Consumer(Service):
             except Exception as exc:
                 if not self.running:
                     break
-                if self.bus.reachable():  # else the bus has said it lost Redis, once for all its consumers
-                    log.warn("consumer {name} cannot read: {error}; retrying", name=self.consumer_name, error=exc)
+                # unless the bus says it lost Redis, once for all its consumers
+                self.bus.unless_lost(partial(log.warn, "consumer {name} cannot read: {error}; retrying",
+                                             name=self.consumer_name, error=exc))
                 self._lost_track = True  # Redis may have delivered what it read before the connection went
                 yield self._pause(1.0)
                 yield self._get_ready()
@@ -627,9 +655,8 @@ class Consumer(Service):
 
     def _beat_logged(self) -> Deferred:
         d = self.take_over()
-        d.addErrback(lambda f: log.warn("consumer {name}: heartbeat failed: {error}",
-                                        name=self.consumer_name, error=f.getErrorMessage())
-                     if self.bus.reachable() else None)
+        d.addErrback(lambda f: self.bus.unless_lost(partial(log.warn, "consumer {name}: heartbeat failed: {error}",
+                                                            name=self.consumer_name, error=f.getErrorMessage())))
         return d
 
     def take_over(self) -> Deferred:

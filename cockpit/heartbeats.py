@@ -24,6 +24,7 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -262,8 +263,9 @@ class Heartbeats(Service):
 
     def _check_failed(self, failure: Failure) -> None:
         error = failure.getErrorMessage()
-        if error != self.last_error and self.bus.reachable():  # a lost bus has said so itself
-            log.warn("heartbeats: could not check the deadlines ({error}); trying again", error=error)
+        if error != self.last_error:  # unless the bus says it lost Redis: then that is what it was
+            self.bus.unless_lost(partial(log.warn, "heartbeats: could not check the deadlines ({error}); trying again",
+                                         error=error))
         self.last_error = error
 
     @inlineCallbacks

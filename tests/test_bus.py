@@ -886,3 +886,31 @@ class RedisOutageRecoveryTests(TestCase):
         gate.callback(None)
         yield recorder.wait(1)
         self.assertEqual([1], [deliveries for _, deliveries in recorder.seen])
+
+
+class UnlessLostTests(TestCase):
+    """A user whose own connection failed reports it only if the bus does not say it lost Redis."""
+
+    def setUp(self):
+        self.clock = Clock()
+        self.bus = MemoryBus(clock=self.clock)
+        self.bus.startService()
+        self.reported: list[str] = []
+
+    def test_a_failure_of_ones_own_is_reported_after_the_grace(self):
+        self.bus.unless_lost(lambda: self.reported.append("cannot read"))
+        self.clock.advance(0.9)
+        self.assertEqual([], self.reported)
+        self.clock.advance(0.1)
+        self.assertEqual(["cannot read"], self.reported)
+
+    def test_an_outage_the_bus_reports_within_the_grace_is_not_reported_again(self):
+        self.bus.unless_lost(lambda: self.reported.append("cannot read"))
+        self.bus.outages += 1  # the bus noticed second, and said it lost Redis
+        self.clock.advance(5)
+        self.assertEqual([], self.reported)
+
+    def test_a_stopped_bus_reports_nothing_and_leaves_no_timer(self):
+        self.bus.unless_lost(lambda: self.reported.append("cannot read"))
+        self.bus.stopService()
+        self.assertEqual([], self.clock.getDelayedCalls())

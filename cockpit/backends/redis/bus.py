@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Optional, Sequence
 
 import txredisapi
@@ -231,6 +232,7 @@ class RedisBus(Bus):
             log.info("bus: Redis at {url} is reachable again", url=self.settings.redacted_url())
         elif not up and not self._lost and self.running:
             self._lost = True
+            self.outages += 1
             log.warn("bus: lost the connection to Redis at {url}; events are refused until it is back",
                      url=self.settings.redacted_url())
 
@@ -540,9 +542,9 @@ class RedisConsumer(Consumer):
             except txredisapi.ConnectionError as exc:
                 if not self.running:
                     return
-                if self.bus.reachable():  # else the bus has said it lost Redis
-                    log.warn("consumer {name}: Redis not reachable ({error}); retrying",
-                             name=self.consumer_name, error=exc)
+                # unless the bus says it lost Redis
+                self.bus.unless_lost(partial(log.warn, "consumer {name}: Redis not reachable ({error}); retrying",
+                                             name=self.consumer_name, error=exc))
                 yield self._pause(1.0)
 
     def _read(self, count):
