@@ -76,8 +76,9 @@ def load_target(cfg: Config, server: ServerSection) -> Callable[..., Any]:
         except AttributeError:
             raise ConfigError(f"{where}: module {module_name} has no attribute {attribute!r}") from None
     if not callable(target):
-        raise ConfigError(f"{where}: {server.target} is a {type(target).__name__}, not something to call "
-                          f"(a WSGI app or a service factory)")
+        kind = type(target).__name__
+        raise ConfigError(f"{where}: {server.target} is not callable (it is a{'n' if kind[0] in 'aeiou' else ''} "
+                          f"{kind}); it names a WSGI app or a service factory")
     return target
 
 
@@ -297,7 +298,8 @@ class ServiceExtension(Extension):
         self.started.errback(failure)
         self.started.addErrback(lambda _: None)
         self.made = None  # nothing to stop
-        self.on_start_failure(f"[[servers]] {self.server.name}: start() failed: {self.error}")
+        self.on_start_failure(f"{self.context.config.source}: [[servers]] {self.server.name}: start() failed: "
+                              f"{self.error}")
 
     def stopService(self) -> Deferred:
         made, self.made = self.made, None

@@ -134,8 +134,9 @@ class StartupFailure:
         if self.status is not None:
             return
         self.status = 2
-        sys.stderr.write(f"cockpit: {line}\n")
-        sys.stderr.flush()
+        err = sys.__stderr__ or sys.stderr  # twistd has made sys.stderr a logger by now
+        err.write(f"cockpit: {line}\n")
+        err.flush()
         atexit.register(self._exit)  # after twistd has stopped the services, logged and removed its pidfile
         self.reactor.callLater(0, self.reactor.stop)
 
