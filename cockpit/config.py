@@ -281,6 +281,8 @@ def _describe(error: ErrorDetails, source: str, data: Optional[dict[str, Any]] =
     where = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else f"{loc[0]}" if loc else "(top)"
     if len(loc) > 1 and loc[0] == "servers" and loc[1].isdigit():
         where = f"[[servers]] {_server_name(data, int(loc[1]))}" + (f" {'.'.join(loc[2:])}" if loc[2:] else "")
+    elif loc == ["servers"]:  # the list as a whole, as the duplicate names are: named as the file writes it
+        where = "[[servers]]"
     kind = error["type"]
     if kind == "extra_forbidden":
         if len(loc) == 1 and isinstance(error.get("input"), dict):  # a table: a section of its own
