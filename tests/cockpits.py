@@ -123,7 +123,8 @@ def spawn_cockpit(test: TestCase, data: Optional[str] = None, extra: str = "", n
     data = data or tempfile.mkdtemp(prefix="cockpit-")
     path = os.path.join(data, "config.toml")
     with open(path, "w") as handle:
-        handle.write(f'[cockpit]\ndata_dir = "{data}"\n{cockpit_extra}\n[api]\nport = 0\n{api}\n[mail]\nport = 0\n{extra}')
+        handle.write(f'[cockpit]\ndata_dir = "{data}"\n{cockpit_extra}\n'
+                     f'[api]\nport = 0\n{api}\n[mail]\nport = 0\n{extra}')
     proc = Twistd()
     transport = reactor.spawnProcess(
         proc, TWISTD, [TWISTD, "-n", "--pidfile=", "cockpit", "--config", path],
