@@ -7,6 +7,7 @@ the key and what was expected.
 from __future__ import annotations
 
 import difflib
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -311,7 +312,8 @@ def _server_name(data: Optional[dict[str, Any]], index: int) -> str:
     if isinstance(servers, list) and index < len(servers) and isinstance(servers[index], dict):
         name = servers[index].get("name")
         if isinstance(name, str) and name:
-            return repr(name)
+            # as start-up's other lines name it; quoted when it is not a valid name itself
+            return name if re.fullmatch(EXTENSION_NAME[1:-1], name) else repr(name)
     return f"#{index + 1}"
 
 

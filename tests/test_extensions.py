@@ -233,20 +233,20 @@ class BadExtensionTests(TestCase):
                          self.refused('[[servers]]\nname = "poller"\nservice = "starts:Fails"\n', started=True))
 
     def test_both_kinds_set(self):
-        self.assertEqual("[[servers]] 'poller': set one of wsgi = \"module:app\" or service = \"module:factory\"",
+        self.assertEqual("[[servers]] poller: set one of wsgi = \"module:app\" or service = \"module:factory\"",
                          self.refused('[[servers]]\nname = "poller"\nservice = "starts:Raises"\nwsgi = "plain:app"\n'))
 
     def test_neither_kind_set(self):
-        self.assertEqual("[[servers]] 'poller': set one of wsgi = \"module:app\" or service = \"module:factory\"",
+        self.assertEqual("[[servers]] poller: set one of wsgi = \"module:app\" or service = \"module:factory\"",
                          self.refused('[[servers]]\nname = "poller"\nsettings = { every = 1 }\n'))
 
     def test_a_wsgi_app_with_neither_listen_nor_mount(self):
-        self.assertEqual("[[servers]] 'vendor-hook': a wsgi app needs one of listen = \"tcp:PORT\" or "
+        self.assertEqual("[[servers]] vendor-hook: a wsgi app needs one of listen = \"tcp:PORT\" or "
                          "mount = \"/ext/vendor-hook\"",
                          self.refused(HOOK + 'wsgi = "plain:app"\n'))
 
     def test_a_mount_that_is_not_ext_and_its_name(self):
-        self.assertEqual("[[servers]] 'vendor-hook': mount must be \"/ext/vendor-hook\" (its name), "
+        self.assertEqual("[[servers]] vendor-hook: mount must be \"/ext/vendor-hook\" (its name), "
                          "got '/hooks/vendor'",
                          self.refused(HOOK + 'wsgi = "plain:app"\nmount = "/hooks/vendor"\n'))
 
