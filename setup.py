@@ -46,6 +46,7 @@ setup(
             "playwright>=1.40",
             "mypy>=1.10",  # configured in mypy.ini; CI keeps it at zero errors
             "mypy-zope>=1.0",
+            "flask>=3",  # a real WSGI app, in the extension tests and examples/flask_hook.py
         ],
     },
 )

@@ -7,13 +7,14 @@ the key and what was expected.
 from __future__ import annotations
 
 import difflib
+import re
 import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 
@@ -32,6 +33,7 @@ class Section(BaseModel):
 class CockpitSection(Section):
     data_dir: str = "./cockpit-data"
     public_url: Optional[str] = None  # default: derived from [api]
+    python_path: list[str] = []  # directories [[servers]] extensions are imported from, before sys.path
 
 
 class RedisSection(Section):
@@ -168,6 +170,51 @@ class NotifySection(Section):
     mail_to: list[str] = []  # notices by mail too, through [mail.relay], to these addresses
 
 
+EXTENSION_NAME = r"^[a-z0-9-]{1,32}$"
+# module:attribute, as in a console script entry point
+EXTENSION_TARGET = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
+
+
+class ServerSection(Section):
+    """One ``[[servers]]`` table: the operator's own WSGI app or service, in the cockpit's process."""
+
+    name: Annotated[str, Field(pattern=EXTENSION_NAME)]
+    wsgi: Optional[Annotated[str, Field(pattern=EXTENSION_TARGET)]] = None  # "module:app"
+    service: Optional[Annotated[str, Field(pattern=EXTENSION_TARGET)]] = None  # "module:factory"
+    listen: Optional[str] = None  # a wsgi app's own endpoint, e.g. "tcp:8081:interface=127.0.0.1"
+    mount: Optional[str] = None  # or "/ext/<name>" on the main site
+    public: bool = False  # a mounted app without [api] tokens
+    threads: Annotated[int, Field(ge=1, le=200)] = 10  # a wsgi app's thread pool
+    settings: dict[str, Any] = {}  # the extension's own table, handed to it as it is
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ServerSection":
+        if (self.wsgi is None) == (self.service is None):
+            raise ValueError("set one of wsgi = \"module:app\" or service = \"module:factory\"")
+        if self.service is not None:
+            for key in ("listen", "mount"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} is for a wsgi app; a service listens by itself if it wants to")
+            if self.public:
+                raise ValueError("public is for a mounted wsgi app")
+            return self
+        if (self.listen is None) == (self.mount is None):
+            raise ValueError(f"a wsgi app needs one of listen = \"tcp:PORT\" or mount = \"/ext/{self.name}\"")
+        if self.mount is not None and self.mount.rstrip("/") != f"/ext/{self.name}":
+            raise ValueError(f"mount must be \"/ext/{self.name}\" (its name), got {self.mount!r}")
+        if self.public and self.mount is None:
+            raise ValueError("public is for a mounted app; an app on its own listen answers whoever reaches it")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return "wsgi" if self.wsgi is not None else "service"
+
+    @property
+    def target(self) -> str:
+        return self.wsgi or self.service or ""
+
+
 class Config(Section):
     cockpit: CockpitSection = CockpitSection()
     redis: Optional[RedisSection] = None  # absent: the embedded in-process bus
@@ -178,7 +225,18 @@ class Config(Section):
     groups: GroupsSection = GroupsSection()
     sentry: SentrySection = SentrySection()
     notify: NotifySection = NotifySection()
+    servers: list[ServerSection] = []
     source: str = Field(default="(embedded defaults)", exclude=True)
+
+    @field_validator("servers")
+    @classmethod
+    def _unique_names(cls, servers: list[ServerSection]) -> list[ServerSection]:
+        seen: set[str] = set()
+        for server in servers:
+            if server.name in seen:
+                raise ValueError(f"two servers are named {server.name!r}; each name is its own")
+            seen.add(server.name)
+        return servers
 
     @property
     def data_dir(self) -> Path:
@@ -212,10 +270,20 @@ _EXPECTED = {
 }
 
 
-def _describe(error: ErrorDetails, source: str) -> str:
+_PATTERNS = {
+    EXTENSION_NAME: "a name of 1 to 32 lower-case letters, digits or '-'",
+    EXTENSION_TARGET: "module:attribute, such as hooks:app",
+}
+
+
+def _describe(error: ErrorDetails, source: str, data: Optional[dict[str, Any]] = None) -> str:
     # a union member's name ("int", "str") or a validator's is no part of the key path
     loc = [str(part) for part in error["loc"] if not str(part).startswith(("int", "str", "function-"))]
     where = f"[{loc[0]}] {'.'.join(loc[1:])}" if len(loc) > 1 else f"{loc[0]}" if loc else "(top)"
+    if len(loc) > 1 and loc[0] == "servers" and loc[1].isdigit():
+        where = f"[[servers]] {_server_name(data, int(loc[1]))}" + (f" {'.'.join(loc[2:])}" if loc[2:] else "")
+    elif loc == ["servers"]:  # the list as a whole, as the duplicate names are: named as the file writes it
+        where = "[[servers]]"
     kind = error["type"]
     if kind == "extra_forbidden":
         if len(loc) == 1 and isinstance(error.get("input"), dict):  # a table: a section of its own
@@ -223,7 +291,11 @@ def _describe(error: ErrorDetails, source: str) -> str:
             hint = f"; did you mean [{close[0]}]?" if close else ""
             return f"{source}: [{loc[0]}]: unknown section{hint}"
         return f"{source}: {where}: unknown key"
-    if kind in _EXPECTED:
+    if kind == "value_error" and loc and loc[0] == "servers":  # a sentence of its own
+        return f"{source}: {where}: {error.get('ctx', {}).get('error', error['msg'])}"
+    if kind == "string_pattern_mismatch" and error.get("ctx", {}).get("pattern") in _PATTERNS:
+        expected = _PATTERNS[error["ctx"]["pattern"]]
+    elif kind in _EXPECTED:
         expected = _EXPECTED[kind].format(**error.get("ctx", {}))
     elif kind == "value_error":
         expected = str(error.get("ctx", {}).get("error", error["msg"]))
@@ -234,11 +306,22 @@ def _describe(error: ErrorDetails, source: str) -> str:
     return f"{source}: {where}: expected {expected}{shown}"
 
 
+def _server_name(data: Optional[dict[str, Any]], index: int) -> str:
+    """How an error names the ``index``-th ``[[servers]]`` table: its name, else its place."""
+    servers = (data or {}).get("servers")
+    if isinstance(servers, list) and index < len(servers) and isinstance(servers[index], dict):
+        name = servers[index].get("name")
+        if isinstance(name, str) and name:
+            # as start-up's other lines name it; quoted when it is not a valid name itself
+            return name if re.fullmatch(EXTENSION_NAME[1:-1], name) else repr(name)
+    return f"#{index + 1}"
+
+
 def from_dict(data: dict[str, Any], source: str = "(config)") -> Config:
     try:
         return Config.model_validate({**data, "source": source})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors()[0], source)) from None
+        raise ConfigError(_describe(exc.errors()[0], source, data)) from None
 
 
 def load(path: Optional[str]) -> Config:

@@ -1,6 +1,7 @@
 """``twistd cockpit``: options and the service tree."""
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -43,9 +44,18 @@ class Options(usage.Options):
                     check_endpoint(spec)
                 except ValueError as exc:
                     raise ConfigError(f"{cfg.source}: [{section}] listen: {exc}") from None
+            for server in cfg.servers:
+                if server.listen is not None:
+                    try:
+                        check_endpoint(server.listen)
+                    except ValueError as exc:
+                        raise ConfigError(f"{cfg.source}: [[servers]] {server.name} listen: {exc}") from None
             if cfg.notify.mail_to and cfg.mail.relay is None:
                 raise ConfigError(f"{cfg.source}: [notify] mail_to: notices by mail need a [mail.relay]")
             check_data_dir(cfg)
+            from cockpit.extensions import check_extensions
+
+            self.extension_targets = check_extensions(cfg)  # imported here: a module that fails says so now
         except ConfigError as exc:
             # one line and a non-zero exit; twistd would print its whole usage for a UsageError
             sys.stderr.write(f"cockpit: {exc}\n")
@@ -112,6 +122,30 @@ class ServiceTree(MultiService):
                 log.failure("stopping {service} failed", service=service.name or repr(service))
 
 
+class StartupFailure:
+    """Stops start-up from the reactor's thread: one line on stderr, the services stopped as at a
+    SIGTERM, then exit status 2 (twistd itself would exit 0 once its reactor has stopped)."""
+
+    def __init__(self, reactor: Any):
+        self.reactor = reactor
+        self.status: Optional[int] = None
+
+    def __call__(self, line: str) -> None:
+        if self.status is not None:
+            return
+        self.status = 2
+        err = sys.__stderr__ or sys.stderr  # twistd has made sys.stderr a logger by now
+        err.write(f"cockpit: {line}\n")
+        err.flush()
+        atexit.register(self._exit)  # after twistd has stopped the services, logged and removed its pidfile
+        self.reactor.callLater(0, self.reactor.stop)
+
+    def _exit(self) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(self.status or 0)
+
+
 class CleanExit(Service):
     """SIGTERM is how systemd asks for a stop: shut down and exit 0, not 128+15."""
 
@@ -135,7 +169,7 @@ def makeService(options: Any, reactor: Any = None) -> ServiceTree:
     cfg: Config = getattr(options, "cockpit_config", None) or config_module.load(options["config"])
     if reactor is None:
         from twisted.internet import reactor
-    top = build(cfg, reactor)
+    top = build(cfg, reactor, getattr(options, "extension_targets", None), StartupFailure(reactor))
     CleanExit(reactor).setServiceParent(top)
     top.log_observer = default_log_observer(getattr(options, "parent", None))
     return top
@@ -147,7 +181,8 @@ def _inflight(part: Any) -> int:
     return len(consumer.inflight) if consumer is not None else 0
 
 
-def build(cfg: Config, reactor: Any = None) -> ServiceTree:
+def build(cfg: Config, reactor: Any = None, extension_targets: Optional[dict[str, Callable[..., Any]]] = None,
+          on_start_failure: Optional[Callable[[str], None]] = None) -> ServiceTree:
     """Wire the service tree for ``cfg``; nothing else happens here."""
     if reactor is None:
         from twisted.internet import reactor
@@ -159,7 +194,7 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
 
     from cockpit.smtp import IncomingMailFactory, MailSender
     from cockpit.store import Store
-    from cockpit.web import Api
+    from cockpit.web import Api, ApiSite
 
     store = Store(cfg.data_dir / "store", cfg.public_url, reactor)
     mailer = None
@@ -269,9 +304,21 @@ def build(cfg: Config, reactor: Any = None) -> ServiceTree:
     elif not cfg.api.github_secret:
         log.warn("[api] github_secret is not set: the GitHub webhook (/api/webhooks/github) is open to anyone "
                  "who can reach it, though the rest of the REST API asks for a token")
+    from cockpit.extensions import WsgiExtension, build_extensions, check_extensions
+
+    extensions = build_extensions(
+        cfg, extension_targets if extension_targets is not None else check_extensions(cfg), reactor, bus, store,
+        site_factory=partial(ApiSite, settings=cfg.api, metrics=metrics, reactor=reactor),
+        on_start_failure=on_start_failure or StartupFailure(reactor))
+    for extension in extensions:
+        api.extensions[extension.server.name] = extension.health
+        if isinstance(extension, WsgiExtension) and extension.server.mount is not None:
+            api.mounts[extension.server.name] = (extension.resource, extension.server.public)
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(reactor), reactor, scheme="http")
     web.setName("web")
     web.setServiceParent(top)
+    for extension in extensions:  # last in: started after the cockpit's own services, stopped before them
+        extension.setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]
     top.robot = robot  # type: ignore[attr-defined]
     top.metrics = metrics  # type: ignore[attr-defined]

@@ -544,6 +544,9 @@ class Health(BaseModel):
     version: str = Field(description="The cockpit's version.")
     bus: dict[str, Any]
     services: dict[str, dict[str, Any]]
+    extensions: dict[str, dict[str, Any]] = Field(
+        {}, description="Each [[servers]] extension: its kind (wsgi or service), its state (starting, running, "
+                        "failed or stopped) and its last error.")
 
 
 class LimitQuery(BaseModel):
@@ -666,6 +669,9 @@ class Api:
         self.mailer = mailer
         self.groups = groups
         self.services = services if services is not None else {}
+        # [[servers]]: name -> its health line; name -> (resource, public) for an app mounted at /ext/<name>
+        self.extensions: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.mounts: dict[str, tuple[Any, bool]] = {}
         self.clock = clock
         self._tokens = [t.encode() for t in config.api.tokens]
         self.fanout = LiveFanout(bus)  # every SSE client, on one subscription
@@ -852,7 +858,21 @@ class Api:
     def site(self, reactor: Any, **kwargs: Any) -> Site:
         """The site to listen with: ``reactor`` times its connections and parses a big body in its
         threads; ``kwargs`` go to twisted's Site."""
-        return ApiSite(self.app.resource(), self.config.api, metrics=self.metrics, reactor=reactor, **kwargs)
+        root: Any = self.app.resource()
+        if self.mounts:
+            from cockpit.extensions import Mounts
+
+            root = Mounts(root, self.mounts, self._authenticate, self._refusal)
+        return ApiSite(root, self.config.api, metrics=self.metrics, reactor=reactor, **kwargs)
+
+    def _refusal(self, request: Request, exc: Exception) -> bytes:
+        """A mounted app's request that did not pass :meth:`_authenticate`, answered as the API would."""
+        if isinstance(exc, ApiError):
+            for name, value in exc.headers.items():
+                request.setHeader(name, value)
+            return json_body(request, {"error": exc.message}, exc.status)
+        log.failure("checking a token failed", Failure(exc))
+        return json_body(request, {"error": "the token could not be checked"}, 500)
 
     def openapi(self) -> dict[str, Any]:
         """The OpenAPI 3.1 document of every route mounted so far."""
@@ -872,8 +892,10 @@ class Api:
         bus = self.bus.health()
         parts = {name: report() for name, report in self.services.items()}
         ok = bus["ok"] and all(part.get("ok", True) for part in parts.values())
+        # an extension that failed is shown, and leaves the cockpit's own status as it is
+        extensions = {name: report() for name, report in self.extensions.items()}
         return Reply(200 if ok else 503, {"status": "ok" if ok else "degraded", "version": __version__,
-                                          "bus": bus, "services": parts})
+                                          "bus": bus, "services": parts, "extensions": extensions})
 
     @routes.get("/metrics", summary="Prometheus metrics of this process", tags=("cockpit",), auth=False, raw=True,
                 description="The Prometheus text format: events published, inputs refused, AYS runs and how long "

@@ -112,9 +112,9 @@ class Cockpit:
 
 
 def spawn_cockpit(test: TestCase, data: Optional[str] = None, extra: str = "", name: str = "",
-                  api: str = "") -> Cockpit:
-    """A real ``twistd -n cockpit`` on ``data`` (a new directory by default), ``extra`` added to its config
-    and ``api`` to its ``[api]`` section.
+                  api: str = "", cockpit_extra: str = "") -> Cockpit:
+    """A real ``twistd -n cockpit`` on ``data`` (a new directory by default), ``extra`` added to its config,
+    ``api`` to its ``[api]`` section and ``cockpit_extra`` to its ``[cockpit]`` section.
 
     Killed at the end of the test if it still runs. ``started()`` fires once it listens.
     ``name`` is in the environment of its processes, its action workers' too, as
@@ -123,7 +123,8 @@ def spawn_cockpit(test: TestCase, data: Optional[str] = None, extra: str = "", n
     data = data or tempfile.mkdtemp(prefix="cockpit-")
     path = os.path.join(data, "config.toml")
     with open(path, "w") as handle:
-        handle.write(f'[cockpit]\ndata_dir = "{data}"\n[api]\nport = 0\n{api}\n[mail]\nport = 0\n{extra}')
+        handle.write(f'[cockpit]\ndata_dir = "{data}"\n{cockpit_extra}\n'
+                     f'[api]\nport = 0\n{api}\n[mail]\nport = 0\n{extra}')
     proc = Twistd()
     transport = reactor.spawnProcess(
         proc, TWISTD, [TWISTD, "-n", "--pidfile=", "cockpit", "--config", path],
@@ -143,9 +144,9 @@ def spawn_cockpit(test: TestCase, data: Optional[str] = None, extra: str = "", n
 
 
 @inlineCallbacks
-def call(method: str, url: str, body: Any = None) -> Any:
+def call(method: str, url: str, body: Any = None, headers: Optional[dict[str, str]] = None) -> Any:
     """``(status, JSON reply)`` of one request; a connection that fails raises."""
-    response = yield treq.request(method, url, json=body, persistent=False)
+    response = yield treq.request(method, url, json=body, headers=headers, persistent=False)
     text = yield response.text()
     import json
 
