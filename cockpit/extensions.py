@@ -79,7 +79,8 @@ def load_target(cfg: Config, server: ServerSection) -> Callable[..., Any]:
         kind = type(target).__name__
         raise ConfigError(f"{where}: {server.target} is not callable (it is a{'n' if kind[0] in 'aeiou' else ''} "
                           f"{kind}); it names a WSGI app or a service factory")
-    return target
+    found: Callable[..., Any] = target
+    return found
 
 
 def check_extensions(cfg: Config) -> dict[str, Callable[..., Any]]:
@@ -123,7 +124,7 @@ class Context:
         self.source = f"ext:{name}"
         self._on_failure = on_failure
 
-    def publish(self, event_type: str, fields: Mapping[str, Any]) -> Deferred:
+    def publish(self, event_type: str, fields: Mapping[str, Any]) -> Deferred[Any]:
         try:
             event = make_event(event_type, fields, self.source)
         except EventError as exc:
@@ -151,12 +152,12 @@ class Extension(MultiService):
     kind = "abstract"
 
     def __init__(self, server: ServerSection, reactor: Any):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.server = server
         self.reactor = reactor
         self.state = "stopped"
         self.error: Optional[str] = None
-        self.setName(f"ext:{server.name}")
+        self.setName(f"ext:{server.name}")  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def health(self) -> dict[str, Any]:
         return {"kind": self.kind, "state": self.state, "error": self.error}
@@ -185,7 +186,7 @@ class WsgiExtension(Extension):
             from cockpit.listener import Listener
 
             assert site_factory is not None, "an app on its own endpoint needs a site"
-            Listener(f"{server.name} extension", server.listen, site_factory(self.resource), reactor,
+            Listener(f"{server.name} extension", server.listen, site_factory(self.resource), reactor,  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
                      scheme="http").setServiceParent(self)
 
     def _serve(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -211,23 +212,23 @@ class WsgiExtension(Extension):
 
     def startService(self) -> None:
         self.pool.start()
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.state = "running"
         where = (f"mounted at {self.server.mount}" + (" (public)" if self.server.public else " (behind [api] tokens)")
                  if self.server.mount is not None else f"on {self.server.listen}")
         log.info("extension {name}: WSGI app {target} {where}, {threads} threads", name=self.server.name,
                  target=self.server.target, where=where, threads=self.server.threads)
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[Any]:
         self.state = "stopped"
         listening = defer.maybeDeferred(super().stopService)
         return listening.addBoth(lambda _: _bounded(self.reactor, _stop_pool(self.reactor, self.pool),
                                                     self.server.name))
 
 
-def _stop_pool(reactor: Any, pool: ThreadPool) -> Deferred:
+def _stop_pool(reactor: Any, pool: ThreadPool) -> Deferred[Any]:
     """``pool.stop()`` joins its threads: done in a thread of its own, so a stuck handler holds no one."""
-    done: Deferred = Deferred()
+    done: Deferred[Any] = Deferred()
 
     def stop() -> None:
         pool.stop()
@@ -237,7 +238,7 @@ def _stop_pool(reactor: Any, pool: ThreadPool) -> Deferred:
     return done
 
 
-def _bounded(reactor: Any, d: Deferred, name: str) -> Deferred:
+def _bounded(reactor: Any, d: Deferred[Any], name: str) -> Deferred[Any]:
     """``d``, given up after STOP_TIMEOUT seconds with a line in the log; never fails."""
     timer = reactor.callLater(STOP_TIMEOUT, d.cancel)
 
@@ -267,10 +268,10 @@ class ServiceExtension(Extension):
         self.context = context
         self.on_start_failure = on_start_failure
         self.made: Any = None
-        self.started: Deferred = Deferred()  # fires once its start() has, or with its failure
+        self.started: Deferred[Any] = Deferred()  # fires once its start() has, or with its failure
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.state = "starting"
         d = defer.maybeDeferred(self._start)
         d.addCallbacks(self._running, self._start_failed)
@@ -301,9 +302,9 @@ class ServiceExtension(Extension):
         self.on_start_failure(f"{self.context.config.source}: [[servers]] {self.server.name}: start() failed: "
                               f"{self.error}")
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[Any]:
         made, self.made = self.made, None
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if self.state != "failed":
             self.state = "stopped"
         if made is None:
@@ -321,7 +322,7 @@ class Mounts(Resource):
 
     def __init__(self, api: Any, apps: dict[str, tuple[Resource, bool]], authenticate: Callable[[Request], None],
                  refuse: Callable[[Request, Exception], bytes]):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.api = api
         self.apps = {name.encode(): entry for name, entry in apps.items()}
         self.authenticate = authenticate
@@ -349,7 +350,7 @@ class _Refusal(Resource):
     isLeaf = True
 
     def __init__(self, refuse: Callable[[Request, Exception], bytes], exc: Exception):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self._refuse, self._exc = refuse, exc
 
     def render(self, request: Request) -> bytes:
