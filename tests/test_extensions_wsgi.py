@@ -59,15 +59,21 @@ def event_of(api: str, guid: str, headers: Any = None):
 
 class FlaskAppTests(TestCase):
     @inlineCallbacks
+    def alarm_the_robot_ran(self, api: str, url: str, body: dict) -> Any:
+        """POST ``body`` to the Flask example at ``url``: the alarm it made, once the robot has run its action."""
+        code, reply = yield call("POST", url, body)
+        self.assertEqual(202, code, reply)
+        run = yield run_of(api, reply["guid"])
+        self.assertEqual(("slow!one", "handle", "ok"), (run["service"], run["action"], run["state"]))
+        return (yield event_of(api, reply["guid"]))
+
+    @inlineCallbacks
     def test_a_post_to_the_mounted_flask_app_is_an_alarm_the_robot_runs_and_health_lists_both(self):
         cockpit = yield spawn_cockpit(self, cockpit_extra=EXAMPLES, extra=VENDOR_MOUNTED + PUBLIC + TICKER).started()
         yield subscribe_a_service(cockpit.api, ACTIONS)
 
-        code, reply = yield call("POST", f"{site(cockpit)}/ext/vendor/alert", {"host": "web1", "text": "disk full"})
-        self.assertEqual(202, code, reply)
-        run = yield run_of(cockpit.api, reply["guid"])
-        self.assertEqual(("slow!one", "handle", "ok"), (run["service"], run["action"], run["state"]))
-        event = yield event_of(cockpit.api, reply["guid"])
+        event = yield self.alarm_the_robot_ran(cockpit.api, f"{site(cockpit)}/ext/vendor/alert",
+                                               {"host": "web1", "text": "disk full"})
         self.assertEqual(("web1!vendor", "vendor", "disk full", "ext:vendor"),
                          (event["service"], event["method"], event["msg"], event["source"]))
 
@@ -84,11 +90,8 @@ class FlaskAppTests(TestCase):
         port = re.search(r"vendor extension on http://127\.0\.0\.1:(\d+)/", cockpit.log).group(1)
         yield subscribe_a_service(cockpit.api, ACTIONS)
 
-        code, reply = yield call("POST", f"http://127.0.0.1:{port}/alert", {"host": "db2", "text": "replica lag"})
-        self.assertEqual(202, code, reply)
-        run = yield run_of(cockpit.api, reply["guid"])
-        self.assertEqual(("slow!one", "handle", "ok"), (run["service"], run["action"], run["state"]))
-        event = yield event_of(cockpit.api, reply["guid"])
+        event = yield self.alarm_the_robot_ran(cockpit.api, f"http://127.0.0.1:{port}/alert",
+                                               {"host": "db2", "text": "replica lag"})
         self.assertEqual(("db2!vendor", "ext:vendor"), (event["service"], event["source"]))
         code, _ = yield call("POST", f"{site(cockpit)}/ext/vendor/alert", {"host": "db2", "text": "x"})
         self.assertEqual(404, code)
