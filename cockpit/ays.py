@@ -28,6 +28,7 @@ from cockpit.ays_catalog import Catalog, Subscription
 from cockpit.ays_chat import CHAT_ACTIONS, ChatWork
 from cockpit.ays_recurring import RecurringActions
 from cockpit.bus import AYS_GROUP, Bus, Delivery
+from cockpit.deferreds import settled
 from cockpit.events import Event, GenericEvent, TelegramEvent, from_data
 from cockpit.metrics import NO_METRICS
 from cockpit.repos import NotFound
@@ -162,14 +163,7 @@ class Robot(Service):
         key = (event.guid, sub.repo, sub.service, sub.action)
         running = self._running_keys.get(key)
         if running is not None:  # the same event delivered twice at once: wait for the first
-            waiter: Deferred = Deferred()
-
-            def first_done(result: Any) -> Any:
-                waiter.callback(None)
-                return result
-
-            running.addBoth(first_done)
-            return waiter
+            return settled(running)
         try:
             _, d = self.start_run(sub.repo, sub.service, sub.action, trigger("event", event), payload)
         except NotFound:
@@ -385,17 +379,7 @@ class Robot(Service):
 
     def when_executed(self, repo: str, name: str) -> Deferred:
         """Fires once the blueprint's execution going on in this process has recorded its status."""
-        going = self.executing.get((repo, model.blueprint_name(name)))
-        if going is None:
-            return defer.succeed(None)
-        done: Deferred = Deferred()
-
-        def executed(result: Any) -> Any:
-            done.callback(None)
-            return result
-
-        going.addBoth(executed)
-        return done
+        return settled(self.executing.get((repo, model.blueprint_name(name))))
 
     @inlineCallbacks
     def _install_in_order(self, repo: str, name: str, runs: list[Run]):

@@ -38,6 +38,7 @@ from twisted.web.server import Request
 
 from cockpit import events
 from cockpit.bus import Bus
+from cockpit.deferreds import settled
 from cockpit.events import AlarmEvent
 from cockpit.openapi import ApiError, Body, Param, Response, RouteTable
 
@@ -240,16 +241,7 @@ class Heartbeats(Service):
 
     def idle(self) -> Deferred[None]:
         """Fires once the look under way, if any, has finished."""
-        d: Deferred[None] = Deferred()
-        if self._checking is None:
-            d.callback(None)
-        else:
-            def done(result: Any) -> Any:
-                d.callback(None)
-                return result
-
-            self._checking.addBoth(done)
-        return d
+        return settled(self._checking)
 
     def _tick(self) -> None:
         if self._checking is not None:
