@@ -122,7 +122,7 @@ class Context:
         self.store = store
         self.settings: dict[str, Any] = dict(settings or {})
         self.source = f"ext:{name}"
-        self._on_failure = on_failure
+        self.on_failure = on_failure  # set by the extension the context is for
 
     def publish(self, event_type: str, fields: Mapping[str, Any]) -> Deferred[Any]:
         try:
@@ -132,17 +132,19 @@ class Context:
         return self.bus.publish(event).addCallback(lambda _: event.guid)
 
     def failed(self, reason: Union[str, BaseException, Failure]) -> None:
-        if self._on_failure is not None:
-            self._on_failure(_one_line(reason))
+        if self.on_failure is not None:
+            self.on_failure(_one_line(reason))
 
 
-def _one_line(reason: Union[str, BaseException, Failure, None]) -> str:
+def _one_line(reason: Union[str, BaseException, Failure]) -> str:
+    """The last line of what went wrong: an exception as ``Type: message``."""
     if isinstance(reason, Failure):
         reason = reason.value
     if isinstance(reason, BaseException):
-        text = str(reason).strip().splitlines()
-        return f"{type(reason).__name__}: {text[-1]}" if text else type(reason).__name__
-    return (reason or "failed").strip().splitlines()[-1] if (reason or "").strip() else "failed"
+        lines = str(reason).strip().splitlines()
+        return f"{type(reason).__name__}: {lines[-1]}" if lines else type(reason).__name__
+    lines = reason.strip().splitlines()
+    return lines[-1] if lines else "failed"
 
 
 # -- the two kinds -------------------------------------------------------------------------------------
@@ -363,17 +365,12 @@ def build_extensions(cfg: Config, targets: dict[str, Callable[..., Any]], reacto
     """One service per ``[[servers]]`` entry, in the config's order."""
     built: list[Extension] = []
     for server in cfg.servers:
-        extension: Optional[Extension] = None
-
-        def failed(reason: str, _name: str = server.name) -> None:
-            for made in built:
-                if made.server.name == _name:
-                    made.failed(reason)
-
-        context = Context(server.name, cfg, reactor, bus, store, server.settings, on_failure=failed)
+        context = Context(server.name, cfg, reactor, bus, store, server.settings)
+        extension: Extension
         if server.kind == "wsgi":
             extension = WsgiExtension(server, targets[server.name], context, reactor, site_factory)
         else:
             extension = ServiceExtension(server, targets[server.name], context, reactor, on_start_failure)
+        context.on_failure = extension.failed
         built.append(extension)
     return built
