@@ -474,7 +474,8 @@ class FakeTelegram(Resource):
         self.answered.append(params)
         return True
 
-    def _api_editMessageText(self, request: Request, params: dict[str, Any]) -> Any:
+    def _message_to_edit(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The message ``chat_id`` and ``message_id`` name, as Telegram refuses an edit of one it has not."""
         try:
             key = (int(params.get("chat_id")), int(params.get("message_id")))  # type: ignore[arg-type]
         except (TypeError, ValueError):
@@ -482,6 +483,10 @@ class FakeTelegram(Resource):
         message = self.messages.get(key)
         if message is None:
             raise ApiError(400, "Bad Request: message to edit not found")
+        return message
+
+    def _api_editMessageText(self, request: Request, params: dict[str, Any]) -> Any:
+        message = self._message_to_edit(params)
         _, _, shown, markup = self._checked_text(params, "Bad Request: MESSAGE_TOO_LONG")
         new_markup = markup if markup and markup.get("inline_keyboard") else None
         if shown == message.get("text") and new_markup == message.get("reply_markup"):
@@ -497,13 +502,7 @@ class FakeTelegram(Resource):
         return message
 
     def _api_editMessageReplyMarkup(self, request: Request, params: dict[str, Any]) -> Any:
-        try:
-            key = (int(params.get("chat_id")), int(params.get("message_id")))  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise ApiError(400, "Bad Request: message to edit not found") from None
-        message = self.messages.get(key)
-        if message is None:
-            raise ApiError(400, "Bad Request: message to edit not found")
+        message = self._message_to_edit(params)
         markup = params.get("reply_markup") or {}
         self._check_markup(markup)
         old = message.get("reply_markup") or {"inline_keyboard": []}

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 
 class RedisServerError(RuntimeError):
@@ -128,3 +128,17 @@ def shared_server() -> RedisServer:
         _shared = RedisServer().start()
         atexit.register(_shared.cleanup)
     return _shared
+
+
+def started_bus(test: Any, url: str, **settings: Any) -> Any:
+    """A RedisBus on ``url`` (with these RedisSection ``settings``), started and stopped at the end of
+    ``test``: a Deferred firing with it once it is connected."""
+    from twisted.internet import reactor
+
+    from cockpit.backends.redis import RedisBus
+    from cockpit.config import RedisSection
+
+    bus = RedisBus(RedisSection(url=url, **settings), reactor=reactor)
+    bus.startService()
+    test.addCleanup(bus.stopService)
+    return bus.when_connected().addCallback(lambda _: bus)

@@ -28,7 +28,7 @@ from cockpit.bus import BusUnavailable
 from cockpit.config import RedisSection
 from cockpit.web import Api
 from tests.cockpits import Cockpit, eventually, spawn_cockpit
-from tests.redis_server import RedisServer, free_port, shared_server
+from tests.redis_server import RedisServer, free_port, shared_server, started_bus
 
 TOKEN = "am-token"
 HOOK = "/api/webhooks/alertmanager"
@@ -405,10 +405,7 @@ class ForgetTests(TestCase):
     def test_redis_bus_forgets(self):
         redis = shared_server()
         redis.flush()
-        bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=redis.url)
         yield self.check(bus)
 
 

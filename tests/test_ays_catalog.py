@@ -17,7 +17,7 @@ from cockpit.backends.redis import RedisBus
 from cockpit.backends.redis.catalog import CHANGES, IMPORTED, VERSION, RedisCatalogStore, service_key
 from cockpit.config import RedisSection
 from cockpit.repos import Conflict, Invalid, NotFound, RepoStore, ServiceRecord, Unavailable
-from tests.redis_server import free_port, shared_server
+from tests.redis_server import free_port, shared_server, started_bus
 
 SCHEMA = "port = type:int default:22\n"
 SERVICE = "events.email = notify\nrecurring.tick = 5m\n"
@@ -32,15 +32,6 @@ ACTIONS = textwrap.dedent('''
         pass
 ''')
 FILES = {"schema.hrd": SCHEMA, "service.hrd": SERVICE, "actions.py": ACTIONS}
-
-
-@inlineCallbacks
-def started_bus(test: TestCase, url: str) -> RedisBus:
-    bus = RedisBus(RedisSection(url=url), reactor=reactor)
-    bus.startService()
-    test.addCleanup(bus.stopService)
-    yield bus.when_connected()
-    return bus
 
 
 class LogLines:

@@ -19,15 +19,13 @@ from cockpit import config
 from cockpit.ays import Robot
 from cockpit.ays_api import AysApi
 from cockpit.ays_catalog import Catalog
-from cockpit.backends.redis import RedisBus
 from cockpit.backends.redis.catalog import RedisCatalogStore, service_key
-from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, GenericEvent
 from cockpit.repos import ServiceRecord
 from cockpit.backends.embedded.runs import SqliteRunHistory
 from cockpit.web import Api
 from cockpit.workers import WorkerPool
-from tests.redis_server import RedisServer, shared_server
+from tests.redis_server import RedisServer, shared_server, started_bus
 
 SCHEMA = "release = type:str default:''\n"
 SERVICE = "events.alarm = notify\n"
@@ -71,10 +69,7 @@ class TwoCockpits(TestCase):
     @inlineCallbacks
     def cockpit(self, url=None, follow=True, start=True):
         """One cockpit's AYS; not started when ``start`` is False (its catalog, then its robot, start it)."""
-        bus = RedisBus(RedisSection(url=url or self.redis.url), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=url or self.redis.url)
         base = Path(self.mktemp()).absolute()
         catalog = Catalog(RedisCatalogStore(bus, base / "actions", reactor), reactor, follow=follow)
         robot = Robot(catalog, bus, SqliteRunHistory(base / "runs.sqlite", reactor),
@@ -226,10 +221,7 @@ class ServedTests(TestCase):
         redis.flush()
         catalogs = []
         for _ in range(2):
-            bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
-            bus.startService()
-            self.addCleanup(bus.stopService)
-            yield bus.when_connected()
+            bus = yield started_bus(self, url=redis.url)
             catalog = Catalog(RedisCatalogStore(bus, Path(self.mktemp()).absolute(), reactor), reactor, follow=False)
             catalog.startService()
             self.addCleanup(catalog.stopService)

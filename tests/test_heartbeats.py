@@ -29,7 +29,7 @@ from cockpit.openapi import downgrade_to_30
 from cockpit.sentry import SentryApi, check_in_timeout
 from cockpit.web import Api
 from tests.cockpits import Cockpit, call, eventually, spawn_cockpit
-from tests.redis_server import free_port, shared_server
+from tests.redis_server import free_port, shared_server, started_bus
 
 START = 1_700_000_000.0
 
@@ -322,10 +322,7 @@ class RedisRulesTests(_Rules, TestCase):
         if not hasattr(self, "redis"):
             self.redis = shared_server()
             self.redis.flush()
-        bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=self.redis.url)
         return RedisHeartbeatStore(bus, clock), bus
 
     def break_bus(self) -> None:

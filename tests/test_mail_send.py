@@ -19,14 +19,13 @@ from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from cockpit.backends.redis import RedisBus
 from cockpit.bus import BusUnavailable
-from cockpit.config import RedisSection, RelaySection
+from cockpit.config import RelaySection
 from cockpit.backends.embedded.outbox import SpoolOutbox
 from cockpit.backends.redis.outbox import RedisOutbox
 from cockpit.outbox import MAIL_GROUP, MAIL_STREAM
 from cockpit.smtp import MailSender, OutgoingMail, build_message
-from tests.redis_server import RedisServer, free_port, shared_server
+from tests.redis_server import RedisServer, free_port, shared_server, started_bus
 from tests.test_smtp import self_signed_cert
 
 
@@ -343,10 +342,7 @@ class RedisMailSending(DurableSendingBehaviour, TestCase):
         super().setUp()
         server = shared_server()
         server.flush()
-        self.bus = RedisBus(RedisSection(url=server.url, timeout=2.0, claim_idle=30.0), reactor=reactor)
-        self.bus.startService()
-        self.addCleanup(self.bus.stopService)
-        yield self.bus.when_connected()
+        self.bus = yield started_bus(self, url=server.url, timeout=2.0, claim_idle=30.0)
 
     def make_outbox(self) -> RedisOutbox:
         return RedisOutbox(self.bus)
@@ -430,10 +426,7 @@ class RedisDown(TestCase):
     def test_send_fails_with_bus_unavailable_while_redis_is_down(self):
         redis = RedisServer().start()
         self.addCleanup(redis.cleanup)
-        bus = RedisBus(RedisSection(url=redis.url, timeout=2.0), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=redis.url, timeout=2.0)
         redis.stop()
         yield bus.when_disconnected()
         sender = MailSender(RelaySection(host="127.0.0.1", port=9), reactor, outbox=RedisOutbox(bus))

@@ -23,7 +23,7 @@ from cockpit.events import EVENT_TYPES
 from tests.cockpits import (Load, all_runs, call, eventually, kill, spawn_cockpit, subscribe_a_service,
                             subscribe_a_slow_service)
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer
-from tests.redis_server import RedisServer, shared_server
+from tests.redis_server import RedisServer, shared_server, started_bus
 
 SCALE = 10 if os.environ.get("COCKPIT_RELIABILITY") == "long" else 1
 TOKEN = "4242:reliability-token"
@@ -68,10 +68,7 @@ class ClusterCase(TestCase):
 
     @inlineCallbacks
     def watcher(self, server: RedisServer):
-        bus = RedisBus(RedisSection(url=server.url), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=server.url)
         return bus
 
     def config(self, server: RedisServer, redis: str = "") -> str:
@@ -251,10 +248,7 @@ class CleanStopTests(TestCase):
     def setUp(self):
         self.redis = shared_server()
         self.redis.flush()
-        self.bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
-        self.bus.startService()
-        self.addCleanup(self.bus.stopService)
-        yield self.bus.when_connected()
+        self.bus = yield started_bus(self, url=self.redis.url)
 
     def groups_and_consumers(self) -> Deferred:
         return consumers(self.bus)

@@ -4,17 +4,15 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cockpit.backends.embedded.runs import SqliteRunHistory
-from cockpit.backends.redis import RedisBus
 from cockpit.backends.redis.runs import LIVE_RENEW, LIVE_TTL, RETRY_FIRST, RedisRunHistory
-from cockpit.config import RedisSection
 from cockpit.runs import Run, new_run_id
-from tests.redis_server import RedisServer, shared_server
+from tests.redis_server import RedisServer, shared_server, started_bus
 
 T0 = 1_700_000_000.0  # the clocks' start: runs are made at known times on them
 DAY = 86400.0
@@ -270,10 +268,7 @@ class RedisCase(TestCase):
 
     @inlineCallbacks
     def connected_bus(self, url: str):
-        bus = RedisBus(RedisSection(url=url, timeout=2.0), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=url, timeout=2.0)
         return bus
 
     @inlineCallbacks

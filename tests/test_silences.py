@@ -21,7 +21,7 @@ from cockpit.openapi import downgrade_to_30
 from cockpit.silences import KEEP_EXPIRED, NewSilence, Silence, SilencesApi, matches
 from cockpit.web import Api
 from tests.cockpits import spawn_cockpit
-from tests.redis_server import RedisServer, shared_server
+from tests.redis_server import RedisServer, shared_server, started_bus
 from tests.wiring import backend_for
 
 T0 = 1_800_000_000.0
@@ -195,10 +195,7 @@ class RedisStoreTests(StoreBehaviour, TestCase):
     @inlineCallbacks
     def other_store(self):
         """A store on a bus of its own, on the same Redis: another process's view."""
-        bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=self.redis.url)
         return backend_for(bus).silences(self.clock)
 
     @inlineCallbacks
@@ -267,10 +264,7 @@ class RedisDownTests(TestCase):
     def test_with_redis_away_the_store_fails_with_bus_unavailable_and_the_api_answers_503(self):
         server = RedisServer().start()
         self.addCleanup(server.cleanup)
-        bus = RedisBus(RedisSection(url=server.url, timeout=2.0), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=server.url, timeout=2.0)
         store = backend_for(bus).silences(reactor)
         client = Client(self, store)
         server.stop()
@@ -447,10 +441,7 @@ class RedisRestTests(RestBehaviour, TestCase):
     def make_store(self):
         redis = shared_server()
         redis.flush()
-        bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=redis.url)
         self.clock = Clock()
         self.clock.advance(T0)
         return backend_for(bus).silences(self.clock)

@@ -13,15 +13,13 @@ from cockpit import config, tap
 from cockpit.ays import Robot
 from cockpit.backends.embedded import MemoryBus
 from cockpit.backends.embedded.runs import SqliteRunHistory
-from cockpit.backends.redis import RedisBus
 from cockpit.bus import Delivery
-from cockpit.config import RedisSection
 from cockpit.events import TelegramEvent
 from cockpit.repos import ServiceRecord
 from cockpit.telegram import HELP, NO_REPO, TelegramBot, split_text
 from cockpit.workers import WorkerPool
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer, User
-from tests.redis_server import shared_server
+from tests.redis_server import shared_server, started_bus
 from tests.test_telegram_api import TOKEN, real_client
 from tests.wiring import backend_for, disk_catalog
 
@@ -421,10 +419,7 @@ class TwoProcessTests(TestCase):
                                 "bot": {"token": TOKEN, "api_url": server.url, "allowed_users": [ALICE.id]}})
         bots = []
         for _ in range(2):
-            bus = RedisBus(RedisSection(url=redis.url), reactor=reactor)
-            bus.startService()
-            self.addCleanup(bus.stopService)
-            yield bus.when_connected()
+            bus = yield started_bus(self, url=redis.url)
             bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), clock, http=api.http)
             bot.startService()
             self.addCleanup(bot.stopService)

@@ -18,7 +18,7 @@ from cockpit.backends.embedded.telegram import FileBotState
 from cockpit.backends.redis.telegram import RedisBotState, RedisLease, redis_key
 from cockpit.telegram_poll import UpdatePoller
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer, User
-from tests.redis_server import shared_server
+from tests.redis_server import shared_server, started_bus
 from tests.test_telegram_api import TOKEN, real_client
 from tests.wiring import backend_for
 
@@ -256,10 +256,7 @@ class RedisHarness(RestartHarness):
 
     @inlineCallbacks
     def redis_bus(self) -> RedisBus:
-        bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        yield bus.when_connected()
+        bus = yield started_bus(self, url=self.redis.url)
         return bus
 
 

@@ -17,7 +17,7 @@ from cockpit.config import RedisSection
 from cockpit.examples import SEED_YAML
 from cockpit.groups import EventGroups
 from cockpit.web import Api
-from tests.redis_server import RedisServer, shared_server
+from tests.redis_server import RedisServer, shared_server, started_bus
 from tests.arrivals import Arrivals
 from tests.wiring import backend_for
 
@@ -358,10 +358,7 @@ class RedisGroupsTests(GroupsBehaviour, TestCase):
     @inlineCallbacks
     def test_two_processes_count_each_event_once(self):
         # a second cockpit on the same Redis: its own bus, its own groups service
-        other_bus = RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
-        other_bus.startService()
-        self.addCleanup(other_bus.stopService)
-        yield other_bus.when_connected()
+        other_bus = yield started_bus(self, url=self.redis.url)
         other = EventGroups(other_bus, backend_for(other_bus).group_store(reactor), reactor, drain_timeout=0)
         other.consumer.block_ms = 100
         other.startService()
