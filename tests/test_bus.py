@@ -420,6 +420,33 @@ class RedisBusTests(BusBehaviour, TestCase):
         self.assertEqual({}, (yield consumers_of(self.bus, AYS_GROUP)))
 
     @inlineCallbacks
+    def test_a_stop_while_the_group_is_being_created_ends_the_consumer_quietly(self):
+        consumer = self.bus.consumer(AYS_GROUP, Recorder(), drain_timeout=0)
+        stopped = []
+        connect = self.bus.connect
+
+        def connect_and_stop_once_the_group_is_answered():
+            reader = connect()
+            command = reader.handler.execute_command
+
+            def execute_command(*args, **kwargs):
+                d = command(*args, **kwargs)
+                if args[0] == "XGROUP":
+                    # the stop lands between the group's reply and the next command on that connection
+                    d.addCallback(lambda reply: (stopped.append(consumer.stopService()), reply)[1])
+                return d
+
+            reader.handler.execute_command = execute_command
+            return reader
+
+        self.bus.connect = connect_and_stop_once_the_group_is_answered
+        consumer.startService()
+        yield consumer._loop
+        yield stopped[0]
+        self.assertFalse(consumer.running)
+        self.assertEqual({}, (yield consumers_of(self.bus, AYS_GROUP)))
+
+    @inlineCallbacks
     def test_published_event_is_on_the_channel_and_in_the_stream(self):
         received = Deferred()
 

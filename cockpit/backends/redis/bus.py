@@ -524,6 +524,12 @@ class RedisConsumer(Consumer):
         self._reader = self.bus.connect()
         super().startService()
 
+    def _reader_command(self, *args: str, **kwargs: Any) -> Deferred:
+        """A command on the reader's connection; a stop may already have closed it while we waited."""
+        if self._reader is None:
+            return defer.fail(txredisapi.ConnectionError("the consumer is stopping"))
+        return self._reader.handler.execute_command(*args, **kwargs)
+
     @inlineCallbacks
     def _prepare(self):
         while self.running:
@@ -531,13 +537,12 @@ class RedisConsumer(Consumer):
                 for stream in self.streams:
                     try:
                         # from 0: events stored before the group existed are work too
-                        yield self._reader.handler.execute_command(
-                            "XGROUP", "CREATE", stream, self.group, "0", "MKSTREAM")
+                        yield self._reader_command("XGROUP", "CREATE", stream, self.group, "0", "MKSTREAM")
                     except txredisapi.ResponseError as exc:
                         if "BUSYGROUP" not in str(exc):
                             raise
                 # a stop cuts the blocking read short with CLIENT UNBLOCK, which names the connection
-                self._reader_id = str((yield self._reader.handler.execute_command("CLIENT", "ID")))
+                self._reader_id = str((yield self._reader_command("CLIENT", "ID")))
                 return
             except txredisapi.ConnectionError as exc:
                 if not self.running:
@@ -550,7 +555,7 @@ class RedisConsumer(Consumer):
     def _read(self, count):
         self._reading = True
         try:
-            reply = yield self._reader.handler.execute_command(
+            reply = yield self._reader_command(
                 "XREADGROUP", "GROUP", self.group, self.consumer_name, "COUNT", str(count),
                 "BLOCK", str(self.block_ms), "STREAMS", *self.streams, *([">"] * len(self.streams)),
                 apply_timeout=False)
