@@ -9,9 +9,9 @@ the robot's own (``service`` null).
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generator
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
 from cockpit import repos as model
@@ -56,7 +56,7 @@ class ChatWork:
         return found[0], key
 
     @inlineCallbacks
-    def handle(self, event: TelegramEvent, trig: dict[str, Any]):
+    def handle(self, event: TelegramEvent, trig: dict[str, Any]) -> Generator[Deferred[Any], Any, None]:
         """Do the command, answer in the chat, and record it as a run; ``trig`` is the run's trigger."""
         args = event.args
         action = event.action
@@ -79,7 +79,7 @@ class ChatWork:
         yield self.robot.record(run)
 
     @inlineCallbacks
-    def _do(self, run: Run, args: dict[str, Any], event: TelegramEvent):
+    def _do(self, run: Run, args: dict[str, Any], event: TelegramEvent) -> Generator[Deferred[Any], Any, str]:
         """Fires with the reply, naming in ``run.repo`` the repository as soon as it is known; AysError
         says why the command failed."""
         catalog, action, trig, repo = self.catalog, run.action, run.trigger, run.repo

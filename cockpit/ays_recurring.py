@@ -38,7 +38,7 @@ class RecurringActions(Service):
     the service went away); ``busy(sub)`` says whether a recurring run of it is still going.
     """
 
-    def __init__(self, catalog: Catalog, bus: Bus, clock: IReactorTime, start: Callable[[Subscription], Deferred],
+    def __init__(self, catalog: Catalog, bus: Bus, clock: IReactorTime, start: Callable[[Subscription], Deferred[Any]],
                  busy: Callable[[Subscription], bool], tick: float = 1.0):
         self.catalog = catalog
         self.bus = bus
@@ -50,15 +50,16 @@ class RecurringActions(Service):
         self._timer: Optional[TimerService] = None
 
     def startService(self) -> None:
-        super().startService()
-        self._timer = TimerService(self.tick, self._tick)
+        # Service and TimerService are Twisted's own, unannotated
+        super().startService()  # type: ignore[no-untyped-call]
+        self._timer = TimerService(self.tick, self._tick)  # type: ignore[no-untyped-call]
         self._timer.clock = self.clock
-        self._timer.startService()
+        self._timer.startService()  # type: ignore[no-untyped-call]
 
     def stopService(self) -> Any:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         if self._timer is not None:
-            return self._timer.stopService()
+            return self._timer.stopService()  # type: ignore[no-untyped-call]
         return None
 
     def _tick(self) -> None:
@@ -88,7 +89,7 @@ class RecurringActions(Service):
         for ident in set(self._last_slot) - wanted:
             del self._last_slot[ident]
 
-    def _claim(self, sub: Subscription, slot: int, period: float) -> Deferred:
+    def _claim(self, sub: Subscription, slot: int, period: float) -> Deferred[bool]:
         """Fires True for the one process, of all that share the bus, that runs this period."""
         key = RECURRING_KEY.format(repo=sub.repo, service=sub.service, action=sub.action, slot=slot)
         return self.bus.remember(key, str(os.getpid()), period * 2)

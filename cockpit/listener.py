@@ -5,6 +5,7 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import Service
 from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -17,7 +18,8 @@ def check_endpoint(description: str) -> None:
     from twisted.internet.testing import MemoryReactor
 
     try:
-        endpoints.serverFromString(MemoryReactor(), description)
+        # serverFromString and MemoryReactor are Twisted's own, unannotated
+        endpoints.serverFromString(MemoryReactor(), description)  # type: ignore[no-untyped-call]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{description!r} is not a Twisted server endpoint string "
                          f"such as tcp:8080:interface=127.0.0.1 ({exc})") from None
@@ -37,16 +39,16 @@ class Listener(Service):
         self.port: Optional[IListeningPort] = None
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self._listen()
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if self.port is None:
             self._listen()
 
     def _listen(self) -> None:
-        endpoint = endpoints.serverFromString(self.reactor, self.description)
+        endpoint = endpoints.serverFromString(self.reactor, self.description)  # type: ignore[no-untyped-call]
         outcome: list[Any] = []
         endpoint.listen(self.factory).addBoth(outcome.append)
         if not outcome or isinstance(outcome[0], Failure):
@@ -63,8 +65,8 @@ class Listener(Service):
         if self.on_listen is not None:
             self.on_listen(self.port)
 
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> Optional[Deferred[None]]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         port, self.port = self.port, None
         if port is not None:
             return port.stopListening()

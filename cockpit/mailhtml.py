@@ -29,7 +29,7 @@ _WHITESPACE_RUN = re.compile(r"[\t \r\n]+")
 _LINE_WITH_CONTENT = re.compile(r"^(.*)", re.M)
 
 
-def _collapse_whitespace(match: re.Match) -> str:
+def _collapse_whitespace(match: re.Match[str]) -> str:
     run = match.group()
     return "\n" if "\n" in run or "\r" in run else " "
 
@@ -90,7 +90,8 @@ class SafeMarkdownConverter(MarkdownConverter):
     def convert_a(self, el: Any, text: str, parent_tags: Any) -> str:
         if "_noformat" in parent_tags:
             return text
-        prefix, suffix, text = chomp(text)
+        chomped: tuple[str, str, str] = chomp(text)  # markdownify's, unannotated
+        prefix, suffix, text = chomped
         if not text:
             return ""
         href = el.get("href")
@@ -134,7 +135,7 @@ class SafeMarkdownConverter(MarkdownConverter):
         # span, and a "|" in a table cell ends the cell. Such code is kept as escaped text.
         if "<" in text or ("_inline" in parent_tags and "|" in text):
             return self.escape(text, parent_tags)
-        return super().convert_code(el, text, parent_tags)  # type: ignore[misc]  # not in the stub
+        return super().convert_code(el, text, parent_tags)  # type: ignore[misc,no-any-return]  # not in the stub
 
     convert_kbd = convert_samp = convert_code
 
@@ -153,7 +154,7 @@ class SafeMarkdownConverter(MarkdownConverter):
     def convert_li(self, el: Any, text: str, parent_tags: Any) -> str:
         parent = el.parent
         if parent is None or parent.name != "ol":
-            return super().convert_li(el, text, parent_tags)  # type: ignore[misc]  # not in the stub
+            return super().convert_li(el, text, parent_tags)  # type: ignore[misc,no-any-return]  # not in the stub
         # markdownify counts each item's previous siblings: quadratic in a long list
         text = (text or "").strip()
         if not text:

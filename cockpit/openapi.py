@@ -56,13 +56,15 @@ import copy
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar, Union
 
 from pydantic import BaseModel, TypeAdapter
 
 from cockpit import events
 
 JSON = "application/json"
+Handler = TypeVar("Handler", bound=Callable[..., Any])  # a route's method, kept as it is by its declaration
 PATH_PARAM = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?}")
 
 
@@ -167,12 +169,13 @@ class RouteTable:
               query: Optional[type[BaseModel]] = None, body: Union[Body, type[BaseModel], None] = None,
               headers: Optional[dict[str, Param]] = None, responses: Optional[dict[int, Response]] = None,
               auth: bool = True, raw: bool = False, hidden: bool = False, branch: bool = False,
-              operation_id: Optional[str] = None, verify: Optional[Callable[..., None]] = None) -> Callable:
+              operation_id: Optional[str] = None,
+              verify: Optional[Callable[..., None]] = None) -> Callable[[Handler], Handler]:
         """Declare the decorated method as ``method path``; see the module docstring."""
         if body is not None and not isinstance(body, Body):
             body = Body(body)
 
-        def declare(function: Callable) -> Callable:
+        def declare(function: Handler) -> Handler:
             route = Route(method.upper(), path, function, summary, description,
                           tags if tags is not None else ((self.tag,) if self.tag else ()),
                           dict(params or {}), query, body, dict(headers or {}), dict(responses or {}),
@@ -187,16 +190,16 @@ class RouteTable:
 
         return declare
 
-    def get(self, path: str, **spec: Any) -> Callable:
+    def get(self, path: str, **spec: Any) -> Callable[[Handler], Handler]:
         return self.route("GET", path, **spec)
 
-    def post(self, path: str, **spec: Any) -> Callable:
+    def post(self, path: str, **spec: Any) -> Callable[[Handler], Handler]:
         return self.route("POST", path, **spec)
 
-    def put(self, path: str, **spec: Any) -> Callable:
+    def put(self, path: str, **spec: Any) -> Callable[[Handler], Handler]:
         return self.route("PUT", path, **spec)
 
-    def delete(self, path: str, **spec: Any) -> Callable:
+    def delete(self, path: str, **spec: Any) -> Callable[[Handler], Handler]:
         return self.route("DELETE", path, **spec)
 
 
@@ -464,4 +467,5 @@ def _bundle_file(name: str) -> bytes:
     """A file of the swagger-ui-bundle package: read once, not on the reactor thread per request."""
     from swagger_ui_bundle import swagger_ui_path
 
-    return (swagger_ui_path / name).read_bytes()
+    path: Path = swagger_ui_path / name  # the package has no annotations
+    return path.read_bytes()

@@ -53,7 +53,7 @@ class _Job:
     chunks: list[bytes]
     size: int
     envelope: Envelope
-    deferred: Deferred = field(default_factory=Deferred)
+    deferred: Deferred[EmailEvent] = field(default_factory=Deferred)
 
 
 class ParserProcess(ChildProcess):
@@ -182,7 +182,7 @@ class ParserPool(ChildPool[ParserProcess]):
                 "replaced": self.replaced}
 
     # -- parsing -----------------------------------------------------------
-    def parse(self, chunks: list[bytes], size: int, envelope: Envelope) -> Deferred:
+    def parse(self, chunks: list[bytes], size: int, envelope: Envelope) -> Deferred[EmailEvent]:
         """Fires with the message's EmailEvent; see the module's docstring for the failures."""
         self._ids += 1
         job = _Job(self._ids, chunks, sum(len(chunk) for chunk in chunks), envelope)

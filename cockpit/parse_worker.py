@@ -24,7 +24,7 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 IN_HEADER = struct.Struct(">QII")
 OUT_HEADER = struct.Struct(">QBI")
@@ -34,7 +34,7 @@ FLUSH_AFTER = 0.01  # seconds: outcomes of a batch wait at most this long for th
 READ_SIZE = 1 << 20
 
 
-def request(job_id: int, envelope: list, chunks: list[bytes], size: int) -> list[bytes]:
+def request(job_id: int, envelope: list[Any], chunks: list[bytes], size: int) -> list[bytes]:
     """The frame for one message, as pieces for ``writeSequence``."""
     meta = json.dumps(envelope, separators=(",", ":")).encode()
     return [IN_HEADER.pack(job_id, len(meta), size), meta, *chunks]
@@ -58,7 +58,7 @@ def serve(store_root: str, public_url: str, clock: WallClock) -> None:
     from cockpit.mailparse import Envelope, MessageRefused, parse_mail, unstuff
     from cockpit.store import Store
 
-    def to_stderr(event: dict) -> None:
+    def to_stderr(event: dict[str, Any]) -> None:
         text = eventAsText(event, includeTimestamp=False, includeSystem=False) or ""
         level = getattr(event.get("log_level"), "name", "info")
         sys.stderr.write("".join(f"{level}{LEVEL_MARK}{line}\n" for line in text.splitlines()))

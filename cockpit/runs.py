@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -90,7 +90,7 @@ def check_filters(filters: dict[str, Optional[str]]) -> dict[str, str]:
 class RunHistory(MultiService):
     """Where runs are recorded; a service that the robot starts and stops (see the module docstring)."""
 
-    def record(self, run: Run) -> Deferred:
+    def record(self, run: Run) -> Deferred[bool]:
         """Store a completed run; fires True once stored, False if refused.
 
         Refused: a run with the same id is recorded, or (a run with an event guid) one of the same
@@ -98,7 +98,7 @@ class RunHistory(MultiService):
         """
         raise NotImplementedError
 
-    def started(self, run: Run) -> Deferred:
+    def started(self, run: Run) -> Deferred[None]:
         """``run`` started: show it as running (once it has gone on a moment) until it is recorded or its
         process is gone; never fails.
 
@@ -106,26 +106,27 @@ class RunHistory(MultiService):
         """
         return defer.succeed(None)
 
-    def completed(self, event_guid: str) -> Deferred:
+    def completed(self, event_guid: str) -> Deferred[set[tuple[str, str, str]]]:
         """Fires with the set of ``Run.once_key`` already recorded for ``event_guid``."""
         raise NotImplementedError
 
-    def get(self, run_id: str) -> Deferred:
+    def get(self, run_id: str) -> Deferred[Optional[Run]]:
         """Fires with the Run (recorded, or shown running), or None."""
         raise NotImplementedError
 
-    def list(self, limit: int = 50, before: Optional[str] = None, **filters: Optional[str]) -> Deferred:
+    def list(self, limit: int = 50, before: Optional[str] = None,
+             **filters: Optional[str]) -> Deferred[List[Run]]:
         """Fires with up to ``limit`` runs with ids below ``before``, newest first, those shown running included.
 
         Filters (None for any): repo, service, action, state, event_guid.
         """
         raise NotImplementedError
 
-    def count(self, **filters: Optional[str]) -> Deferred:
+    def count(self, **filters: Optional[str]) -> Deferred[int]:
         """Fires with the number of recorded runs that match ``filters`` (those of :meth:`list`)."""
         raise NotImplementedError
 
-    def prune(self, now: Optional[float] = None) -> Deferred:
+    def prune(self, now: Optional[float] = None) -> Deferred[int]:
         """Drop runs made more than keep_days before ``now`` (the history's clock by default), then all
         but the newest keep_runs, each with its completion mark; fires with how many went."""
         raise NotImplementedError

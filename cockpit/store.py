@@ -24,6 +24,7 @@ from urllib.parse import quote
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.protocols.basic import FileSender
 from twisted.web import resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -117,7 +118,7 @@ class Store:
         self.reactor = reactor
 
     # -- writing ------------------------------------------------------------
-    def put(self, space: str, data: bytes, filename: str, content_type: str) -> Deferred:
+    def put(self, space: str, data: bytes, filename: str, content_type: str) -> Deferred[StoredFile]:
         """Store ``data`` off the reactor thread; fires with its :class:`StoredFile`."""
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                          self.put_now, space, data, filename, content_type)
@@ -203,7 +204,7 @@ class Store:
         handle.close()
         return stored
 
-    def get(self, space: str, digest: str) -> Deferred:
+    def get(self, space: str, digest: str) -> Deferred[Optional[StoredFile]]:
         """Fires with the :class:`StoredFile` of ``digest`` in ``space``, or None."""
         return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.lookup,
                                          [space, digest[:2], digest[2:4], digest])
@@ -219,7 +220,7 @@ class StoreResource(resource.Resource):
     isLeaf = True
 
     def __init__(self, store: Store):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.store = store
 
     def render_HEAD(self, request: Request) -> Any:
@@ -269,8 +270,12 @@ class StoreResource(resource.Resource):
                 request.finish()
 
         d.addBoth(done)
-        # a client that goes away stops the transfer
-        finished.addErrback(lambda _: sender.stopProducing() if sender.consumer else None)
+
+        def gone(_: Failure) -> None:  # a client that goes away stops the transfer
+            if sender.consumer:
+                sender.stopProducing()
+
+        finished.addErrback(gone)
 
     def _failed(self, failure: Any, request: Request) -> None:
         log.failure("store: serving {path} failed", failure, path=request.path.decode(errors="replace"))

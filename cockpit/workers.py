@@ -66,13 +66,13 @@ class Job:
     """One run to do: ``payload`` is what the worker gets (id, path, action, service, event)."""
 
     payload: dict[str, Any]
-    deferred: Deferred = field(default_factory=Deferred)
-    side_effects: list[Deferred] = field(default_factory=list)
+    deferred: Deferred[Outcome] = field(default_factory=Deferred)
+    side_effects: list[Deferred[Any]] = field(default_factory=list)
     on_start: Optional[Callable[[], None]] = None
 
     @property
     def id(self) -> str:
-        return self.payload["id"]
+        return str(self.payload["id"])
 
 
 class WorkerProcess(ChildProcess):
@@ -194,8 +194,8 @@ class WorkerPool(ChildPool[WorkerProcess]):
     child_name = "worker"
 
     def __init__(self, size: int, action_timeout: float, reactor: IReactorProcess,
-                 emit: Optional[Callable[[dict[str, Any]], Deferred]] = None,
-                 send_mail: Optional[Callable[[dict[str, Any]], Deferred]] = None,
+                 emit: Optional[Callable[[dict[str, Any]], Deferred[Any]]] = None,
+                 send_mail: Optional[Callable[[dict[str, Any]], Deferred[Any]]] = None,
                  batch: int = 32, clock: Optional[IReactorTime] = None, action_memory: int = ACTION_MEMORY):
         # a run that does not finish soon at a stop is killed; it will be redone after a restart
         super().__init__(size, reactor, clock, stop_grace=min(action_timeout, STOP_GRACE))
@@ -249,7 +249,7 @@ class WorkerPool(ChildPool[WorkerProcess]):
                 "running": sum(len(w.queue) for w in self.workers), "replaced": self.replaced}
 
     # -- jobs --------------------------------------------------------------
-    def submit(self, payload: dict[str, Any], on_start: Optional[Callable[[], None]] = None) -> Deferred:
+    def submit(self, payload: dict[str, Any], on_start: Optional[Callable[[], None]] = None) -> Deferred[Outcome]:
         """Queue a job (``payload`` has id, path, action, service, event); fires with its Outcome."""
         if not self.running:
             return defer.fail(WorkerPoolStopped("the worker pool is not running"))
