@@ -321,6 +321,7 @@ class ApiSite(Site):
     # Twisted annotates its HTTP/2-negotiating wrapper; an HTTPChannel class serves as well
     protocol = ApiChannel  # type: ignore[assignment]
     requestFactory = BoundedRequest
+    noisy = False  # the listener says where it listens; "Starting factory <...ApiSite object at 0x...>" says nothing
 
     def __init__(self, resource: Any, settings: ApiSection, metrics: Optional[NullMetrics] = None, **kwargs: Any):
         self.metrics = metrics if metrics is not None else NullMetrics()

@@ -223,3 +223,14 @@ class PlainTwistdLines(TestCase):
         yield running.proc.when_output(b"bus: Redis at")
         self.assertNotIn("Scheduling retry", running.log)
         self.assertNotIn("Discarding dead connection", running.log)
+
+    @inlineCallbacks
+    def test_a_real_twistd_logs_its_listeners_without_object_reprs(self):
+        from tests.cockpits import spawn_cockpit
+
+        running = spawn_cockpit(self)
+        yield running.proc.listening
+        yield running.proc.when_output(b"SMTP on 127.0.0.1:")
+        self.assertIn("REST API and dashboard on http://127.0.0.1:", running.log)
+        self.assertNotIn("Starting factory", running.log)  # "Starting factory <cockpit.web.ApiSite object at 0x...>"
+        self.assertNotIn(" object at 0x", running.log)
