@@ -19,7 +19,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Generator, Optional, Sequence, Union
 
 from twisted.application.service import MultiService
 from twisted.internet import task, threads
@@ -33,7 +33,7 @@ from cockpit.bus import Bus, Delivery
 from cockpit.config import Config
 from cockpit.events import Event, TelegramEvent
 from cockpit.telegram_api import ApiUnreachable, BadToken, BotApi, RetryAfter, TelegramError
-from cockpit.telegram_poll import UpdatePoller
+from cockpit.telegram_poll import BotState, UpdatePoller
 
 if TYPE_CHECKING:
     from cockpit.backends import Backend
@@ -103,15 +103,15 @@ class MessageSender:
         self.max_attempts = max_attempts
         self.backoff_cap = backoff_cap
         self.attempts = 0  # sendMessage calls made
-        self._wait_watchers: list[Deferred] = []
+        self._wait_watchers: list[Deferred[float]] = []
 
-    def next_wait(self) -> Deferred:
+    def next_wait(self) -> Deferred[float]:
         """Fires with the seconds of the next wait before a retry (after the timer is set)."""
-        d: Deferred = Deferred()
+        d: Deferred[float] = Deferred()
         self._wait_watchers.append(d)
         return d
 
-    def _wait(self, seconds: float) -> Deferred:
+    def _wait(self, seconds: float) -> Deferred[None]:
         sleep = task.deferLater(self.clock, seconds, lambda: None)
         watchers, self._wait_watchers = self._wait_watchers, []
         for d in watchers:
@@ -119,8 +119,8 @@ class MessageSender:
         return sleep
 
     @inlineCallbacks
-    def send(self, chat_id: Any, text: str, keyboard: Optional[dict[str, Any]] = None,
-             skip: int = 0, progress: Optional[Callable[[int], None]] = None):
+    def send(self, chat_id: Any, text: str, keyboard: Optional[dict[str, Any]] = None, skip: int = 0,
+             progress: Optional[Callable[[int], None]] = None) -> Generator[Deferred[Any], Any, list[dict[str, Any]]]:
         """Send ``text``; fires with the messages sent (the keyboard goes on the last one).
 
         ``skip`` leaves out pieces already sent by an earlier attempt; ``progress(n)`` is told
@@ -129,7 +129,7 @@ class MessageSender:
         if not text.strip():
             text = "(empty message)"
         pieces = split_text(text)
-        sent = []
+        sent: list[dict[str, Any]] = []
         for number, piece in enumerate(pieces):
             if number < skip:
                 continue
@@ -141,12 +141,14 @@ class MessageSender:
         return sent
 
     @inlineCallbacks
-    def _send_piece(self, chat_id: Any, escaped: str, markup: Optional[dict[str, Any]]):
+    def _send_piece(self, chat_id: Any, escaped: str,
+                    markup: Optional[dict[str, Any]]) -> Generator[Deferred[Any], Any, dict[str, Any]]:
         failures = 0
         while True:
             try:
                 self.attempts += 1
-                message = yield self.api.send_message(chat_id, escaped, parse_mode="HTML", reply_markup=markup)
+                message: dict[str, Any] = yield self.api.send_message(chat_id, escaped, parse_mode="HTML",
+                                                                      reply_markup=markup)
                 return message
             except RetryAfter as exc:
                 failures += 1
@@ -227,7 +229,7 @@ class ChatCommands:
     Its keyboards and checks ask ``catalog`` what repositories, blueprints and services there are.
     """
 
-    def __init__(self, api: BotApi, sender: MessageSender, bus: Bus, state: Any,
+    def __init__(self, api: BotApi, sender: MessageSender, bus: Bus, state: BotState,
                  allowed_users: Sequence[Union[int, str]], catalog: Catalog, clock: IReactorTime,
                  groups: Any = None, silences: Any = None):
         self.api = api
@@ -245,7 +247,7 @@ class ChatCommands:
 
     # -- entry point ---------------------------------------------------------------
     @inlineCallbacks
-    def handle_update(self, update: dict[str, Any]):
+    def handle_update(self, update: dict[str, Any]) -> Generator[Deferred[Any], Any, None]:
         if "callback_query" in update:
             yield self._callback(update["update_id"], update["callback_query"])
         elif "message" in update:
@@ -258,7 +260,7 @@ class ChatCommands:
                     update_id=update_id, bot_id=self.api.bot_id)
 
     @inlineCallbacks
-    def _allowed(self, user: dict[str, Any], chat: Chat):
+    def _allowed(self, user: dict[str, Any], chat: Chat) -> Generator[Deferred[Any], Any, bool]:
         if is_allowed(user, self.allowed_users):
             return True
         log.info("refused a command from Telegram user {user_id} (@{username}): not in [bot] allowed_users",
@@ -268,7 +270,7 @@ class ChatCommands:
         return False
 
     @inlineCallbacks
-    def _message(self, update_id: int, message: dict[str, Any]):
+    def _message(self, update_id: int, message: dict[str, Any]) -> Generator[Deferred[Any], Any, None]:
         user = message.get("from") or {}
         chat = self._chat(update_id, user, message.get("chat") or {})
         if user.get("is_bot") or not (yield self._allowed(user, chat)):
@@ -289,7 +291,7 @@ class ChatCommands:
             yield self.reply(chat, "I understand commands. /help lists them.")
 
     @inlineCallbacks
-    def _callback(self, update_id: int, query: dict[str, Any]):
+    def _callback(self, update_id: int, query: dict[str, Any]) -> Generator[Deferred[Any], Any, None]:
         user = query.get("from") or {}
         message = query.get("message") or {}
         chat = self._chat(update_id, user, message.get("chat") or {"id": user.get("id")})
@@ -309,7 +311,8 @@ class ChatCommands:
             yield self._guarded(chat, self.command(chat, data))
 
     @inlineCallbacks
-    def _group_button(self, query: dict[str, Any], user: dict[str, Any], chat: Chat, data: str):
+    def _group_button(self, query: dict[str, Any], user: dict[str, Any], chat: Chat,
+                      data: str) -> Generator[Deferred[Any], Any, None]:
         """Ack, Close or Silence 1h tapped on a notice: the same as the REST calls, by this user."""
         query_id = str(query.get("id"))
         if not is_allowed(user, self.allowed_users):
@@ -360,7 +363,7 @@ class ChatCommands:
         return self.clock.seconds()
 
     @inlineCallbacks
-    def _open_groups(self, chat: Chat, kind: str):
+    def _open_groups(self, chat: Chat, kind: str) -> Generator[Deferred[Any], Any, None]:
         """/ecos and /alarms: the open groups, latest first, each with its buttons."""
         from cockpit.notices import OPEN_STATES, notice_text
 
@@ -386,12 +389,12 @@ class ChatCommands:
                                    f"{kind}s?state=... lists them all.")
 
     @staticmethod
-    def _best_effort(d: Deferred, what: str) -> Deferred:
+    def _best_effort(d: Deferred[Any], what: str) -> Deferred[Any]:
         # e.g. a query older than Telegram keeps (after a restart): the command still counts
         return d.addErrback(lambda f: log.warn("{what} failed: {error}", what=what, error=f.getErrorMessage()))
 
     @inlineCallbacks
-    def _guarded(self, chat: Chat, work: Deferred):
+    def _guarded(self, chat: Chat, work: Deferred[Any]) -> Generator[Deferred[Any], Any, None]:
         try:
             yield work
         except CommandError as exc:
@@ -401,7 +404,8 @@ class ChatCommands:
 
     # -- replies and events ------------------------------------------------------------
     @inlineCallbacks
-    def reply(self, chat: Chat, text: str, buttons: Sequence[tuple[str, str]] = ()):
+    def reply(self, chat: Chat, text: str,
+              buttons: Sequence[tuple[str, str]] = ()) -> Generator[Deferred[Any], Any, None]:
         """Send ``text`` (with buttons) to the chat; a failure is logged, never raised."""
         try:
             yield self.sender.send(chat.chat_id, text, inline_keyboard(buttons) if buttons else None)
@@ -409,7 +413,8 @@ class ChatCommands:
             log.warn("could not reply to chat {chat}: {error}", chat=chat.chat_id, error=exc)
 
     @inlineCallbacks
-    def publish(self, chat: Chat, action: str, /, _index: int = 0, **args: Any):
+    def publish(self, chat: Chat, action: str, /, _index: int = 0,
+                **args: Any) -> Generator[Deferred[Any], Any, TelegramEvent]:
         """Publish a telegram input event for this update (BusUnavailable: the poller retries)."""
         event = TelegramEvent(io="input", action=action, source="telegram", guid=chat.guid(_index),
                               args={"chat_id": chat.chat_id, "username": chat.username,
@@ -420,25 +425,25 @@ class ChatCommands:
                  username=chat.username or chat.user_id, guid=event.guid)
         return event
 
-    def _in_thread(self, method: Callable[..., Any], *args: Any) -> Deferred:
+    def _in_thread(self, method: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return threads.deferToThread(method, *args)
 
     @inlineCallbacks
-    def _repo_snapshot(self, repo: str):
+    def _repo_snapshot(self, repo: str) -> Generator[Deferred[Any], Any, ays_repos.RepoSnapshot]:
         """What the catalog holds of ``repo``, current as of now; NotFound when there is none."""
-        catalog = yield self.catalog.view()
+        catalog: Catalog = yield self.catalog.view()
         return catalog.repo(repo)
 
     @inlineCallbacks
-    def _current_repo(self, chat: Chat):
-        repo = yield self.state.current_repo(chat.user_id)
+    def _current_repo(self, chat: Chat) -> Generator[Deferred[Any], Any, str]:
+        repo: Optional[str] = yield self.state.current_repo(chat.user_id)
         if not repo:
             raise CommandError(NO_REPO)
         return repo
 
     # -- commands -------------------------------------------------------------------
     @inlineCallbacks
-    def command(self, chat: Chat, text: str):
+    def command(self, chat: Chat, text: str) -> Generator[Deferred[Any], Any, None]:
         """Carry out one command line (from a message or a button)."""
         first, _, rest = text.partition("\n")
         words = first.split()
@@ -461,7 +466,7 @@ class ChatCommands:
             yield self.reply(chat, f"I do not know /{name}. /help lists what I can do.")
 
     @inlineCallbacks
-    def _repo(self, chat: Chat, args: list[str]):
+    def _repo(self, chat: Chat, args: list[str]) -> Generator[Deferred[Any], Any, None]:
         sub = args[0].lower() if args else ""
         name = " ".join(args[1:])
         if sub == "":
@@ -494,7 +499,7 @@ class ChatCommands:
             raise CommandError("/repo list, create NAME, select NAME or delete NAME")
 
     @inlineCallbacks
-    def _choose_repo(self, chat: Chat, sub: str):
+    def _choose_repo(self, chat: Chat, sub: str) -> Generator[Deferred[Any], Any, None]:
         catalog = yield self.catalog.view()
         known = catalog.repo_names()
         if not known:
@@ -502,7 +507,7 @@ class ChatCommands:
         yield self.reply(chat, f"Which repository shall I {sub}?", [(r, f"/repo {sub} {r}") for r in known])
 
     @inlineCallbacks
-    def _blueprint(self, chat: Chat, args: list[str], rest: str):
+    def _blueprint(self, chat: Chat, args: list[str], rest: str) -> Generator[Deferred[Any], Any, None]:
         sub = args[0].lower() if args else ""
         name = args[1] if len(args) > 1 else ""
         if sub == "":
@@ -536,7 +541,7 @@ class ChatCommands:
                                repo=repo, name=ays_repos.blueprint_name(name))
 
     @inlineCallbacks
-    def _create_blueprint(self, chat: Chat, repo: str, name: str, content: str):
+    def _create_blueprint(self, chat: Chat, repo: str, name: str, content: str) -> Generator[Deferred[Any], Any, None]:
         name = ays_repos.blueprint_name(name)
         if len(content.encode()) > ays_repos.MAX_BLUEPRINT:
             raise CommandError(f"The blueprint is larger than {ays_repos.MAX_BLUEPRINT} bytes.")
@@ -546,7 +551,7 @@ class ChatCommands:
         yield self.publish(chat, "bp.create", repo=repo, name=name, content=content)
 
     @inlineCallbacks
-    def _document(self, chat: Chat, document: dict[str, Any], caption: str):
+    def _document(self, chat: Chat, document: dict[str, Any], caption: str) -> Generator[Deferred[Any], Any, None]:
         words = caption.split()
         name = document.get("file_name") or ""
         if len(words) >= 3 and words[0].split("@")[0] in ("/blueprint", "/bp") and words[1] == "create":
@@ -572,7 +577,7 @@ class ChatCommands:
         yield self._create_blueprint(chat, repo, name, content)
 
     @inlineCallbacks
-    def _service(self, chat: Chat, args: list[str]):
+    def _service(self, chat: Chat, args: list[str]) -> Generator[Deferred[Any], Any, None]:
         sub = args[0].lower() if args else ""
         if sub == "":
             yield self.reply(chat, "Services: what shall I do?",
@@ -618,7 +623,7 @@ class ChatCommands:
             ays_repos.split_key(key)
 
     @inlineCallbacks
-    def _choose_service(self, chat: Chat, repo: str, sub: str, roles: bool):
+    def _choose_service(self, chat: Chat, repo: str, sub: str, roles: bool) -> Generator[Deferred[Any], Any, None]:
         snapshot = yield self._repo_snapshot(repo)
         keys = sorted(snapshot.services)
         if not keys:
@@ -630,7 +635,7 @@ class ChatCommands:
         yield self.reply(chat, f"Which service shall I {sub}?", buttons)
 
     @inlineCallbacks
-    def _choose_action(self, chat: Chat, repo: str, key: str):
+    def _choose_action(self, chat: Chat, repo: str, key: str) -> Generator[Deferred[Any], Any, None]:
         snapshot = yield self._repo_snapshot(repo)
         if key.startswith("@"):
             records = [s for s in snapshot.services.values() if s.role == key[1:]]
@@ -678,7 +683,7 @@ class TelegramNotices:
         self.chats = list(chats)
 
     @inlineCallbacks
-    def notify(self, kind: str, group: dict[str, Any], reason: str):
+    def notify(self, kind: str, group: dict[str, Any], reason: str) -> Generator[Deferred[Any], Any, None]:
         from cockpit.notices import notice_text
 
         text, keyboard = notice_text(kind, group, reason), group_buttons(kind, group)
@@ -700,10 +705,11 @@ def _http_client(reactor: Any) -> tuple[Any, Any]:
     import treq
     from twisted.web.client import Agent, HTTPConnectionPool
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = HTTPConnectionPool(reactor, persistent=True)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
     pool.maxPersistentPerHost = 4
     pool.retryAutomatically = False  # a getUpdates must not be sent twice behind our back
-    return treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool
+    # Twisted's own, unannotated
+    return treq.client.HTTPClient(Agent(reactor, pool=pool, connectTimeout=10)), pool  # type: ignore[no-untyped-call]
 
 
 class TelegramBot(MultiService):
@@ -717,7 +723,7 @@ class TelegramBot(MultiService):
                  clock: Optional[IReactorTime] = None, lease_ttl: float = 30.0,
                  output_max_age: float = 3600.0, catalog: Optional[Catalog] = None,
                  groups: Any = None, silences: Any = None):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if cfg.bot.token is None:
             raise ValueError("[bot] token is not set")
         clock = clock or reactor
@@ -732,19 +738,19 @@ class TelegramBot(MultiService):
         lease = backend.lease(self.api.bot_id, clock, lease_ttl)
         if catalog is None:  # a bot on its own: a view of the catalog of its own, started and stopped with it
             catalog = Catalog(backend.catalog_store(cfg.repos_dir, cfg.data_dir, clock), clock)
-            catalog.setName("ays-catalog")
-            catalog.setServiceParent(self)
+            catalog.setName("ays-catalog")  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
+            catalog.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.catalog = catalog
         self.commands = ChatCommands(self.api, self.sender, bus, self.state, cfg.bot.allowed_users, catalog,
                                      clock, groups=groups, silences=silences)
         self.poller = UpdatePoller(self.api, self.state, self.commands.handle_update, clock, lease=lease)
-        self.poller.setName("telegram-poller")
-        self.poller.setServiceParent(self)
+        self.poller.setName("telegram-poller")  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
+        self.poller.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.output_max_age = output_max_age
         self._progress: dict[str, int] = {}
         self.output = bus.consumer(OUTPUT_GROUP, self.deliver, types=["telegram"])
-        self.output.setName("telegram-output")
-        self.output.setServiceParent(self)
+        self.output.setName("telegram-output")  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
+        self.output.setServiceParent(self)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.notify_chats = list(cfg.bot.notify_chats)
         self.notices = TelegramNotices(self.sender, self.notify_chats)
         if not cfg.bot.allowed_users:
@@ -752,11 +758,11 @@ class TelegramBot(MultiService):
 
     def startService(self) -> None:
         log.info("Telegram bot {bot} on {url}", bot=self.api.bot_id, url=self.api.api_url)
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     @inlineCallbacks
-    def stopService(self):
-        yield super().stopService()
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        yield super().stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         yield self.api.close()
 
     def health(self) -> dict[str, Any]:
@@ -767,7 +773,7 @@ class TelegramBot(MultiService):
 
     # -- output -------------------------------------------------------------------
     @inlineCallbacks
-    def deliver(self, event: Event, delivery: Delivery):
+    def deliver(self, event: Event, delivery: Delivery) -> Generator[Deferred[Any], Any, None]:
         """Send an output ``message`` event to its chat; other telegram events are not ours."""
         if not isinstance(event, TelegramEvent) or event.io != "output" or event.action != "message":
             return

@@ -8,7 +8,7 @@ log line or an exception message.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, cast
+from typing import Any, Generator, Optional, TypeVar, cast
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectingCancelledError
@@ -21,6 +21,8 @@ from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import IResponse
 
 log = Logger()
+
+_T = TypeVar("_T")
 
 #: getUpdates waits this long on the server for updates (seconds).
 POLL_TIMEOUT = 30
@@ -84,9 +86,9 @@ class _BoundedBody(Protocol):
         self.limit = limit
         self.parts: list[bytes] = []
         self.size = 0
-        self.done: Deferred = Deferred(self._cancel)
+        self.done: Deferred[bytes] = Deferred(self._cancel)
 
-    def _cancel(self, _: Deferred) -> None:
+    def _cancel(self, _: Deferred[bytes]) -> None:
         if self.transport is not None:
             self._producer().stopProducing()
 
@@ -118,10 +120,10 @@ class _BoundedBody(Protocol):
             self.done.errback(reason)
 
 
-def read_body(response: IResponse, limit: int) -> Deferred:
+def read_body(response: IResponse, limit: int) -> Deferred[bytes]:
     """Fires with the body of ``response`` as bytes, or fails with BodyTooLarge past ``limit``."""
     collector = _BoundedBody(limit)
-    response.deliverBody(collector)
+    response.deliverBody(collector)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
     return collector.done
 
 
@@ -152,7 +154,7 @@ class BotApi:
         return f"<BotApi bot {self.bot_id} at {self.api_url}>"
 
     # -- plumbing ---------------------------------------------------------------
-    def _bounded(self, d: Deferred, seconds: float, method: str) -> Deferred:
+    def _bounded(self, d: Deferred[_T], seconds: float, method: str) -> Deferred[_T]:
         """``d``, cancelled after ``seconds`` on the injected clock and then failing as ApiUnreachable."""
         timer = self.clock.callLater(seconds, d.cancel)
         timed_out = [False]
@@ -172,7 +174,7 @@ class BotApi:
         return d.addBoth(settle).addErrback(translate)
 
     def call(self, method: str, params: Optional[dict[str, Any]] = None,
-             timeout: Optional[float] = None) -> Deferred:
+             timeout: Optional[float] = None) -> Deferred[Any]:
         """Call ``method``; fires with its ``result`` or fails with a :class:`TelegramError`.
 
         The returned Deferred can be cancelled (the request is then aborted).
@@ -181,7 +183,7 @@ class BotApi:
         return self._bounded(d, timeout if timeout is not None else self.call_timeout, method)
 
     @inlineCallbacks
-    def _call(self, method: str, params: dict[str, Any]):
+    def _call(self, method: str, params: dict[str, Any]) -> Generator[Deferred[Any], Any, Any]:
         url = f"{self.api_url}/bot{self._token}/{method}"
         try:
             response = yield self.http.post(url, json=params)
@@ -228,7 +230,7 @@ class BotApi:
     # -- methods ------------------------------------------------------------------
     def get_updates(self, offset: Optional[int], timeout: int = POLL_TIMEOUT,
                     allowed_updates: tuple[str, ...] = ("message", "callback_query"),
-                    limit: int = 100) -> Deferred:
+                    limit: int = 100) -> Deferred[list[dict[str, Any]]]:
         """Long-poll for updates from ``offset`` on; fires with a list of update dicts."""
         params: dict[str, Any] = {"timeout": timeout, "limit": limit,
                                   "allowed_updates": list(allowed_updates)}
@@ -237,7 +239,7 @@ class BotApi:
         return self.call("getUpdates", params, timeout=timeout + self.call_timeout)
 
     def send_message(self, chat_id: Any, text: str, parse_mode: Optional[str] = "HTML",
-                     reply_markup: Optional[dict[str, Any]] = None) -> Deferred:
+                     reply_markup: Optional[dict[str, Any]] = None) -> Deferred[dict[str, Any]]:
         params: dict[str, Any] = {"chat_id": chat_id, "text": text,
                                   "link_preview_options": {"is_disabled": True}}
         if parse_mode:
@@ -246,14 +248,14 @@ class BotApi:
             params["reply_markup"] = reply_markup
         return self.call("sendMessage", params)
 
-    def answer_callback_query(self, callback_query_id: str, text: Optional[str] = None) -> Deferred:
+    def answer_callback_query(self, callback_query_id: str, text: Optional[str] = None) -> Deferred[bool]:
         params: dict[str, Any] = {"callback_query_id": callback_query_id}
         if text:
             params["text"] = text
         return self.call("answerCallbackQuery", params)
 
     def edit_message_text(self, chat_id: Any, message_id: int, text: str, parse_mode: Optional[str] = "HTML",
-                          reply_markup: Optional[dict[str, Any]] = None) -> Deferred:
+                          reply_markup: Optional[dict[str, Any]] = None) -> Deferred[Any]:
         """Replace the text (and keyboard) of a message the bot sent."""
         params: dict[str, Any] = {"chat_id": chat_id, "message_id": message_id, "text": text,
                                   "link_preview_options": {"is_disabled": True}}
@@ -263,13 +265,13 @@ class BotApi:
             params["reply_markup"] = reply_markup
         return self.call("editMessageText", params)
 
-    def remove_keyboard(self, chat_id: Any, message_id: int) -> Deferred:
+    def remove_keyboard(self, chat_id: Any, message_id: int) -> Deferred[Any]:
         """Take the inline keyboard off a message the bot sent (editMessageReplyMarkup)."""
         return self.call("editMessageReplyMarkup", {"chat_id": chat_id, "message_id": message_id,
                                                     "reply_markup": {"inline_keyboard": []}})
 
     @inlineCallbacks
-    def download(self, file_id: str, limit: int):
+    def download(self, file_id: str, limit: int) -> Generator[Deferred[Any], Any, bytes]:
         """Fires with the bytes of a file sent to the bot (getFile, then the download)."""
         info = yield self.call("getFile", {"file_id": file_id})
         size = info.get("file_size")
@@ -280,15 +282,15 @@ class BotApi:
             raise BadRequest("getFile", "Telegram gave no file_path (is the file over 20 MB?)")
         url = f"{self.api_url}/file/bot{self._token}/{path}"
         d = self._download(url, limit)
-        content = yield self._bounded(d, self.call_timeout, "download")
+        content: bytes = yield self._bounded(d, self.call_timeout, "download")
         return content
 
     @inlineCallbacks
-    def _download(self, url: str, limit: int):
+    def _download(self, url: str, limit: int) -> Generator[Deferred[Any], Any, bytes]:
         try:
             response = yield self.http.get(url)
             if response.code != 200:
-                body = yield read_body(response, 64 * 1024)
+                body: bytes = yield read_body(response, 64 * 1024)
                 raise BadRequest("download", f"HTTP {response.code}: {body[:200].decode('utf-8', 'replace')}",
                                  response.code)
             body = yield read_body(response, limit)
@@ -303,11 +305,12 @@ class BotApi:
                                              f"{_safe(exc, self._token)}") from None
         return body
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         """Close the connection pool this client owns (if any)."""
         if self.pool is None:
             return defer.succeed(None)
-        return self.pool.closeCachedConnections()
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed
 
 
 def _cancelled(exc: BaseException) -> bool:

@@ -9,7 +9,7 @@ the embedded backend it lives in one JSON file in the data directory (:mod:`cock
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Generator, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
@@ -32,25 +32,25 @@ ALLOWED_UPDATES = ("message", "callback_query")
 class BotState:
     """What the bot remembers across restarts: the offset, each user's repo, who was refused."""
 
-    def load(self) -> Deferred:
+    def load(self) -> Deferred[None]:
         """Fires when the state can be used."""
         return defer.succeed(None)
 
-    def offset(self) -> Deferred:
+    def offset(self) -> Deferred[Optional[int]]:
         """Fires with the next update id to ask for, or None at the very start."""
         raise NotImplementedError
 
-    def save_offset(self, offset: int) -> Deferred:
+    def save_offset(self, offset: int) -> Deferred[None]:
         raise NotImplementedError
 
-    def current_repo(self, user_id: int) -> Deferred:
+    def current_repo(self, user_id: int) -> Deferred[Optional[str]]:
         """Fires with the repo ``user_id`` works in, or None."""
         raise NotImplementedError
 
-    def set_current_repo(self, user_id: int, repo: Optional[str]) -> Deferred:
+    def set_current_repo(self, user_id: int, repo: Optional[str]) -> Deferred[None]:
         raise NotImplementedError
 
-    def first_refusal(self, user_id: int) -> Deferred:
+    def first_refusal(self, user_id: int) -> Deferred[bool]:
         """Fires with True the first time it is asked about ``user_id``, False ever after."""
         raise NotImplementedError
 
@@ -70,15 +70,15 @@ class Lease:
 
     valid_until: float  # when this process's hold ends unless renewed; 0 when it does not hold the lease
 
-    def acquire(self) -> Deferred:
+    def acquire(self) -> Deferred[bool]:
         """Fires with whether this process holds the lease now."""
         raise NotImplementedError
 
-    def renew(self) -> Deferred:
+    def renew(self) -> Deferred[bool]:
         """Fires with whether this process still holds the lease (and extends it if so)."""
         raise NotImplementedError
 
-    def release(self) -> Deferred:
+    def release(self) -> Deferred[None]:
         raise NotImplementedError
 
 
@@ -114,16 +114,16 @@ class UpdatePoller(Service):
         self.handled = 0  # updates handled and stored
         self.status = "stopped"
         self._failures = 0
-        self._loop: Optional[Deferred] = None
-        self._poll: Optional[Deferred] = None
-        self._sleep: Optional[Deferred] = None
+        self._loop: Optional[Deferred[None]] = None
+        self._poll: Optional[Deferred[list[dict[str, Any]]]] = None
+        self._sleep: Optional[Deferred[None]] = None
         self._renewal: Optional[task.LoopingCall] = None
-        self._wait_watchers: list[Deferred] = []
-        self._handled_watchers: list[tuple[int, Deferred]] = []
+        self._wait_watchers: list[Deferred[tuple[str, float]]] = []
+        self._handled_watchers: list[tuple[int, Deferred[int]]] = []
 
     # -- lifetime ---------------------------------------------------------------------
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.status = "starting"
         self._loop = self._run()
         self._loop.addErrback(lambda f: log.failure("the Telegram poller stopped", f))
@@ -133,8 +133,8 @@ class UpdatePoller(Service):
             self._renewal.start(self.lease.ttl / 3, now=False)
 
     @inlineCallbacks
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if self._renewal is not None and self._renewal.running:
             self._renewal.stop()
         self._interrupt()
@@ -155,22 +155,22 @@ class UpdatePoller(Service):
                 d.cancel()
 
     # -- observing (tests, health) ------------------------------------------------------
-    def next_wait(self) -> Deferred:
+    def next_wait(self) -> Deferred[tuple[str, float]]:
         """Fires with ``(reason, seconds)`` when the poller next waits before polling again."""
-        d: Deferred = Deferred()
+        d: Deferred[tuple[str, float]] = Deferred()
         self._wait_watchers.append(d)
         return d
 
-    def when_handled(self, count: int) -> Deferred:
+    def when_handled(self, count: int) -> Deferred[int]:
         """Fires once ``count`` updates have been handled in all."""
         if self.handled >= count:
             return defer.succeed(self.handled)
-        d: Deferred = Deferred()
+        d: Deferred[int] = Deferred()
         self._handled_watchers.append((count, d))
         return d
 
     # -- the loop ------------------------------------------------------------------------
-    def _wait(self, seconds: float, reason: str) -> Deferred:
+    def _wait(self, seconds: float, reason: str) -> Deferred[None]:
         if not self.running:
             return defer.succeed(None)  # stopping: whatever went wrong, there is no next try
         self.status = f"waiting {seconds:g} s ({reason})"
@@ -184,10 +184,11 @@ class UpdatePoller(Service):
 
     def _backoff(self) -> float:
         self._failures += 1
-        return min(self.backoff_start * 2 ** (self._failures - 1), self.backoff_cap)
+        seconds: float = min(self.backoff_start * 2 ** (self._failures - 1), self.backoff_cap)
+        return seconds
 
     @inlineCallbacks
-    def _read_state(self, load: bool):
+    def _read_state(self, load: bool) -> Generator[Deferred[Any], Any, bool]:
         """Fires True once the offset has been read (and the state loaded, if asked); False when stopping."""
         while self.running:
             try:
@@ -203,7 +204,7 @@ class UpdatePoller(Service):
         return False
 
     @inlineCallbacks
-    def _run(self):
+    def _run(self) -> Generator[Deferred[Any], Any, None]:
         # with a lease, the offset is read each time it is taken: whoever held it before moved it on
         if not (yield self._read_state(load=True)):
             return  # stopped before the state could be read
@@ -253,7 +254,8 @@ class UpdatePoller(Service):
                 yield self._handle(update)
 
     @inlineCallbacks
-    def _take_lease(self):
+    def _take_lease(self) -> Generator[Deferred[Any], Any, bool]:
+        assert self.lease is not None  # the loop takes the lease only when there is one
         self.status = "standby"
         try:
             held = yield self.lease.acquire()
@@ -266,7 +268,7 @@ class UpdatePoller(Service):
         yield self._wait(self.lease.ttl / 3, "another process polls")
         return False
 
-    def _renew(self) -> Deferred:
+    def _renew(self) -> Deferred[None]:
         lease = self.lease
         assert lease is not None  # renewal runs only with a lease
         if not lease.valid_until:
@@ -287,7 +289,7 @@ class UpdatePoller(Service):
         return d.addCallbacks(renewed, failed)
 
     @inlineCallbacks
-    def _handle(self, update: dict[str, Any]):
+    def _handle(self, update: dict[str, Any]) -> Generator[Deferred[Any], Any, None]:
         update_id = update.get("update_id")
         if not isinstance(update_id, int):
             log.warn("ignored an update without an update_id")

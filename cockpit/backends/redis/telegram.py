@@ -5,7 +5,7 @@ Keys: ``ckpt.telegram.<what>.<bot id>`` (offset, repo, refused, lease).
 from __future__ import annotations
 
 import uuid
-from typing import Optional
+from typing import Any, Generator, Optional
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
@@ -34,21 +34,21 @@ class RedisBotState(BotState):
         self.repo_key = redis_key(bot_id, "repo")
         self.refused_key = redis_key(bot_id, "refused")
 
-    def offset(self) -> Deferred:
+    def offset(self) -> Deferred[Optional[int]]:
         return self.bus.execute("GET", self.offset_key).addCallback(lambda v: int(v) if v else None)
 
-    def save_offset(self, offset: int) -> Deferred:
+    def save_offset(self, offset: int) -> Deferred[None]:
         return self.bus.execute("SET", self.offset_key, str(offset))
 
-    def current_repo(self, user_id: int) -> Deferred:
+    def current_repo(self, user_id: int) -> Deferred[Optional[str]]:
         return self.bus.execute("HGET", self.repo_key, str(user_id)).addCallback(lambda v: v or None)
 
-    def set_current_repo(self, user_id: int, repo: Optional[str]) -> Deferred:
+    def set_current_repo(self, user_id: int, repo: Optional[str]) -> Deferred[None]:
         if repo is None:
             return self.bus.execute("HDEL", self.repo_key, str(user_id))
         return self.bus.execute("HSET", self.repo_key, str(user_id), repo)
 
-    def first_refusal(self, user_id: int) -> Deferred:
+    def first_refusal(self, user_id: int) -> Deferred[bool]:
         return self.bus.execute("SADD", self.refused_key, str(user_id)).addCallback(lambda n: int(n) == 1)
 
 
@@ -79,16 +79,17 @@ class RedisLease(Lease):
         return True
 
     @inlineCallbacks
-    def acquire(self):
+    def acquire(self) -> Generator[Deferred[Any], Any, bool]:
         """Fires with whether this process holds the lease now."""
         asked_at = self.clock.seconds()
         reply = yield self.bus.execute("SET", self.key, self.holder, "NX", "PX", str(int(self.ttl * 1000)))
         if reply is not None and str(reply).upper() == "OK":
             return self._granted(asked_at)
-        return (yield self.renew())
+        held: bool = yield self.renew()
+        return held
 
     @inlineCallbacks
-    def renew(self):
+    def renew(self) -> Generator[Deferred[Any], Any, bool]:
         """Fires with whether this process still holds the lease (and extends it if so)."""
         asked_at = self.clock.seconds()
         reply = yield self.bus.execute("EVAL", _RENEW, "1", self.key, self.holder, str(int(self.ttl * 1000)))
@@ -97,6 +98,6 @@ class RedisLease(Lease):
         self.valid_until = 0.0
         return False
 
-    def release(self) -> Deferred:
+    def release(self) -> Deferred[None]:
         self.valid_until = 0.0
         return self.bus.execute("EVAL", _RELEASE, "1", self.key, self.holder)
