@@ -17,6 +17,7 @@ from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from cockpit.backoff import doubling
 from cockpit.bus import BusUnavailable
 from cockpit.telegram_api import ApiUnreachable, BadToken, BotApi, Conflict, RetryAfter, TelegramError
 
@@ -184,8 +185,7 @@ class UpdatePoller(Service):
 
     def _backoff(self) -> float:
         self._failures += 1
-        seconds: float = min(self.backoff_start * 2 ** (self._failures - 1), self.backoff_cap)
-        return seconds
+        return doubling(self.backoff_start, self._failures, self.backoff_cap)
 
     @inlineCallbacks
     def _read_state(self, load: bool) -> Generator[Deferred[Any], Any, bool]:
@@ -304,7 +304,7 @@ class UpdatePoller(Service):
                 failures += 1
                 if not self.running:
                     return
-                seconds = min(self.backoff_start * 2 ** (failures - 1), self.backoff_cap)
+                seconds = doubling(self.backoff_start, failures, self.backoff_cap)
                 log.warn("cannot publish Telegram update {id} ({error}); retrying in {seconds} s",
                          id=update_id, error=exc, seconds=seconds)
                 yield self._wait(seconds, "bus unavailable")
@@ -323,7 +323,7 @@ class UpdatePoller(Service):
                     log.warn("stopped before the Telegram offset {offset} was stored; update {id} may be "
                              "handled again", offset=self.offset, id=update_id)
                     return
-                seconds = min(self.backoff_start * 2 ** (failures - 1), self.backoff_cap)
+                seconds = doubling(self.backoff_start, failures, self.backoff_cap)
                 log.warn("cannot store the Telegram offset ({error}); retrying in {seconds} s",
                          error=exc, seconds=seconds)
                 yield self._wait(seconds, "offset not stored")

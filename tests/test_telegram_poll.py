@@ -16,6 +16,7 @@ from cockpit.config import RedisSection
 from cockpit.telegram import TelegramBot
 from cockpit.backends.embedded.telegram import FileBotState
 from cockpit.backends.redis.telegram import RedisBotState, RedisLease, redis_key
+from cockpit.bus import BusUnavailable
 from cockpit.telegram_poll import UpdatePoller
 from tests.fake_telegram import FakeTelegram, FakeTelegramServer, User
 from tests.redis_server import shared_server, started_bus
@@ -189,6 +190,35 @@ class PollerTests(PollerHarness, TestCase):
         yield poller.when_handled(2)
         self.assertEqual(seen, [first, second])
         self.flushLoggedErrors(RuntimeError)
+
+    @inlineCallbacks
+    def test_a_bus_away_for_more_than_a_thousand_retries_still_keeps_the_update(self):
+        # 2 ** 1024 does not fit in a float: a doubling computed before its cap overflowed there
+        attempts = []
+
+        def handler(update):
+            attempts.append(update["update_id"])
+            if len(attempts) <= 1100:
+                raise BusUnavailable("Redis is away")
+
+        poller = self.poller(handler=handler)
+        update = self.fake.message(ALICE, "/help")["update_id"]
+        waiting = next_wait(poller)  # each retry comes within the clock's advance: watch before it
+        poller.startService()
+        waits = []
+        while len(attempts) <= 1100:
+            # the poller's loop ends only at a stop, or when it fails: then no wait would ever come
+            waited = yield defer.DeferredList([waiting, poller._loop], fireOnOneCallback=True,
+                                              fireOnOneErrback=True, consumeErrors=True)
+            self.assertEqual(0, waited[1], f"the poller's loop ended after {len(attempts)} attempts")
+            waits.append(waited[0][1])
+            waiting = next_wait(poller)
+            self.clock.advance(waits[-1])
+        yield poller.when_handled(1)
+        self.assertEqual({update}, set(attempts))
+        self.assertEqual([1, 2, 4, 8, 16, 30], waits[:6])
+        self.assertEqual({30}, set(waits[5:]))
+        self.assertTrue(poller.running)
 
 
 def bot_config(data_dir: str, api_url: str, redis_url=None, **bot):
