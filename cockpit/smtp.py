@@ -27,7 +27,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Union
 
 from markdownify import markdownify
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -303,6 +303,10 @@ class IncomingSMTP(smtp.ESMTP):
     # a TCP or TLS connection: its own push producer, with ``disconnecting`` and ``disconnected``,
     # which no one interface of Twisted declares
     transport: Any
+
+    if TYPE_CHECKING:
+        # Twisted's own, unannotated: its type, for the checker only, so that every reply is checked
+        def sendCode(self, code: int, message: bytes = b"") -> None: ...
 
     def __init__(self, factory: "IncomingMailFactory"):
         challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials} if factory.portal else {}
