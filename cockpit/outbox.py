@@ -34,7 +34,7 @@ MAIL_ORDER = "ckpt.mail.order"  # sorted set: mail id scored by the time it was 
 TERMINAL = frozenset({"sent", "failed"})
 PARKED_IDLE_MS = 86_400_000  # how idle a suspended mail's entry is made to look: past any claim_idle
 
-Take = Callable[["QueuedMail"], Deferred]
+Take = Callable[["QueuedMail"], Deferred[Any]]
 
 
 class MailQueueFull(Exception):
@@ -57,7 +57,8 @@ class QueuedMail:
 
     @property
     def id(self) -> str:
-        return self.record["id"]
+        mail_id: str = self.record["id"]  # from_json and MailSender.send make it a str
+        return mail_id
 
     def to_json(self) -> str:
         data: dict[str, Any] = {"id": self.id, "recipients": self.recipients, "record": self.record}
@@ -91,27 +92,27 @@ class QueuedMail:
 class Outbox:
     """The durable queue of outgoing mail; see the module docstring."""
 
-    def add(self, mail: QueuedMail) -> Deferred:
+    def add(self, mail: QueuedMail) -> Deferred[Any]:
         """Store ``mail``; fires once it is stored, or fails with MailQueueFull or BusUnavailable."""
         raise NotImplementedError
 
-    def update(self, record: dict[str, Any]) -> Deferred:
+    def update(self, record: dict[str, Any]) -> Deferred[Any]:
         """Store a changed record of a mail still to be sent (attempts, error, next try)."""
         raise NotImplementedError
 
-    def finish(self, mail: QueuedMail, dead_error: Optional[str] = None) -> Deferred:
+    def finish(self, mail: QueuedMail, dead_error: Optional[str] = None) -> Deferred[Any]:
         """Store the final record and drop the message; with ``dead_error``, keep it in ckpt.dead too."""
         raise NotImplementedError
 
-    def suspend(self, mail: QueuedMail) -> Deferred:
+    def suspend(self, mail: QueuedMail) -> Deferred[Any]:
         """This process stops before ``mail`` is finished: keep it (and its record) for the next taker."""
         raise NotImplementedError
 
-    def records(self, limit: int) -> Deferred:
+    def records(self, limit: int) -> Deferred[list[dict[str, Any]]]:
         """Fires with up to ``limit`` delivery records, newest first."""
         raise NotImplementedError
 
-    def record(self, mail_id: str) -> Deferred:
+    def record(self, mail_id: str) -> Deferred[Optional[dict[str, Any]]]:
         """Fires with the delivery record of ``mail_id``, or None."""
         raise NotImplementedError
 
@@ -119,6 +120,6 @@ class Outbox:
         """Hand every stored mail still to be sent, and each one added from now on, to ``take``."""
         raise NotImplementedError
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         """Stop handing out mail; fires once the mails handed out have been finished or suspended."""
         raise NotImplementedError

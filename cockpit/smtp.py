@@ -27,7 +27,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence, Union
 
 from markdownify import markdownify
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -62,6 +62,9 @@ MAX_COMMAND_LINE = 4096  # RFC 5321 allows 512; AUTH responses are longer
 MAX_WAITING = 256 << 10  # input kept while a message is handled, before reading stops
 MAX_AUTH_DELAY = 60.0  # seconds: the longest wait before a failed AUTH is answered
 MAX_TRACKED_PEERS = 10000  # client addresses whose failed AUTHs are counted; past it the oldest go
+
+# a received message that waits for its event: its chunks, its envelope, and what fires with its reply
+_Received = tuple[list[bytes], Envelope, Deferred[tuple[int, bytes]]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,15 +108,15 @@ class MailIngest:
         self.jobs = jobs
         self.batch_bytes = batch_bytes
         self.batch_count = batch_count
-        self._batch: list[tuple[list[bytes], Envelope, Deferred]] = []
+        self._batch: list[_Received] = []
         self._batch_size = 0
         self._flush_call: Any = None
         self._running = 0
         self.received = 0
 
-    def deliver(self, chunks: list[bytes], size: int, envelope: Envelope) -> Deferred:
+    def deliver(self, chunks: list[bytes], size: int, envelope: Envelope) -> Deferred[tuple[int, bytes]]:
         """Fires with ``(code, text)``: 250 once the event is on the bus, 451 or 5xx otherwise."""
-        d: Deferred = Deferred()
+        d: Deferred[tuple[int, bytes]] = Deferred()
         if size <= self.inline_bytes:
             try:
                 event = parse_mail(unstuff(chunks), envelope, NO_WRITES)  # type: ignore[arg-type]
@@ -156,18 +159,17 @@ class MailIngest:
         if self._batch and self._flush_call is None:
             self._flush()
 
-    def _job_failed(self, failure: Failure, batch: list) -> None:
+    def _job_failed(self, failure: Failure, batch: list[_Received]) -> None:
         self._parsed([failure] * len(batch), batch)
 
-    def _parsed(self, results: list, batch: list) -> None:
+    def _parsed(self, results: Sequence[Union[EmailEvent, Failure]], batch: list[_Received]) -> None:
         for result, (_, envelope, d) in zip(results, batch):
             if isinstance(result, Failure):
                 d.callback(self._refusal(result, envelope))
                 continue
             result.epoch = int(self.reactor.seconds())  # a mail carries no epoch: it is when it came
-            published = self.bus.publish(result)
-            published.addCallbacks(self._published, self._not_published,
-                                   callbackArgs=(result, envelope), errbackArgs=(envelope,))
+            published = self.bus.publish(result).addCallbacks(self._published, self._not_published,
+                                                              callbackArgs=(result, envelope), errbackArgs=(envelope,))
             published.chainDeferred(d)
 
     def _published(self, entry_id: Any, event: EmailEvent, envelope: Envelope) -> tuple[int, bytes]:
@@ -207,19 +209,22 @@ class _Submitter:
     def __init__(self, username: str):
         self.username = username
 
-    def receivedHeader(self, helo, origin, recipients):  # pragma: no cover - not used by our DATA
+    def receivedHeader(self, helo: tuple[bytes, bytes], origin: smtp.Address,  # pragma: no cover - not used by our DATA
+                       recipients: list[smtp.User]) -> None:
         return None
 
-    def validateFrom(self, helo, origin):  # pragma: no cover - the protocol validates
+    def validateFrom(self, helo: tuple[bytes, bytes],  # pragma: no cover - the protocol validates
+                     origin: smtp.Address) -> smtp.Address:
         return origin
 
-    def validateTo(self, user):  # pragma: no cover - the protocol validates
+    def validateTo(self, user: smtp.User) -> Callable[[], None]:  # pragma: no cover - the protocol validates
         return lambda: None
 
 
 @implementer(IRealm)
 class _SubmitterRealm:
-    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any):
+    def requestAvatar(self, avatar_id: Any, mind: Any,
+                      *interfaces: Any) -> tuple[type[smtp.IMessageDelivery], _Submitter, Callable[[], None]]:
         name = avatar_id.decode("utf-8", "replace") if isinstance(avatar_id, bytes) else str(avatar_id)
         return smtp.IMessageDelivery, _Submitter(name), lambda: None
 
@@ -233,7 +238,7 @@ class _UserChecker:
     def __init__(self, users: dict[str, str]):
         self.users = {name.encode(): password.encode() for name, password in users.items()}
 
-    def requestAvatarId(self, credentials: Any) -> Deferred:
+    def requestAvatarId(self, credentials: Any) -> Deferred[Union[bytes, tuple[()]]]:
         username = credentials.username or b""
         password = credentials.password or b""
         expected = self.users.get(username)
@@ -303,10 +308,15 @@ class IncomingSMTP(smtp.ESMTP):
     # a TCP or TLS connection: its own push producer, with ``disconnecting`` and ``disconnected``,
     # which no one interface of Twisted declares
     transport: Any
+    host: bytes  # the name it greets with; Twisted's SMTP sets it untyped
+
+    if TYPE_CHECKING:
+        # Twisted's own, unannotated: its type, for the checker only, so that every reply is checked
+        def sendCode(self, code: int, message: bytes = b"") -> None: ...
 
     def __init__(self, factory: "IncomingMailFactory"):
         challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials} if factory.portal else {}
-        super().__init__(challengers, factory.tls)
+        super().__init__(challengers, factory.tls)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.mail_factory = factory
         self.portal = factory.portal
         self.host = factory.mail.hostname.encode("idna") if factory.mail.hostname.isascii() \
@@ -324,10 +334,10 @@ class IncomingSMTP(smtp.ESMTP):
         self._tail = b""
         self._too_big = False
         self._envelope: Optional[Envelope] = None
-        self.closed: list[Deferred] = []
+        self.closed: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if ISSLTransport.providedBy(self.transport):
             self.startedTLS = True  # a listener on ssl:465 is encrypted from the start
 
@@ -348,7 +358,7 @@ class IncomingSMTP(smtp.ESMTP):
         return ext
 
     def ext_STARTTLS(self, rest: bytes) -> None:
-        super().ext_STARTTLS(rest)
+        super().ext_STARTTLS(rest)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if self.startedTLS:
             # RFC 3207: forget the plain-text dialogue, and any plain text pipelined behind STARTTLS
             self._tls_just_started = True
@@ -426,7 +436,7 @@ class IncomingSMTP(smtp.ESMTP):
         return True
 
     def _cbAuthenticated(self, loginInfo: Any) -> None:
-        super()._cbAuthenticated(loginInfo)
+        super()._cbAuthenticated(loginInfo)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.user = loginInfo[1].username
         log.info("SMTP client {peer} authenticated as {user}", peer=self._peer(), user=self.user)
         if self._connected():
@@ -499,7 +509,8 @@ class IncomingSMTP(smtp.ESMTP):
                               % self.mail_factory.mail.max_size)
                 return
         try:
-            self._from = smtp.Address(match.group("path"), self.host)
+            # Twisted's own, unannotated
+            self._from = smtp.Address(match.group("path"), self.host)  # type: ignore[no-untyped-call]
         except smtp.AddressError as exc:
             self.sendCode(553, str(exc).encode("utf-8", "replace"))
             return
@@ -514,7 +525,8 @@ class IncomingSMTP(smtp.ESMTP):
             self.sendCode(501, b"Syntax error")
             return
         try:
-            user = smtp.User(match.group("path"), self._helo, self, self._from)
+            # Twisted's own, unannotated
+            user = smtp.User(match.group("path"), self._helo, self, self._from)  # type: ignore[no-untyped-call]
         except smtp.AddressError as exc:
             self.sendCode(553, str(exc).encode("utf-8", "replace"))
             return
@@ -526,13 +538,15 @@ class IncomingSMTP(smtp.ESMTP):
         self._to.append((user, accepted))
         self.sendCode(250, b"Recipient address accepted")
 
-    def validateTo(self, user: smtp.User) -> Any:
+    def validateTo(self, user: smtp.User) -> Callable[[], None]:
         if len(self._to) >= MAX_RECIPIENTS:
-            raise smtp.SMTPServerError(452, "4.5.3 Too many recipients")
+            # Twisted's own, unannotated
+            raise smtp.SMTPServerError(452, "4.5.3 Too many recipients")  # type: ignore[no-untyped-call]
         domains = self.mail_factory.domains
         domain = user.dest.domain.decode("utf-8", "replace").lower().rstrip(".")
         if domains and domain not in domains:
-            raise smtp.SMTPBadRcpt(str(user.dest), 550,
+            # Twisted's own, unannotated
+            raise smtp.SMTPBadRcpt(str(user.dest), 550,  # type: ignore[no-untyped-call]
                                    f"5.1.1 <{user.dest}>: recipient not accepted here, "
                                    f"this server takes mail for {', '.join(sorted(domains))}")
         return lambda: None
@@ -555,7 +569,7 @@ class IncomingSMTP(smtp.ESMTP):
 
     # -- input ------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        self.resetTimeout()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if self.mode == RAWDATA:
             self._data_received(data)
             return
@@ -595,7 +609,7 @@ class IncomingSMTP(smtp.ESMTP):
             if len(line) > MAX_COMMAND_LINE:
                 self.lineLengthExceeded(line)
                 return
-            self.lineReceived(line)
+            self.lineReceived(line)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
             if self._tls_just_started:
                 self._tls_just_started = False
                 self._pending = b""
@@ -703,17 +717,17 @@ class IncomingSMTP(smtp.ESMTP):
         if self._auth_answer is not None and self._auth_answer.active():
             self._auth_answer.cancel()
         self._auth_answer = None
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.mail_factory.connections.discard(self)
         closed, self.closed = self.closed, []
         for d in closed:
             d.callback(None)
 
-    def when_closed(self) -> Deferred:
+    def when_closed(self) -> Deferred[None]:
         """Fires once this connection is gone."""
         if self.transport is None or getattr(self.transport, "disconnected", False):
             return defer.succeed(None)
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self.closed.append(d)
         return d
 
@@ -742,7 +756,7 @@ class IncomingMailFactory(protocol.ServerFactory):
         self.connections.add(p)
         return p
 
-    def when_idle(self) -> Deferred:
+    def when_idle(self) -> Deferred[list[None]]:
         """Fires once every open connection has closed (for an orderly stop)."""
         return defer.gatherResults([p.when_closed() for p in list(self.connections)])
 
@@ -755,7 +769,8 @@ def server_tls(mail: MailSection) -> Any:
         pem = Path(mail.tls_cert).read_bytes()  # type: ignore[arg-type]
         if mail.tls_key:
             pem += b"\n" + Path(mail.tls_key).read_bytes()
-        return ssl.PrivateCertificate.loadPEM(pem).options()
+        # Twisted's own, unannotated
+        return ssl.PrivateCertificate.loadPEM(pem).options()  # type: ignore[no-untyped-call]
     except Exception as exc:  # OSError, or OpenSSL's opinion of the PEM
         raise SystemExit(f"cockpit: [mail] tls_cert: cannot use {mail.tls_cert} "
                          f"(with tls_key {mail.tls_key}) for STARTTLS: {exc}") from None
@@ -817,14 +832,18 @@ def build_message(mail: OutgoingMail, sender: str, message_id: str, now: float) 
     return msg
 
 
+# what the relay's answer fires with: how many recipients it took, and (address, code, reply) for each
+_Sent = tuple[int, list[Any]]
+
+
 @dataclass
 class _Delivering:
     """A mail this process is delivering: its next attempt's timer, or the attempt under way."""
 
     mail: QueuedMail
-    done: Deferred  # fires once the outbox has booked the mail finished or suspended
+    done: Deferred[Any]  # fires once the outbox has booked the mail finished or suspended
     timer: Any = None
-    attempt: Optional[Deferred] = None
+    attempt: Optional[Deferred[_Sent]] = None
     stopping: bool = False
 
 
@@ -846,8 +865,8 @@ class MailSender(Service):
         self.outbox = outbox
         self._slots = defer.DeferredSemaphore(concurrency)  # attempts under way at once
         self._delivering: dict[str, _Delivering] = {}
-        self._watchers: dict[str, list[Deferred]] = {}
-        self._schedule_watchers: dict[str, list[Deferred]] = {}
+        self._watchers: dict[str, list[Deferred[dict[str, Any]]]] = {}
+        self._schedule_watchers: dict[str, list[Deferred[float]]] = {}
         self._tls = self._client_tls() if (relay.starttls or relay.tls) else None
 
     def _client_tls(self) -> Any:
@@ -862,7 +881,7 @@ class MailSender(Service):
         return ssl.optionsForClientTLS(self.relay.host, trustRoot=trust)
 
     # -- API ---------------------------------------------------------------------
-    def send(self, mail: OutgoingMail) -> Deferred:
+    def send(self, mail: OutgoingMail) -> Deferred[dict[str, Any]]:
         """Store ``mail`` for the relay; fires with its delivery record once it is stored (not once delivered).
 
         Fails with MailQueueFull when too many mails wait, with BusUnavailable when it cannot be stored.
@@ -883,11 +902,11 @@ class MailSender(Service):
 
         return self.outbox.add(QueuedMail(record, list(mail.to) + list(mail.cc), raw)).addCallback(stored)
 
-    def deliveries(self, limit: int = 50) -> Deferred:
+    def deliveries(self, limit: int = 50) -> Deferred[list[dict[str, Any]]]:
         """Fires with the delivery records, newest first."""
         return self.outbox.records(limit)
 
-    def get(self, mail_id: str) -> Deferred:
+    def get(self, mail_id: str) -> Deferred[Optional[dict[str, Any]]]:
         """Fires with the delivery record of ``mail_id``, or None."""
         return self.outbox.record(mail_id)
 
@@ -896,11 +915,11 @@ class MailSender(Service):
 
     # -- lifetime ----------------------------------------------------------------------
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.outbox.start(self._take)
 
-    def stopService(self) -> Any:
-        super().stopService()
+    def stopService(self) -> Deferred[list[tuple[bool, Any]]]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         stopped = self.outbox.stop()  # first: no more mail is handed out
         left = list(self._delivering.values())
         if left:
@@ -915,7 +934,7 @@ class MailSender(Service):
         return defer.DeferredList([stopped, *(d.done for d in left)], consumeErrors=True)
 
     # -- delivery ----------------------------------------------------------------
-    def _take(self, mail: QueuedMail) -> Deferred:
+    def _take(self, mail: QueuedMail) -> Deferred[Any]:
         """Deliver ``mail`` until it is sent, has failed, or this sender stops."""
         if not self.running:
             return defer.fail(RuntimeError("the mail sender is stopped"))
@@ -943,17 +962,17 @@ class MailSender(Service):
         d = delivering.attempt = self._slots.run(self._send_once, delivering)
         d.addCallbacks(self._sent, self._failed, callbackArgs=(delivering,), errbackArgs=(delivering,))
 
-    def _send_once(self, delivering: _Delivering) -> Deferred:
+    def _send_once(self, delivering: _Delivering) -> Deferred[_Sent]:
         record = delivering.mail.record
         record["attempts"] += 1
         assert delivering.mail.raw is not None
         return self._deliver(delivering.mail.recipients, delivering.mail.raw)
 
-    def _deliver(self, recipients: list[str], raw: bytes) -> Deferred:
+    def _deliver(self, recipients: list[str], raw: bytes) -> Deferred[_Sent]:
         relay = self.relay
-        result: Deferred = Deferred(lambda _: factory.currentProtocol.transport.abortConnection()
-                                    if factory.currentProtocol else connector.disconnect())
-        factory = smtp.ESMTPSenderFactory(
+        result: Deferred[_Sent] = Deferred(lambda _: factory.currentProtocol.transport.abortConnection()
+                                           if factory.currentProtocol else connector.disconnect())
+        factory = smtp.ESMTPSenderFactory(  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
             relay.username.encode() if relay.username else None,
             relay.password.encode() if relay.password else None,
             relay.sender, [r.encode() for r in recipients], BytesIO(raw), result,
@@ -1046,14 +1065,14 @@ class MailSender(Service):
         for d in self._watchers.pop(record["id"], []):
             d.callback(record)
 
-    def next_outcome(self, mail_id: str) -> Deferred:
+    def next_outcome(self, mail_id: str) -> Deferred[dict[str, Any]]:
         """Fires with the record once the next delivery attempt of ``mail_id`` here has ended and is stored."""
-        d: Deferred = Deferred()
+        d: Deferred[dict[str, Any]] = Deferred()
         self._watchers.setdefault(mail_id, []).append(d)
         return d
 
-    def next_schedule(self, mail_id: str) -> Deferred:
+    def next_schedule(self, mail_id: str) -> Deferred[float]:
         """Fires with the delay in seconds once the next attempt of ``mail_id`` is scheduled here."""
-        d: Deferred = Deferred()
+        d: Deferred[float] = Deferred()
         self._schedule_watchers.setdefault(mail_id, []).append(d)
         return d

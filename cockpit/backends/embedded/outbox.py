@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
@@ -16,6 +16,8 @@ from cockpit.files import is_unfinished, write_atomically
 from cockpit.outbox import TERMINAL, MailQueueFull, Outbox, QueuedMail, Take
 
 log = Logger()
+
+_T = TypeVar("_T")
 
 _SPOOL_NAME = re.compile(r"^[0-9a-f]{32}\.json$")
 
@@ -56,11 +58,11 @@ class SpoolOutbox(Outbox):
         self._mails: "OrderedDict[str, QueuedMail]" = OrderedDict()  # oldest first
         self._disk = defer.DeferredLock()  # one disk operation at a time: writes of a file stay in order
         self._loading = False
-        self._load_waiters: list[Deferred] = []
+        self._load_waiters: list[Deferred[None]] = []
         self._take: Optional[Take] = None
 
     # -- disk, in a thread ------------------------------------------------------------------
-    def _on_disk(self, work: Callable[..., Any], *args: Any) -> Deferred:
+    def _on_disk(self, work: Callable[..., _T], *args: Any) -> Deferred[Optional[_T]]:
         if self.directory is None:
             return defer.succeed(None)
         return self._disk.run(threads.deferToThreadPool, self.reactor, self.reactor.getThreadPool(),
@@ -70,13 +72,13 @@ class SpoolOutbox(Outbox):
         assert self.directory is not None
         return self.directory / f"{mail_id}.json"
 
-    def _save(self, mail: QueuedMail) -> Deferred:
+    def _save(self, mail: QueuedMail) -> Deferred[None]:
         # the record is copied now: the delivery goes on changing it while the thread writes
         snapshot = QueuedMail(dict(mail.record), mail.recipients, mail.raw)
         return self._on_disk(lambda: write_atomically(self._path(mail.id), snapshot.to_json().encode("utf-8")))
 
     # -- Outbox ---------------------------------------------------------------------------------
-    def add(self, mail: QueuedMail) -> Deferred:
+    def add(self, mail: QueuedMail) -> Deferred[None]:
         queued = sum(1 for m in self._mails.values() if m.raw is not None)
         if queued >= self.max_queued:
             return defer.fail(MailQueueFull(f"{queued} mails are waiting for the relay; try again later"))
@@ -93,14 +95,14 @@ class SpoolOutbox(Outbox):
 
         return self._save(mail).addCallbacks(stored, unwritable)
 
-    def update(self, record: dict[str, Any]) -> Deferred:
+    def update(self, record: dict[str, Any]) -> Deferred[None]:
         mail = self._mails.get(record["id"])
         if mail is None:
             return defer.succeed(None)
         mail.record = record
         return self._save(mail)
 
-    def finish(self, mail: QueuedMail, dead_error: Optional[str] = None) -> Deferred:
+    def finish(self, mail: QueuedMail, dead_error: Optional[str] = None) -> Deferred[None]:
         # the record stays (the mail's own file, now without the message); a failed mail's
         # record says why, which is what ckpt.dead would keep for it
         mail.raw = None
@@ -109,7 +111,7 @@ class SpoolOutbox(Outbox):
         self._trim()
         return d
 
-    def suspend(self, mail: QueuedMail) -> Deferred:
+    def suspend(self, mail: QueuedMail) -> Deferred[None]:
         return self._save(mail)
 
     def _trim(self) -> None:
@@ -119,19 +121,19 @@ class SpoolOutbox(Outbox):
             if self.directory is not None:
                 self._on_disk(self._path(mail_id).unlink, True).addErrback(_remove_failed, mail_id)
 
-    def _loaded(self) -> Deferred:
+    def _loaded(self) -> Deferred[None]:
         """Fires once the spool has been read (at once when it is not being read)."""
         if not self._loading:
             return defer.succeed(None)
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._load_waiters.append(d)
         return d
 
-    def records(self, limit: int) -> Deferred:
+    def records(self, limit: int) -> Deferred[list[dict[str, Any]]]:
         return self._loaded().addCallback(lambda _: [dict(m.record) for m in
                                                    list(reversed(self._mails.values()))[:max(limit, 0)]])
 
-    def record(self, mail_id: str) -> Deferred:
+    def record(self, mail_id: str) -> Deferred[Optional[dict[str, Any]]]:
         def find(_: Any) -> Optional[dict[str, Any]]:
             mail = self._mails.get(mail_id)
             return dict(mail.record) if mail is not None else None
@@ -178,7 +180,7 @@ class SpoolOutbox(Outbox):
         assert self._take is not None
         self._take(mail).addErrback(lambda f: log.failure("mail {id}: delivery failed", f, id=mail.id))
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         self._take = None
         return self._loaded()
 

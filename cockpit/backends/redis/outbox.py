@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import txredisapi
 from twisted.internet import defer
@@ -55,7 +55,7 @@ class RedisOutbox(Outbox):
         self.consumer_name: Optional[str] = None
         self._take: Optional[Take] = None
 
-    def add(self, mail: QueuedMail) -> Deferred:
+    def add(self, mail: QueuedMail) -> Deferred[int]:
         d = self.bus.execute("EVAL", _ADD, "3", MAIL_STREAM, MAIL_RECORDS, MAIL_ORDER,
                              mail.id, json.dumps(mail.record), mail.to_json(),
                              repr(mail.record["queued"]), str(self.history), str(self.max_queued))
@@ -69,10 +69,10 @@ class RedisOutbox(Outbox):
 
         return d.addErrback(refused)
 
-    def update(self, record: dict[str, Any]) -> Deferred:
+    def update(self, record: dict[str, Any]) -> Deferred[int]:
         return self.bus.execute("HSET", MAIL_RECORDS, record["id"], json.dumps(record))
 
-    def finish(self, mail: QueuedMail, dead_error: Optional[str] = None) -> Deferred:
+    def finish(self, mail: QueuedMail, dead_error: Optional[str] = None) -> Deferred[list[Any]]:
         commands: list[tuple[str, ...]] = [("HSET", MAIL_RECORDS, mail.id, json.dumps(mail.record))]
         if dead_error is not None:
             commands.append(("XADD", DEAD_LETTER_STREAM, "MAXLEN", "~", str(self.bus.stream_maxlen), "*",
@@ -82,7 +82,7 @@ class RedisOutbox(Outbox):
             commands += [("XACK", MAIL_STREAM, MAIL_GROUP, mail.entry), ("XDEL", MAIL_STREAM, mail.entry)]
         return self.bus.transaction(*commands)
 
-    def suspend(self, mail: QueuedMail) -> Deferred:
+    def suspend(self, mail: QueuedMail) -> Deferred[None]:
         # The entry stays pending, made to look long idle so that the next reclaim (this
         # process's next start, or any other process's next round) takes it over. A new entry
         # would not do: the blocking read of the consumer being stopped could still get it.
@@ -99,11 +99,11 @@ class RedisOutbox(Outbox):
 
         return self.bus.transaction(*commands).addCallback(parked)
 
-    def records(self, limit: int) -> Deferred:
+    def records(self, limit: int) -> Deferred[list[dict[str, Any]]]:
         if limit <= 0:
             return defer.succeed([])
 
-        def fetch(ids: list[str]) -> Any:
+        def fetch(ids: list[str]) -> Union[list[dict[str, Any]], Deferred[list[dict[str, Any]]]]:
             if not ids:
                 return []
             return self.bus.execute("HMGET", MAIL_RECORDS, *ids).addCallback(
@@ -111,29 +111,30 @@ class RedisOutbox(Outbox):
 
         return self.bus.execute("ZREVRANGE", MAIL_ORDER, "0", str(limit - 1)).addCallback(fetch)
 
-    def record(self, mail_id: str) -> Deferred:
+    def record(self, mail_id: str) -> Deferred[Optional[dict[str, Any]]]:
         return self.bus.execute("HGET", MAIL_RECORDS, mail_id).addCallback(
             lambda text: json.loads(text) if text else None)
 
     def start(self, take: Take) -> None:
         self._take = take
-        self.consumer = self.bus.consumer(MAIL_GROUP, self._handle, types=("mail.out",),
-                                          concurrency=self.concurrency, drain_timeout=self.drain_timeout,
-                                          decode=QueuedMail.from_json)
+        # RedisBus.consumer is not annotated yet
+        self.consumer = self.bus.consumer(  # type: ignore[no-untyped-call]
+            MAIL_GROUP, self._handle, types=("mail.out",), concurrency=self.concurrency,
+            drain_timeout=self.drain_timeout, decode=QueuedMail.from_json)
         self.consumer_name = self.consumer.consumer_name
         self.consumer.startService()
         # mails put back at a stop, or left by a crash, are taken at once, not a claim interval later
         self.consumer.reclaim().addErrback(
             lambda f: log.warn("mail outbox: first reclaim failed: {error}", error=f.getErrorMessage()))
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         consumer, self.consumer = self.consumer, None
         return defer.maybeDeferred(consumer.stopService) if consumer is not None else defer.succeed(None)
 
-    def _handle(self, mail: QueuedMail, delivery: Delivery) -> Deferred:
+    def _handle(self, mail: QueuedMail, delivery: Delivery) -> Deferred[Any]:
         mail.entry, mail.deliveries = delivery.id, delivery.deliveries
 
-        def take(stored: Optional[dict[str, Any]]) -> Any:
+        def take(stored: Optional[dict[str, Any]]) -> Deferred[Any]:
             if stored is not None and stored.get("id") == mail.id:
                 mail.record = stored  # newer than the entry's copy: attempts made since it was written
             if mail.record.get("state") in TERMINAL:
