@@ -24,7 +24,7 @@ Unavailable before the first load.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Generator, Optional, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import defer, task, threads
@@ -38,6 +38,8 @@ from cockpit.bus import BusUnavailable
 from cockpit.repos import NEW_STATUS, Invalid, NotFound, RepoSnapshot, ServiceRecord, Template, Unavailable
 
 log = Logger()
+
+_T = TypeVar("_T")
 
 CHANGES_PER_READ = 1000  # feed entries applied per round trip when catching up
 LOAD_WAIT = 10.0  # seconds a request made right after the start waits for the first load
@@ -109,67 +111,68 @@ class CatalogStore:
     def start(self) -> None:
         """Open what the store needs (connections of its own)."""
 
-    def stop(self) -> Deferred:
+    def stop(self) -> Deferred[None]:
         """Write what is still pending, then close."""
         return defer.succeed(None)
 
-    def flush(self) -> Deferred:
+    def flush(self) -> Deferred[None]:
         """Fires once every state given to :meth:`set_states` so far is stored."""
         return defer.succeed(None)
 
     def describe(self) -> str:
         raise NotImplementedError
 
-    def load(self) -> Deferred:
+    def load(self) -> Deferred[Loaded]:
         """Fires with Loaded: every repository, and the feed position the load is consistent with."""
         raise NotImplementedError
 
-    def changes(self, after: Position, limit: int) -> Deferred:
+    def changes(self, after: Position, limit: int) -> Deferred[Changes]:
         """Fires with the Changes after ``after`` (at most ``limit`` entries)."""
         raise NotImplementedError
 
-    def wait_for_change(self, after: Position) -> Deferred:
+    def wait_for_change(self, after: Position) -> Deferred[None]:
         """Fires when the feed has an entry after ``after``, or after a while without one."""
         raise NotImplementedError
 
-    def create_repo(self, repo: str, created: float) -> Deferred:
+    def create_repo(self, repo: str, created: float) -> Deferred[RepoMeta]:
         """Fires with the new repository's RepoMeta; Conflict when it exists."""
         raise NotImplementedError
 
-    def delete_repo(self, repo: str) -> Deferred:
+    def delete_repo(self, repo: str) -> Deferred[object]:
         raise NotImplementedError
 
-    def put_template(self, repo: str, name: str, files: dict[str, str]) -> Deferred:
+    def put_template(self, repo: str, name: str, files: dict[str, str]) -> Deferred[tuple[Template, bool]]:
         """Check, parse and store a template's files (replacing them all); fires (Template, created)."""
         raise NotImplementedError
 
-    def read_template_files(self, repo: str, name: str) -> Deferred:
+    def read_template_files(self, repo: str, name: str) -> Deferred[dict[str, str]]:
         raise NotImplementedError
 
-    def read_blueprint(self, repo: str, name: str) -> Deferred:
+    def read_blueprint(self, repo: str, name: str) -> Deferred[str]:
         raise NotImplementedError
 
-    def put_blueprint(self, repo: str, name: str, content: str, create: bool) -> Deferred:
+    def put_blueprint(self, repo: str, name: str, content: str, create: bool) -> Deferred[object]:
         """Store a blueprint (``create``: it must not exist; else it must) and reset its status to new."""
         raise NotImplementedError
 
-    def delete_blueprint(self, repo: str, name: str) -> Deferred:
+    def delete_blueprint(self, repo: str, name: str) -> Deferred[object]:
         raise NotImplementedError
 
-    def set_blueprint_status(self, repo: str, name: str, status: dict[str, Any]) -> Deferred:
+    def set_blueprint_status(self, repo: str, name: str, status: dict[str, Any]) -> Deferred[object]:
         """Record a blueprint's last execution; nothing happens when it is gone."""
         raise NotImplementedError
 
-    def put_services(self, repo: str, records: list[ServiceRecord]) -> Deferred:
+    def put_services(self, repo: str,
+                     records: list[ServiceRecord]) -> Deferred[tuple[list[ServiceRecord], Optional[int]]]:
         """Create services, or change existing ones' template, args and blueprint (never their states);
         a new one starts with the states its record has. Fires (the records as stored, with the states
         they have now; the version they were read at, or None)."""
         raise NotImplementedError
 
-    def delete_service(self, repo: str, key: str) -> Deferred:
+    def delete_service(self, repo: str, key: str) -> Deferred[object]:
         raise NotImplementedError
 
-    def set_states(self, repo: str, key: str, states: dict[str, str], updated: float) -> Deferred:
+    def set_states(self, repo: str, key: str, states: dict[str, str], updated: float) -> Deferred[Optional[int]]:
         """Set some action states of one service, each its own field; nothing happens when it is gone.
 
         Fires once stored, with the version of the change it made (None: no feed, or the service is gone).
@@ -181,14 +184,14 @@ class _Shared:
     """One Deferred outcome that several callers wait on."""
 
     def __init__(self) -> None:
-        self.waiters: list[Deferred] = []
+        self.waiters: list[Deferred[None]] = []
 
-    def wait(self) -> Deferred:
-        d: Deferred = Deferred()
+    def wait(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
         self.waiters.append(d)
         return d
 
-    def fire(self, result: Any) -> None:
+    def fire(self, result: Optional[BaseException]) -> None:
         waiters, self.waiters = self.waiters, []
         for d in waiters:
             if isinstance(result, Exception):
@@ -214,7 +217,7 @@ class _Written:
 class Catalog(Service):
     """This process's view of the catalog; see the module docstring. Start it, then wait for ``ready``."""
 
-    def __init__(self, store: CatalogStore, clock: IReactorTime, follow: bool = True):
+    def __init__(self, store: CatalogStore, clock: IReactorTime, follow: bool = True) -> None:
         self.store = store
         self.clock = clock
         # follow the feed as it grows; without it the view catches up only when sync() asks
@@ -222,31 +225,31 @@ class Catalog(Service):
         self.repos: dict[str, RepoSnapshot] = {}
         self.position = Position()
         self.loaded = False
-        self.ready: Deferred = Deferred()
+        self.ready: Deferred[None] = Deferred()
         self._lock = DeferredLock()  # changes made here, and catching up, one at a time
         self._queued: Optional[_Shared] = None  # a catch-up waiting for the lock, which callers may join
         # states written here and not yet read back: an older value read back does not replace them
         self._own_states: dict[tuple[str, str, str], _Written] = {}
         self._index: Optional[tuple[dict[str, list[Subscription]], list[tuple[Subscription, float]]]] = None
-        self._following: Optional[Deferred] = None
-        self._loading: Optional[Deferred] = None
-        self._sleeping: Optional[Deferred] = None
+        self._following: Optional[Deferred[None]] = None
+        self._loading: Optional[Deferred[None]] = None
+        self._sleeping: Optional[Deferred[None]] = None
         self._follow_failing = False
         self.load_error: Optional[str] = None  # why the last attempt to load failed, while none has worked
-        self._version_waiters: list[tuple[int, Deferred]] = []
-        self._load_waiters: list[Deferred] = []
+        self._version_waiters: list[tuple[int, Deferred[int]]] = []
+        self._load_waiters: list[Deferred[None]] = []
         self.reloads = 0  # full loads after the first (the feed did not reach back, or the store lost its data)
 
     # ------------------------------------------------------------------
     # lifetime
     # ------------------------------------------------------------------
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.store.start()
         self._loading = self._load_until_done()
 
     @inlineCallbacks
-    def _load_until_done(self):
+    def _load_until_done(self) -> Generator[Deferred[None], None, None]:
         failing = False
         while self.running:
             try:
@@ -273,7 +276,7 @@ class Catalog(Service):
             self._following = self._follow()
 
     @inlineCallbacks
-    def _first_load(self):
+    def _first_load(self) -> Generator[Deferred[Loaded], Loaded, None]:
         loaded = yield self.store.load()
         self._install(loaded)
         for repo in loaded.repos.values():
@@ -312,22 +315,22 @@ class Catalog(Service):
             for _, d in due:
                 d.callback(self.position.version)
 
-    def when_caught_up(self, version: int) -> Deferred:
+    def when_caught_up(self, version: int) -> Deferred[int]:
         """Fires once this view has applied the changes up to ``version`` (at once if it has)."""
         if self.loaded and self.position.version >= version:
             return defer.succeed(self.position.version)
-        d: Deferred = Deferred(lambda d: self._version_waiters.remove((version, d)))
+        d: Deferred[int] = Deferred(lambda d: self._version_waiters.remove((version, d)))
         self._version_waiters.append((version, d))
         return d
 
-    def _sleep(self) -> Deferred:
+    def _sleep(self) -> Deferred[None]:
         self._sleeping = task.deferLater(self.clock, RETRY_DELAY, lambda: None)
         self._sleeping.addErrback(lambda f: f.trap(defer.CancelledError))
         return self._sleeping
 
     @inlineCallbacks
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> Generator[Deferred[None], None, None]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if self._sleeping is not None and not self._sleeping.called:
             self._sleeping.cancel()
         yield self.store.stop()  # closes the feed's connection: its wait ends there
@@ -336,7 +339,7 @@ class Catalog(Service):
             self.ready.addErrback(lambda f: None)
 
     @inlineCallbacks
-    def _follow(self):
+    def _follow(self) -> Generator[Deferred[None], None, None]:
         while self.running:
             try:
                 yield self.store.wait_for_change(self.position)
@@ -360,14 +363,14 @@ class Catalog(Service):
                 "repos": len(self.repos), "version": self.position.version, "reloads": self.reloads,
                 "error": self.load_error}
 
-    def flush(self) -> Deferred:
+    def flush(self) -> Deferred[None]:
         """Fires once the states set so far are stored."""
         return self.store.flush()
 
     # ------------------------------------------------------------------
     # catching up with the feed
     # ------------------------------------------------------------------
-    def sync(self) -> Deferred:
+    def sync(self) -> Deferred[None]:
         """Fires once this view has every change made before the call (at once for a store of its own)."""
         if not self.store.shared:
             return defer.succeed(None)
@@ -378,7 +381,7 @@ class Catalog(Service):
         queued = self._queued = _Shared()
         waiting = queued.wait()
 
-        def run() -> Deferred:
+        def run() -> Deferred[None]:
             if self._queued is queued:
                 self._queued = None  # from now on a caller needs a catch-up that starts after it
             return defer.maybeDeferred(self._catch_up)
@@ -387,12 +390,12 @@ class Catalog(Service):
             result.value if isinstance(result, Failure) else None))
         return waiting
 
-    def when_loaded(self, timeout: float = LOAD_WAIT) -> Deferred:
+    def when_loaded(self, timeout: float = LOAD_WAIT) -> Deferred[None]:
         """Fires once the first load is done: a request that comes right after the start waits for it,
         for ``timeout`` seconds at most, then fails with Unavailable."""
         if self.loaded:
             return defer.succeed(None)
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._load_waiters.append(d)
 
         def too_late() -> None:
@@ -410,10 +413,10 @@ class Catalog(Service):
 
         return d.addBoth(loaded)
 
-    def view(self) -> Deferred:
+    def view(self) -> Deferred[Catalog]:
         """Fires with this catalog once it is current; current as it is when the store cannot be asked
         (nobody can change it then). Right after the start, once it is loaded (:meth:`when_loaded`)."""
-        def current(_: Any) -> Deferred:
+        def current(_: Any) -> Deferred[Catalog]:
             d = self.sync()
             d.addErrback(lambda f: f.trap(BusUnavailable))
             return d.addCallback(lambda _: self)
@@ -421,7 +424,7 @@ class Catalog(Service):
         return self.when_loaded().addCallback(current)
 
     @inlineCallbacks
-    def _catch_up(self):
+    def _catch_up(self) -> Generator[Deferred[Any], Any, None]:
         """Apply every change after our position (the lock is held)."""
         while True:
             changes = yield self.store.changes(self.position, CHANGES_PER_READ)
@@ -459,7 +462,7 @@ class Catalog(Service):
         return None
 
     @inlineCallbacks
-    def _reload(self, why: str):
+    def _reload(self, why: str) -> Generator[Deferred[Loaded], Loaded, None]:
         loaded = yield self.store.load()
         self._install(loaded)
         self.reloads += 1
@@ -617,7 +620,7 @@ class Catalog(Service):
 
     # -- what the cache does not hold: the files' text ------------------------------
     @inlineCallbacks
-    def get_template(self, repo: str, name: str):
+    def get_template(self, repo: str, name: str) -> Generator[Deferred[dict[str, str]], dict[str, str], dict[str, Any]]:
         snapshot = self.repo(repo)
         model.check_template_name(name)
         files = yield self.store.read_template_files(repo, name)
@@ -627,7 +630,7 @@ class Catalog(Service):
         return template.to_dict(files)
 
     @inlineCallbacks
-    def get_blueprint(self, repo: str, name: str):
+    def get_blueprint(self, repo: str, name: str) -> Generator[Deferred[str], str, dict[str, Any]]:
         self.repo(repo)
         name = model.blueprint_name(name)
         content = yield self.store.read_blueprint(repo, name)
@@ -637,22 +640,23 @@ class Catalog(Service):
     # ------------------------------------------------------------------
     # changing (through the store, then the cache)
     # ------------------------------------------------------------------
-    def _change(self, work: Callable[[], Deferred]) -> Deferred:
+    def _change(self, work: Callable[[], Deferred[_T]]) -> Deferred[_T]:
         """Run ``work`` holding the lock, this view first brought up to date (once it is loaded)."""
         @inlineCallbacks
-        def locked():
+        def locked() -> Generator[Deferred[Any], Any, _T]:
             if self.store.shared:  # so that checks against the view see what other processes did
                 yield self._catch_up()
-            return (yield work())
+            done: _T = yield work()
+            return done
 
         return self.when_loaded().addCallback(lambda _: self._lock.run(locked))
 
-    def create_repo(self, name: str) -> Deferred:
+    def create_repo(self, name: str) -> Deferred[dict[str, Any]]:
         """Fires with the new repository's summary; Conflict when it exists."""
         model.check_repo_name(name)
 
         @inlineCallbacks
-        def work():
+        def work() -> Generator[Deferred[RepoMeta], RepoMeta, dict[str, Any]]:
             meta = yield self.store.create_repo(name, self.clock.seconds())
             self.repos[name] = RepoSnapshot(name, meta.created, incarnation=meta.incarnation)
             self._changed()
@@ -660,11 +664,11 @@ class Catalog(Service):
 
         return self._change(work)
 
-    def delete_repo(self, name: str) -> Deferred:
+    def delete_repo(self, name: str) -> Deferred[None]:
         model.check_repo_name(name)
 
         @inlineCallbacks
-        def work():
+        def work() -> Generator[Deferred[object], object, None]:
             yield self.store.delete_repo(name)
             self.repos.pop(name, None)
             self._own_states = {f: w for f, w in self._own_states.items() if f[0] != name}
@@ -672,13 +676,13 @@ class Catalog(Service):
 
         return self._change(work)
 
-    def put_template(self, repo: str, name: str, files: Any) -> Deferred:
+    def put_template(self, repo: str, name: str, files: Any) -> Deferred[tuple[dict[str, Any], bool]]:
         """Store a template's files (replacing it); fires (template dict, created)."""
         model.check_repo_name(repo)
         model.check_template_name(name)
 
         @inlineCallbacks
-        def work():
+        def work() -> Generator[Deferred[tuple[Template, bool]], tuple[Template, bool], tuple[dict[str, Any], bool]]:
             self.repo(repo)
             template, created = yield self.store.put_template(repo, name, files)
             snapshot = self.repos.get(repo)
@@ -690,13 +694,13 @@ class Catalog(Service):
 
         return self._change(work)
 
-    def add_blueprint(self, repo: str, name: str, content: Any, create: bool = True) -> Deferred:
+    def add_blueprint(self, repo: str, name: str, content: Any, create: bool = True) -> Deferred[dict[str, Any]]:
         """Store a blueprint (new when ``create``, else replacing one); fires its dict."""
         model.check_repo_name(repo)
         name = model.blueprint_name(name)
 
         @inlineCallbacks
-        def work():
+        def work() -> Generator[Deferred[Any], Any, dict[str, Any]]:
             self.repo(repo)
             # parsed here, off the reactor, so that a broken one is refused with why before it is stored
             text = yield threads.deferToThread(model.check_blueprint_content, content)
@@ -708,12 +712,12 @@ class Catalog(Service):
 
         return self._change(work)
 
-    def delete_blueprint(self, repo: str, name: str) -> Deferred:
+    def delete_blueprint(self, repo: str, name: str) -> Deferred[None]:
         model.check_repo_name(repo)
         name = model.blueprint_name(name)
 
         @inlineCallbacks
-        def work():
+        def work() -> Generator[Deferred[object], object, None]:
             self.repo(repo)
             yield self.store.delete_blueprint(repo, name)
             snapshot = self.repos.get(repo)
@@ -722,23 +726,24 @@ class Catalog(Service):
 
         return self._change(work)
 
-    def set_blueprint_status(self, repo: str, name: str, status: dict[str, Any]) -> Deferred:
+    def set_blueprint_status(self, repo: str, name: str, status: dict[str, Any]) -> Deferred[None]:
         """Record a blueprint's last execution (nothing happens when it is gone)."""
         return self._lock.run(self._set_status_locked, repo, name, status)
 
     @inlineCallbacks
-    def _set_status_locked(self, repo: str, name: str, status: dict[str, Any]):
+    def _set_status_locked(self, repo: str, name: str,
+                           status: dict[str, Any]) -> Generator[Deferred[object], object, None]:
         yield self.store.set_blueprint_status(repo, name, status)
         snapshot = self.repos.get(repo)
         if snapshot is not None and name in snapshot.blueprints:
             snapshot.blueprints[name] = dict(status)
 
-    def delete_service(self, repo: str, key: str) -> Deferred:
+    def delete_service(self, repo: str, key: str) -> Deferred[None]:
         model.check_repo_name(repo)
         model.split_key(key)
 
         @inlineCallbacks
-        def work():
+        def work() -> Generator[Deferred[object], object, None]:
             self.service(repo, key)
             yield self.store.delete_service(repo, key)
             snapshot = self.repos.get(repo)
@@ -749,13 +754,15 @@ class Catalog(Service):
 
         return self._change(work)
 
-    def put_services(self, repo: str, records: list[ServiceRecord]) -> Deferred:
+    def put_services(self, repo: str, records: list[ServiceRecord]) -> Deferred[list[ServiceRecord]]:
         """Create or update services as :meth:`CatalogStore.put_services` does; fires with them as stored."""
         model.check_repo_name(repo)
         return self._change(lambda: self._put_services(repo, records))
 
     @inlineCallbacks
-    def _put_services(self, repo: str, records: list[ServiceRecord]):
+    def _put_services(self, repo: str, records: list[ServiceRecord]
+                      ) -> Generator[Deferred[tuple[list[ServiceRecord], Optional[int]]],
+                                     tuple[list[ServiceRecord], Optional[int]], list[ServiceRecord]]:
         self.repo(repo)
         stored, version = yield self.store.put_services(repo, records)
         snapshot = self.repos.get(repo)
@@ -767,7 +774,7 @@ class Catalog(Service):
                 self._replace_service(snapshot, record, version)
         return stored
 
-    def prepare_blueprint(self, repo: str, name: str) -> Deferred:
+    def prepare_blueprint(self, repo: str, name: str) -> Deferred[list[ServiceRecord]]:
         """Create or update the blueprint's services and mark it running; fires with them, in file order.
 
         Invalid (and the blueprint keeps the error in its status) when it cannot be executed.
@@ -776,7 +783,7 @@ class Catalog(Service):
         name = model.blueprint_name(name)
 
         @inlineCallbacks
-        def work():
+        def work() -> Generator[Deferred[Any], Any, list[ServiceRecord]]:
             snapshot = self.repo(repo)
             content = yield self.store.read_blueprint(repo, name)
             try:
@@ -787,14 +794,14 @@ class Catalog(Service):
                 yield self._set_status_locked(repo, name, {"state": "error", "error": str(exc),
                                                            "executed": self.clock.seconds()})
                 raise
-            stored = yield self._put_services(repo, records)
+            stored: list[ServiceRecord] = yield self._put_services(repo, records)
             yield self._set_status_locked(repo, name, {"state": "running", "error": None,
                                                        "executed": self.clock.seconds()})
             return stored
 
         return self._change(work)
 
-    def set_state(self, repo: str, key: str, action: str, state: str) -> Deferred:
+    def set_state(self, repo: str, key: str, action: str, state: str) -> Deferred[Optional[int]]:
         """Record ``action``'s state of a service, in this view at once and in the store; fires once stored."""
         now = self.clock.seconds()
         snapshot = self.repos.get(repo)

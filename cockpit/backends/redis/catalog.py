@@ -32,7 +32,7 @@ import json
 import socket
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Generator, Optional
 
 import txredisapi
 from twisted.internet import defer, threads
@@ -298,7 +298,7 @@ def _services(items: list[tuple[str, str, Any]]) -> list[Optional[ServiceRecord]
     return [_service(repo, key, flat) for repo, key, flat in items]
 
 
-def _decoded_services(items: list[tuple[str, str, Any]]) -> Deferred:
+def _decoded_services(items: list[tuple[str, str, Any]]) -> Deferred[list[Optional[ServiceRecord]]]:
     """The ServiceRecords of ``(repo, key, hash)``; decoded in a thread when they are big."""
     size = sum(len(value) for _, _, flat in items for value in (flat or ()) if isinstance(value, str))
     if size <= DECODE_INLINE:
@@ -345,7 +345,7 @@ class RedisCatalogStore(CatalogStore):
     shared = True
 
     def __init__(self, bus: RedisBus, actions_dir: Path, clock: IReactorTime, import_from: Optional[Path] = None,
-                 changes_maxlen: int = CHANGES_MAXLEN):
+                 changes_maxlen: int = CHANGES_MAXLEN) -> None:
         self.bus = bus
         self.actions_dir = Path(actions_dir)
         self.clock = clock
@@ -355,9 +355,9 @@ class RedisCatalogStore(CatalogStore):
         # parsed templates: (repo, name) -> (the files as stored, Template or why it is broken)
         self._parsed: dict[tuple[str, str], tuple[str, Any]] = {}
         # states to write in the next turn: (repo, key) -> (action -> state, updated, who waits)
-        self._batch: dict[tuple[str, str], tuple[dict[str, str], float, list[Deferred]]] = {}
+        self._batch: dict[tuple[str, str], tuple[dict[str, str], float, list[Deferred[Optional[int]]]]] = {}
         self._batch_call: Any = None
-        self._writing: set[Deferred] = set()
+        self._writing: set[Deferred[Any]] = set()
         self._loads = 0
 
     def describe(self) -> str:
@@ -367,28 +367,26 @@ class RedisCatalogStore(CatalogStore):
         self._reader = self.bus.connect()  # the feed's blocking read must not hold up other commands
 
     @inlineCallbacks
-    def stop(self):
+    def stop(self) -> Generator[Deferred[Any], Any, None]:
         yield self.flush()
         reader, self._reader = self._reader, None
         if reader is not None:
             yield reader.disconnect()
 
-    def _connected(self) -> Deferred:
+    def _connected(self) -> Deferred[None]:
         """Fires once the bus has its connection: a start waits for it rather than fail at once."""
         if not self.bus.running:
             return defer.fail(BusUnavailable(f"the bus to {self.describe()} is not running"))
-        try:
-            self.bus.connection()
+        if self.bus.reachable():
             return defer.succeed(None)
-        except BusUnavailable:
-            return self.bus.when_connected()
+        return self.bus.when_connected()
 
-    def _run(self, script: Script, *args: Any) -> Deferred:
+    def _run(self, script: Script, *args: Any) -> Deferred[Any]:
         return script(self.bus, self.cap, *args)
 
     # -- loading -------------------------------------------------------------------
     @inlineCallbacks
-    def load(self):
+    def load(self) -> Generator[Deferred[Any], Any, Loaded]:
         if self._loads == 0:
             yield self._connected()
             if self.import_from is not None:
@@ -424,7 +422,8 @@ class RedisCatalogStore(CatalogStore):
             snapshot.broken[name] = parsed
 
     @inlineCallbacks
-    def _parse(self, templates: dict[tuple[str, str], str], prune: bool = False):
+    def _parse(self, templates: dict[tuple[str, str], str],
+               prune: bool = False) -> Generator[Deferred[Any], Any, dict[tuple[str, str], Template | str]]:
         """Fires with (repo, name) -> Template or why not, parsing in a thread what was not parsed before."""
         result, todo = {}, {}
         for ident, files in templates.items():
@@ -443,7 +442,7 @@ class RedisCatalogStore(CatalogStore):
                 yield threads.deferToThread(self._prune, keep)
         return result
 
-    def _parse_and_write(self, todo: dict[tuple[str, str], str]) -> dict[tuple[str, str], Any]:
+    def _parse_and_write(self, todo: dict[tuple[str, str], str]) -> dict[tuple[str, str], Template | str]:
         done: dict[tuple[str, str], Template | str] = {}
         for (repo, name), raw in todo.items():
             try:
@@ -476,7 +475,7 @@ class RedisCatalogStore(CatalogStore):
 
     # -- following ---------------------------------------------------------------------
     @inlineCallbacks
-    def changes(self, after: Position, limit: int):
+    def changes(self, after: Position, limit: int) -> Generator[Deferred[Any], Any, Changes]:
         version, entries = yield _CHANGES_SCRIPT(self.bus, after.id, str(limit))
         templates = {(repo, name): value for _, _, kind, repo, name, latest, value in entries
                      if kind == "template" and latest and value is not None}
@@ -499,16 +498,17 @@ class RedisCatalogStore(CatalogStore):
             out.append(change)
         return Changes(int(version), out)
 
-    def wait_for_change(self, after: Position) -> Deferred:
+    def wait_for_change(self, after: Position) -> Deferred[None]:
         if self._reader is None:
             return defer.fail(txredisapi.ConnectionError("the catalog store is stopped"))
-        return self._reader.handler.execute_command(
+        waited: Deferred[None] = self._reader.handler.execute_command(
             "XREAD", "BLOCK", str(FEED_BLOCK_MS), "COUNT", "1", "STREAMS", CHANGES, after.id,
             apply_timeout=False).addCallback(lambda _: None)
+        return waited
 
     # -- repositories ------------------------------------------------------------------------
     @inlineCallbacks
-    def create_repo(self, repo: str, created: float):
+    def create_repo(self, repo: str, created: float) -> Generator[Deferred[Any], Any, RepoMeta]:
         meta = RepoMeta(created, uuid.uuid4().hex)
         version = yield self._run(_CREATE_REPO_SCRIPT, repo,
                                   json.dumps({"created": created, "incarnation": meta.incarnation}))
@@ -517,7 +517,7 @@ class RedisCatalogStore(CatalogStore):
         return meta
 
     @inlineCallbacks
-    def delete_repo(self, repo: str):
+    def delete_repo(self, repo: str) -> Generator[Deferred[Any], Any, object]:
         version = yield self._run(_DELETE_REPO_SCRIPT, repo)
         if not version:
             raise NotFound(f"no repository {repo!r}")
@@ -525,7 +525,8 @@ class RedisCatalogStore(CatalogStore):
 
     # -- templates ---------------------------------------------------------------------------
     @inlineCallbacks
-    def put_template(self, repo: str, name: str, files: dict[str, Any]):
+    def put_template(self, repo: str, name: str,
+                     files: dict[str, Any]) -> Generator[Deferred[Any], Any, tuple[Template, bool]]:
         def check() -> tuple[str, Any]:
             check_template_files(files)
             raw = json.dumps(files, ensure_ascii=False, sort_keys=True)
@@ -541,22 +542,25 @@ class RedisCatalogStore(CatalogStore):
         return template, bool(created)
 
     @inlineCallbacks
-    def read_template_files(self, repo: str, name: str):
+    def read_template_files(self, repo: str,
+                            name: str) -> Generator[Deferred[Optional[str]], Optional[str], dict[str, str]]:
         raw = yield self.bus.execute("HGET", TEMPLATES + repo, name)
         if raw is None:
             raise NotFound(f"no template {name!r} in repository {repo!r}")
-        return json.loads(raw)
+        files: dict[str, str] = json.loads(raw)  # as check_template_files passed them
+        return files
 
     # -- blueprints ----------------------------------------------------------------------------
     @inlineCallbacks
-    def read_blueprint(self, repo: str, name: str):
+    def read_blueprint(self, repo: str, name: str) -> Generator[Deferred[Optional[str]], Optional[str], str]:
         content = yield self.bus.execute("HGET", BLUEPRINTS + repo, blueprint_name(name))
         if content is None:
             raise NotFound(f"no blueprint {blueprint_name(name)!r} in repository {repo!r}")
         return content
 
     @inlineCallbacks
-    def put_blueprint(self, repo: str, name: str, content: str, create: bool):
+    def put_blueprint(self, repo: str, name: str, content: str,
+                      create: bool) -> Generator[Deferred[Any], Any, object]:
         version = yield self._run(_PUT_BLUEPRINT_SCRIPT, repo, name, content, "1" if create else "0",
                                   json.dumps(NEW_STATUS))
         if version == 0:
@@ -568,7 +572,7 @@ class RedisCatalogStore(CatalogStore):
         return version
 
     @inlineCallbacks
-    def delete_blueprint(self, repo: str, name: str):
+    def delete_blueprint(self, repo: str, name: str) -> Generator[Deferred[Any], Any, object]:
         version = yield self._run(_DELETE_BLUEPRINT_SCRIPT, repo, name)
         if version == 0:
             raise NotFound(f"no repository {repo!r}")
@@ -576,12 +580,13 @@ class RedisCatalogStore(CatalogStore):
             raise NotFound(f"no blueprint {name!r} in repository {repo!r}")
         return version
 
-    def set_blueprint_status(self, repo: str, name: str, status: dict[str, Any]) -> Deferred:
+    def set_blueprint_status(self, repo: str, name: str, status: dict[str, Any]) -> Deferred[object]:
         return self._run(_SET_BLUEPRINT_STATUS_SCRIPT, repo, name, json.dumps(status, default=str))
 
     # -- services -------------------------------------------------------------------------------
     @inlineCallbacks
-    def put_services(self, repo: str, records: list[ServiceRecord]):
+    def put_services(self, repo: str, records: list[ServiceRecord]
+                     ) -> Generator[Deferred[Any], Any, tuple[list[ServiceRecord], Optional[int]]]:
         args: list[Any] = [repo]
         for record in records:
             args += [record.key, _record_json(record), _number(record.created), _number(record.updated),
@@ -595,15 +600,15 @@ class RedisCatalogStore(CatalogStore):
         return [record for record in stored if record is not None], int(reply[0])
 
     @inlineCallbacks
-    def delete_service(self, repo: str, key: str):
+    def delete_service(self, repo: str, key: str) -> Generator[Deferred[Any], Any, object]:
         version = yield self._run(_DELETE_SERVICE_SCRIPT, repo, key)
         if not version:
             raise NotFound(f"no service {key!r} in repository {repo!r}")
         return version
 
-    def set_states(self, repo: str, key: str, states: dict[str, str], updated: float) -> Deferred:
+    def set_states(self, repo: str, key: str, states: dict[str, str], updated: float) -> Deferred[Optional[int]]:
         # the states set in one reactor turn share one script, and one change per service
-        d: Deferred = Deferred()
+        d: Deferred[Optional[int]] = Deferred()
         pending = self._batch.get((repo, key))
         if pending is None:
             self._batch[(repo, key)] = (dict(states), updated, [d])
@@ -614,7 +619,7 @@ class RedisCatalogStore(CatalogStore):
             self._batch_call = self.bus.reactor.callLater(0, self._write_states)
         return d
 
-    def _write_states(self) -> Deferred:
+    def _write_states(self) -> Deferred[None]:
         if self._batch_call is not None and self._batch_call.active():
             self._batch_call.cancel()
         self._batch_call = None
@@ -644,7 +649,7 @@ class RedisCatalogStore(CatalogStore):
         d.addCallbacks(written, failed)
         return d
 
-    def flush(self) -> Deferred:
+    def flush(self) -> Deferred[None]:
         self._write_states()
         return defer.DeferredList(list(self._writing), consumeErrors=True).addCallback(lambda _: None)
 
@@ -654,11 +659,12 @@ class RedisCatalogStore(CatalogStore):
         return f"{socket.gethostname()}:{self.import_from.resolve() if self.import_from else ''}"
 
     @inlineCallbacks
-    def _import(self):
+    def _import(self) -> Generator[Deferred[Any], Any, None]:
         source = self.source()
         if (yield self.bus.execute("HEXISTS", IMPORTED, source)) == 1:
             return  # imported before: the directory is not read again
         path = self.import_from
+        assert path is not None, "load() imports only when there is a directory to import from"
         data = yield threads.deferToThread(self._read_directory, path)
         if not data:
             return
