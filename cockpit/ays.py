@@ -15,7 +15,7 @@ raise the errors of :mod:`cockpit.repos` (NotFound, Conflict, Invalid).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Generator, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer
@@ -70,20 +70,20 @@ class Robot(Service):
         self.tick = tick
         self.concurrency = concurrency
         self.active: dict[str, Run] = {}
-        self.executing: dict[tuple[str, str], Deferred] = {}  # (repo, blueprint) -> its status recorded
-        self._running_keys: dict[tuple[Any, ...], Deferred] = {}
+        self.executing: dict[tuple[str, str], Deferred[list[Run]]] = {}  # (repo, blueprint) -> its status recorded
+        self._running_keys: dict[tuple[Any, ...], Deferred[Run]] = {}
         self.chat = ChatWork(self)
         self.recurring = RecurringActions(catalog, bus, clock, self._start_recurring, self._recurring_busy, tick)
         self.consumer: Any = None
-        self.ready: Deferred = Deferred()
-        self._run_waiters: list[tuple[Callable[[Run], bool], Deferred]] = []
+        self.ready: Deferred[None] = Deferred()
+        self._run_waiters: list[tuple[Callable[[Run], bool], Deferred[Run]]] = []
 
     # ------------------------------------------------------------------
     # lifetime
     # ------------------------------------------------------------------
     def startService(self) -> None:
-        super().startService()
-        self.history.startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
+        self.history.startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.pool.startService()
         if not self.catalog.running:
             self._own_catalog = True
@@ -106,14 +106,14 @@ class Robot(Service):
         self.ready.callback(None)
 
     @inlineCallbacks
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if self.recurring.running:
             yield self.recurring.stopService()
         if self.consumer is not None:
             yield self.consumer.stopService()  # lets running events finish and be acknowledged
         yield self.pool.stopService()
-        yield self.history.stopService()
+        yield self.history.stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if self._own_catalog:
             yield self.catalog.stopService()  # writes the states still pending
         # nothing more will start or be recorded
@@ -130,7 +130,7 @@ class Robot(Service):
     # ------------------------------------------------------------------
     # events
     # ------------------------------------------------------------------
-    def handle_event(self, event: Event, delivery: Optional[Delivery] = None) -> Optional[Deferred]:
+    def handle_event(self, event: Event, delivery: Optional[Delivery] = None) -> Optional[Deferred[list[Any]]]:
         """Run everything ``event`` asks for; fires once every run it caused is recorded.
 
         None when the event asks for nothing: the consumer acknowledges it at once.
@@ -139,13 +139,11 @@ class Robot(Service):
         chat = (isinstance(event, TelegramEvent) and event.io == "input" and event.action in CHAT_ACTIONS)
         if not targets and not chat:
             return None
-        d = self.history.completed(event.guid)
-        d.addCallback(self._handle_new, event, targets, chat)
-        return d
+        return self.history.completed(event.guid).addCallback(self._handle_new, event, targets, chat)
 
     def _handle_new(self, done: set[tuple[str, str, str]], event: Event, targets: list[Subscription],
-                    chat: bool) -> Deferred:
-        work = []
+                    chat: bool) -> Deferred[list[Any]]:
+        work: list[Deferred[Any]] = []
         payload = None
         for sub in targets:
             if (sub.repo, sub.service, sub.action) in done:
@@ -159,7 +157,7 @@ class Robot(Service):
                 work.append(self.chat.handle(event, trigger("telegram", event)))
         return defer.gatherResults(work, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
 
-    def _event_run(self, sub: Subscription, event: Event, payload: dict[str, Any]) -> Deferred:
+    def _event_run(self, sub: Subscription, event: Event, payload: dict[str, Any]) -> Deferred[Any]:
         key = (event.guid, sub.repo, sub.service, sub.action)
         running = self._running_keys.get(key)
         if running is not None:  # the same event delivered twice at once: wait for the first
@@ -172,11 +170,11 @@ class Robot(Service):
         d.addBoth(lambda result: (self._running_keys.pop(key, None), result)[1])
         return d
 
-    def _publish_emitted(self, data: dict[str, Any]) -> Deferred:
+    def _publish_emitted(self, data: dict[str, Any]) -> Deferred[Any]:
         return defer.maybeDeferred(from_data, data).addCallback(self.bus.publish)
 
     @staticmethod
-    def _send_mail(mailer: Any, data: dict[str, Any]) -> Deferred:
+    def _send_mail(mailer: Any, data: dict[str, Any]) -> Deferred[Any]:
         from cockpit.smtp import OutgoingMail
 
         return defer.maybeDeferred(lambda: mailer.send(OutgoingMail.model_validate(data)))
@@ -185,7 +183,7 @@ class Robot(Service):
     # runs
     # ------------------------------------------------------------------
     def start_run(self, repo: str, key: str, action: str, trig: dict[str, Any],
-                  event: Optional[dict[str, Any]], run: Optional[Run] = None) -> tuple[Run, Deferred]:
+                  event: Optional[dict[str, Any]], run: Optional[Run] = None) -> tuple[Run, Deferred[Run]]:
         """Queue a run (``run``, or a new one); returns it and a Deferred firing with it once recorded."""
         service = self.catalog.service(repo, key)
         template = self.catalog.template_of(service)
@@ -207,8 +205,8 @@ class Robot(Service):
             self.history.started(run)  # shown as running by every process that shares the history
             self._offer(run)
 
-        d = self.pool.submit(job, on_start=started)
-        d.addCallbacks(self._completed, self._not_run, callbackArgs=(run,), errbackArgs=(run,))
+        d = self.pool.submit(job, on_start=started).addCallbacks(
+            self._completed, self._not_run, callbackArgs=(run,), errbackArgs=(run,))
         return run, d
 
     def _set_state(self, run: Run) -> None:
@@ -219,7 +217,7 @@ class Robot(Service):
                                         "{error}", state=state, action=run.action, service=run.service,
                                         repo=run.repo, error=f.getErrorMessage()))
 
-    def _completed(self, outcome: Outcome, run: Run) -> Deferred:
+    def _completed(self, outcome: Outcome, run: Run) -> Deferred[Run]:
         now = self.clock.seconds()
         run.state = outcome.state
         run.started = run.started or now
@@ -233,7 +231,7 @@ class Robot(Service):
         self._set_state(run)
         return self.record(run)
 
-    def record(self, run: Run) -> Deferred:
+    def record(self, run: Run) -> Deferred[Run]:
         """Write ``run`` to the history; fires with it once recorded (and offers it to the waiters)."""
         self.metrics.run(run.state, run.ended - run.started if run.ended and run.started else None)
         d = self.history.record(run)
@@ -254,7 +252,7 @@ class Robot(Service):
         return failure
 
     def run_action(self, repo: str, key: str, action: str, args: Optional[dict[str, Any]] = None,
-                   trig: Optional[dict[str, Any]] = None, event: Optional[Event] = None) -> tuple[Run, Deferred]:
+                   trig: Optional[dict[str, Any]] = None, event: Optional[Event] = None) -> tuple[Run, Deferred[Run]]:
         """Start an action by hand (REST, chat); the event it gets is ``event`` or a generic one with ``args``."""
         if event is None:
             event = GenericEvent(source="rest", tags=["action"], args=args or {}, epoch=int(self.clock.seconds()))
@@ -264,7 +262,7 @@ class Robot(Service):
         return run, d
 
     # -- recurring ------------------------------------------------------------
-    def _start_recurring(self, sub: Subscription) -> Deferred:
+    def _start_recurring(self, sub: Subscription) -> Deferred[Run]:
         return self.start_run(sub.repo, sub.service, sub.action, trigger("recurring"), None)[1]
 
     def _recurring_busy(self, sub: Subscription) -> bool:
@@ -272,18 +270,18 @@ class Robot(Service):
                    and run.trigger.get("kind") == "recurring" for run in self.active.values())
 
     # -- waiting for runs ------------------------------------------------------
-    def when_run(self, predicate: Callable[[Run], bool]) -> Deferred:
+    def when_run(self, predicate: Callable[[Run], bool]) -> Deferred[Run]:
         """Fires with the first run from now on that ``predicate`` accepts.
 
         A run is offered as it starts in a worker (state ``running``) and once it is recorded
         (``ok``, ``error`` or ``timeout``); what the robot does itself (chat commands) and installs
         that never start are offered once recorded only. Cancelled when the robot stops.
         """
-        d: Deferred = Deferred(lambda d: self._run_waiters.remove((predicate, d)))
+        d: Deferred[Run] = Deferred(lambda d: self._run_waiters.remove((predicate, d)))
         self._run_waiters.append((predicate, d))
         return d
 
-    def when_recorded(self, run_id: str) -> Deferred:
+    def when_recorded(self, run_id: str) -> Deferred[Run]:
         """Fires with the Run once it is recorded (at once if it already is); NotFound if there is no such run."""
         if run_id in self.active:  # it leaves ``active`` when it is recorded, and is offered right then
             return self.when_run(lambda run: run.id == run_id and run.state in DONE_STATES)
@@ -314,7 +312,7 @@ class Robot(Service):
                 self._run_waiters.remove(entry)
                 d.callback(run)
 
-    def get_run(self, run_id: str) -> Deferred:
+    def get_run(self, run_id: str) -> Deferred[dict[str, Any]]:
         """Fires with the run (running or recorded) as a dict; NotFound otherwise."""
         active = self.active.get(run_id)
         if active is not None:
@@ -327,7 +325,8 @@ class Robot(Service):
 
         return self.history.get(run_id).addCallback(found)
 
-    def list_runs(self, limit: int = 50, before: Optional[str] = None, **filters: Optional[str]) -> Deferred:
+    def list_runs(self, limit: int = 50, before: Optional[str] = None,
+                  **filters: Optional[str]) -> Deferred[list[dict[str, Any]]]:
         """Runs newest first, the ones still going included; filters: repo, service, action, state, event_guid."""
         def matches(run: Run) -> bool:
             values = {"repo": run.repo, "service": run.service, "action": run.action, "state": run.state,
@@ -350,7 +349,8 @@ class Robot(Service):
     # blueprints
     # ------------------------------------------------------------------
     @inlineCallbacks
-    def execute_blueprint(self, repo: str, name: str, trig: Optional[dict[str, Any]] = None):
+    def execute_blueprint(self, repo: str, name: str, trig: Optional[dict[str, Any]] = None
+                          ) -> Generator[Deferred[Any], Any, tuple[list[Run], Deferred[list[Run]]]]:
         """Create or update the blueprint's services, then run their installs in file order.
 
         Fires with (runs started, a Deferred firing with every run once all are recorded).
@@ -372,17 +372,17 @@ class Robot(Service):
         finished.addBoth(self._executed, repo, name, finished)
         return runs, finished
 
-    def _executed(self, result: Any, repo: str, name: str, finished: Deferred) -> Any:
+    def _executed(self, result: Any, repo: str, name: str, finished: Deferred[list[Run]]) -> Any:
         if self.executing.get((repo, name)) is finished:
             del self.executing[(repo, name)]
         return result
 
-    def when_executed(self, repo: str, name: str) -> Deferred:
+    def when_executed(self, repo: str, name: str) -> Deferred[None]:
         """Fires once the blueprint's execution going on in this process has recorded its status."""
         return settled(self.executing.get((repo, model.blueprint_name(name))))
 
     @inlineCallbacks
-    def _install_in_order(self, repo: str, name: str, runs: list[Run]):
+    def _install_in_order(self, repo: str, name: str, runs: list[Run]) -> Generator[Deferred[Any], Any, list[Run]]:
         failed: Optional[str] = None
         for run in runs:
             if failed is not None:
@@ -420,11 +420,11 @@ class Robot(Service):
         return runs
 
     # -- the catalog's writes, for callers that hold the robot -----------------------------
-    def create_repo(self, name: str) -> Deferred:
+    def create_repo(self, name: str) -> Deferred[Any]:
         return self.catalog.create_repo(name)
 
-    def put_template(self, repo: str, name: str, files: Any) -> Deferred:
+    def put_template(self, repo: str, name: str, files: Any) -> Deferred[Any]:
         return self.catalog.put_template(repo, name, files)
 
-    def add_blueprint(self, repo: str, name: str, content: Any, create: bool = True) -> Deferred:
+    def add_blueprint(self, repo: str, name: str, content: Any, create: bool = True) -> Deferred[Any]:
         return self.catalog.add_blueprint(repo, name, content, create)

@@ -5,13 +5,13 @@ import atexit
 import os
 import signal
 import sys
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any, Callable, Generator, Optional
 
 from twisted.application.service import MultiService, Service
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.internet import defer
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -107,13 +107,14 @@ class ServiceTree(MultiService):
     log_observer: Optional[ILogObserver] = None
 
     def setServiceParent(self, parent: Any) -> None:
+        # getComponent, setComponent and setServiceParent are Twisted's own, unannotated
         if self.log_observer is not None and isinstance(parent, Componentized) \
-                and parent.getComponent(ILogObserver) is None:
-            parent.setComponent(ILogObserver, self.log_observer)
-        super().setServiceParent(parent)
+                and parent.getComponent(ILogObserver) is None:  # type: ignore[no-untyped-call]
+            parent.setComponent(ILogObserver, self.log_observer)  # type: ignore[no-untyped-call]
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]
 
     @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         Service.stopService(self)
         for service in reversed(list(self)):
             try:
@@ -153,7 +154,7 @@ class CleanExit(Service):
         self.reactor = reactor
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         # after the reactor has put in its own handlers, which would re-raise the signal at exit
         self.reactor.callWhenRunning(self._install)
 
@@ -170,7 +171,7 @@ def makeService(options: Any, reactor: Any = None) -> ServiceTree:
     if reactor is None:
         from twisted.internet import reactor
     top = build(cfg, reactor, getattr(options, "extension_targets", None), StartupFailure(reactor))
-    CleanExit(reactor).setServiceParent(top)
+    CleanExit(reactor).setServiceParent(top)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
     top.log_observer = default_log_observer(getattr(options, "parent", None))
     return top
 
@@ -186,11 +187,13 @@ def build(cfg: Config, reactor: Any = None, extension_targets: Optional[dict[str
     """Wire the service tree for ``cfg``; nothing else happens here."""
     if reactor is None:
         from twisted.internet import reactor
-    top = ServiceTree()
+    # ServiceTree() and the services' setName and setServiceParent, below, are Twisted's own, unannotated
+    top = ServiceTree()  # type: ignore[no-untyped-call]
     backend = make_backend(cfg, reactor)  # Redis or embedded: chosen here, once
     bus = backend.bus
-    bus.setName("bus")
-    bus.setServiceParent(top)  # first in, so it is stopped last, once every consumer has left
+    bus.setName("bus")  # type: ignore[no-untyped-call]
+    # first in, so it is stopped last, once every consumer has left
+    bus.setServiceParent(top)  # type: ignore[no-untyped-call]
 
     from cockpit.smtp import IncomingMailFactory, MailSender
     from cockpit.store import Store
@@ -202,31 +205,31 @@ def build(cfg: Config, reactor: Any = None, extension_targets: Optional[dict[str
         # outgoing mail is stored in Redis, or under data_dir with the embedded bus, before it is accepted
         mailer = MailSender(cfg.mail.relay, reactor, hostname=cfg.mail.hostname,
                             outbox=backend.outbox())
-        mailer.setName("mailer")
-        mailer.setServiceParent(top)
+        mailer.setName("mailer")  # type: ignore[no-untyped-call]
+        mailer.setServiceParent(top)  # type: ignore[no-untyped-call]
     parsers = None
     if cfg.mail.parsers:
         from cockpit.parse_pool import ParserPool
 
         # before the listener, so that it stops after it
         parsers = ParserPool(cfg.mail.parsers, store.root, cfg.public_url, cfg.mail.parse_timeout, reactor)
-        parsers.setName("mail-parsers")
-        parsers.setServiceParent(top)
+        parsers.setName("mail-parsers")  # type: ignore[no-untyped-call]
+        parsers.setServiceParent(top)  # type: ignore[no-untyped-call]
     smtp_factory = IncomingMailFactory(cfg.mail, bus, store, reactor, parsers=parsers)
     smtp_listener = Listener("SMTP", cfg.mail.endpoint(), smtp_factory, reactor)
-    smtp_listener.setName("smtp")
-    smtp_listener.setServiceParent(top)
+    smtp_listener.setName("smtp")  # type: ignore[no-untyped-call]
+    smtp_listener.setServiceParent(top)  # type: ignore[no-untyped-call]
 
     from cockpit.groups import EventGroups
 
     groups = EventGroups(bus, backend.group_store(reactor, cfg.groups.samples), reactor, cfg.groups.keep_days)
-    groups.setName("groups")
-    groups.setServiceParent(top)
+    groups.setName("groups")  # type: ignore[no-untyped-call]
+    groups.setServiceParent(top)  # type: ignore[no-untyped-call]
     from cockpit.heartbeats import Heartbeats, HeartbeatsApi
 
     heartbeats = Heartbeats(backend.heartbeats(reactor), bus, reactor)  # checked once across the cluster
-    heartbeats.setName("heartbeats")
-    heartbeats.setServiceParent(top)
+    heartbeats.setName("heartbeats")  # type: ignore[no-untyped-call]
+    heartbeats.setServiceParent(top)  # type: ignore[no-untyped-call]
     from cockpit.alertmanager import AlertmanagerApi
     from cockpit.ays import Robot
     from cockpit.ays_api import AysApi
@@ -235,13 +238,13 @@ def build(cfg: Config, reactor: Any = None, extension_targets: Optional[dict[str
 
     # before the robot, so that it is stopped after it (and writes the states the robot's last runs set)
     catalog = Catalog(backend.catalog_store(cfg.repos_dir, cfg.data_dir, reactor), reactor)
-    catalog.setName("ays-catalog")
-    catalog.setServiceParent(top)
+    catalog.setName("ays-catalog")  # type: ignore[no-untyped-call]
+    catalog.setServiceParent(top)  # type: ignore[no-untyped-call]
     history = backend.run_history(reactor, cfg.ays.keep_days, cfg.ays.keep_runs)  # shared on Redis
     pool = WorkerPool(cfg.ays.workers, cfg.ays.action_timeout, reactor, action_memory=cfg.ays.action_memory)
     robot = Robot(catalog, bus, history, pool, clock=reactor, mailer=mailer)
-    robot.setName("ays")
-    robot.setServiceParent(top)
+    robot.setName("ays")  # type: ignore[no-untyped-call]
+    robot.setServiceParent(top)  # type: ignore[no-untyped-call]
 
     from cockpit.silences import SilencesApi
 
@@ -251,8 +254,8 @@ def build(cfg: Config, reactor: Any = None, extension_targets: Optional[dict[str
         from cockpit.telegram import TelegramBot
 
         bot = TelegramBot(cfg, backend, reactor, catalog=catalog, groups=groups.store, silences=silences)
-        bot.setName("telegram")
-        bot.setServiceParent(top)
+        bot.setName("telegram")  # type: ignore[no-untyped-call]
+        bot.setServiceParent(top)  # type: ignore[no-untyped-call]
 
     from cockpit.notices import MailChannel, Notifier
 
@@ -264,8 +267,8 @@ def build(cfg: Config, reactor: Any = None, extension_targets: Optional[dict[str
     notifier = None
     if channels:  # with nowhere to send them, notices stay due and ecos stay NEW
         notifier = Notifier(groups.store, channels, reactor, cfg.notify.repeat, silences=silences)
-        notifier.setName("notices")
-        notifier.setServiceParent(top)
+        notifier.setName("notices")  # type: ignore[no-untyped-call]
+        notifier.setServiceParent(top)  # type: ignore[no-untyped-call]
 
     from functools import partial
 
@@ -315,10 +318,10 @@ def build(cfg: Config, reactor: Any = None, extension_targets: Optional[dict[str
         if isinstance(extension, WsgiExtension) and extension.server.mount is not None:
             api.mounts[extension.server.name] = (extension.resource, extension.server.public)
     web = Listener("REST API and dashboard", cfg.api.endpoint(), api.site(reactor), reactor, scheme="http")
-    web.setName("web")
-    web.setServiceParent(top)
+    web.setName("web")  # type: ignore[no-untyped-call]
+    web.setServiceParent(top)  # type: ignore[no-untyped-call]
     for extension in extensions:  # last in: started after the cockpit's own services, stopped before them
-        extension.setServiceParent(top)
+        extension.setServiceParent(top)  # type: ignore[no-untyped-call]
     top.api = api  # type: ignore[attr-defined]
     top.robot = robot  # type: ignore[attr-defined]
     top.metrics = metrics  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ import math
 import re
 import uuid
 from collections import deque
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, NoReturn, Optional
 from urllib.parse import parse_qs, quote, unquote_to_bytes, urlsplit
 
 from klein import Klein
@@ -149,7 +149,7 @@ class BoundedRequest(Request):
         if limit is not None and length is not None and length > limit:
             self._refuse(limit)
             return
-        super().gotLength(length)
+        super().gotLength(length)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -160,12 +160,12 @@ class BoundedRequest(Request):
             self.content = None
             self._refuse(limit)
             return
-        super().handleContentChunk(data)
+        super().handleContentChunk(data)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
-        super().requestReceived(command, path, version)
+        super().requestReceived(command, path, version)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def _refuse(self, limit: int) -> None:
         self._refused = True
@@ -192,7 +192,7 @@ class BoundedRequest(Request):
             self._linger_call.cancel()
         if self._refused:
             return
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
 
 class ApiChannel(HTTPChannel):
@@ -216,7 +216,7 @@ class ApiChannel(HTTPChannel):
     site: ApiSite  # set by the site that builds it
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self._read("head")
 
     def dataReceived(self, data: bytes) -> None:
@@ -225,23 +225,23 @@ class ApiChannel(HTTPChannel):
         if self._reading is None and not self._handlingRequest:
             self._read("head")
         self._started = True
-        super().dataReceived(data)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def lineReceived(self, line: bytes) -> None:
         if self._reading is None:  # a pipelined request, parsed from what came with the last one
             self._read("head")
             self._started = True
-        super().lineReceived(line)
+        super().lineReceived(line)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def allHeadersReceived(self) -> None:
-        super().allHeadersReceived()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         if self.length != 0:  # else the request is complete now
             self._read("body")
 
     def allContentReceived(self) -> None:
         # first: handling the request may already read the next one, which sets its own deadline
         self._stop_deadline()
-        super().allContentReceived()
+        super().allContentReceived()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def timeoutConnection(self) -> None:
         if self._reading is not None and self._started:  # idle mid-request: the client stalled
@@ -249,13 +249,13 @@ class ApiChannel(HTTPChannel):
             self._stop_deadline()
             self._timed_out(phase)
             return
-        super().timeoutConnection()
+        super().timeoutConnection()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def _read(self, phase: str) -> None:
         self._reading = phase
@@ -263,7 +263,8 @@ class ApiChannel(HTTPChannel):
         if self._deadline is not None and self._deadline.active():
             self._deadline.reset(period)
         else:
-            self._deadline = self.callLater(period, self._past_deadline)
+            # callLater is Twisted's own, unannotated
+            self._deadline = self.callLater(period, self._past_deadline)  # type: ignore[no-untyped-call]
         if phase == "head":
             self._started = False
 
@@ -278,13 +279,14 @@ class ApiChannel(HTTPChannel):
         phase = self._reading
         self._reading = None
         if phase == "head" and not self._started:
-            self.loseConnection()  # nothing asked, nothing to answer
+            # loseConnection is Twisted's own, unannotated
+            self.loseConnection()  # type: ignore[no-untyped-call]  # nothing asked, nothing to answer
             return
         self._timed_out(phase or "head")
 
     def _timed_out(self, phase: str) -> None:
         self._expired = True
-        self.setTimeout(None)
+        self.setTimeout(None)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         transport: Any = self.transport  # a TCP one has the half-close ITransport does not declare
         if phase == "head":
             what, seconds, key = "headers", self.site.header_timeout, "header_timeout"
@@ -301,7 +303,8 @@ class ApiChannel(HTTPChannel):
         # as after a 413: half-close, drop what still comes, cut it off after a moment
         if hasattr(transport, "loseWriteConnection"):
             transport.loseWriteConnection()
-            self._linger_call = self.callLater(self.linger, transport.abortConnection)
+            # callLater is Twisted's own, unannotated
+            self._linger_call = self.callLater(self.linger, transport.abortConnection)  # type: ignore[no-untyped-call]
         else:
             transport.loseConnection()
 
@@ -326,7 +329,8 @@ class ApiSite(Site):
     def __init__(self, resource: Any, settings: ApiSection, metrics: Optional[NullMetrics] = None, **kwargs: Any):
         self.metrics = metrics if metrics is not None else NullMetrics()
         # form bodies are parsed by the routes that take them, within max_body
-        super().__init__(resource, parsePOSTFormSubmission=False, timeout=settings.idle_timeout, **kwargs)
+        super().__init__(  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
+            resource, parsePOSTFormSubmission=False, timeout=settings.idle_timeout, **kwargs)
         self.max_body = settings.max_body
         self.header_timeout = settings.header_timeout
         self.body_timeout = settings.body_timeout
@@ -339,8 +343,8 @@ class ApiSite(Site):
             request.getRequestHostname().decode("utf-8")
             (unquote_to_bytes(path) if b"%" in path else path).decode("utf-8")
         except UnicodeDecodeError:
-            return UndecodableUrl()
-        return super().getResourceFor(request)
+            return UndecodableUrl()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
+        return super().getResourceFor(request)  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     def log(self, request: HTTPRequest) -> None:
         # an access line per accepted event would cost more than the event; refusals say why
@@ -351,7 +355,8 @@ class ApiSite(Site):
             return
         log.info("{method} {path} answered {code} to {peer}", method=request.method.decode(errors="replace"),
                  path=request.path.decode(errors="replace")[:200], code=code,
-                 peer=getattr(request.getClientAddress(), "host", "?"))
+                 # getClientAddress is Twisted's own, unannotated
+                 peer=getattr(request.getClientAddress(), "host", "?"))  # type: ignore[no-untyped-call]
 
 
 # ---------------------------------------------------------------------------
@@ -457,7 +462,7 @@ class LiveStream:
         self.keepalive.clock = clock
         self.keepalive.start(keepalive, now=False)
         # what the route returns: never fires; Klein cancels it when the client goes away
-        self.done: Deferred = Deferred(lambda _: self.stop())
+        self.done: Deferred[None] = Deferred(lambda _: self.stop())
         request.notifyFinish().addBoth(self.stop)
 
     def send(self, frame: bytes) -> None:
@@ -914,7 +919,7 @@ class Api:
 
     # -- events ----------------------------------------------------------------------------
     for _type in EVENT_TYPES:
-        def _publish_route(self: "Api", request: Request, body: Any) -> Deferred:
+        def _publish_route(self: "Api", request: Request, body: Any) -> Deferred[dict[str, Any]]:
             return self.publish(body, "rest")
 
         routes.post(
@@ -927,7 +932,7 @@ class Api:
             operation_id=f"publish_{_type}")(_publish_route)
     del _type, _publish_route
 
-    def publish(self, event: events.Event, default_source: str) -> Deferred:
+    def publish(self, event: events.Event, default_source: str) -> Deferred[dict[str, Any]]:
         """Publish ``event`` (its source ``default_source`` unless the sender gave one); fires {"guid"}."""
         if "source" not in event.model_fields_set:
             event.source = default_source
@@ -937,12 +942,11 @@ class Api:
             reply.addCallback(self._eco_seen, event.guid)
         return reply
 
-    def _eco_seen(self, reply: dict[str, Any], guid: str) -> Deferred:
+    def _eco_seen(self, reply: dict[str, Any], guid: str) -> Deferred[dict[str, Any]]:
         """Marks the eco's guid as published (for a day); a mark already there is a duplicate."""
         marked = self.bus.remember(eco_guid_key(guid), "1", ECO_GUID_TTL)
-        marked.addCallbacks(lambda fresh: {**reply, "duplicate": not fresh},
-                            lambda failure: reply)  # published all the same: only the flag is missing
-        return marked
+        return marked.addCallbacks(lambda fresh: {**reply, "duplicate": not fresh},
+                                   lambda failure: reply)  # published all the same: only the flag is missing
 
     @routes.post("/api/events/{type}", summary="Unknown event types", auth=False, hidden=True,
                  params={"type": Param()})
@@ -1091,13 +1095,14 @@ class Api:
                  responses={202: Response("Queued; the delivery record", Delivery),
                             503: Response("No [mail.relay] is configured, the queue is full, "
                                           "or the mail cannot be stored now")})
-    def send_mail(self, request: Request, body: OutgoingMail) -> Deferred:
+    def send_mail(self, request: Request, body: OutgoingMail) -> Deferred[Reply]:
         if self.mailer is None:
             raise ApiError(503, "no [mail.relay] is configured; the cockpit cannot send mail")
-        return self.mailer.send(body).addCallbacks(lambda record: Reply(202, record), self._mail_refused)
+        queued: Deferred[dict[str, Any]] = self.mailer.send(body)  # fires with the delivery record
+        return queued.addCallbacks(lambda record: Reply(202, record), self._mail_refused)
 
     @staticmethod
-    def _mail_refused(failure: Failure) -> None:
+    def _mail_refused(failure: Failure) -> NoReturn:
         from cockpit.outbox import MailQueueFull
 
         failure.trap(MailQueueFull)
@@ -1105,8 +1110,9 @@ class Api:
 
     @routes.get("/api/mail", summary="Recent deliveries, newest first (none without a relay)", tags=("mail",),
                 query=LimitQuery, responses={200: Response("The delivery records", DeliveryList)})
-    def mail_deliveries(self, request: Request, query: LimitQuery) -> Deferred:
+    def mail_deliveries(self, request: Request, query: LimitQuery) -> Deferred[dict[str, Any]]:
         if self.mailer is None:
             return defer.succeed({"mails": []})
         # the records are in Redis or the spool: they come back later
-        return self.mailer.deliveries(query.limit).addCallback(lambda mails: {"mails": mails})
+        records: Deferred[list[dict[str, Any]]] = self.mailer.deliveries(query.limit)
+        return records.addCallback(lambda mails: {"mails": mails})

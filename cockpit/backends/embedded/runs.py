@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Generator, List, Optional
 
 from twisted.application.internet import TimerService
 from twisted.enterprise import adbapi
@@ -82,7 +82,7 @@ class SqliteRunHistory(RunHistory):
 
     def __init__(self, path: Path, clock: IReactorTime, keep_days: float = 30.0, keep_runs: int = 100000,
                  prune_interval: float = 3600.0):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.path = Path(path)
         self.keep_days = keep_days
         self.keep_runs = keep_runs
@@ -90,19 +90,23 @@ class SqliteRunHistory(RunHistory):
         self.pool: Optional[adbapi.ConnectionPool] = None
         self._ready = False
         self._open_error: Any = None
-        self._waiters: list[Deferred] = []
-        self._batch: list[tuple[Optional[Run], Deferred]] = []
+        self._waiters: list[Deferred[None]] = []
+        # (run, d): d fires True or False once the run is written, or None once all before it is (run None)
+        self._batch: list[tuple[Optional[Run], Deferred[Any]]] = []
         self._writing = False
-        pruner = TimerService(prune_interval, self._prune_logged)
+        # TimerService is Twisted's own, unannotated
+        pruner = TimerService(prune_interval, self._prune_logged)  # type: ignore[no-untyped-call]
         pruner.clock = clock
-        pruner.setServiceParent(self)
+        pruner.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.pool = adbapi.ConnectionPool("sqlite3", str(self.path), check_same_thread=False,
-                                          cp_min=1, cp_max=1, cp_openfun=_open)
-        self.pool.runInteraction(self._create).addCallbacks(self._opened, self._open_failed)
-        super().startService()
+        # adbapi's pool and MultiService are Twisted's own, unannotated
+        self.pool = adbapi.ConnectionPool(  # type: ignore[no-untyped-call]
+            "sqlite3", str(self.path), check_same_thread=False, cp_min=1, cp_max=1, cp_openfun=_open)
+        self.pool.runInteraction(self._create).addCallbacks(  # type: ignore[no-untyped-call]
+            self._opened, self._open_failed)
+        super().startService()  # type: ignore[no-untyped-call]
 
     @staticmethod
     def _create(cursor: Any) -> None:
@@ -110,17 +114,17 @@ class SqliteRunHistory(RunHistory):
             cursor.execute(statement)
 
     @defer.inlineCallbacks
-    def stopService(self):
-        yield super().stopService()
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        yield super().stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         while self._writing or self._batch:
             yield self._flushed()
         if self.pool is not None:
-            self.pool.close()
+            self.pool.close()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
             self.pool = None
         self._ready = False
 
-    def _flushed(self) -> Deferred:
-        d: Deferred = Deferred()
+    def _flushed(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
         self._batch.append((None, d))
         self._kick()
         return d
@@ -138,25 +142,27 @@ class SqliteRunHistory(RunHistory):
         for d in waiters:
             d.errback(failure)
 
-    def _when_ready(self) -> Deferred:
+    def _when_ready(self) -> Deferred[None]:
         if self._ready:
             return defer.succeed(None)
         if self._open_error is not None:
             return defer.fail(self._open_error)
         if self.pool is None:
             return defer.fail(RuntimeError("the run history is not started"))
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._waiters.append(d)
         return d
 
-    def _open_pool(self) -> adbapi.ConnectionPool:
+    # Any: Twisted leaves adbapi unannotated, and the pool is called in callbacks' lambdas, where an untyped
+    # call fails every overload of addCallback, ignored or not
+    def _open_pool(self) -> Any:
         """The pool, once `_when_ready` has fired (which needs it open)."""
         assert self.pool is not None, "the run history is not started"
         return self.pool
 
     # -- writing -----------------------------------------------------------
-    def record(self, run: Run) -> Deferred:
-        d: Deferred = Deferred()
+    def record(self, run: Run) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
         self._batch.append((run, d))
         self._kick()
         return d
@@ -179,14 +185,14 @@ class SqliteRunHistory(RunHistory):
             inserted.append(cursor.rowcount == 1)
         return inserted
 
-    def _written(self, inserted: list[bool], batch: list[tuple[Optional[Run], Deferred]]) -> None:
+    def _written(self, inserted: list[bool], batch: list[tuple[Optional[Run], Deferred[Any]]]) -> None:
         self._writing = False
         flags = iter(inserted)
         for run, d in batch:
             d.callback(next(flags) if run is not None else None)
         self._kick()
 
-    def _write_failed(self, failure: Any, batch: list[tuple[Optional[Run], Deferred]]) -> None:
+    def _write_failed(self, failure: Any, batch: list[tuple[Optional[Run], Deferred[Any]]]) -> None:
         self._writing = False
         log.failure("cannot write {count} runs to {path}", failure, count=len(batch), path=str(self.path))
         for _, d in batch:
@@ -194,21 +200,21 @@ class SqliteRunHistory(RunHistory):
         self._kick()
 
     # -- reading -----------------------------------------------------------
-    def completed(self, event_guid: str) -> Deferred:
-        d = self._when_ready()
+    def completed(self, event_guid: str) -> Deferred[set[tuple[str, str, str]]]:
+        d: Deferred[Any] = self._when_ready()
         d.addCallback(lambda _: self._open_pool().runQuery(
             "SELECT repo, service, action FROM runs WHERE event_guid = ?", (event_guid,)))
         d.addCallback(lambda rows: {tuple(row) for row in rows})
         return d
 
-    def get(self, run_id: str) -> Deferred:
-        d = self._when_ready()
+    def get(self, run_id: str) -> Deferred[Optional[Run]]:
+        d: Deferred[Any] = self._when_ready()
         d.addCallback(lambda _: self._open_pool().runQuery(
             f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE id = ?", (run_id,)))
         d.addCallback(lambda rows: _from_row(rows[0]) if rows else None)
         return d
 
-    def list(self, limit: int = 50, before: Optional[str] = None, **filters: Optional[str]) -> Deferred:
+    def list(self, limit: int = 50, before: Optional[str] = None, **filters: Optional[str]) -> Deferred[List[Run]]:
         try:
             where, params = _where(filters)
         except ValueError as exc:
@@ -220,41 +226,42 @@ class SqliteRunHistory(RunHistory):
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
-        d = self._when_ready()
+        d: Deferred[Any] = self._when_ready()
         d.addCallback(lambda _: self._open_pool().runQuery(sql, (*params, int(limit))))
         d.addCallback(lambda rows: [_from_row(row) for row in rows])
         return d
 
-    def count(self, **filters: Optional[str]) -> Deferred:
+    def count(self, **filters: Optional[str]) -> Deferred[int]:
         try:
             where, params = _where(filters)
         except ValueError as exc:
             return defer.fail(exc)
         sql = "SELECT COUNT(*) FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
-        d = self._when_ready()
+        d: Deferred[Any] = self._when_ready()
         d.addCallback(lambda _: self._open_pool().runQuery(sql, tuple(params)))
         d.addCallback(lambda rows: rows[0][0])
         return d
 
     # -- pruning -----------------------------------------------------------
-    def prune(self, now: Optional[float] = None) -> Deferred:
+    def prune(self, now: Optional[float] = None) -> Deferred[int]:
         bound = id_bound((self.clock.seconds() if now is None else now) - self.keep_days * 86400)
 
         def interaction(cursor: Any) -> int:
             cursor.execute("DELETE FROM runs WHERE id < ?", (bound,))
-            removed = cursor.rowcount
+            removed: int = cursor.rowcount
             cursor.execute("DELETE FROM runs WHERE id < (SELECT id FROM runs ORDER BY id DESC LIMIT 1 OFFSET ?)",
                            (self.keep_runs - 1,))
-            return removed + max(cursor.rowcount, 0)
+            over: int = cursor.rowcount
+            return removed + max(over, 0)
 
-        d = self._when_ready()
+        d: Deferred[Any] = self._when_ready()
         d.addCallback(lambda _: self._open_pool().runInteraction(interaction))
         return d
 
-    def _prune_logged(self) -> Deferred:
+    def _prune_logged(self) -> Deferred[None]:
         if self.pool is None:
             return defer.succeed(None)
-        d = self.prune()
+        d: Deferred[Any] = self.prune()
 
         def pruned(count: int) -> None:
             if count:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Generator, List, Optional
 
 import txredisapi
 from twisted.application.internet import TimerService
@@ -290,7 +290,7 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    def __call__(self, bus: RedisBus, *args: Any) -> Deferred:
+    def __call__(self, bus: RedisBus, *args: Any) -> Deferred[Any]:
         d = bus.execute("EVALSHA", self.sha, "0", *args)
         d.addErrback(self._load, bus, args)
         return d
@@ -326,29 +326,31 @@ class RedisRunHistory(RunHistory):
 
     def __init__(self, bus: RedisBus, clock: IReactorTime, keep_days: float = 30.0, keep_runs: int = 100000,
                  prune_interval: float = 3600.0):
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         self.bus = bus
         self.clock = clock
         self.keep_days = keep_days
         self.keep_runs = keep_runs
-        self._queue: deque[tuple[str, Optional[Run], Deferred]] = deque()
+        # (kind, run, d): d fires True or False once written, or None (a marker; a show or unshow that failed)
+        self._queue: deque[tuple[str, Optional[Run], Deferred[Any]]] = deque()
         self._writing = False
         self._retry: Any = None
         self._retry_delay = RETRY_FIRST
         self._prune_retry: Any = None
         self._live: dict[str, Run] = {}  # shown running by this process, not recorded yet
-        self._to_show: dict[str, tuple[Any, Deferred]] = {}  # started, to be shown if still going
+        self._to_show: dict[str, tuple[Any, Deferred[None]]] = {}  # started, to be shown if still going
         for interval, work in ((prune_interval, self._prune_logged), (LIVE_RENEW, self._renew_logged)):
-            timer = TimerService(interval, work)
+            # TimerService is Twisted's own, unannotated
+            timer = TimerService(interval, work)  # type: ignore[no-untyped-call]
             timer.clock = clock
-            timer.setServiceParent(self)
+            timer.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
         self._retry_delay = RETRY_FIRST
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
 
     @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         for call in (self._retry, self._prune_retry):
             if call is not None and call.active():
                 call.cancel()
@@ -357,18 +359,18 @@ class RedisRunHistory(RunHistory):
             call.cancel()
             shown.callback(None)
         self._to_show.clear()
-        yield super().stopService()
+        yield super().stopService()  # type: ignore[no-untyped-call]  # Twisted's own, unannotated
         for run in self._live.values():  # never recorded: the pool stopped before they ended
             self._queue.append(("F", run, Deferred()))
         self._live.clear()
         while self._writing or self._queue:
-            waiting: Deferred = Deferred()
+            waiting: Deferred[None] = Deferred()
             self._queue.append(("", None, waiting))  # fires once everything before it is written
             self._kick()
             yield waiting
 
     # -- writing -----------------------------------------------------------
-    def record(self, run: Run) -> Deferred:
+    def record(self, run: Run) -> Deferred[bool]:
         self._live.pop(run.id, None)
         waiting = self._to_show.pop(run.id, None)
         if waiting is not None:  # over before it was shown: only its record is written
@@ -376,9 +378,9 @@ class RedisRunHistory(RunHistory):
             waiting[1].callback(None)
         return self._enqueue("R", run)
 
-    def started(self, run: Run) -> Deferred:
+    def started(self, run: Run) -> Deferred[None]:
         """Show ``run`` as running, if it still is ``LIVE_AFTER`` seconds from now; fires once shown (or not)."""
-        shown: Deferred = Deferred()
+        shown: Deferred[None] = Deferred()
         self._to_show[run.id] = (self.clock.callLater(LIVE_AFTER, self._show, run), shown)
         return shown
 
@@ -387,8 +389,8 @@ class RedisRunHistory(RunHistory):
         self._live[run.id] = run
         self._enqueue("L", run).addCallback(lambda _: None).chainDeferred(shown)
 
-    def _enqueue(self, kind: str, run: Run) -> Deferred:
-        d: Deferred = Deferred()
+    def _enqueue(self, kind: str, run: Run) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
         self._queue.append((kind, run, d))
         self._kick()
         return d
@@ -398,7 +400,7 @@ class RedisRunHistory(RunHistory):
         if self._writing or (self._retry is not None and self.running) or not self._queue:
             return
         self._retry = None
-        batch: list[tuple[str, Optional[Run], Deferred]] = []
+        batch: list[tuple[str, Optional[Run], Deferred[Any]]] = []
         args: list[str | bytes] = [str(self.keep_runs), "0"]
         size = 0
         deadline = repr(self.clock.seconds() + LIVE_TTL)
@@ -424,7 +426,7 @@ class RedisRunHistory(RunHistory):
         _write(self.bus, *args).addCallbacks(self._written, self._write_failed, callbackArgs=(batch,),
                                              errbackArgs=(batch,))
 
-    def _written(self, replies: list, batch: list[tuple[str, Optional[Run], Deferred]]) -> None:
+    def _written(self, replies: list[Any], batch: list[tuple[str, Optional[Run], Deferred[Any]]]) -> None:
         self._writing = False
         self._retry_delay = RETRY_FIRST
         flags = iter(replies)
@@ -432,7 +434,7 @@ class RedisRunHistory(RunHistory):
             d.callback(bool(int(next(flags))) if kind else None)
         self._kick()
 
-    def _write_failed(self, failure: Failure, batch: list[tuple[str, Optional[Run], Deferred]]) -> None:
+    def _write_failed(self, failure: Failure, batch: list[tuple[str, Optional[Run], Deferred[Any]]]) -> None:
         self._writing = False
         records = sum(1 for kind, _, _ in batch if kind == "R")
         if failure.check(BusUnavailable) and self.running:
@@ -461,16 +463,17 @@ class RedisRunHistory(RunHistory):
         self._kick()
 
     # -- reading -----------------------------------------------------------
-    def completed(self, event_guid: str) -> Deferred:
+    def completed(self, event_guid: str) -> Deferred[set[tuple[str, str, str]]]:
         return self.bus.execute("HKEYS", _bytes(DONE_PREFIX + event_guid)).addCallback(
             lambda fields: {tuple(json.loads(field)) for field in fields})
 
-    def get(self, run_id: str) -> Deferred:
+    def get(self, run_id: str) -> Deferred[Optional[Run]]:
         return _get(self.bus, _bytes(run_id), repr(self.clock.seconds())).addCallback(
             lambda text: Run.from_dict(json.loads(text)) if text else None)
 
     @inlineCallbacks
-    def list(self, limit: int = 50, before: Optional[str] = None, **filters: Optional[str]):
+    def list(self, limit: int = 50, before: Optional[str] = None,
+             **filters: Optional[str]) -> Generator[Deferred[Any], Any, List[Run]]:
         wanted = _filter_args(filters)
         if limit <= 0:
             return []
@@ -491,13 +494,13 @@ class RedisRunHistory(RunHistory):
             return []
         texts = yield self.bus.transaction(*[("HGET", RUN_PREFIX + run_id, "run") for run_id in ids])
         if sum(len(text) for text in texts if text) > PARSE_IN_THREAD:
-            runs = yield threads.deferToThread(_parse, texts)
+            runs: list[Run] = yield threads.deferToThread(_parse, texts)
         else:
             runs = _parse(texts)
         return runs
 
     @inlineCallbacks
-    def count(self, **filters: Optional[str]):
+    def count(self, **filters: Optional[str]) -> Generator[Deferred[Any], Any, int]:
         wanted = _filter_args(filters)
         total, cursor = 0, ""
         while True:
@@ -508,7 +511,7 @@ class RedisRunHistory(RunHistory):
 
     # -- pruning and renewing ---------------------------------------------------
     @inlineCallbacks
-    def prune(self, now: Optional[float] = None):
+    def prune(self, now: Optional[float] = None) -> Generator[Deferred[Any], Any, int]:
         now = self.clock.seconds() if now is None else now
         bound = id_bound(now - self.keep_days * 86400)
         total = 0
@@ -518,9 +521,9 @@ class RedisRunHistory(RunHistory):
             if not int(more):
                 return total
 
-    def _prune_logged(self) -> Deferred:
+    def _prune_logged(self) -> Deferred[None]:
         self._prune_retry = None
-        d = self.prune()
+        d: Deferred[Any] = self.prune()
 
         def pruned(count: int) -> None:
             if count:
