@@ -552,6 +552,7 @@ class RedisConsumer(Consumer):
                                              name=self.consumer_name, error=exc))
                 yield self._pause(1.0)
 
+    @inlineCallbacks
     def _read(self, count):
         self._reading = True
         try:
