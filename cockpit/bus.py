@@ -12,12 +12,12 @@ from functools import partial
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Generator, Iterable, Optional, Sequence, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -25,6 +25,8 @@ from cockpit.events import EVENT_TYPES, Event, from_stored
 from cockpit.metrics import NO_METRICS, NullMetrics
 
 log = Logger()
+
+_T = TypeVar("_T")
 
 STREAM_PREFIX = "ckpt."
 DEAD_LETTER_STREAM = "ckpt.dead"
@@ -75,6 +77,10 @@ class Delivery:
 
 
 Handler = Callable[[Event, Delivery], Any]
+# what a consumer's read fires with, per entry: (stream, id, raw), raw None where the entry holds no event
+ReadEntry = tuple[str, str, Optional[str]]
+# what a claim fires with, per entry: (stream, id, raw, deliveries)
+ClaimedEntry = tuple[str, str, Optional[str], int]
 
 
 class Subscription:
@@ -84,7 +90,7 @@ class Subscription:
         self._bus = bus
         self.callback = callback
         self.types = types
-        self._ended: list[Deferred] = []
+        self._ended: list[Deferred[None]] = []
 
     def cancel(self) -> None:
         self._bus._subscriptions.discard(self)
@@ -92,11 +98,11 @@ class Subscription:
         for d in ended:
             d.callback(None)
 
-    def when_cancelled(self) -> Deferred:
+    def when_cancelled(self) -> Deferred[None]:
         """Fires once the subscription has ended (at once if it has)."""
         if self not in self._bus._subscriptions:
             return defer.succeed(None)
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._ended.append(d)
         return d
 
@@ -120,7 +126,7 @@ class Bus(Service):
         self.max_deliveries = max_deliveries
         self.claim_idle = claim_idle
         self._subscriptions: set[Subscription] = set()
-        self._reports: set[Any] = set()  # unless_lost's reports still to come
+        self._reports: set[IDelayedCall] = set()  # unless_lost's reports still to come
 
     # -- publishing -------------------------------------------------------
     def stamp(self, event: Event) -> Event:
@@ -129,11 +135,11 @@ class Bus(Service):
             event.epoch = int(self.clock.seconds())
         return event
 
-    def publish(self, event: Event) -> Deferred:
+    def publish(self, event: Event) -> Deferred[str]:
         """Log and fan out ``event``; fires with its stream entry id, or fails with BusUnavailable."""
         raise NotImplementedError
 
-    def _stored(self, result: Any, event: Event) -> Any:
+    def _stored(self, result: _T, event: Event) -> _T:
         """A publish's first callback: count ``event`` once the bus holds it (passes ``result`` on)."""
         self.metrics.published(event.type, event.source or "")
         return result
@@ -178,13 +184,13 @@ class Bus(Service):
         for call in reports:
             if call.active():
                 call.cancel()
-        return super().stopService()
+        return super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
 
-    def when_connected(self) -> Deferred:
+    def when_connected(self) -> Deferred[None]:
         """Fires once the bus can take events (at once for a bus inside this process)."""
         return defer.succeed(None)
 
-    def when_live(self) -> Deferred:
+    def when_live(self) -> Deferred[None]:
         """Fires once live subscriptions receive what is published from then on."""
         return defer.succeed(None)
 
@@ -210,15 +216,15 @@ class Bus(Service):
         raise NotImplementedError
 
     def recent(self, event_type: Optional[str] = None, limit: int = 50,
-               before: Optional[str] = None) -> Deferred:
+               before: Optional[str] = None) -> Deferred[list[tuple[str, Event]]]:
         """Fires with ``[(entry_id, event)]`` from the durable log, newest first."""
         raise NotImplementedError
 
-    def dead_letters(self, limit: int = 50) -> Deferred:
+    def dead_letters(self, limit: int = 50) -> Deferred[list[tuple[str, dict[str, str]]]]:
         """Fires with ``[(entry_id, fields)]`` of ``ckpt.dead``, newest first."""
         raise NotImplementedError
 
-    def pending(self, group: str, types: Sequence[str] = EVENT_TYPES) -> Deferred:
+    def pending(self, group: str, types: Sequence[str] = EVENT_TYPES) -> Deferred[int]:
         """Fires with how many entries ``group`` has been handed and not acknowledged."""
         raise NotImplementedError
 
@@ -226,18 +232,18 @@ class Bus(Service):
         raise NotImplementedError
 
     # -- marks shared by every process on the bus -----------------------------
-    def remember(self, key: str, value: str, ttl: float) -> Deferred:
+    def remember(self, key: str, value: str, ttl: float) -> Deferred[bool]:
         """Keep ``value`` under ``key`` (``ckpt.``...) for ``ttl`` seconds unless it holds one already.
 
         Fires True when stored, False when the key already held a value (which is kept).
         """
         raise NotImplementedError
 
-    def recall(self, key: str) -> Deferred:
+    def recall(self, key: str) -> Deferred[Optional[str]]:
         """Fires with the value remembered under ``key``, or None (never stored, or its ttl has passed)."""
         raise NotImplementedError
 
-    def forget(self, key: str) -> Deferred:
+    def forget(self, key: str) -> Deferred[bool]:
         """Drop what is remembered under ``key``, so the next ``remember`` stores; fires True if it held one."""
         raise NotImplementedError
 
@@ -248,7 +254,7 @@ def mark_key(key: str) -> str:
     return key
 
 
-_TAKEN: Deferred = defer.succeed(None)
+_TAKEN: Deferred[None] = defer.succeed(None)
 
 # beats per consumer_timeout: a beat may be late or lost a few times before the others judge
 BEATS_PER_TIMEOUT = 5
@@ -280,7 +286,7 @@ class Consumer(Service):
                  name: Optional[str] = None, concurrency: int = 64,
                  claim_interval: Optional[float] = None, drain_timeout: float = 10.0,
                  linger: float = 0.0, decode: Callable[[str], Any] = from_stored,
-                 before_dispatch: Optional[Callable[[], Deferred]] = None):
+                 before_dispatch: Optional[Callable[[], Deferred[Any]]] = None):
         self.bus = bus
         # called after each read and before its entries are handled: whatever the handler's view
         # must catch up with (changes made before the entries were read) is caught up with then
@@ -300,11 +306,11 @@ class Consumer(Service):
         # after a read that did not fill the room, wait this long before the next one: fewer,
         # larger reads for consumers to whom a few milliseconds do not matter
         self.linger = linger
-        self._lingering: Optional[Deferred] = None
-        self.inflight: dict[tuple[str, str], Deferred] = {}
+        self._lingering: Optional[Deferred[None]] = None
+        self.inflight: dict[tuple[str, str], Deferred[Any]] = {}
         self._last_error: dict[tuple[str, str], str] = {}
-        self._room: Optional[Deferred] = None
-        self._loop: Optional[Deferred] = None
+        self._room: Optional[Deferred[None]] = None
+        self._loop: Optional[Deferred[None]] = None
         self._reclaimer: Optional[task.LoopingCall] = None
         self._beater: Optional[task.LoopingCall] = None
         self._beats_since: Optional[float] = None  # when the current unbroken run of beats began
@@ -313,20 +319,20 @@ class Consumer(Service):
         # the bus fails it, cleared by the beat that takes them back
         self._lost_track = False
         self._catching_up: set[tuple[str, str]] = set()  # read or claimed, waiting for before_dispatch
-        self._busy: set[Deferred] = set()  # beats, reclaims and hand-outs under way: a stop waits for them
-        self._pauses: set[Deferred] = set()
-        self._drain_waiters: list[Deferred] = []
+        self._busy: set[Deferred[Any]] = set()  # beats, reclaims and hand-outs under way: a stop waits for them
+        self._pauses: set[Deferred[None]] = set()
+        self._drain_waiters: list[Deferred[None]] = []
         self._ready = False
-        self._ready_waiters: list[Deferred] = []
+        self._ready_waiters: list[Deferred[None]] = []
         self.handled = 0  # entries handled and acknowledged since the start
         # handled, but the acknowledgement could not be sent (the bus was away): sent again at the
         # next beat or reclaim, rather than handled again by whoever claims the entry
         self.owed_acks: set[tuple[str, str]] = set()
-        self._handled_waiters: list[tuple[int, Deferred]] = []
+        self._handled_waiters: list[tuple[int, Deferred[int]]] = []
 
     # -- lifetime ---------------------------------------------------------
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         self._loop = self._run()
         self._loop.addErrback(lambda f: log.failure("consumer {name} stopped", f, name=self.consumer_name))
         self._reclaimer = task.LoopingCall(self._reclaim_logged)
@@ -338,8 +344,8 @@ class Consumer(Service):
             self._beater.start(self.beat_interval, now=False)
 
     @inlineCallbacks
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        super().stopService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         for timer in (self._reclaimer, self._beater):
             if timer is not None and timer.running:
                 timer.stop()
@@ -386,9 +392,9 @@ class Consumer(Service):
                          "the other consumers take them over", name=self.consumer_name, streams=left,
                          group=self.group)
 
-    def _within(self, d: Deferred, seconds: float) -> Deferred:
+    def _within(self, d: Deferred[Any], seconds: float) -> Deferred[bool]:
         """Fires True once ``d`` has fired, or False after ``seconds`` on the bus's clock."""
-        done: Deferred = Deferred()
+        done: Deferred[bool] = Deferred()
         timer: list[Any] = []
 
         def fired(result: Any) -> Any:
@@ -403,7 +409,7 @@ class Consumer(Service):
             timer.append(self.bus.clock.callLater(seconds, done.callback, False))
         return done
 
-    def _pause(self, seconds: float) -> Deferred:
+    def _pause(self, seconds: float) -> Deferred[None]:
         """Fires after ``seconds``, or at once when the consumer stops."""
         d = task.deferLater(self.bus.clock, seconds, lambda: None)
         self._pauses.add(d)
@@ -411,7 +417,7 @@ class Consumer(Service):
         d.addBoth(lambda _: self._pauses.discard(d))
         return d
 
-    def _busy_with(self, d: Deferred) -> Deferred:
+    def _busy_with(self, d: Deferred[_T]) -> Deferred[_T]:
         self._busy.add(d)
 
         def done(result: Any) -> Any:
@@ -421,16 +427,16 @@ class Consumer(Service):
         return d.addBoth(done)
 
     # -- delivery -----------------------------------------------------------
-    def when_ready(self) -> Deferred:
+    def when_ready(self) -> Deferred[None]:
         """Fires once the consumer is about to read: its group exists and its first beat is in."""
         if self._ready:
             return defer.succeed(None)
-        d: Deferred = Deferred(lambda d: self._ready_waiters.remove(d))
+        d: Deferred[None] = Deferred(lambda d: self._ready_waiters.remove(d))
         self._ready_waiters.append(d)
         return d
 
     @inlineCallbacks
-    def _run(self):
+    def _run(self) -> Generator[Deferred[Any], Any, None]:
         yield self._get_ready()
         if self.running:
             self._ready = True
@@ -469,7 +475,7 @@ class Consumer(Service):
                     self._lingering = None
 
     @inlineCallbacks
-    def _get_ready(self):
+    def _get_ready(self) -> Generator[Deferred[Any], Any, None]:
         yield self._prepare()
         # the first beat comes before the first read: until then the others take this consumer for dead
         while self.running and self.beat_interval is not None:
@@ -481,7 +487,7 @@ class Consumer(Service):
                 yield self._pause(1.0)
 
     @inlineCallbacks
-    def _caught_up(self, keys: list[tuple[str, str]]):
+    def _caught_up(self, keys: list[tuple[str, str]]) -> Generator[Deferred[bool], bool, bool]:
         """Fires True once ``before_dispatch`` has succeeded, retrying while it fails; False when stopping.
 
         Meanwhile the entries of ``keys`` are held here, waiting for it.
@@ -493,7 +499,7 @@ class Consumer(Service):
             self._catching_up.difference_update(keys)
 
     @inlineCallbacks
-    def _catch_up(self):
+    def _catch_up(self) -> Generator[Deferred[Any], Any, bool]:
         assert self.before_dispatch is not None
         while True:
             try:
@@ -509,7 +515,7 @@ class Consumer(Service):
                 yield self._pause(1.0)
 
     @inlineCallbacks
-    def _wait_for_room(self):
+    def _wait_for_room(self) -> Generator[Deferred[None], None, None]:
         # taken-over and reclaimed entries come on top of what was read: one release need not
         # make room, and a read for a negative count would take everything (Redis: no COUNT)
         while self.running and len(self.inflight) >= self.concurrency:
@@ -555,7 +561,7 @@ class Consumer(Service):
         self._release(key)
         return None
 
-    def _send_owed_acks(self) -> Deferred:
+    def _send_owed_acks(self) -> Deferred[None]:
         """Acknowledge again what was handled while the bus was away; fires when tried."""
         owed = [key for key in self.owed_acks if key not in self.inflight]
         if not owed:
@@ -569,9 +575,9 @@ class Consumer(Service):
                     self._wake_handled()
 
         sent = [self._ack(*key).addCallback(acked, key) for key in owed]
-        d = defer.gatherResults(sent, consumeErrors=True)
-        d.addCallback(lambda _: log.info("consumer {name}: acknowledged {count} entries handled while the bus "
-                                         "was away", name=self.consumer_name, count=len(owed)))
+        d = defer.gatherResults(sent, consumeErrors=True).addCallback(
+            lambda _: log.info("consumer {name}: acknowledged {count} entries handled while the bus "
+                               "was away", name=self.consumer_name, count=len(owed)))
         return d.addErrback(lambda _: None)  # still away: the next beat tries again
 
     def _handled(self, _: Any, key: tuple[str, str]) -> None:
@@ -581,11 +587,11 @@ class Consumer(Service):
         if self._handled_waiters:
             self._wake_handled()
 
-    def when_handled(self, count: int) -> Deferred:
+    def when_handled(self, count: int) -> Deferred[int]:
         """Fires with ``handled`` once this consumer has handled and acknowledged ``count`` entries in all."""
         if self.handled >= count:
             return defer.succeed(self.handled)
-        d: Deferred = Deferred(lambda d: self._handled_waiters.remove((count, d)))
+        d: Deferred[int] = Deferred(lambda d: self._handled_waiters.remove((count, d)))
         self._handled_waiters.append((count, d))
         return d
 
@@ -621,16 +627,16 @@ class Consumer(Service):
             for d in waiters:
                 d.callback(None)
 
-    def _drained(self) -> Deferred:
+    def _drained(self) -> Deferred[None]:
         """Fires once nothing is in flight: every entry handed out is acknowledged, or failed."""
         if not self.inflight:
             return defer.succeed(None)
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._drain_waiters.append(d)
         return d
 
     # -- reclaiming ---------------------------------------------------------
-    def _reclaim_logged(self) -> Deferred:
+    def _reclaim_logged(self) -> Deferred[Optional[int]]:
         return self.reclaim().addErrback(self._reclaim_failed)
 
     def _reclaim_failed(self, failure: Failure) -> None:
@@ -638,7 +644,7 @@ class Consumer(Service):
         log.warn("consumer {name}: reclaim failed: {error}", name=self.consumer_name,
                  error=failure.getErrorMessage())
 
-    def reclaim(self) -> Deferred:
+    def reclaim(self) -> Deferred[int]:
         """Take over entries idle past ``claim_idle``; dead-letter those delivered too often.
 
         Fires with the number of entries taken over.
@@ -646,20 +652,20 @@ class Consumer(Service):
         return self._busy_with(self._reclaim())
 
     @inlineCallbacks
-    def _reclaim(self):
+    def _reclaim(self) -> Generator[Deferred[Any], Any, int]:
         yield self._send_owed_acks()
         if self.inflight:
             yield self._touch(list(self.inflight))
         claimed = yield self._claim(self.bus.claim_idle)
         return self._hand_out(claimed)
 
-    def _beat_logged(self) -> Deferred:
+    def _beat_logged(self) -> Deferred[Optional[int]]:
         d = self.take_over()
-        d.addErrback(lambda f: self.bus.unless_lost(partial(log.warn, "consumer {name}: heartbeat failed: {error}",
-                                                            name=self.consumer_name, error=f.getErrorMessage())))
-        return d
+        return d.addErrback(lambda f: self.bus.unless_lost(
+            partial(log.warn, "consumer {name}: heartbeat failed: {error}", name=self.consumer_name,
+                    error=f.getErrorMessage())))
 
-    def take_over(self) -> Deferred:
+    def take_over(self) -> Deferred[int]:
         """Beat; then take over the entries of this group's consumers whose heartbeat has lapsed,
         and remove those consumers from the group. Fires with the number of entries taken over
         (0 on a bus inside one process, where there are no heartbeats)."""
@@ -668,7 +674,7 @@ class Consumer(Service):
         return self._busy_with(self._take_over())
 
     @inlineCallbacks
-    def _take_over(self):
+    def _take_over(self) -> Generator[Deferred[Any], Any, int]:
         timeout = self.bus.consumer_timeout
         assert timeout is not None
         now = self.bus.clock.seconds()
@@ -701,7 +707,7 @@ class Consumer(Service):
         return taken
 
     @inlineCallbacks
-    def _take_back(self):
+    def _take_back(self) -> Generator[Deferred[Any], Any, int]:
         """Claim again, and hand out, what the group holds for this consumer and nobody here handles."""
         self._lost_track = False
         try:
@@ -721,7 +727,7 @@ class Consumer(Service):
         """The entries this consumer has in hand: handled, owed an acknowledgement, or waiting to be handled."""
         return self.inflight.keys() | self.owed_acks | self._catching_up
 
-    def _hand_out(self, claimed: list[tuple[str, str, Optional[str], int]]) -> int:
+    def _hand_out(self, claimed: list[ClaimedEntry]) -> int:
         """Hand claimed entries to the handler (or to ``ckpt.dead``); returns how many were new here."""
         held = self._held()
         fresh = [entry for entry in claimed if entry[:2] not in held]
@@ -732,7 +738,7 @@ class Consumer(Service):
         return len(fresh)
 
     @inlineCallbacks
-    def _dispatch_claimed(self, claimed: list[tuple[str, str, Optional[str], int]]):
+    def _dispatch_claimed(self, claimed: list[ClaimedEntry]) -> Generator[Deferred[Any], Any, None]:
         if self.before_dispatch is not None and not (yield self._caught_up([entry[:2] for entry in claimed])):
             return  # stopping: they stay pending, for the others once this consumer has left
         for stream, entry_id, raw, deliveries in claimed:
@@ -757,28 +763,28 @@ class Consumer(Service):
                 "deliveries", str(deliveries), "error", error, "event", raw]
 
     # -- storage, per bus ------------------------------------------------------
-    def _prepare(self) -> Deferred:
+    def _prepare(self) -> Deferred[None]:
         raise NotImplementedError
 
-    def _read(self, count: int) -> Deferred:
+    def _read(self, count: int) -> Deferred[list[ReadEntry]]:
         """Fires with new ``[(stream, id, raw)]``, waiting a while when there are none."""
         raise NotImplementedError
 
-    def _stop_reading(self) -> Deferred:
+    def _stop_reading(self) -> Deferred[None]:
         raise NotImplementedError
 
-    def _ack(self, stream: str, entry_id: str) -> Deferred:
+    def _ack(self, stream: str, entry_id: str) -> Deferred[int]:
         raise NotImplementedError
 
-    def _interrupt_read(self) -> Deferred:
+    def _interrupt_read(self) -> Deferred[None]:
         """Make the read under way (if any) come back now, with whatever it has."""
         raise NotImplementedError
 
-    def _touch(self, keys: list[tuple[str, str]]) -> Deferred:
+    def _touch(self, keys: list[tuple[str, str]]) -> Deferred[Any]:
         """Reset the idle time of entries this consumer holds, so that ``claim_idle`` does not take them."""
         raise NotImplementedError
 
-    def _beat(self, judge: bool, limit: int) -> Deferred:
+    def _beat(self, judge: int, limit: int) -> Deferred[list[ClaimedEntry]]:
         """Refresh this consumer's heartbeat; with ``judge``, then claim up to ``limit`` entries of the
         group's consumers whose heartbeat has lapsed and remove those that hold no more.
 
@@ -786,21 +792,21 @@ class Consumer(Service):
         """
         raise NotImplementedError
 
-    def _leave(self) -> Deferred:
+    def _leave(self) -> Deferred[int]:
         """End the heartbeat and leave the group on every stream where nothing is pending.
 
         Fires with the number of streams on which entries stay pending (for the others to take).
         """
         raise NotImplementedError
 
-    def _claim(self, min_idle: float) -> Deferred:
+    def _claim(self, min_idle: float) -> Deferred[list[ClaimedEntry]]:
         """Fires with ``[(stream, id, raw, deliveries)]`` now owned by this consumer."""
         raise NotImplementedError
 
-    def _claim_own(self, held: set[tuple[str, str]]) -> Deferred:
+    def _claim_own(self, held: set[tuple[str, str]]) -> Deferred[list[ClaimedEntry]]:
         """Claim anew the entries pending for this consumer, except ``held`` (they stay as they are);
         fires with ``[(stream, id, raw, deliveries)]``. Only a bus with heartbeats is asked."""
         raise NotImplementedError
 
-    def _dead_letter(self, stream: str, entry_id: str, raw: str, deliveries: int, error: str) -> Deferred:
+    def _dead_letter(self, stream: str, entry_id: str, raw: str, deliveries: int, error: str) -> Deferred[Any]:
         raise NotImplementedError

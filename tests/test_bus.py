@@ -471,6 +471,14 @@ class RedisBusTests(BusBehaviour, TestCase):
         self.assertIn(event.guid, xrange)
 
 
+    def test_a_read_is_a_deferred(self):
+        # the consumer's loop yields it; a bare generator would be run only by a Twisted whose
+        # inlineCallbacks runs yielded generators itself, not by every release setup.py allows
+        consumer = self.bus.consumer(AYS_GROUP, Recorder())
+        read = consumer._read(10)
+        self.assertIsInstance(read, Deferred)
+        self.failureResultOf(read, txredisapi.ConnectionError)  # not started: it has no reader yet
+
     @inlineCallbacks
     def test_a_mark_is_a_redis_key_that_expires_after_its_ttl(self):
         self.assertTrue((yield self.bus.remember("ckpt.test.delivery.d-9", "guid-9", 60)))

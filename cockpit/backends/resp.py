@@ -5,10 +5,11 @@ reply queue they fill); the rest of the backend talks through :class:`RedisBus`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Generator, Optional, Sequence
 
 import txredisapi
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 log = Logger()
@@ -28,9 +29,17 @@ class Handshake:
     # the protocol class's, which is untyped
     factory: Any
     transport: Any
+    password: Optional[str]
+    username: Optional[str]
+    dbid: Optional[int]
+    connected: int
+    _ready: bool
+    _waiting_for_connect: list[Deferred[Any]]
+    auth: Callable[..., Deferred[Any]]
+    select: Callable[..., Deferred[Any]]
 
     @defer.inlineCallbacks
-    def connectionMade(self):
+    def connectionMade(self) -> Generator[Deferred[Any], Any, None]:
         step = "AUTH"
         try:
             if self.password is not None:
@@ -67,7 +76,7 @@ class Handshake:
         self.transport.loseConnection()
 
 
-def fields(flat: Optional[list]) -> dict[str, str]:
+def fields(flat: Optional[list[str]]) -> dict[str, str]:
     if not flat:
         return {}
     return dict(zip(flat[::2], flat[1::2]))
@@ -86,7 +95,7 @@ def encode_command(args: Sequence[Any]) -> bytes:
 
 
 if txredisapi.hiredis is not None:
-    class CommandProtocol(Handshake, txredisapi.HiredisProtocol):
+    class CommandProtocol(Handshake, txredisapi.HiredisProtocol):  # type: ignore[misc]  # txredisapi is unannotated
         """Replies parsed and decoded by hiredis in C, handed on as they are.
 
         txredisapi's own transaction bookkeeping and per-element conversion are skipped:
@@ -99,7 +108,7 @@ if txredisapi.hiredis is not None:
                 protocolError=txredisapi.InvalidData, replyError=txredisapi.ResponseError,
                 encoding="utf-8", errors="replace")
 
-        def dataReceived(self, data, unpause=False):
+        def dataReceived(self, data: bytes, unpause: bool = False) -> None:
             if data:
                 self._reader.feed(data)
             gets, deliver = self._reader.gets, self.replyReceived
@@ -108,7 +117,8 @@ if txredisapi.hiredis is not None:
                 deliver(reply)
                 reply = gets()
 else:  # pragma: no cover - hiredis is a dependency; this keeps a broken install working
-    class CommandProtocol(Handshake, txredisapi.RedisProtocol):  # type: ignore[no-redef]
+    # txredisapi is unannotated
+    class CommandProtocol(Handshake, txredisapi.RedisProtocol):  # type: ignore[no-redef,misc]
         pass
 
 

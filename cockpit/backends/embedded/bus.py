@@ -4,14 +4,15 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Generator, Optional, Sequence
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from cockpit.bus import (DEAD_LETTER_STREAM, Bus, Consumer, mark_key, entry_order, parse_before, stream_key)
+from cockpit.bus import (DEAD_LETTER_STREAM, Bus, ClaimedEntry, Consumer, Handler, ReadEntry, mark_key, entry_order,
+                         parse_before, stream_key)
 from cockpit.events import EVENT_TYPES, Event, from_stored
 
 log = Logger()
@@ -50,11 +51,11 @@ class MemoryBus(Bus):
         super().__init__(stream_maxlen, max_deliveries, claim_idle, clock=clock)
         self.streams: dict[str, _Stream] = {}
         self._last_id = (0, 0)
-        self._waiters: list[Deferred] = []
+        self._waiters: list[Deferred[None]] = []
         self._marks: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (value, expires), oldest first
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         log.info("bus: embedded, in this process only; events do not leave it "
                  "and do not survive a restart (set [redis] for that)")
 
@@ -88,23 +89,25 @@ class MemoryBus(Bus):
             waiter.callback(None)
         return entry_id
 
-    def publish(self, event: Event) -> Deferred:
+    def publish(self, event: Event) -> Deferred[str]:
         raw = self.stamp(event).to_json().decode()
         entry_id = self.add(stream_key(event.type), raw)
         self._deliver_live(event)
         self._stored(None, event)
         return defer.succeed(entry_id)
 
-    def consumer(self, group, handler, types=EVENT_TYPES, name=None, **options):
+    def consumer(self, group: str, handler: Handler, types: Sequence[str] = EVENT_TYPES,
+                 name: Optional[str] = None, **options: Any) -> MemoryConsumer:
         return MemoryConsumer(self, group, handler, types, name, **options)
 
-    def recent(self, event_type=None, limit=50, before=None):
+    def recent(self, event_type: Optional[str] = None, limit: int = 50,
+               before: Optional[str] = None) -> Deferred[list[tuple[str, Event]]]:
         types = [event_type] if event_type else list(EVENT_TYPES)
         try:
             bound = parse_before(before)
         except ValueError as exc:
             return defer.fail(exc)
-        entries = []
+        entries: list[tuple[str, Event]] = []
         for t in types:
             taken = 0
             for entry_id, raw in reversed(self._stream(stream_key(t)).entries):
@@ -117,18 +120,18 @@ class MemoryBus(Bus):
         entries.sort(key=lambda item: entry_order(item[0], item[1].type), reverse=True)
         return defer.succeed(entries[:limit])
 
-    def dead_letters(self, limit=50):
+    def dead_letters(self, limit: int = 50) -> Deferred[list[tuple[str, dict[str, str]]]]:
         entries = self._stream(DEAD_LETTER_STREAM).entries[-limit:]
         return defer.succeed([(entry_id, json.loads(raw)) for entry_id, raw in reversed(entries)])
 
-    def pending(self, group, types=EVENT_TYPES):
+    def pending(self, group: str, types: Sequence[str] = EVENT_TYPES) -> Deferred[int]:
         return defer.succeed(sum(len(self._stream(stream_key(t)).groups[group].pending)
                                  for t in types if group in self._stream(stream_key(t)).groups))
 
     def health(self) -> dict[str, Any]:
         return {"kind": self.kind, "ok": True, "state": "embedded", "live": True}
 
-    def remember(self, key: str, value: str, ttl: float) -> Deferred:
+    def remember(self, key: str, value: str, ttl: float) -> Deferred[bool]:
         mark_key(key)
         now = self.clock.seconds()
         marks = self._marks
@@ -147,7 +150,7 @@ class MemoryBus(Bus):
             marks.popitem(last=False)
         return defer.succeed(True)
 
-    def recall(self, key: str) -> Deferred:
+    def recall(self, key: str) -> Deferred[Optional[str]]:
         held = self._marks.get(mark_key(key))
         if held is None:
             return defer.succeed(None)
@@ -156,12 +159,12 @@ class MemoryBus(Bus):
             return defer.succeed(None)
         return defer.succeed(held[0])
 
-    def forget(self, key: str) -> Deferred:
+    def forget(self, key: str) -> Deferred[bool]:
         held = self._marks.pop(mark_key(key), None)
         return defer.succeed(held is not None and held[1] > self.clock.seconds())
 
-    def wait_for_entries(self) -> Deferred:
-        d: Deferred = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
+    def wait_for_entries(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
         self._waiters.append(d)
         return d
 
@@ -170,20 +173,20 @@ class MemoryConsumer(Consumer):
     def __init__(self, bus: MemoryBus, *args: Any, **kwargs: Any):
         super().__init__(bus, *args, **kwargs)
         self.bus: MemoryBus = bus
-        self._waiting: Optional[Deferred] = None
+        self._waiting: Optional[Deferred[None]] = None
 
     def _groups(self) -> list[tuple[str, _Stream, _Group]]:
         return [(key, self.bus._stream(key), self.bus._stream(key).groups.setdefault(self.group, _Group()))
                 for key in self.streams]
 
-    def _prepare(self):
+    def _prepare(self) -> Deferred[None]:
         self._groups()
         return defer.succeed(None)
 
     @inlineCallbacks
-    def _read(self, count):
+    def _read(self, count: int) -> Generator[Deferred[None], None, list[ReadEntry]]:
         while True:
-            entries = []
+            entries: list[ReadEntry] = []
             now = self.bus.clock.seconds()
             for key, stream, group in self._groups():
                 start = max(group.position - stream.trimmed, 0)
@@ -200,25 +203,25 @@ class MemoryConsumer(Consumer):
             yield self._waiting
             self._waiting = None
 
-    def _interrupt_read(self):
+    def _interrupt_read(self) -> Deferred[None]:
         if self._waiting is not None:
             self._waiting.cancel()
         return defer.succeed(None)
 
-    def _stop_reading(self):
+    def _stop_reading(self) -> Deferred[None]:
         return defer.succeed(None)
 
-    def _leave(self):
+    def _leave(self) -> Deferred[int]:
         # one process: no heartbeat to end, and no one else to leave entries to
         return defer.succeed(0)
 
-    def _ack(self, stream, entry_id):
+    def _ack(self, stream: str, entry_id: str) -> Deferred[int]:
         group = self.bus._stream(stream).groups.get(self.group)
         if group is not None:
             group.pending.pop(entry_id, None)
         return defer.succeed(1)
 
-    def _touch(self, keys):
+    def _touch(self, keys: list[tuple[str, str]]) -> Deferred[None]:
         now = self.bus.clock.seconds()
         for stream, entry_id in keys:
             pending = self.bus._stream(stream).groups[self.group].pending.get(entry_id)
@@ -226,9 +229,9 @@ class MemoryConsumer(Consumer):
                 pending.since = now
         return defer.succeed(None)
 
-    def _claim(self, min_idle):
+    def _claim(self, min_idle: float) -> Deferred[list[ClaimedEntry]]:
         now = self.bus.clock.seconds()
-        claimed = []
+        claimed: list[ClaimedEntry] = []
         for key, stream, group in self._groups():
             for entry_id, pending in list(group.pending.items()):
                 if now - pending.since < min_idle:
@@ -238,7 +241,7 @@ class MemoryConsumer(Consumer):
                 claimed.append((key, entry_id, stream.index.get(entry_id), pending.deliveries))
         return defer.succeed(claimed)
 
-    def _dead_letter(self, stream, entry_id, raw, deliveries, error):
+    def _dead_letter(self, stream: str, entry_id: str, raw: str, deliveries: int, error: str) -> Deferred[int]:
         fields = self._dead_letter_fields(stream, entry_id, raw, deliveries, error)
         self.bus.add(DEAD_LETTER_STREAM, json.dumps(dict(zip(fields[::2], fields[1::2]))))
         return self._ack(stream, entry_id)

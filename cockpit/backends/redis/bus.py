@@ -12,20 +12,20 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Generator, Optional, Sequence, Union
 
 import txredisapi
 from twisted.internet import defer, task
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredQueue, inlineCallbacks
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from cockpit.backends.redis.txredis import connections, reply_queue
 from cockpit.backends.resp import EXEC, MULTI, CommandProtocol, Handshake, encode_command, fields
-from cockpit.bus import (DEAD_LETTER_STREAM, Bus, BusUnavailable, Consumer, mark_key, entry_order,
-                         parse_before, stream_key)
+from cockpit.bus import (DEAD_LETTER_STREAM, Bus, BusUnavailable, ClaimedEntry, Consumer, Delivery, ReadEntry,
+                         mark_key, entry_order, parse_before, stream_key)
 from cockpit.config import RedisSection
 from cockpit.events import EVENT_TYPES, Event, from_stored
 
@@ -102,8 +102,8 @@ return stays
 """
 
 
-class _LiveProtocol(Handshake, txredisapi.SubscriberProtocol):
-    def connectionMade(self):
+class _LiveProtocol(Handshake, txredisapi.SubscriberProtocol):  # type: ignore[misc]  # txredisapi is unannotated
+    def connectionMade(self) -> Deferred[None]:
         d = super().connectionMade()
         # subscriptions do not survive a reconnect: make them on every connection
         self.whenConnected().addCallback(
@@ -111,11 +111,11 @@ class _LiveProtocol(Handshake, txredisapi.SubscriberProtocol):
         ).addCallback(lambda _: self.factory.bus._live_ready(True))
         return d
 
-    def connectionLost(self, why):
+    def connectionLost(self, why: Failure) -> Any:
         self.factory.bus._live_ready(False)
         return super().connectionLost(why)
 
-    def messageReceived(self, pattern, channel, message):
+    def messageReceived(self, pattern: Optional[str], channel: str, message: Union[str, bytes]) -> None:
         try:
             event = from_stored(message)
         except ValueError:
@@ -127,12 +127,12 @@ class _LiveProtocol(Handshake, txredisapi.SubscriberProtocol):
 class _BusCommandProtocol(CommandProtocol):
     """The bus's command connection, telling the bus when it is ready and when it is gone."""
 
-    def connectionMade(self):
+    def connectionMade(self) -> Deferred[None]:
         d = super().connectionMade()
         self.whenConnected().addCallback(lambda _: self.factory.bus._command_link(True))
         return d
 
-    def connectionLost(self, why):
+    def connectionLost(self, why: Failure) -> Any:
         if self._ready:
             self.factory.bus._command_link(False)
         return super().connectionLost(why)
@@ -146,32 +146,35 @@ class RedisBus(Bus):
         """``reactor`` makes the connections; ``clock`` (the reactor unless given) times batches and claims."""
         super().__init__(settings.stream_maxlen, settings.max_deliveries, settings.claim_idle,
                          clock=clock if clock is not None else reactor)
-        self.consumer_timeout = settings.consumer_timeout
+        self.consumer_timeout: float = settings.consumer_timeout
         self.reactor = reactor
         self.settings = settings
         self._conn = settings.connection()
         self._maxlen = str(settings.stream_maxlen)
         self._factory: Optional[txredisapi.RedisFactory] = None
         self._live: Optional[txredisapi.SubscriberFactory] = None
-        self._batch: list[tuple[str, bytes, Deferred]] = []
-        self._flush_call = None
+        self._batch: list[tuple[str, bytes, Deferred[str]]] = []
+        self._flush_call: Optional[IDelayedCall] = None
         self._encoded: dict[str, tuple[bytes, bytes]] = {}
         self._awaiting = 0  # replies owed on the command connection
         self._progress = 0.0  # when a reply last came (or the first owed one was asked for)
         self._watchdog: Optional[task.LoopingCall] = None
         self._live_subscribed = False
-        self._live_waiters: list[Deferred] = []
+        self._live_waiters: list[Deferred[None]] = []
         self._lost = False  # the command connection went away and is not back yet
 
     def __repr__(self) -> str:
         return f"<RedisBus {self.settings.redacted_url()}>"
 
     # -- connections ------------------------------------------------------
-    def _endpoint(self):
+    def _endpoint(self) -> IStreamClientEndpoint:
         c = self._conn
         if c["path"]:
-            return UNIXClientEndpoint(self.reactor, c["path"], timeout=self.settings.timeout)
-        endpoint = HostnameEndpoint(self.reactor, c["host"], c["port"], timeout=self.settings.timeout)
+            # Twisted's own, unannotated
+            return UNIXClientEndpoint(self.reactor, c["path"],  # type: ignore[no-untyped-call]
+                                      timeout=self.settings.timeout)
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(self.reactor, c["host"], c["port"],
+                                                           timeout=self.settings.timeout)
         if c["tls"]:
             from twisted.internet.ssl import optionsForClientTLS
             endpoint = wrapClientTLS(optionsForClientTLS(c["host"]), endpoint)
@@ -205,7 +208,7 @@ class RedisBus(Bus):
         factory.deferred.addErrback(lambda f: None)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]  # Twisted's Service is unannotated
         # replies are timed by this one watchdog, not a timer per command
         self._factory = self.connect(_BusCommandProtocol)
         self._watchdog = task.LoopingCall(self._watch)
@@ -216,7 +219,7 @@ class RedisBus(Bus):
         log.info("bus: Redis at {url}", url=self.settings.redacted_url())
 
     @inlineCallbacks
-    def stopService(self):
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
@@ -256,14 +259,14 @@ class RedisBus(Bus):
             return False
         return True
 
-    def connection(self):
+    def connection(self) -> Any:
         """The connected protocol commands go to; raises BusUnavailable when there is none."""
         for proto in connections(self._factory):
             if proto.connected:
                 return proto
         raise BusUnavailable(f"Redis at {self.settings.redacted_url()} is not reachable")
 
-    def execute(self, *args: Any) -> Deferred:
+    def execute(self, *args: Any) -> Deferred[Any]:
         """Run one command now, failing fast with BusUnavailable when Redis is away.
 
         A Redis error reply fails the Deferred with txredisapi.ResponseError.
@@ -276,9 +279,9 @@ class RedisBus(Bus):
         proto.transport.write(encode_command(args))
         return reply.addCallback(self._reply)
 
-    def _expect(self, proto: Any, replies: int) -> Deferred:
+    def _expect(self, proto: Any, replies: int) -> Deferred[Any]:
         """Wait for ``replies`` replies on ``proto``; fires with the last one (errors as values)."""
-        queue = reply_queue(proto)
+        queue: DeferredQueue[Any] = reply_queue(proto)
         for _ in range(replies - 1):
             queue.get()
         if self._awaiting == 0:
@@ -291,7 +294,7 @@ class RedisBus(Bus):
         self._progress = self.reactor.seconds()
         return value
 
-    def transaction(self, *commands: Sequence[Any]) -> Deferred:
+    def transaction(self, *commands: Sequence[Any]) -> Deferred[list[Any]]:
         """Run ``commands`` in one MULTI/EXEC; fires with EXEC's list of replies."""
         try:
             proto = self.connection()
@@ -318,12 +321,12 @@ class RedisBus(Bus):
                 proto.transport.abortConnection()
 
     # -- publishing ---------------------------------------------------------
-    def publish(self, event: Event) -> Deferred:
+    def publish(self, event: Event) -> Deferred[str]:
         try:
             self.connection()
         except BusUnavailable as exc:
             return defer.fail(exc)
-        d: Deferred = Deferred()
+        d: Deferred[str] = Deferred()
         d.addCallback(self._stored, event)
         self._batch.append((stream_key(event.type), self.stamp(event).to_json(), d))
         if self._flush_call is None:
@@ -373,7 +376,7 @@ class RedisBus(Bus):
             prefixes = self._encoded[key] = (xadd, publish)
         return prefixes
 
-    def _committed(self, replies: Any, batch: list) -> None:
+    def _committed(self, replies: Any, batch: list[tuple[str, bytes, Deferred[str]]]) -> None:
         if isinstance(replies, txredisapi.ConnectionError):
             return self._not_committed(Failure(replies), batch)
         if not isinstance(replies, list):
@@ -386,7 +389,7 @@ class RedisBus(Bus):
             else:
                 d.callback(entry_id)
 
-    def _not_committed(self, failure: Failure, batch: list) -> None:
+    def _not_committed(self, failure: Failure, batch: list[tuple[str, bytes, Deferred[str]]]) -> None:
         if failure.check(txredisapi.ConnectionError):
             exc = BusUnavailable(f"Redis at {self.settings.redacted_url()} did not answer: "
                                  f"{failure.getErrorMessage()}")
@@ -396,11 +399,14 @@ class RedisBus(Bus):
             d.errback(exc)
 
     # -- reading ------------------------------------------------------------------
-    def consumer(self, group, handler, types=EVENT_TYPES, name=None, **options):
+    # the handler gets events, or what a ``decode`` among the options makes of the entries (the outbox's mail)
+    def consumer(self, group: str, handler: Callable[[Any, Delivery], Any], types: Sequence[str] = EVENT_TYPES,
+                 name: Optional[str] = None, **options: Any) -> RedisConsumer:
         return RedisConsumer(self, group, handler, types, name, **options)
 
     @inlineCallbacks
-    def recent(self, event_type=None, limit=50, before=None):
+    def recent(self, event_type: Optional[str] = None, limit: int = 50,
+               before: Optional[str] = None) -> Generator[Deferred[Any], Any, list[tuple[str, Event]]]:
         types = [event_type] if event_type else list(EVENT_TYPES)
         bound = parse_before(before)
         commands = []
@@ -415,7 +421,7 @@ class RedisBus(Bus):
             commands.append(self.execute("XREVRANGE", stream_key(t), high, "-", "COUNT", str(limit)))
         replies = yield defer.gatherResults(commands, consumeErrors=True).addErrback(
             lambda f: f.value.subFailure)
-        entries = []
+        entries: list[tuple[str, Event]] = []
         for reply in replies:
             for entry_id, flat in reply or []:
                 raw = fields(flat).get("event")
@@ -429,29 +435,31 @@ class RedisBus(Bus):
         return entries[:limit]
 
     @inlineCallbacks
-    def dead_letters(self, limit=50):
+    def dead_letters(self, limit: int = 50) -> Generator[Deferred[Any], Any, list[tuple[str, dict[str, str]]]]:
         reply = yield self.execute("XREVRANGE", DEAD_LETTER_STREAM, "+", "-", "COUNT", str(limit))
         return [(entry_id, fields(flat)) for entry_id, flat in reply or []]
 
-    def when_connected(self) -> Deferred:
+    def when_connected(self) -> Deferred[None]:
         """Fires once commands can be sent."""
         # the pool hands a connection to waiters a moment before it lists it as its own
         assert self._factory is not None, "the bus is not started"
-        return self._factory.getConnection(peek=True).addCallback(
+        connected: Deferred[None] = self._factory.getConnection(peek=True).addCallback(
             lambda _: task.deferLater(self.reactor, 0, lambda: None))
+        return connected
 
-    def when_disconnected(self) -> Deferred:
+    def when_disconnected(self) -> Deferred[None]:
         """Fires once the command connection is gone (now, if there is none)."""
         try:
-            return self.connection().whenDisconnected().addCallback(lambda _: None)
+            gone: Deferred[None] = self.connection().whenDisconnected().addCallback(lambda _: None)
+            return gone
         except BusUnavailable:
             return defer.succeed(None)
 
-    def when_live(self) -> Deferred:
+    def when_live(self) -> Deferred[None]:
         """Fires once live subscriptions are in place on the current connection."""
         if self._live_subscribed:
             return defer.succeed(None)
-        d: Deferred = Deferred()
+        d: Deferred[None] = Deferred()
         self._live_waiters.append(d)
         return d
 
@@ -463,7 +471,7 @@ class RedisBus(Bus):
                 d.callback(None)
 
     @inlineCallbacks
-    def pending(self, group, types=EVENT_TYPES):
+    def pending(self, group: str, types: Sequence[str] = EVENT_TYPES) -> Generator[Deferred[Any], Any, int]:
         total = 0
         for t in types:
             try:
@@ -475,15 +483,15 @@ class RedisBus(Bus):
             total += int(summary[0])
         return total
 
-    def remember(self, key: str, value: str, ttl: float) -> Deferred:
+    def remember(self, key: str, value: str, ttl: float) -> Deferred[bool]:
         # NX: a concurrent second writer keeps the first value; PX: the ttl in milliseconds
         reply = self.execute("SET", mark_key(key), value, "NX", "PX", str(max(int(ttl * 1000), 1)))
         return reply.addCallback(lambda stored: stored is not None)
 
-    def recall(self, key: str) -> Deferred:
+    def recall(self, key: str) -> Deferred[Optional[str]]:
         return self.execute("GET", mark_key(key))
 
-    def forget(self, key: str) -> Deferred:
+    def forget(self, key: str) -> Deferred[bool]:
         return self.execute("DEL", mark_key(key)).addCallback(lambda removed: removed == 1)
 
     def health(self) -> dict[str, Any]:
@@ -516,7 +524,7 @@ class RedisConsumer(Consumer):
         self._reader: Optional[txredisapi.RedisFactory] = None
         self._reader_id: Optional[str] = None
         self._reading = False
-        self._acks: dict[str, list[tuple[str, Deferred]]] = {}
+        self._acks: dict[str, list[tuple[str, Deferred[int]]]] = {}
         self._ack_call: Any = None
 
     def startService(self) -> None:
@@ -524,14 +532,15 @@ class RedisConsumer(Consumer):
         self._reader = self.bus.connect()
         super().startService()
 
-    def _reader_command(self, *args: str, **kwargs: Any) -> Deferred:
+    def _reader_command(self, *args: str, **kwargs: Any) -> Deferred[Any]:
         """A command on the reader's connection; a stop may already have closed it while we waited."""
         if self._reader is None:
             return defer.fail(txredisapi.ConnectionError("the consumer is stopping"))
-        return self._reader.handler.execute_command(*args, **kwargs)
+        reply: Deferred[Any] = self._reader.handler.execute_command(*args, **kwargs)
+        return reply
 
     @inlineCallbacks
-    def _prepare(self):
+    def _prepare(self) -> Generator[Deferred[Any], Any, None]:
         while self.running:
             try:
                 for stream in self.streams:
@@ -552,7 +561,8 @@ class RedisConsumer(Consumer):
                                              name=self.consumer_name, error=exc))
                 yield self._pause(1.0)
 
-    def _read(self, count):
+    @inlineCallbacks
+    def _read(self, count: int) -> Generator[Deferred[Any], Any, list[ReadEntry]]:
         self._reading = True
         try:
             reply = yield self._reader_command(
@@ -565,14 +575,14 @@ class RedisConsumer(Consumer):
             raise
         finally:
             self._reading = False
-        entries = []
+        entries: list[ReadEntry] = []
         for stream, items in reply or []:
             for entry_id, flat in items:
                 entries.append((stream, entry_id, fields(flat).get("event")))
         return entries
 
     @inlineCallbacks
-    def _interrupt_read(self):
+    def _interrupt_read(self) -> Generator[Deferred[Any], Any, None]:
         if self._reader is None or self._reader_id is None:
             yield self._stop_reading()  # not reading yet: nothing handed out can be lost
             return
@@ -584,25 +594,25 @@ class RedisConsumer(Consumer):
             # the other connection after this UNBLOCK)
             yield task.deferLater(self.bus.reactor, 0.05, lambda: None)  # the network's time, as the watchdog's
 
-    def _stop_reading(self) -> Deferred:
+    def _stop_reading(self) -> Deferred[None]:
         self._flush_acks()
         reader, self._reader = self._reader, None
         return reader.disconnect() if reader is not None else defer.succeed(None)
 
-    def _beat(self, judge, limit):
+    def _beat(self, judge: int, limit: int) -> Deferred[list[ClaimedEntry]]:
         d = self.bus.execute("EVAL", _BEAT, str(len(self.streams)), *self.streams, self.group, self.consumer_name,
                              self._heartbeat_prefix, str(int(self.bus.consumer_timeout * 1000)),
                              "1" if judge else "0", str(limit))
         return d.addCallback(lambda rows: [(stream, entry_id, fields(flat).get("event"), int(deliveries))
                                            for stream, entry_id, deliveries, flat in rows or []])
 
-    def _leave(self):
+    def _leave(self) -> Deferred[int]:
         return self.bus.execute("EVAL", _LEAVE, str(len(self.streams)), *self.streams, self.group,
                                 self.consumer_name, self.heartbeat_key).addCallback(int)
 
-    def _ack(self, stream, entry_id):
+    def _ack(self, stream: str, entry_id: str) -> Deferred[int]:
         # acks of one reactor turn share one XACK per stream
-        d = Deferred()
+        d: Deferred[int] = Deferred()
         self._acks.setdefault(stream, []).append((entry_id, d))
         if self._ack_call is None:
             self._ack_call = self.bus.reactor.callLater(0, self._flush_acks)
@@ -618,16 +628,16 @@ class RedisConsumer(Consumer):
             result.addCallbacks(self._acked, self._not_acked, callbackArgs=(items,), errbackArgs=(items,))
 
     @staticmethod
-    def _acked(count: Any, items: list[tuple[str, Deferred]]) -> None:
+    def _acked(count: Any, items: list[tuple[str, Deferred[int]]]) -> None:
         for _, d in items:
             d.callback(1)
 
     @staticmethod
-    def _not_acked(failure: Failure, items: list[tuple[str, Deferred]]) -> None:
+    def _not_acked(failure: Failure, items: list[tuple[str, Deferred[int]]]) -> None:
         for _, d in items:
             d.errback(failure)
 
-    def _touch(self, keys):
+    def _touch(self, keys: list[tuple[str, str]]) -> Deferred[list[Any]]:
         by_stream: dict[str, list[str]] = {}
         for stream, entry_id in keys:
             by_stream.setdefault(stream, []).append(entry_id)
@@ -637,8 +647,8 @@ class RedisConsumer(Consumer):
              for stream, ids in by_stream.items()], consumeErrors=True)
 
     @inlineCallbacks
-    def _claim(self, min_idle):
-        claimed = []
+    def _claim(self, min_idle: float) -> Generator[Deferred[Any], Any, list[ClaimedEntry]]:
+        claimed: list[ClaimedEntry] = []
         min_idle_ms = str(int(min_idle * 1000))
         for stream in self.streams:
             start = "0-0"
@@ -660,8 +670,8 @@ class RedisConsumer(Consumer):
         return claimed
 
     @inlineCallbacks
-    def _claim_own(self, held):
-        claimed = []
+    def _claim_own(self, held: set[tuple[str, str]]) -> Generator[Deferred[Any], Any, list[ClaimedEntry]]:
+        claimed: list[ClaimedEntry] = []
         for stream in self.streams:
             start = "-"
             while True:
@@ -691,7 +701,7 @@ class RedisConsumer(Consumer):
                 start = "(" + rows[-1][0]
         return claimed
 
-    def _dead_letter(self, stream, entry_id, raw, deliveries, error):
+    def _dead_letter(self, stream: str, entry_id: str, raw: str, deliveries: int, error: str) -> Deferred[list[Any]]:
         fields = self._dead_letter_fields(stream, entry_id, raw, deliveries, error)
         return self.bus.transaction(
             ("XADD", DEAD_LETTER_STREAM, "MAXLEN", "~", self.bus._maxlen, "*", *fields),
