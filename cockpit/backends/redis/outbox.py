@@ -117,8 +117,7 @@ class RedisOutbox(Outbox):
 
     def start(self, take: Take) -> None:
         self._take = take
-        # RedisBus.consumer is not annotated yet
-        self.consumer = self.bus.consumer(  # type: ignore[no-untyped-call]
+        self.consumer = self.bus.consumer(
             MAIL_GROUP, self._handle, types=("mail.out",), concurrency=self.concurrency,
             drain_timeout=self.drain_timeout, decode=QueuedMail.from_json)
         self.consumer_name = self.consumer.consumer_name
