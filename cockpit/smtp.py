@@ -44,6 +44,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from cockpit.backoff import doubling
 from cockpit.bus import Bus, BusUnavailable
 from cockpit.compat import LOGINCredentials, PLAINCredentials
 from cockpit.config import MailSection, RelaySection
@@ -462,7 +463,7 @@ class IncomingSMTP(smtp.ESMTP):
         if from_peer == self.mail_factory.peer_failures.limit:
             log.warn("SMTP AUTH from {peer} is refused for the next {window:.0f} s after {count} failures",
                      peer=peer_key(peer), window=self.mail_factory.peer_failures.window, count=from_peer)
-        delay = min(self.mail_factory.mail.auth_delay * 2 ** (self._auth_failures - 1), MAX_AUTH_DELAY)
+        delay = doubling(self.mail_factory.mail.auth_delay, self._auth_failures, MAX_AUTH_DELAY)
         if self._connected():
             self._auth_answer = self.callLater(delay, self._answer_failed_auth, self._auth_failures >= limit)
 
@@ -1017,7 +1018,7 @@ class MailSender(Service):
                       id=record["id"], to=record["to"], attempts=record["attempts"], error=record["error"])
             self._finish(delivering, record["error"])
             return
-        delay = min(self.first_delay * 2 ** (record["attempts"] - 1), self.max_delay)
+        delay = doubling(self.first_delay, record["attempts"], self.max_delay)
         record["retry_at"] = self.reactor.seconds() + delay
         log.warn("mail {id}: relay {relay} failed ({error}); attempt {next} in {delay:.0f}s",
                  id=record["id"], relay=self.relay.host, error=record["error"], next=record["attempts"] + 1,

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 
 from cockpit import repos as ays_repos
 from cockpit.ays_catalog import Catalog
+from cockpit.backoff import doubling
 from cockpit.bus import Bus, Delivery
 from cockpit.config import Config
 from cockpit.events import Event, TelegramEvent
@@ -161,7 +162,7 @@ class MessageSender:
                 failures += 1
                 if failures >= self.max_attempts:
                     raise
-                seconds = min(2.0 ** (failures - 1), self.backoff_cap)
+                seconds = doubling(1.0, failures, self.backoff_cap)
                 log.warn("sendMessage failed ({error}); retrying in {seconds} s", error=exc, seconds=seconds)
                 yield self._wait(seconds)
 
