@@ -157,6 +157,13 @@ class KilledCockpitTests(ClusterCase):
         load = Load([survivor.api, doomed.api], parallel=6, stop_on_refusal=False)
         yield load.when_accepted(150 * SCALE)
         pid = doomed.pid
+
+        @inlineCallbacks
+        def holding():
+            return sum((yield self.consumers_of(watch, pid)).values()) > 0
+
+        # killed once it holds entries: a cockpit still starting its robot would leave nothing to take over
+        yield eventually(holding, 20.0, 0.05, "the doomed cockpit holding entries")
         yield kill(doomed)
         died = reactor.seconds()
         held = yield self.consumers_of(watch, pid)
