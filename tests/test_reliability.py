@@ -30,6 +30,9 @@ TOKEN = "4242:reliability-token"
 # every run says which cockpit ran it, and which version of the template
 ACTIONS = "import os\n\ndef handle(service, event):\n    return [{version!r}, os.environ['COCKPIT_TEST_NAME']]\n"
 ALARMS_AND_MAIL = "events.alarm =\n    handle,\nevents.email =\n    handle,\n"
+# the same, 50 ms a run: runs fall behind a load, so a cockpit holds entries all along
+SLOW_ACTIONS = ("import os, time\n\ndef handle(service, event):\n    time.sleep(0.05)\n"
+                "    return [{version!r}, os.environ['COCKPIT_TEST_NAME']]\n")
 # seconds within which every event accepted before a Redis restart has run once Redis is back
 # (what a consumer lost track of in the crash waits claim_idle, 60 s, unless it is taken back)
 RECOVERED_WITHIN = 10.0
@@ -153,7 +156,9 @@ class KilledCockpitTests(ClusterCase):
         watch = yield self.watcher(server)
         survivor, doomed = [spawn_cockpit(self, extra=self.config(server), name=name) for name in ("survivor", "doomed")]
         survivor, doomed = yield defer.gatherResults([survivor.started(), doomed.started()])
-        yield subscribe_a_service(survivor.api, ACTIONS.format(version="v1"), ALARMS_AND_MAIL)
+        # runs of 50 ms fall behind the load: each cockpit holds entries all along, so the doomed one
+        # dies holding some, whenever the kill comes
+        yield subscribe_a_service(survivor.api, SLOW_ACTIONS.format(version="v1"), ALARMS_AND_MAIL)
         load = Load([survivor.api, doomed.api], parallel=6, stop_on_refusal=False)
         yield load.when_accepted(150 * SCALE)
         pid = doomed.pid
