@@ -254,6 +254,14 @@ class SqliteHistoryTests(HistoryBehaviour, TestCase):
         return history.count()  # one connection: this query runs after the prune the timer started
 
     @inlineCallbacks
+    def test_a_run_recorded_after_the_history_stopped_fails_instead_of_waiting_for_ever(self):
+        history = self.make_history(self.clock)
+        history.startService()
+        yield history.stopService()
+        failure = yield self.assertFailure(history.record(run_at(T0)), RuntimeError)
+        self.assertIn("not running", str(failure))
+
+    @inlineCallbacks
     def test_runs_are_kept_in_the_data_dir_file(self):
         yield self.history.record(run_at(T0))
         with sqlite3.connect(self.history.path) as connection:

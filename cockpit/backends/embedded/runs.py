@@ -162,6 +162,8 @@ class SqliteRunHistory(RunHistory):
 
     # -- writing -----------------------------------------------------------
     def record(self, run: Run) -> Deferred[bool]:
+        if self.pool is None:  # never started, or stopped: nothing would ever write it
+            return defer.fail(RuntimeError(f"the run history {self.path} is not running; run {run.id} is not recorded"))
         d: Deferred[bool] = Deferred()
         self._batch.append((run, d))
         self._kick()
