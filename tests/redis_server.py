@@ -130,6 +130,19 @@ def shared_server() -> RedisServer:
     return _shared
 
 
+def bus_on_shared_server(**settings: Any) -> tuple[RedisServer, Any]:
+    """The shared server, flushed, and a RedisBus on it (with these RedisSection ``settings``), not
+    started: what a behaviour's Redis case makes its bus with."""
+    from twisted.internet import reactor
+
+    from cockpit.backends.redis import RedisBus
+    from cockpit.config import RedisSection
+
+    server = shared_server()
+    server.flush()
+    return server, RedisBus(RedisSection(url=server.url, **settings), reactor=reactor)
+
+
 def started_bus(test: Any, url: str, **settings: Any) -> Any:
     """A RedisBus on ``url`` (with these RedisSection ``settings``), started and stopped at the end of
     ``test``: a Deferred firing with it once it is connected."""

@@ -20,7 +20,7 @@ from cockpit.events import AlarmEvent, EmailEvent, TelegramEvent
 from cockpit.repos import Invalid, NotFound
 from cockpit.runs import DONE_STATES
 from cockpit.workers import WorkerPool
-from tests.redis_server import shared_server
+from tests.redis_server import bus_on_shared_server, shared_server
 from tests.wiring import disk_catalog
 
 SCHEMA = "name = type:str default:'web'\nport = type:int default:22\n"
@@ -221,9 +221,8 @@ class WaitingTests(RobotCase):
 
 class EventTests(RobotCase):
     def make_bus(self):
-        server = shared_server()
-        server.flush()
-        return RedisBus(RedisSection(url=server.url, claim_idle=0.2), reactor=reactor)
+        _, bus = bus_on_shared_server(claim_idle=0.2)
+        return bus
 
     def count(self, robot=None, **filters):
         return (robot or self.robot).history.count(**filters)
@@ -385,9 +384,8 @@ class RecurringTests(RobotCase):
 
 class RecurringAcrossProcessesTests(RobotCase):
     def make_bus(self):
-        server = shared_server()
-        server.flush()
-        return RedisBus(RedisSection(url=server.url), reactor=reactor)
+        _, bus = bus_on_shared_server()
+        return bus
 
     @inlineCallbacks
     def test_recurring_action_fires_once_per_period_across_processes(self):

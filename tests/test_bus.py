@@ -17,7 +17,7 @@ from cockpit.bus import AYS_GROUP, BEATS_PER_TIMEOUT, BusUnavailable, cursor, st
 from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EmailEvent, GenericEvent
 from cockpit.metrics import Metrics
-from tests.redis_server import RedisServer, shared_server
+from tests.redis_server import RedisServer, bus_on_shared_server, shared_server
 
 
 def alarm(n: int = 0) -> AlarmEvent:
@@ -389,9 +389,8 @@ class RedisBusTests(BusBehaviour, TestCase):
     timeout = 20
 
     def make_bus(self):
-        self.redis = shared_server()
-        self.redis.flush()
-        return RedisBus(RedisSection(url=self.redis.url, max_deliveries=3, claim_idle=30), reactor=reactor)
+        self.redis, bus = bus_on_shared_server(max_deliveries=3, claim_idle=30)
+        return bus
 
     def ready(self):
         return self.bus.when_connected()

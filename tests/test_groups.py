@@ -7,11 +7,9 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from cockpit.backends.embedded import MemoryBus
-from cockpit.backends.redis import RedisBus
-from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EcoEvent
 from cockpit.groups import EventGroups
-from tests.redis_server import shared_server
+from tests.redis_server import bus_on_shared_server
 from tests.wiring import backend_for
 
 ECO = {"app_name": "shop", "eco_type": "KeyError", "func_filename": "pay.py", "func_name": "charge",
@@ -225,9 +223,8 @@ class RedisStoreTests(StoreBehaviour, TestCase):
     timeout = 20
 
     def make_bus(self):
-        self.redis = shared_server()
-        self.redis.flush()
-        return RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
+        self.redis, bus = bus_on_shared_server()
+        return bus
 
     @inlineCallbacks
     def test_the_script_is_loaded_again_when_redis_lost_it(self):

@@ -13,15 +13,13 @@ from twisted.trial.unittest import TestCase
 from cockpit import config
 from cockpit.backends.embedded import MemoryBus
 from cockpit.backends.embedded.groups import MemoryGroupStore
-from cockpit.backends.redis import RedisBus
 from cockpit.bus import BusUnavailable
-from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EcoEvent
 from cockpit.openapi import downgrade_to_30
 from cockpit.silences import KEEP_EXPIRED, NewSilence, Silence, SilencesApi, matches
 from cockpit.web import Api
 from tests.cockpits import spawn_cockpit
-from tests.redis_server import RedisServer, shared_server, started_bus
+from tests.redis_server import RedisServer, bus_on_shared_server, shared_server, started_bus
 from tests.wiring import backend_for
 
 T0 = 1_800_000_000.0
@@ -188,9 +186,8 @@ class RedisStoreTests(StoreBehaviour, TestCase):
     timeout = 20
 
     def make_bus(self):
-        self.redis = shared_server()
-        self.redis.flush()
-        return RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
+        self.redis, bus = bus_on_shared_server()
+        return bus
 
     @inlineCallbacks
     def other_store(self):

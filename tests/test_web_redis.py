@@ -17,7 +17,7 @@ from cockpit.config import RedisSection
 from cockpit.examples import SEED_YAML
 from cockpit.groups import EventGroups
 from cockpit.web import Api
-from tests.redis_server import RedisServer, shared_server, started_bus
+from tests.redis_server import RedisServer, bus_on_shared_server, shared_server, started_bus
 from tests.arrivals import Arrivals
 from tests.wiring import backend_for
 
@@ -343,9 +343,8 @@ class RedisGroupsTests(GroupsBehaviour, TestCase):
     timeout = 20
 
     def make_bus(self):
-        self.redis = shared_server()
-        self.redis.flush()
-        return RedisBus(RedisSection(url=self.redis.url), reactor=reactor)
+        self.redis, bus = bus_on_shared_server()
+        return bus
 
     def ready(self):
         return self.bus.when_connected()
