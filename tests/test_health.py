@@ -19,12 +19,8 @@ from cockpit.backends.embedded import MemoryBus
 from cockpit.backends.embedded.runs import SqliteRunHistory
 from cockpit.health import STUCK_AFTER, run_history_health, store_health, telegram_health
 from cockpit.store import Store
-from cockpit.telegram import TelegramBot
 from cockpit.web import Api
-from tests.fake_telegram import FakeTelegram, FakeTelegramServer
-from tests.test_telegram import ALICE, settings
-from tests.test_telegram_api import TOKEN, real_client
-from tests.wiring import backend_for
+from tests.test_telegram import ALICE, BotCase
 
 
 @inlineCallbacks
@@ -80,20 +76,8 @@ class RunHistoryHealthTests(TestCase):
         self.assertTrue(report["error"].startswith("cannot be opened: "), report)
 
 
-class TelegramHealthTests(TestCase):
-    timeout = 30
-
-    def setUp(self):
-        self.clock = Clock()
-        self.fake = FakeTelegram(TOKEN, clock=self.clock)
-        self.server = FakeTelegramServer(self.fake).start()
-        self.addCleanup(self.server.stop)
-        api = real_client(self, self.server.url, self.clock)
-        cfg = settings(str(Path(self.mktemp()).absolute()), self.server.url)
-        bus = MemoryBus(clock=self.clock)
-        bus.startService()
-        self.addCleanup(bus.stopService)
-        self.bot = TelegramBot(cfg, backend_for(bus, cfg.data_dir), self.clock, http=api.http)
+class TelegramHealthTests(BotCase):
+    start_bot = False
 
     @inlineCallbacks
     def test_a_bot_stuck_in_backoff_is_not_ok_until_telegram_answers_again(self):

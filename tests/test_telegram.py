@@ -49,6 +49,7 @@ class BotCase(TestCase):
     """A TelegramBot on the embedded bus against the fake, time on a Clock."""
 
     timeout = 30
+    start_bot = True  # False: the test starts it, after it has set up what watches the bot's first steps
 
     def setUp(self):
         self.clock = Clock()
@@ -61,8 +62,9 @@ class BotCase(TestCase):
         self.bus.startService()
         self.addCleanup(self.bus.stopService)
         self.bot = TelegramBot(self.cfg, backend_for(self.bus, self.cfg.data_dir), self.clock, http=self.api.http)
-        self.bot.startService()
-        self.addCleanup(self.bot.stopService)
+        if self.start_bot:
+            self.bot.startService()
+            self.addCleanup(self.bot.stopService)
         self.updates = 0
 
     @inlineCallbacks
