@@ -151,7 +151,6 @@ def started_bus(test: Any, url: str, **settings: Any) -> Any:
     from cockpit.backends.redis import RedisBus
     from cockpit.config import RedisSection
 
-    bus = RedisBus(RedisSection(url=url, **settings), reactor=reactor)
-    bus.startService()
-    test.addCleanup(bus.stopService)
-    return bus.when_connected().addCallback(lambda _: bus)
+    from tests.wiring import started
+
+    return started(test, RedisBus(RedisSection(url=url, **settings), reactor=reactor))

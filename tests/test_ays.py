@@ -21,7 +21,7 @@ from cockpit.repos import Invalid, NotFound
 from cockpit.runs import DONE_STATES
 from cockpit.workers import WorkerPool
 from tests.redis_server import bus_on_shared_server, shared_server
-from tests.wiring import disk_catalog
+from tests.wiring import disk_catalog, started
 
 SCHEMA = "name = type:str default:'web'\nport = type:int default:22\n"
 SERVICE = "events.email =\n    notify,\n    escalate,\n"
@@ -96,11 +96,7 @@ class RobotCase(TestCase):
     @inlineCallbacks
     def setUp(self):
         self.repos_dir = Path(self.mktemp()).absolute()
-        self.bus = self.make_bus()
-        self.bus.startService()
-        self.addCleanup(self.bus.stopService)
-        if isinstance(self.bus, RedisBus):
-            yield self.bus.when_connected()
+        self.bus = yield started(self, self.make_bus())
         self.robot = yield self.start_robot()
 
     @inlineCallbacks

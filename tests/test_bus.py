@@ -18,6 +18,7 @@ from cockpit.config import RedisSection
 from cockpit.events import AlarmEvent, EmailEvent, GenericEvent
 from cockpit.metrics import Metrics
 from tests.redis_server import RedisServer, bus_on_shared_server, shared_server
+from tests.wiring import started
 
 
 def alarm(n: int = 0) -> AlarmEvent:
@@ -65,14 +66,9 @@ class BusBehaviour:
     def make_bus(self):
         raise NotImplementedError
 
+    @inlineCallbacks
     def setUp(self):
-        self.bus = self.make_bus()
-        self.bus.startService()
-        self.addCleanup(self.bus.stopService)
-        return self.ready()
-
-    def ready(self):
-        return defer.succeed(None)
+        self.bus = yield started(self, self.make_bus())
 
     def start_consumer(self, handler, **options):
         # claim whatever is pending when a test calls reclaim()
@@ -391,9 +387,6 @@ class RedisBusTests(BusBehaviour, TestCase):
     def make_bus(self):
         self.redis, bus = bus_on_shared_server(max_deliveries=3, claim_idle=30)
         return bus
-
-    def ready(self):
-        return self.bus.when_connected()
 
     def start_consumer(self, handler, **options):
         consumer = super().start_consumer(handler, **options)

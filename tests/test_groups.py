@@ -10,7 +10,7 @@ from cockpit.backends.embedded import MemoryBus
 from cockpit.events import AlarmEvent, EcoEvent
 from cockpit.groups import EventGroups
 from tests.redis_server import bus_on_shared_server
-from tests.wiring import backend_for
+from tests.wiring import backend_for, started
 
 ECO = {"app_name": "shop", "eco_type": "KeyError", "func_filename": "pay.py", "func_name": "charge",
        "line_nbr": 41, "error_msg": "order 1234 not found"}
@@ -27,11 +27,7 @@ class StoreBehaviour:
 
     @inlineCallbacks
     def setUp(self):
-        self.bus = self.make_bus()
-        self.bus.startService()
-        self.addCleanup(self.bus.stopService)
-        if self.bus.remote:
-            yield self.bus.when_connected()
+        self.bus = yield started(self, self.make_bus())
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.store = backend_for(self.bus).group_store(self.clock, self.samples)

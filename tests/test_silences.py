@@ -20,7 +20,7 @@ from cockpit.silences import KEEP_EXPIRED, NewSilence, Silence, SilencesApi, mat
 from cockpit.web import Api
 from tests.cockpits import spawn_cockpit
 from tests.redis_server import RedisServer, bus_on_shared_server, shared_server, started_bus
-from tests.wiring import backend_for
+from tests.wiring import backend_for, started
 
 T0 = 1_800_000_000.0
 WEB = {"service": "node!web*"}
@@ -39,11 +39,7 @@ class StoreBehaviour:
 
     @inlineCallbacks
     def setUp(self):
-        self.bus = self.make_bus()
-        self.bus.startService()
-        self.addCleanup(self.bus.stopService)
-        if self.bus.remote:
-            yield self.bus.when_connected()
+        self.bus = yield started(self, self.make_bus())
         self.clock = Clock()
         self.clock.advance(T0)
         self.store = backend_for(self.bus).silences(self.clock)

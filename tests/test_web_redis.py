@@ -19,7 +19,7 @@ from cockpit.groups import EventGroups
 from cockpit.web import Api
 from tests.redis_server import RedisServer, bus_on_shared_server, shared_server, started_bus
 from tests.arrivals import Arrivals
-from tests.wiring import backend_for
+from tests.wiring import backend_for, started
 
 
 @inlineCallbacks
@@ -206,18 +206,12 @@ class GroupsBehaviour:
 
     @inlineCallbacks
     def setUp(self):
-        self.bus = self.make_bus()
-        self.bus.startService()
-        self.addCleanup(self.bus.stopService)
-        yield self.ready()
+        self.bus = yield started(self, self.make_bus())
         self.groups = EventGroups(self.bus, backend_for(self.bus).group_store(reactor), reactor, drain_timeout=0)
         self.groups.startService()
         self.addCleanup(self.groups.stopService)
         self.api = Api(config.from_dict({}), self.bus, groups=self.groups, clock=reactor)
         self.client = Client(self, self.api)
-
-    def ready(self):
-        return None
 
     @inlineCallbacks
     def publish_all(self, *items):
@@ -345,9 +339,6 @@ class RedisGroupsTests(GroupsBehaviour, TestCase):
     def make_bus(self):
         self.redis, bus = bus_on_shared_server()
         return bus
-
-    def ready(self):
-        return self.bus.when_connected()
 
     @inlineCallbacks
     def setUp(self):

@@ -24,3 +24,14 @@ def backend_for(bus: Any, data_dir: Optional[Path] = None, clock: Any = None) ->
         return RedisBackend(bus.settings, clock or reactor, bus=bus)
     assert isinstance(bus, MemoryBus)
     return EmbeddedBackend(data_dir, clock or reactor, bus=bus)
+
+
+def started(test: Any, bus: Any) -> Any:
+    """``bus`` started, and stopped at the end of ``test``: a Deferred firing with it once it can be
+    used (a Redis bus once it is connected)."""
+    from twisted.internet import defer
+
+    bus.startService()
+    test.addCleanup(bus.stopService)
+    ready = bus.when_connected() if bus.remote else defer.succeed(None)
+    return ready.addCallback(lambda _: bus)
